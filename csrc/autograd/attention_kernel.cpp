@@ -1,0 +1,163 @@
+// Autograd of the attention operators, registered at the Autograd dispatch key.
+//
+// _attention_forward's backward calls _attention_backward through the dispatcher. That op has
+// an Autograd kernel of its own: when the backward itself is being differentiated
+// (create_graph=True), it recomputes the gradients with differentiable ATen ops so that
+// autograd can take second derivatives; otherwise it runs the fused CPU kernel.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <limits>
+
+#include "ops/attention.h"
+
+namespace qkv_attention::autograd {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+bool requires_grad(const at::Tensor& t) { return t.defined() && t.requires_grad(); }
+bool requires_grad(const std::optional<at::Tensor>& t) { return t.has_value() && requires_grad(*t); }
+
+class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& query,
+                               const at::Tensor& key, const at::Tensor& value,
+                               const std::optional<at::Tensor>& attn_mask, double dropout_p,
+                               bool is_causal, std::optional<double> scale, bool need_weights) {
+    // Gradients we are not given stay undefined (no zeros of shape (B, H, L, S) for the weights).
+    ctx->set_materialize_grads(false);
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [output, logsumexp, weights, rng_state] = _attention_forward(
+        query, key, value, attn_mask, dropout_p, is_causal, scale, need_weights);
+    ctx->save_for_backward(
+        {query, key, value, output, logsumexp, rng_state, attn_mask.value_or(at::Tensor())});
+    ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["is_causal"] = is_causal;
+    ctx->saved_data["scale"] = scale;
+    ctx->mark_non_differentiable({logsumexp, rng_state});
+    if (!need_weights) ctx->mark_non_differentiable({weights});
+    return {output, logsumexp, weights, rng_state};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &query = saved[0], &key = saved[1], &value = saved[2], &output = saved[3],
+                     &logsumexp = saved[4], &rng_state = saved[5], &mask = saved[6];
+    const std::optional<at::Tensor> attn_mask =
+        mask.defined() ? std::optional<at::Tensor>(mask) : std::nullopt;
+    at::Tensor grad_output = grads[0].defined() ? grads[0] : at::zeros_like(output);
+    const std::optional<at::Tensor> grad_weights =
+        grads[2].defined() ? std::optional<at::Tensor>(grads[2]) : std::nullopt;
+    // Autograd numbers only the tensor inputs; the mask is input 3 when it was given.
+    const bool mask_needs_grad = mask.defined() && ctx->needs_input_grad(3);
+    auto [grad_query, grad_key, grad_value, grad_mask] = _attention_backward(
+        grad_output, grad_weights, query, key, value, output, logsumexp, attn_mask,
+        ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["is_causal"].toBool(),
+        ctx->saved_data["scale"].toOptional<double>(), rng_state, mask_needs_grad);
+    return {grad_query, grad_key, grad_value, mask_needs_grad ? grad_mask : at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_autograd(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
+    std::optional<double> scale, bool need_weights) {
+  variable_list out = AttentionFunction::apply(query, key, value, attn_mask, dropout_p, is_causal,
+                                               scale, need_weights);
+  return {out[0], out[1], out[2], out[3]};
+}
+
+// The attention backward written with differentiable ATen ops, computed in the accumulation
+// dtype. Same math as the CPU kernel (cpu/attention_kernel.h), materialising (B, H, L, S).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_differentiable(
+    const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_weights,
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
+    std::optional<double> scale, const at::Tensor& rng_state, bool mask_grad) {
+  const at::ScalarType dtype = query.scalar_type();
+  const at::ScalarType acc = at::toOpMathType(dtype);
+  const c10::SymInt B = query.sym_size(0), H = query.sym_size(1), L = query.sym_size(2);
+  const c10::SymInt S = key.sym_size(2);
+  const double scale_value =
+      attention_scale(scale, query.sym_size(3).guard_int(__FILE__, __LINE__));
+  const at::Tensor q = query.to(acc), k = key.to(acc), v = value.to(acc);
+  const at::Tensor grad_out = grad_output.to(acc);
+
+  at::Tensor scores = at::matmul(q, k.transpose(-2, -1)) * scale_value;  // (B, H, L, S)
+  if (attn_mask.has_value() && attn_mask->defined()) {
+    scores = attn_mask->scalar_type() == at::kBool
+                 ? scores.masked_fill(attn_mask->logical_not(),
+                                      -std::numeric_limits<double>::infinity())
+                 : scores + attn_mask->to(acc);
+  }
+  if (is_causal) {
+    const at::Tensor future = at::ones_symint({L, S}, query.options().dtype(at::kBool)).triu(1);
+    scores = scores.masked_fill(future, -std::numeric_limits<double>::infinity());
+  }
+  // A softmax that gives zeros, not NaN, for a row with no finite score.
+  at::Tensor row_max = std::get<0>(scores.detach().max(-1, /*keepdim=*/true));
+  row_max = row_max.masked_fill(row_max.isneginf(), 0);
+  const at::Tensor exps = (scores - row_max).exp();
+  const at::Tensor sums = exps.sum(-1, /*keepdim=*/true);
+  const at::Tensor prob = exps / sums.masked_fill(sums == 0, 1);
+
+  at::Tensor weights = prob, grad_prob_factor;
+  if (dropout_p > 0) {
+    const double kept_scale = dropout_p < 1 ? 1.0 / (1.0 - dropout_p) : 0.0;
+    grad_prob_factor =
+        _attention_dropout_mask(rng_state, B, H, L, S, dropout_p).to(acc) * kept_scale;
+    weights = prob * grad_prob_factor;
+  }
+  at::Tensor grad_weights_total = at::matmul(grad_out, v.transpose(-2, -1));
+  if (grad_weights.has_value() && grad_weights->defined()) {
+    grad_weights_total = grad_weights_total + grad_weights->to(acc);
+  }
+  const at::Tensor grad_value = at::matmul(weights.transpose(-2, -1), grad_out);
+  const at::Tensor grad_prob =
+      grad_prob_factor.defined() ? grad_weights_total * grad_prob_factor : grad_weights_total;
+  const at::Tensor delta = (prob * grad_prob).sum(-1, /*keepdim=*/true);
+  const at::Tensor grad_scores = prob * (grad_prob - delta);
+  const at::Tensor grad_query = at::matmul(grad_scores, k) * scale_value;
+  const at::Tensor grad_key = at::matmul(grad_scores.transpose(-2, -1), q) * scale_value;
+  const at::Tensor grad_mask =
+      mask_grad ? grad_scores.sum_to_size(attn_mask->sizes()).to(attn_mask->scalar_type())
+                : at::empty({0}, query.options());
+  return {grad_query.to(dtype), grad_key.to(dtype), grad_value.to(dtype), grad_mask};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_autograd(
+    const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_weights,
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& output, const at::Tensor& logsumexp,
+    const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
+    std::optional<double> scale, const at::Tensor& rng_state, bool attn_mask_requires_grad) {
+  const bool differentiate =
+      at::GradMode::is_enabled() &&
+      (requires_grad(grad_output) || requires_grad(grad_weights) || requires_grad(query) ||
+       requires_grad(key) || requires_grad(value) || requires_grad(attn_mask));
+  if (differentiate) {
+    check_attention_backward_inputs(grad_output, grad_weights, query, key, value, output,
+                                    logsumexp, attn_mask, dropout_p, scale, rng_state);
+    return attention_backward_differentiable(
+        grad_output, grad_weights, query, key, value, attn_mask, dropout_p, is_causal, scale,
+        rng_state, attention_mask_gets_grad(attn_mask, attn_mask_requires_grad));
+  }
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return _attention_backward(grad_output, grad_weights, query, key, value, output, logsumexp,
+                             attn_mask, dropout_p, is_causal, scale, rng_state,
+                             attn_mask_requires_grad);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qkv_attention, Autograd, m) {
+  m.impl("_attention_forward", TORCH_FN(attention_forward_autograd));
+  m.impl("_attention_backward", TORCH_FN(attention_backward_autograd));
+}
+
+}  // namespace qkv_attention::autograd

@@ -1,0 +1,214 @@
+// Schemas and typed entry points of the attention operators, and the input checks that every
+// dispatch key's kernel runs first.
+#include "ops/attention.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "ops/checks.h"
+
+namespace qkv_attention {
+namespace {
+
+// attention and attention_with_weights are compositions of _attention_forward: autograd,
+// Meta and the CPU kernel all live on that one op, and torch.compile sees it in their place.
+at::Tensor attention_composite(const at::Tensor& query, const at::Tensor& key,
+                               const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
+                               double dropout_p, bool is_causal, std::optional<double> scale) {
+  return std::get<0>(
+      _attention_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_with_weights_composite(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
+    std::optional<double> scale) {
+  auto [output, logsumexp, weights, rng_state] =
+      _attention_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, true);
+  return {output, weights};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(qkv_attention, m) {
+  m.def(
+      "attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, "
+      "float dropout_p=0.0, bool is_causal=False, float? scale=None) -> Tensor",
+      TORCH_FN(attention_composite));
+  m.def(
+      "attention_with_weights(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, "
+      "float dropout_p=0.0, bool is_causal=False, float? scale=None) -> (Tensor, Tensor)",
+      TORCH_FN(attention_with_weights_composite));
+  m.def(
+      "_attention_forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
+      "float dropout_p, bool is_causal, float? scale, bool need_weights) -> "
+      "(Tensor output, Tensor logsumexp, Tensor weights, Tensor rng_state)");
+  m.def(
+      "_attention_backward(Tensor grad_output, Tensor? grad_weights, Tensor query, Tensor key, "
+      "Tensor value, Tensor output, Tensor logsumexp, Tensor? attn_mask, float dropout_p, "
+      "bool is_causal, float? scale, Tensor rng_state, bool attn_mask_requires_grad) -> "
+      "(Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_attn_mask)");
+  m.def(
+      "_attention_dropout_mask(Tensor rng_state, SymInt batch, SymInt heads, SymInt q_len, "
+      "SymInt kv_len, float dropout_p) -> Tensor");
+}
+
+at::Tensor attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                     const std::optional<at::Tensor>& attn_mask, double dropout_p,
+                     bool is_causal, std::optional<double> scale) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("qkv_attention::attention", "")
+                       .typed<decltype(attention)>();
+  return op.call(query, key, value, attn_mask, dropout_p, is_causal, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_with_weights(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
+    std::optional<double> scale) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("qkv_attention::attention_with_weights", "")
+                       .typed<decltype(attention_with_weights)>();
+  return op.call(query, key, value, attn_mask, dropout_p, is_causal, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> _attention_forward(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
+    std::optional<double> scale, bool need_weights) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("qkv_attention::_attention_forward", "")
+                       .typed<decltype(_attention_forward)>();
+  return op.call(query, key, value, attn_mask, dropout_p, is_causal, scale, need_weights);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> _attention_backward(
+    const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_weights,
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& output, const at::Tensor& logsumexp,
+    const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
+    std::optional<double> scale, const at::Tensor& rng_state, bool attn_mask_requires_grad) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("qkv_attention::_attention_backward", "")
+                       .typed<decltype(_attention_backward)>();
+  return op.call(grad_output, grad_weights, query, key, value, output, logsumexp, attn_mask,
+                 dropout_p, is_causal, scale, rng_state, attn_mask_requires_grad);
+}
+
+at::Tensor _attention_dropout_mask(const at::Tensor& rng_state, c10::SymInt batch,
+                                   c10::SymInt heads, c10::SymInt q_len, c10::SymInt kv_len,
+                                   double dropout_p) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("qkv_attention::_attention_dropout_mask", "")
+                       .typed<decltype(_attention_dropout_mask)>();
+  return op.call(rng_state, batch, heads, q_len, kv_len, dropout_p);
+}
+
+double attention_scale(std::optional<double> scale, int64_t head_dim) {
+  if (scale.has_value()) return *scale;
+  return head_dim > 0 ? 1.0 / std::sqrt(static_cast<double>(head_dim)) : 1.0;
+}
+
+bool attention_mask_gets_grad(const std::optional<at::Tensor>& attn_mask,
+                              bool attn_mask_requires_grad) {
+  return attn_mask_requires_grad && attn_mask.has_value() && attn_mask->defined() &&
+         attn_mask->scalar_type() != at::kBool;
+}
+
+void check_attention_inputs(const char* op, const at::Tensor& query, const at::Tensor& key,
+                            const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
+                            double dropout_p, std::optional<double> scale) {
+  check_input(op, "query", query, 4, "(B, H, L, D)");
+  check_input(op, "key", key, 4, "(B, H, S, D)");
+  check_input(op, "value", value, 4, "(B, H, S, Dv)");
+  check_same_dtype_and_device(op, "key", key, "query", query);
+  check_same_dtype_and_device(op, "value", value, "query", query);
+  check_size(op, "key", key, 0, query.sym_size(0), "batch entries", "query");
+  check_size(op, "key", key, 1, query.sym_size(1), "heads", "query");
+  check_size(op, "key", key, 3, query.sym_size(3), "features per head", "query");
+  check_size(op, "value", value, 0, query.sym_size(0), "batch entries", "query");
+  check_size(op, "value", value, 1, query.sym_size(1), "heads", "query");
+  check_size(op, "value", value, 2, key.sym_size(2), "positions", "key");
+  TORCH_CHECK(std::isfinite(dropout_p) && dropout_p >= 0.0 && dropout_p <= 1.0, op,
+              ": dropout_p must be in [0, 1], but is ", dropout_p);
+  TORCH_CHECK(!scale.has_value() || std::isfinite(*scale), op,
+              ": scale must be a finite number, but is ", scale.value_or(0.0));
+
+  if (!attn_mask.has_value() || !attn_mask->defined()) return;
+  const at::Tensor& mask = *attn_mask;
+  TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool || mask.scalar_type() == query.scalar_type(),
+                   op, ": attn_mask must be bool or have the query's dtype ",
+                   query.scalar_type(), ", but has dtype ", mask.scalar_type());
+  TORCH_CHECK(mask.device() == query.device(), op, ": attn_mask is on ", mask.device(),
+              " but query is on ", query.device());
+  const c10::SymInt target[4] = {query.sym_size(0), query.sym_size(1), query.sym_size(2),
+                                 key.sym_size(2)};
+  bool broadcastable = mask.dim() <= 4;
+  for (int64_t d = 0; broadcastable && d < mask.dim(); ++d) {
+    const c10::SymInt& size = mask.sym_size(mask.dim() - 1 - d);
+    broadcastable = size == 1 || size == target[3 - d];
+  }
+  TORCH_CHECK(broadcastable, op, ": attn_mask of shape ", mask.sym_sizes(),
+              " cannot be broadcast to the attention scores' shape (B, H, L, S) = (",
+              target[0], ", ", target[1], ", ", target[2], ", ", target[3], ")");
+}
+
+void check_attention_backward_inputs(
+    const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_weights,
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& output, const at::Tensor& logsumexp,
+    const std::optional<at::Tensor>& attn_mask, double dropout_p, std::optional<double> scale,
+    const at::Tensor& rng_state) {
+  constexpr const char* op = "attention backward";
+  check_attention_inputs(op, query, key, value, attn_mask, dropout_p, scale);
+  check_input(op, "output", output, 4, "(B, H, L, Dv)");
+  check_same_dtype_and_device(op, "output", output, "query", query);
+  check_size(op, "output", output, 0, query.sym_size(0), "batch entries", "query");
+  check_size(op, "output", output, 1, query.sym_size(1), "heads", "query");
+  check_size(op, "output", output, 2, query.sym_size(2), "positions", "query");
+  check_size(op, "output", output, 3, value.sym_size(3), "features per head", "value");
+  check_input(op, "grad_output", grad_output, 4, "(B, H, L, Dv)");
+  check_same_dtype_and_device(op, "grad_output", grad_output, "query", query);
+  TORCH_CHECK(grad_output.sym_sizes() == output.sym_sizes(), op, ": grad_output has shape ",
+              grad_output.sym_sizes(), " but the output has shape ", output.sym_sizes());
+  const at::ScalarType lse_dtype = at::toOpMathType(query.scalar_type());
+  TORCH_CHECK(logsumexp.scalar_type() == lse_dtype && logsumexp.dim() == 3 &&
+                  logsumexp.sym_size(0) == query.sym_size(0) &&
+                  logsumexp.sym_size(1) == query.sym_size(1) &&
+                  logsumexp.sym_size(2) == query.sym_size(2),
+              op, ": logsumexp must be ", lse_dtype, " of shape (B, H, L) = ",
+              query.sym_sizes().slice(0, 3), ", but is ", logsumexp.scalar_type(), " of shape ",
+              logsumexp.sym_sizes());
+  TORCH_CHECK(rng_state.scalar_type() == at::kLong && rng_state.dim() == 1 &&
+                  rng_state.sym_size(0) == 2,
+              op, ": rng_state must be int64 of shape (2,), but is ", rng_state.scalar_type(),
+              " of shape ", rng_state.sym_sizes());
+  if (grad_weights.has_value() && grad_weights->defined()) {
+    check_input(op, "grad_weights", *grad_weights, 4, "(B, H, L, S)");
+    check_same_dtype_and_device(op, "grad_weights", *grad_weights, "query", query);
+    check_size(op, "grad_weights", *grad_weights, 0, query.sym_size(0), "batch entries", "query");
+    check_size(op, "grad_weights", *grad_weights, 1, query.sym_size(1), "heads", "query");
+    check_size(op, "grad_weights", *grad_weights, 2, query.sym_size(2), "positions", "query");
+    check_size(op, "grad_weights", *grad_weights, 3, key.sym_size(2), "positions", "key");
+  }
+}
+
+void check_dropout_mask_inputs(const at::Tensor& rng_state, const c10::SymInt& batch,
+                               const c10::SymInt& heads, const c10::SymInt& q_len,
+                               const c10::SymInt& kv_len, double dropout_p) {
+  constexpr const char* op = "attention dropout mask";
+  TORCH_CHECK(rng_state.scalar_type() == at::kLong && rng_state.dim() == 1 &&
+                  rng_state.sym_size(0) == 2,
+              op, ": rng_state must be int64 of shape (2,), but is ", rng_state.scalar_type(),
+              " of shape ", rng_state.sym_sizes());
+  TORCH_CHECK(batch >= 0 && heads >= 0 && q_len >= 0 && kv_len >= 0, op,
+              ": sizes must be non-negative, but are (", batch, ", ", heads, ", ", q_len, ", ",
+              kv_len, ")");
+  TORCH_CHECK(std::isfinite(dropout_p) && dropout_p >= 0.0 && dropout_p <= 1.0, op,
+              ": dropout_p must be in [0, 1], but is ", dropout_p);
+}
+
+}  // namespace qkv_attention

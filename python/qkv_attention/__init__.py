@@ -1,0 +1,15 @@
+"""qkv_attention: self-attention as custom C++ autograd operators for PyTorch.
+
+Importing the package loads the C++ extension, which registers
+``torch.ops.qkv_attention.qkv_projection``, ``.attention``, ``.attention_with_weights`` and
+``.merge_heads`` (with their backward ops) with the PyTorch dispatcher.
+"""
+import torch  # noqa: F401  (the extension links against torch's libraries)
+
+from . import _C
+from . import ops, functional
+from ._C import build_info
+
+__version__ = _C.__version__
+
+__all__ = ["ops", "functional", "build_info", "__version__"]

@@ -1,0 +1,96 @@
+"""``scaled_dot_product_attention`` with the signature of torch's, running on our operator."""
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+__all__ = ["scaled_dot_product_attention"]
+
+
+def _to_4d(t: Tensor, batch_shape) -> Tensor:
+    """(*batch, N, F) -> (B, H, N, F) with H the last batch dim and B the product of the rest.
+
+    A view whenever the strides allow it (always for contiguous inputs and for broadcast
+    masks whose leading dims are all expanded).
+    """
+    t = t.expand(*batch_shape, *t.shape[-2:])
+    if len(batch_shape) == 0:
+        return t.reshape(1, 1, *t.shape[-2:])
+    if len(batch_shape) == 1:
+        return t.unsqueeze(0)
+    return t.reshape(math.prod(batch_shape[:-1]), batch_shape[-1], *t.shape[-2:])
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Args:
+        query: (..., L, E).  key: (..., S, E).  value: (..., S, Ev); the leading batch dims
+            broadcast against each other.
+        attn_mask: broadcastable to (..., L, S); bool (True = may attend) or float (added).
+        dropout_p: dropout on the attention weights (applied whenever it is > 0, as torch's).
+        is_causal: top-left causal mask; may be combined with attn_mask (torch's raises).
+        scale: defaults to 1/sqrt(E).
+        enable_gqa: key/value may have fewer heads (dim -3) than query, which must be a
+            multiple; each key/value head serves a group of query heads.
+
+    Returns:
+        (..., L, Ev). Rows with no key to attend to are zeros, as in torch's function.
+    """
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dim() < 2:
+            raise RuntimeError(
+                f"scaled_dot_product_attention: {name} must have at least 2 dims (..., N, F), "
+                f"but has shape {tuple(t.shape)}"
+            )
+    if enable_gqa and query.dim() >= 3 and key.size(-3) != query.size(-3):
+        heads, kv_heads = query.size(-3), key.size(-3)
+        if kv_heads == 0 or heads % kv_heads != 0:
+            raise RuntimeError(
+                "scaled_dot_product_attention: with enable_gqa, query's heads "
+                f"({heads}) must be a multiple of key's heads ({kv_heads})"
+            )
+        key = key.repeat_interleave(heads // kv_heads, dim=-3)
+        value = value.repeat_interleave(heads // kv_heads, dim=-3)
+
+    try:
+        batch_shape = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+    except RuntimeError as error:
+        raise RuntimeError(
+            "scaled_dot_product_attention: the batch dims of query "
+            f"{tuple(query.shape[:-2])}, key {tuple(key.shape[:-2])} and value "
+            f"{tuple(value.shape[:-2])} do not broadcast"
+        ) from error
+    L, S = query.size(-2), key.size(-2)
+    mask4 = None
+    if attn_mask is not None:
+        try:
+            mask_full = attn_mask.expand(*batch_shape, L, S)
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"scaled_dot_product_attention: attn_mask of shape {tuple(attn_mask.shape)} "
+                f"cannot be broadcast to the scores' shape {(*batch_shape, L, S)}"
+            ) from error
+        mask4 = _to_4d(mask_full, batch_shape)
+    out = ops.attention(
+        _to_4d(query, batch_shape),
+        _to_4d(key, batch_shape),
+        _to_4d(value, batch_shape),
+        mask4,
+        dropout_p,
+        is_causal,
+        scale,
+    )
+    return out.reshape(*batch_shape, L, value.size(-1))

@@ -1,0 +1,101 @@
+"""Typed wrappers around ``torch.ops.qkv_attention``.
+
+Each function calls the registered C++ operator through the dispatcher, so it gets our C++
+autograd, runs under ``torch.compile`` (the operators have Meta kernels) and passes
+``torch.library.opcheck``. Shapes use B = batch, H = heads, L = query positions,
+S = key/value positions, D = features per head, E = embedding size.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["qkv_projection", "attention", "attention_with_weights", "merge_heads"]
+
+_ops = torch.ops.qkv_attention
+
+
+def qkv_projection(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    q_weight: Tensor,
+    k_weight: Tensor,
+    v_weight: Tensor,
+    q_bias: Optional[Tensor],
+    k_bias: Optional[Tensor],
+    v_bias: Optional[Tensor],
+    num_heads: int,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Projects query, key and value and splits them into heads.
+
+    Args:
+        query: (B, L, Eq).  key: (B, S, Ek).  value: (B, S, Ev).
+        q_weight: (E, Eq).  k_weight: (E, Ek).  v_weight: (E, Ev).
+        q_bias, k_bias, v_bias: (E,) or None.
+        num_heads: H; must divide E.
+
+    Returns:
+        q (B, H, L, E/H), k (B, H, S, E/H), v (B, H, S, E/H): ``query @ q_weight.T + q_bias``
+        with its E features split into H heads, and likewise for k and v.
+    """
+    return _ops.qkv_projection(
+        query, key, value, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias, num_heads
+    )
+
+
+def attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+) -> Tensor:
+    """``softmax(query @ key.T * scale + mask) @ value``, with dropout on the weights.
+
+    Args:
+        query: (B, H, L, D).  key: (B, H, S, D).  value: (B, H, S, Dv).
+        attn_mask: broadcastable to (B, H, L, S); bool (True = may attend) or the query's
+            float dtype (added to the scores), as in ``F.scaled_dot_product_attention``.
+        dropout_p: probability of dropping a weight; kept weights are scaled by 1/(1-p).
+            The mask comes from a counter-based stream seeded from torch's default generator:
+            ``torch.manual_seed`` reproduces a call, and backward regenerates the same mask.
+        is_causal: query i may attend to keys 0..i only (top-left aligned); combines with
+            attn_mask when both are given.
+        scale: multiplies the scores; defaults to 1/sqrt(D).
+
+    Returns:
+        (B, H, L, Dv). A query row that may attend to no key gives zeros (not NaN).
+    """
+    return _ops.attention(query, key, value, attn_mask, dropout_p, is_causal, scale)
+
+
+def attention_with_weights(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Like :func:`attention`, and also returns the attention weights (B, H, L, S).
+
+    The weights are the ones that produced the output: after dropout (zeros where dropped,
+    the rest scaled by 1/(1-p)). Both outputs are differentiable.
+    """
+    return _ops.attention_with_weights(query, key, value, attn_mask, dropout_p, is_causal, scale)
+
+
+def merge_heads(x: Tensor, out_weight: Tensor, out_bias: Optional[Tensor] = None) -> Tensor:
+    """Concatenates the heads of ``x`` and applies the output projection.
+
+    Args:
+        x: (B, H, L, D).  out_weight: (Eout, H*D).  out_bias: (Eout,) or None.
+
+    Returns:
+        (B, L, Eout) = ``concat_heads(x) @ out_weight.T + out_bias``.
+    """
+    return _ops.merge_heads(x, out_weight, out_bias)
