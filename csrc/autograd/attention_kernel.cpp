@@ -22,19 +22,26 @@ using torch::autograd::variable_list;
 bool requires_grad(const at::Tensor& t) { return t.defined() && t.requires_grad(); }
 bool requires_grad(const std::optional<at::Tensor>& t) { return t.has_value() && requires_grad(*t); }
 
+std::optional<at::Tensor> optional(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
 class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& query,
                                const at::Tensor& key, const at::Tensor& value,
-                               const std::optional<at::Tensor>& attn_mask, double dropout_p,
-                               bool is_causal, std::optional<double> scale, bool need_weights) {
+                               const std::optional<at::Tensor>& attn_mask,
+                               const std::optional<at::Tensor>& key_padding_mask,
+                               double dropout_p, bool is_causal, std::optional<double> scale,
+                               bool need_weights) {
     // Gradients we are not given stay undefined (no zeros of shape (B, H, L, S) for the weights).
     ctx->set_materialize_grads(false);
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [output, logsumexp, weights, rng_state] = _attention_forward(
-        query, key, value, attn_mask, dropout_p, is_causal, scale, need_weights);
-    ctx->save_for_backward(
-        {query, key, value, output, logsumexp, rng_state, attn_mask.value_or(at::Tensor())});
+        query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale, need_weights);
+    ctx->save_for_backward({query, key, value, output, logsumexp, rng_state,
+                            attn_mask.value_or(at::Tensor()),
+                            key_padding_mask.value_or(at::Tensor())});
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["is_causal"] = is_causal;
     ctx->saved_data["scale"] = scale;
@@ -46,39 +53,50 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &query = saved[0], &key = saved[1], &value = saved[2], &output = saved[3],
-                     &logsumexp = saved[4], &rng_state = saved[5], &mask = saved[6];
-    const std::optional<at::Tensor> attn_mask =
-        mask.defined() ? std::optional<at::Tensor>(mask) : std::nullopt;
+                     &logsumexp = saved[4], &rng_state = saved[5], &mask = saved[6],
+                     &padding = saved[7];
     at::Tensor grad_output = grads[0].defined() ? grads[0] : at::zeros_like(output);
     const std::optional<at::Tensor> grad_weights =
         grads[2].defined() ? std::optional<at::Tensor>(grads[2]) : std::nullopt;
-    // Autograd numbers only the tensor inputs; the mask is input 3 when it was given.
+    // Autograd numbers only the tensor inputs that were given: query, key, value, then the
+    // masks that are not None.
     const bool mask_needs_grad = mask.defined() && ctx->needs_input_grad(3);
-    auto [grad_query, grad_key, grad_value, grad_mask] = _attention_backward(
-        grad_output, grad_weights, query, key, value, output, logsumexp, attn_mask,
-        ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["is_causal"].toBool(),
-        ctx->saved_data["scale"].toOptional<double>(), rng_state, mask_needs_grad);
-    return {grad_query, grad_key, grad_value, mask_needs_grad ? grad_mask : at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    const bool padding_needs_grad =
+        padding.defined() && ctx->needs_input_grad(mask.defined() ? 4 : 3);
+    auto [grad_query, grad_key, grad_value, grad_mask, grad_padding] = _attention_backward(
+        grad_output, grad_weights, query, key, value, output, logsumexp, optional(mask),
+        optional(padding), ctx->saved_data["dropout_p"].toDouble(),
+        ctx->saved_data["is_causal"].toBool(), ctx->saved_data["scale"].toOptional<double>(),
+        rng_state, mask_needs_grad, padding_needs_grad);
+    return {grad_query,
+            grad_key,
+            grad_value,
+            mask_needs_grad ? grad_mask : at::Tensor(),
+            padding_needs_grad ? grad_padding : at::Tensor(),
+            at::Tensor(),
+            at::Tensor(),
+            at::Tensor(),
+            at::Tensor()};
   }
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_autograd(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
-    std::optional<double> scale, bool need_weights) {
-  variable_list out = AttentionFunction::apply(query, key, value, attn_mask, dropout_p, is_causal,
-                                               scale, need_weights);
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
+    double dropout_p, bool is_causal, std::optional<double> scale, bool need_weights) {
+  variable_list out = AttentionFunction::apply(query, key, value, attn_mask, key_padding_mask,
+                                               dropout_p, is_causal, scale, need_weights);
   return {out[0], out[1], out[2], out[3]};
 }
 
 // The attention backward written with differentiable ATen ops, computed in the accumulation
 // dtype. Same math as the CPU kernel (cpu/attention_kernel.h), materialising (B, H, L, S).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_differentiable(
+AttentionGrads attention_backward_differentiable(
     const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_weights,
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
-    std::optional<double> scale, const at::Tensor& rng_state, bool mask_grad) {
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
+    double dropout_p, bool is_causal, std::optional<double> scale, const at::Tensor& rng_state,
+    bool attn_mask_grad, bool padding_mask_grad) {
   const at::ScalarType dtype = query.scalar_type();
   const at::ScalarType acc = at::toOpMathType(dtype);
   const c10::SymInt B = query.sym_size(0), H = query.sym_size(1), L = query.sym_size(2);
@@ -89,11 +107,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_di
   const at::Tensor grad_out = grad_output.to(acc);
 
   at::Tensor scores = at::matmul(q, k.transpose(-2, -1)) * scale_value;  // (B, H, L, S)
-  if (attn_mask.has_value() && attn_mask->defined()) {
-    scores = attn_mask->scalar_type() == at::kBool
-                 ? scores.masked_fill(attn_mask->logical_not(),
-                                      -std::numeric_limits<double>::infinity())
-                 : scores + attn_mask->to(acc);
+  auto apply_mask = [&](const at::Tensor& mask) {  // broadcastable to (B, H, L, S)
+    scores = mask.scalar_type() == at::kBool
+                 ? scores.masked_fill(mask.logical_not(), -std::numeric_limits<double>::infinity())
+                 : scores + mask.to(acc);
+  };
+  if (attn_mask.has_value() && attn_mask->defined()) apply_mask(*attn_mask);
+  if (key_padding_mask.has_value() && key_padding_mask->defined()) {
+    apply_mask(key_padding_mask->unsqueeze(1).unsqueeze(1));  // (B, S) -> (B, 1, 1, S)
   }
   if (is_causal) {
     const at::Tensor future = at::ones_symint({L, S}, query.options().dtype(at::kBool)).triu(1);
@@ -125,32 +146,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_di
   const at::Tensor grad_query = at::matmul(grad_scores, k) * scale_value;
   const at::Tensor grad_key = at::matmul(grad_scores.transpose(-2, -1), q) * scale_value;
   const at::Tensor grad_mask =
-      mask_grad ? grad_scores.sum_to_size(attn_mask->sizes()).to(attn_mask->scalar_type())
-                : at::empty({0}, query.options());
-  return {grad_query.to(dtype), grad_key.to(dtype), grad_value.to(dtype), grad_mask};
+      attn_mask_grad
+          ? grad_scores.sum_to_size_symint(attn_mask->sym_sizes()).to(attn_mask->scalar_type())
+          : at::empty({0}, query.options());
+  const at::Tensor grad_padding =
+      padding_mask_grad ? grad_scores.sum({1, 2}).to(key_padding_mask->scalar_type())
+                        : at::empty({0}, query.options());
+  return {grad_query.to(dtype), grad_key.to(dtype), grad_value.to(dtype), grad_mask,
+          grad_padding};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_autograd(
+AttentionGrads attention_backward_autograd(
     const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_weights,
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& output, const at::Tensor& logsumexp,
-    const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
-    std::optional<double> scale, const at::Tensor& rng_state, bool attn_mask_requires_grad) {
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
+    double dropout_p, bool is_causal, std::optional<double> scale, const at::Tensor& rng_state,
+    bool attn_mask_requires_grad, bool key_padding_mask_requires_grad) {
   const bool differentiate =
       at::GradMode::is_enabled() &&
       (requires_grad(grad_output) || requires_grad(grad_weights) || requires_grad(query) ||
-       requires_grad(key) || requires_grad(value) || requires_grad(attn_mask));
+       requires_grad(key) || requires_grad(value) || requires_grad(attn_mask) ||
+       requires_grad(key_padding_mask));
   if (differentiate) {
     check_attention_backward_inputs(grad_output, grad_weights, query, key, value, output,
-                                    logsumexp, attn_mask, dropout_p, scale, rng_state);
+                                    logsumexp, attn_mask, key_padding_mask, dropout_p, scale,
+                                    rng_state);
     return attention_backward_differentiable(
-        grad_output, grad_weights, query, key, value, attn_mask, dropout_p, is_causal, scale,
-        rng_state, attention_mask_gets_grad(attn_mask, attn_mask_requires_grad));
+        grad_output, grad_weights, query, key, value, attn_mask, key_padding_mask, dropout_p,
+        is_causal, scale, rng_state, attention_mask_gets_grad(attn_mask, attn_mask_requires_grad),
+        attention_mask_gets_grad(key_padding_mask, key_padding_mask_requires_grad));
   }
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return _attention_backward(grad_output, grad_weights, query, key, value, output, logsumexp,
-                             attn_mask, dropout_p, is_causal, scale, rng_state,
-                             attn_mask_requires_grad);
+                             attn_mask, key_padding_mask, dropout_p, is_causal, scale, rng_state,
+                             attn_mask_requires_grad, key_padding_mask_requires_grad);
 }
 
 }  // namespace

@@ -50,28 +50,48 @@ inline A dot(const T* a, int64_t a_stride, const T* b, int64_t b_stride, int64_t
   return sum;
 }
 
-// Reads the mask at (b, h, i, j) and applies it to a score.
+// The masks of one query row (b, h, i), applied to its scores.
 template <typename T>
-struct MaskReader {
-  const AttentionShape& shape;
-
-  const char* row(int64_t b, int64_t h, int64_t i) const {
-    const Strides4& s = shape.mask_strides;
-    const int64_t elem = b * s.batch + h * s.head + i * s.row;
-    return shape.mask_kind == MaskKind::kBool
-               ? reinterpret_cast<const char*>(static_cast<const bool*>(shape.mask) + elem)
-               : reinterpret_cast<const char*>(static_cast<const T*>(shape.mask) + elem);
-  }
-
-  acc_t<T> apply(const char* mask_row, int64_t j, acc_t<T> score) const {
-    const int64_t at = j * shape.mask_strides.col;
-    if (shape.mask_kind == MaskKind::kBool) {
-      return reinterpret_cast<const bool*>(mask_row)[at]
-                 ? score
-                 : -std::numeric_limits<acc_t<T>>::infinity();
+class MaskRow {
+ public:
+  MaskRow(const AttentionShape& shape, int64_t b, int64_t h, int64_t i) {
+    for (int m = 0; m < AttentionShape::kMasks; ++m) {
+      const MaskOperand& mask = shape.masks[m];
+      if (mask.kind == MaskKind::kNone) continue;
+      const int64_t elem = b * mask.strides.batch + h * mask.strides.head + i * mask.strides.row;
+      Operand& op = operands_[count_++];
+      op.kind = mask.kind;
+      op.col_stride = mask.strides.col;
+      op.row = mask.kind == MaskKind::kBool
+                   ? static_cast<const void*>(static_cast<const bool*>(mask.data) + elem)
+                   : static_cast<const void*>(static_cast<const T*>(mask.data) + elem);
     }
-    return score + static_cast<acc_t<T>>(reinterpret_cast<const T*>(mask_row)[at]);
   }
+
+  bool empty() const { return count_ == 0; }
+
+  acc_t<T> apply(int64_t j, acc_t<T> score) const {
+    for (int m = 0; m < count_; ++m) {
+      const Operand& op = operands_[m];
+      if (op.kind == MaskKind::kBool) {
+        if (!static_cast<const bool*>(op.row)[j * op.col_stride]) {
+          return -std::numeric_limits<acc_t<T>>::infinity();
+        }
+      } else {
+        score += static_cast<acc_t<T>>(static_cast<const T*>(op.row)[j * op.col_stride]);
+      }
+    }
+    return score;
+  }
+
+ private:
+  struct Operand {
+    MaskKind kind;
+    const void* row;
+    int64_t col_stride;
+  };
+  Operand operands_[AttentionShape::kMasks];
+  int count_ = 0;
 };
 
 // score[j] for j < visible, for query row (b, h, i); returns the row maximum, NaN when a score
@@ -81,8 +101,7 @@ acc_t<T> row_scores(const AttentionShape& shape, const T* query, const Strides4&
                     const T* key, const Strides4& ks, int64_t b, int64_t h, int64_t i,
                     int64_t visible, acc_t<T>* score) {
   using A = acc_t<T>;
-  const MaskReader<T> mask{shape};
-  const char* mask_row = shape.mask_kind == MaskKind::kNone ? nullptr : mask.row(b, h, i);
+  const MaskRow<T> mask(shape, b, h, i);
   const T* q_row = query + b * qs.batch + h * qs.head + i * qs.row;
   const T* key_bh = key + b * ks.batch + h * ks.head;
   const A scale = static_cast<A>(shape.scale);
@@ -91,7 +110,7 @@ acc_t<T> row_scores(const AttentionShape& shape, const T* query, const Strides4&
     A s = shape.head_dim == 0
               ? A(0)
               : scale * dot<A>(q_row, qs.col, key_bh + j * ks.row, ks.col, shape.head_dim);
-    if (mask_row != nullptr) s = mask.apply(mask_row, j, s);
+    if (!mask.empty()) s = mask.apply(j, s);
     score[j] = s;
     if (!(s <= row_max)) row_max = s;  // also takes a NaN, which then sticks
   }
@@ -228,7 +247,6 @@ void backward_key_rows(const AttentionBackwardParams<T>& p, const acc_t<T>* delt
   const A kept_scale = static_cast<A>(dropout_scale(p.dropout_p));
   const A scale = static_cast<A>(p.scale);
   const A* logsumexp = static_cast<const A*>(p.logsumexp);
-  const MaskReader<T> mask{p};
 
   for (int64_t key_row = row_begin; key_row < row_end; ++key_row) {
     const int64_t j = key_row % S, bh = key_row / S;
@@ -246,7 +264,8 @@ void backward_key_rows(const AttentionBackwardParams<T>& p, const acc_t<T>* delt
       const T* q_row = p.query + b * p.query_strides.batch + h * p.query_strides.head +
                        i * p.query_strides.row;
       A s = D == 0 ? A(0) : scale * dot<A>(q_row, p.query_strides.col, k_row, p.key_strides.col, D);
-      if (p.mask_kind != MaskKind::kNone) s = mask.apply(mask.row(b, h, i), j, s);
+      const MaskRow<T> mask(p, b, h, i);
+      if (!mask.empty()) s = mask.apply(j, s);
       const A prob = std::exp(s - lse);
       const bool kept = p.dropout_p == 0 || stream.keep(uint64_t(row) * uint64_t(S) + uint64_t(j));
       if (!kept) {
@@ -335,12 +354,12 @@ Strides4 strides_of(const at::Tensor& t) {
   return Strides4{t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
-// Fills the fields shared by forward and backward. The mask is read in place through the
-// strides of its broadcast view (stride 0 in broadcast dimensions); nothing is expanded.
+// Fills the fields shared by forward and backward. The masks are read in place through the
+// strides of their broadcast views (stride 0 in broadcast dimensions); nothing is expanded.
 void fill_shape(AttentionShape& shape, const at::Tensor& query, const at::Tensor& key,
                 const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
-                double dropout_p, bool is_causal, std::optional<double> scale,
-                const at::Tensor& rng_state) {
+                const std::optional<at::Tensor>& key_padding_mask, double dropout_p,
+                bool is_causal, std::optional<double> scale, const at::Tensor& rng_state) {
   shape.batch = query.size(0);
   shape.heads = query.size(1);
   shape.q_len = query.size(2);
@@ -353,12 +372,20 @@ void fill_shape(AttentionShape& shape, const at::Tensor& query, const at::Tensor
   const int64_t* rng = rng_state.data_ptr<int64_t>();
   shape.seed = static_cast<uint64_t>(rng[0]);
   shape.offset = static_cast<uint64_t>(rng[1]);
-  if (attn_mask.has_value() && attn_mask->defined()) {
+  const std::optional<at::Tensor> masks[AttentionShape::kMasks] = {
+      attn_mask,
+      // (B, S) -> (B, 1, 1, S)
+      key_padding_mask.has_value() && key_padding_mask->defined()
+          ? std::optional<at::Tensor>(key_padding_mask->unsqueeze(1).unsqueeze(1))
+          : std::nullopt};
+  for (int m = 0; m < AttentionShape::kMasks; ++m) {
+    if (!masks[m].has_value() || !masks[m]->defined()) continue;
     const at::Tensor view =
-        attn_mask->expand({shape.batch, shape.heads, shape.q_len, shape.kv_len});
-    shape.mask_kind = attn_mask->scalar_type() == at::kBool ? MaskKind::kBool : MaskKind::kAdditive;
-    shape.mask = view.const_data_ptr();
-    shape.mask_strides = strides_of(view);
+        masks[m]->expand({shape.batch, shape.heads, shape.q_len, shape.kv_len});
+    MaskOperand& operand = shape.masks[m];
+    operand.kind = view.scalar_type() == at::kBool ? MaskKind::kBool : MaskKind::kAdditive;
+    operand.data = view.const_data_ptr();
+    operand.strides = strides_of(view);
   }
 }
 
@@ -378,9 +405,10 @@ at::Tensor draw_rng_state(double dropout_p) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
-    std::optional<double> scale, bool need_weights) {
-  check_attention_inputs("attention", query, key, value, attn_mask, dropout_p, scale);
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
+    double dropout_p, bool is_causal, std::optional<double> scale, bool need_weights) {
+  check_attention_inputs("attention", query, key, value, attn_mask, key_padding_mask, dropout_p,
+                         scale);
   const int64_t B = query.size(0), H = query.size(1), L = query.size(2);
   const int64_t S = key.size(2), Dv = value.size(3);
   at::Tensor output = at::empty({B, H, L, Dv}, query.options());
@@ -393,7 +421,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(),
                                   "attention_forward", [&] {
     AttentionForwardParams<scalar_t> p;
-    fill_shape(p, query, key, value, attn_mask, dropout_p, is_causal, scale, rng_state);
+    fill_shape(p, query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale,
+               rng_state);
     p.query = query.const_data_ptr<scalar_t>();
     p.key = key.const_data_ptr<scalar_t>();
     p.value = value.const_data_ptr<scalar_t>();
@@ -408,31 +437,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu
   return {output, logsumexp, weights, rng_state};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
+// The gradient of a float mask: d loss / d score summed over the dimensions it was broadcast in.
+at::Tensor reduce_grad_scores(const at::Tensor& grad_scores, const at::Tensor& mask,
+                              bool is_key_padding) {
+  at::Tensor grad = is_key_padding ? grad_scores.sum({1, 2})  // (B, H, L, S) -> (B, S)
+                                   : grad_scores.sum_to_size(mask.sizes());
+  return grad.to(mask.scalar_type()).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_weights,
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& output, const at::Tensor& logsumexp,
-    const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
-    std::optional<double> scale, const at::Tensor& rng_state, bool attn_mask_requires_grad) {
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
+    double dropout_p, bool is_causal, std::optional<double> scale, const at::Tensor& rng_state,
+    bool attn_mask_requires_grad, bool key_padding_mask_requires_grad) {
   check_attention_backward_inputs(grad_output, grad_weights, query, key, value, output, logsumexp,
-                                  attn_mask, dropout_p, scale, rng_state);
+                                  attn_mask, key_padding_mask, dropout_p, scale, rng_state);
   const int64_t B = query.size(0), H = query.size(1), L = query.size(2);
   const int64_t S = key.size(2);
   at::Tensor grad_query = at::empty(query.sizes(), query.options());
   at::Tensor grad_key = at::empty(key.sizes(), key.options());
   at::Tensor grad_value = at::empty(value.sizes(), value.options());
   const bool has_grad_weights = grad_weights.has_value() && grad_weights->defined();
-  const bool mask_grad = attention_mask_gets_grad(attn_mask, attn_mask_requires_grad);
-  // d loss / d score, the gradient of an additive mask before it is summed to the mask's shape.
-  at::Tensor grad_scores =
-      mask_grad ? at::empty({B, H, L, S}, logsumexp.options()) : at::Tensor();
+  const bool attn_mask_grad = attention_mask_gets_grad(attn_mask, attn_mask_requires_grad);
+  const bool padding_mask_grad =
+      attention_mask_gets_grad(key_padding_mask, key_padding_mask_requires_grad);
+  // d loss / d score: the gradient of an additive mask before it is summed to the mask's shape.
+  at::Tensor grad_scores = attn_mask_grad || padding_mask_grad
+                               ? at::empty({B, H, L, S}, logsumexp.options())
+                               : at::Tensor();
   const at::Tensor lse = logsumexp.contiguous();
   const at::Tensor rng = rng_state.contiguous();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(),
                                   "attention_backward", [&] {
     AttentionBackwardParams<scalar_t> p;
-    fill_shape(p, query, key, value, attn_mask, dropout_p, is_causal, scale, rng);
+    fill_shape(p, query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale,
+               rng);
     p.query = query.const_data_ptr<scalar_t>();
     p.key = key.const_data_ptr<scalar_t>();
     p.value = value.const_data_ptr<scalar_t>();
@@ -449,14 +491,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
     p.grad_query = grad_query.mutable_data_ptr<scalar_t>();
     p.grad_key = grad_key.mutable_data_ptr<scalar_t>();
     p.grad_value = grad_value.mutable_data_ptr<scalar_t>();
-    p.grad_scores = mask_grad ? grad_scores.mutable_data_ptr() : nullptr;
+    p.grad_scores = grad_scores.defined() ? grad_scores.mutable_data_ptr() : nullptr;
     attention_backward_kernel(p);
   });
-  at::Tensor grad_mask = mask_grad ? grad_scores.sum_to_size(attn_mask->sizes())
-                                         .to(attn_mask->scalar_type())
-                                         .contiguous()
-                                   : at::empty({0}, query.options());
-  return {grad_query, grad_key, grad_value, grad_mask};
+  return {grad_query, grad_key, grad_value,
+          attn_mask_grad ? reduce_grad_scores(grad_scores, *attn_mask, false)
+                         : at::empty({0}, query.options()),
+          padding_mask_grad ? reduce_grad_scores(grad_scores, *key_padding_mask, true)
+                            : at::empty({0}, query.options())};
 }
 
 at::Tensor attention_dropout_mask_cpu(const at::Tensor& rng_state, int64_t batch, int64_t heads,

@@ -2,7 +2,7 @@
 // elements, (B, H, L, D) order, stride 0 where a dimension is broadcast), never tensors.
 //
 // Semantics, shared by forward and backward:
-//   score[i, j] = scale * q_i . k_j + mask[i, j]      (bool mask: -inf where it is false;
+//   score[i, j] = scale * q_i . k_j + masks[i, j]     (bool mask: -inf where it is false;
 //                                                      causal: -inf where j > i)
 //   p[i, j]     = softmax_j(score[i, :]); a row with no finite score gives p = 0
 //   w[i, j]     = p[i, j] * keep[i, j] / (1 - dropout_p)     (the returned weights)
@@ -21,6 +21,13 @@ struct Strides4 {
   int64_t batch = 0, head = 0, row = 0, col = 0;
 };
 
+// A mask read in place through strides that broadcast it to (B, H, L, S).
+struct MaskOperand {
+  MaskKind kind = MaskKind::kNone;
+  const void* data = nullptr;  // const bool* (true = may attend) or const T* (added)
+  Strides4 strides;
+};
+
 struct AttentionShape {
   int64_t batch = 0, heads = 0, q_len = 0, kv_len = 0, head_dim = 0, value_dim = 0;
   double scale = 1.0;
@@ -28,9 +35,9 @@ struct AttentionShape {
   double dropout_p = 0.0;
   uint64_t seed = 0, offset = 0;  // the dropout stream (cpu/philox.h)
 
-  MaskKind mask_kind = MaskKind::kNone;
-  const void* mask = nullptr;  // const bool* or const T* (the query's dtype), read through
-                               // mask_strides as if broadcast to (B, H, L, S)
+  // attn_mask and key_padding_mask; both apply to every score.
+  static constexpr int kMasks = 2;
+  MaskOperand masks[kMasks];
   Strides4 mask_strides;
 };
 
@@ -61,7 +68,7 @@ struct AttentionBackwardParams : AttentionShape {
   T* grad_query = nullptr;  // (B, H, L, D), contiguous
   T* grad_key = nullptr;    // (B, H, S, D), contiguous
   T* grad_value = nullptr;  // (B, H, S, Dv), contiguous
-  // d loss / d score, (B, H, L, S) contiguous, at::opmath_type<T>; null unless the mask
+  // d loss / d score, (B, H, L, S) contiguous, at::opmath_type<T>; null unless a mask
   // needs a gradient (the caller reduces it to the mask's shape).
   void* grad_scores = nullptr;
 };

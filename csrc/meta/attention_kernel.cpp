@@ -11,9 +11,10 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_meta(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
-    std::optional<double> scale, bool need_weights) {
-  check_attention_inputs("attention", query, key, value, attn_mask, dropout_p, scale);
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
+    double dropout_p, bool is_causal, std::optional<double> scale, bool need_weights) {
+  check_attention_inputs("attention", query, key, value, attn_mask, key_padding_mask, dropout_p,
+                         scale);
   const c10::SymInt B = query.sym_size(0), H = query.sym_size(1), L = query.sym_size(2);
   const c10::SymInt S = key.sym_size(2), Dv = value.sym_size(3);
   at::Tensor output = at::empty_symint({B, H, L, Dv}, query.options());
@@ -25,20 +26,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_met
   return {output, logsumexp, weights, rng_state};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_meta(
+AttentionGrads attention_backward_meta(
     const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_weights,
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& output, const at::Tensor& logsumexp,
-    const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
-    std::optional<double> scale, const at::Tensor& rng_state, bool attn_mask_requires_grad) {
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
+    double dropout_p, bool is_causal, std::optional<double> scale, const at::Tensor& rng_state,
+    bool attn_mask_requires_grad, bool key_padding_mask_requires_grad) {
   check_attention_backward_inputs(grad_output, grad_weights, query, key, value, output, logsumexp,
-                                  attn_mask, dropout_p, scale, rng_state);
-  at::Tensor grad_mask = attention_mask_gets_grad(attn_mask, attn_mask_requires_grad)
-                             ? at::empty_symint(attn_mask->sym_sizes(), attn_mask->options())
-                             : at::empty({0}, query.options());
+                                  attn_mask, key_padding_mask, dropout_p, scale, rng_state);
+  auto mask_grad = [&](const std::optional<at::Tensor>& mask, bool requires_grad) {
+    return attention_mask_gets_grad(mask, requires_grad)
+               ? at::empty_symint(mask->sym_sizes(), mask->options())
+               : at::empty({0}, query.options());
+  };
   return {at::empty_symint(query.sym_sizes(), query.options()),
           at::empty_symint(key.sym_sizes(), key.options()),
-          at::empty_symint(value.sym_sizes(), value.options()), grad_mask};
+          at::empty_symint(value.sym_sizes(), value.options()),
+          mask_grad(attn_mask, attn_mask_requires_grad),
+          mask_grad(key_padding_mask, key_padding_mask_requires_grad)};
 }
 
 at::Tensor attention_dropout_mask_meta(const at::Tensor& rng_state, c10::SymInt batch,

@@ -17,17 +17,18 @@ namespace {
 // Meta and the CPU kernel all live on that one op, and torch.compile sees it in their place.
 at::Tensor attention_composite(const at::Tensor& query, const at::Tensor& key,
                                const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
-                               double dropout_p, bool is_causal, std::optional<double> scale) {
-  return std::get<0>(
-      _attention_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, false));
+                               double dropout_p, bool is_causal, std::optional<double> scale,
+                               const std::optional<at::Tensor>& key_padding_mask) {
+  return std::get<0>(_attention_forward(query, key, value, attn_mask, key_padding_mask, dropout_p,
+                                        is_causal, scale, false));
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_with_weights_composite(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
-    std::optional<double> scale) {
-  auto [output, logsumexp, weights, rng_state] =
-      _attention_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, true);
+    std::optional<double> scale, const std::optional<at::Tensor>& key_padding_mask) {
+  auto [output, logsumexp, weights, rng_state] = _attention_forward(
+      query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale, true);
   return {output, weights};
 }
 
@@ -36,21 +37,26 @@ std::tuple<at::Tensor, at::Tensor> attention_with_weights_composite(
 TORCH_LIBRARY_FRAGMENT(qkv_attention, m) {
   m.def(
       "attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, "
-      "float dropout_p=0.0, bool is_causal=False, float? scale=None) -> Tensor",
+      "float dropout_p=0.0, bool is_causal=False, float? scale=None, "
+      "Tensor? key_padding_mask=None) -> Tensor",
       TORCH_FN(attention_composite));
   m.def(
       "attention_with_weights(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, "
-      "float dropout_p=0.0, bool is_causal=False, float? scale=None) -> (Tensor, Tensor)",
+      "float dropout_p=0.0, bool is_causal=False, float? scale=None, "
+      "Tensor? key_padding_mask=None) -> (Tensor, Tensor)",
       TORCH_FN(attention_with_weights_composite));
   m.def(
       "_attention_forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
-      "float dropout_p, bool is_causal, float? scale, bool need_weights) -> "
+      "Tensor? key_padding_mask, float dropout_p, bool is_causal, float? scale, "
+      "bool need_weights) -> "
       "(Tensor output, Tensor logsumexp, Tensor weights, Tensor rng_state)");
   m.def(
       "_attention_backward(Tensor grad_output, Tensor? grad_weights, Tensor query, Tensor key, "
-      "Tensor value, Tensor output, Tensor logsumexp, Tensor? attn_mask, float dropout_p, "
-      "bool is_causal, float? scale, Tensor rng_state, bool attn_mask_requires_grad) -> "
-      "(Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_attn_mask)");
+      "Tensor value, Tensor output, Tensor logsumexp, Tensor? attn_mask, "
+      "Tensor? key_padding_mask, float dropout_p, bool is_causal, float? scale, "
+      "Tensor rng_state, bool attn_mask_requires_grad, bool key_padding_mask_requires_grad) -> "
+      "(Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_attn_mask, "
+      "Tensor grad_key_padding_mask)");
   m.def(
       "_attention_dropout_mask(Tensor rng_state, SymInt batch, SymInt heads, SymInt q_len, "
       "SymInt kv_len, float dropout_p) -> Tensor");
@@ -58,44 +64,48 @@ TORCH_LIBRARY_FRAGMENT(qkv_attention, m) {
 
 at::Tensor attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                      const std::optional<at::Tensor>& attn_mask, double dropout_p,
-                     bool is_causal, std::optional<double> scale) {
+                     bool is_causal, std::optional<double> scale,
+                     const std::optional<at::Tensor>& key_padding_mask) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("qkv_attention::attention", "")
                        .typed<decltype(attention)>();
-  return op.call(query, key, value, attn_mask, dropout_p, is_causal, scale);
+  return op.call(query, key, value, attn_mask, dropout_p, is_causal, scale, key_padding_mask);
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_with_weights(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
-    std::optional<double> scale) {
+    std::optional<double> scale, const std::optional<at::Tensor>& key_padding_mask) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("qkv_attention::attention_with_weights", "")
                        .typed<decltype(attention_with_weights)>();
-  return op.call(query, key, value, attn_mask, dropout_p, is_causal, scale);
+  return op.call(query, key, value, attn_mask, dropout_p, is_causal, scale, key_padding_mask);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> _attention_forward(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
-    std::optional<double> scale, bool need_weights) {
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
+    double dropout_p, bool is_causal, std::optional<double> scale, bool need_weights) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("qkv_attention::_attention_forward", "")
                        .typed<decltype(_attention_forward)>();
-  return op.call(query, key, value, attn_mask, dropout_p, is_causal, scale, need_weights);
+  return op.call(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale,
+                 need_weights);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> _attention_backward(
+AttentionGrads _attention_backward(
     const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_weights,
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& output, const at::Tensor& logsumexp,
-    const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
-    std::optional<double> scale, const at::Tensor& rng_state, bool attn_mask_requires_grad) {
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
+    double dropout_p, bool is_causal, std::optional<double> scale, const at::Tensor& rng_state,
+    bool attn_mask_requires_grad, bool key_padding_mask_requires_grad) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("qkv_attention::_attention_backward", "")
                        .typed<decltype(_attention_backward)>();
   return op.call(grad_output, grad_weights, query, key, value, output, logsumexp, attn_mask,
-                 dropout_p, is_causal, scale, rng_state, attn_mask_requires_grad);
+                 key_padding_mask, dropout_p, is_causal, scale, rng_state,
+                 attn_mask_requires_grad, key_padding_mask_requires_grad);
 }
 
 at::Tensor _attention_dropout_mask(const at::Tensor& rng_state, c10::SymInt batch,
@@ -112,15 +122,28 @@ double attention_scale(std::optional<double> scale, int64_t head_dim) {
   return head_dim > 0 ? 1.0 / std::sqrt(static_cast<double>(head_dim)) : 1.0;
 }
 
-bool attention_mask_gets_grad(const std::optional<at::Tensor>& attn_mask,
-                              bool attn_mask_requires_grad) {
-  return attn_mask_requires_grad && attn_mask.has_value() && attn_mask->defined() &&
-         attn_mask->scalar_type() != at::kBool;
+bool attention_mask_gets_grad(const std::optional<at::Tensor>& mask, bool requires_grad) {
+  return requires_grad && mask.has_value() && mask->defined() &&
+         mask->scalar_type() != at::kBool;
 }
+
+namespace {
+
+void check_mask_dtype_and_device(const char* op, const char* name, const at::Tensor& mask,
+                                 const at::Tensor& query) {
+  TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool || mask.scalar_type() == query.scalar_type(),
+                   op, ": ", name, " must be bool or have the query's dtype ",
+                   query.scalar_type(), ", but has dtype ", mask.scalar_type());
+  TORCH_CHECK(mask.device() == query.device(), op, ": ", name, " is on ", mask.device(),
+              " but query is on ", query.device());
+}
+
+}  // namespace
 
 void check_attention_inputs(const char* op, const at::Tensor& query, const at::Tensor& key,
                             const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
-                            double dropout_p, std::optional<double> scale) {
+                            const std::optional<at::Tensor>& key_padding_mask, double dropout_p,
+                            std::optional<double> scale) {
   check_input(op, "query", query, 4, "(B, H, L, D)");
   check_input(op, "key", key, 4, "(B, H, S, D)");
   check_input(op, "value", value, 4, "(B, H, S, Dv)");
@@ -137,13 +160,17 @@ void check_attention_inputs(const char* op, const at::Tensor& query, const at::T
   TORCH_CHECK(!scale.has_value() || std::isfinite(*scale), op,
               ": scale must be a finite number, but is ", scale.value_or(0.0));
 
+  if (key_padding_mask.has_value() && key_padding_mask->defined()) {
+    const at::Tensor& padding = *key_padding_mask;
+    check_mask_dtype_and_device(op, "key_padding_mask", padding, query);
+    TORCH_CHECK(padding.dim() == 2 && padding.sym_size(0) == query.sym_size(0) &&
+                    padding.sym_size(1) == key.sym_size(2),
+                op, ": key_padding_mask must have shape (B, S) = (", query.sym_size(0), ", ",
+                key.sym_size(2), "), but has shape ", padding.sym_sizes());
+  }
   if (!attn_mask.has_value() || !attn_mask->defined()) return;
   const at::Tensor& mask = *attn_mask;
-  TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool || mask.scalar_type() == query.scalar_type(),
-                   op, ": attn_mask must be bool or have the query's dtype ",
-                   query.scalar_type(), ", but has dtype ", mask.scalar_type());
-  TORCH_CHECK(mask.device() == query.device(), op, ": attn_mask is on ", mask.device(),
-              " but query is on ", query.device());
+  check_mask_dtype_and_device(op, "attn_mask", mask, query);
   const c10::SymInt target[4] = {query.sym_size(0), query.sym_size(1), query.sym_size(2),
                                  key.sym_size(2)};
   bool broadcastable = mask.dim() <= 4;
@@ -160,10 +187,10 @@ void check_attention_backward_inputs(
     const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_weights,
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& output, const at::Tensor& logsumexp,
-    const std::optional<at::Tensor>& attn_mask, double dropout_p, std::optional<double> scale,
-    const at::Tensor& rng_state) {
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
+    double dropout_p, std::optional<double> scale, const at::Tensor& rng_state) {
   constexpr const char* op = "attention backward";
-  check_attention_inputs(op, query, key, value, attn_mask, dropout_p, scale);
+  check_attention_inputs(op, query, key, value, attn_mask, key_padding_mask, dropout_p, scale);
   check_input(op, "output", output, 4, "(B, H, L, Dv)");
   check_same_dtype_and_device(op, "output", output, "query", query);
   check_size(op, "output", output, 0, query.sym_size(0), "batch entries", "query");

@@ -3,8 +3,11 @@
 //   query (B, H, L, D), key (B, H, S, D), value (B, H, S, Dv) -> (B, H, L, Dv)
 //
 // attn_mask is broadcastable to (B, H, L, S): bool (true = may attend) or the query's float
-// dtype (added to the scores). is_causal lets query i see keys 0..i (top-left aligned).
-// scale defaults to 1/sqrt(D). A query row that may attend to no key gives zeros.
+// dtype (added to the scores). key_padding_mask (B, S) is a second mask with the same
+// conventions, applied to every head and query: it lets MultiheadAttention pass both of its
+// masks without merging them into an (B, H, L, S) tensor. is_causal lets query i see keys 0..i
+// (top-left aligned). scale defaults to 1/sqrt(D). A query row that may attend to no key gives
+// zeros.
 //
 // The entry points below call the registered operators through the dispatcher, so they get
 // autograd, the Meta kernels and whatever backend the tensors live on.
@@ -20,30 +23,34 @@ namespace qkv_attention {
 at::Tensor attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                      const std::optional<at::Tensor>& attn_mask = std::nullopt,
                      double dropout_p = 0.0, bool is_causal = false,
-                     std::optional<double> scale = std::nullopt);
+                     std::optional<double> scale = std::nullopt,
+                     const std::optional<at::Tensor>& key_padding_mask = std::nullopt);
 
 // The output and the attention weights (B, H, L, S) after dropout: the weights that produced
 // the output, differentiable like it.
 std::tuple<at::Tensor, at::Tensor> attention_with_weights(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask = std::nullopt, double dropout_p = 0.0,
-    bool is_causal = false, std::optional<double> scale = std::nullopt);
+    bool is_causal = false, std::optional<double> scale = std::nullopt,
+    const std::optional<at::Tensor>& key_padding_mask = std::nullopt);
 
 // The forward behind both: (output, logsumexp (B, H, L) in the accumulation dtype, weights or
 // an empty tensor, rng_state (2,) int64 = the dropout stream's seed and offset).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> _attention_forward(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
-    std::optional<double> scale, bool need_weights);
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
+    double dropout_p, bool is_causal, std::optional<double> scale, bool need_weights);
 
-// (grad_query, grad_key, grad_value, grad_attn_mask); grad_attn_mask has the mask's shape when
-// attn_mask_requires_grad and the mask is additive, and is empty otherwise.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> _attention_backward(
+// (grad_query, grad_key, grad_value, grad_attn_mask, grad_key_padding_mask); a mask's gradient
+// has the mask's shape when it is asked for and the mask is additive, and is empty otherwise.
+using AttentionGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+AttentionGrads _attention_backward(
     const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_weights,
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& output, const at::Tensor& logsumexp,
-    const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
-    std::optional<double> scale, const at::Tensor& rng_state, bool attn_mask_requires_grad);
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
+    double dropout_p, bool is_causal, std::optional<double> scale, const at::Tensor& rng_state,
+    bool attn_mask_requires_grad, bool key_padding_mask_requires_grad);
 
 // The dropout keep-mask (B, H, L, S), bool, of the stream rng_state names.
 at::Tensor _attention_dropout_mask(const at::Tensor& rng_state, c10::SymInt batch,
@@ -55,20 +62,20 @@ at::Tensor _attention_dropout_mask(const at::Tensor& rng_state, c10::SymInt batc
 // The scale actually used: `scale`, or 1/sqrt(head_dim) (1 when head_dim is 0).
 double attention_scale(std::optional<double> scale, int64_t head_dim);
 
-// Whether _attention_backward returns a gradient for the mask.
-bool attention_mask_gets_grad(const std::optional<at::Tensor>& attn_mask,
-                              bool attn_mask_requires_grad);
+// Whether _attention_backward returns a gradient for a mask.
+bool attention_mask_gets_grad(const std::optional<at::Tensor>& mask, bool requires_grad);
 
 void check_attention_inputs(const char* op, const at::Tensor& query, const at::Tensor& key,
                             const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
-                            double dropout_p, std::optional<double> scale);
+                            const std::optional<at::Tensor>& key_padding_mask, double dropout_p,
+                            std::optional<double> scale);
 
 void check_attention_backward_inputs(
     const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_weights,
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& output, const at::Tensor& logsumexp,
-    const std::optional<at::Tensor>& attn_mask, double dropout_p, std::optional<double> scale,
-    const at::Tensor& rng_state);
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
+    double dropout_p, std::optional<double> scale, const at::Tensor& rng_state);
 
 void check_dropout_mask_inputs(const at::Tensor& rng_state, const c10::SymInt& batch,
                                const c10::SymInt& heads, const c10::SymInt& q_len,

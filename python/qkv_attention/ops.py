@@ -52,6 +52,7 @@ def attention(
     dropout_p: float = 0.0,
     is_causal: bool = False,
     scale: Optional[float] = None,
+    key_padding_mask: Optional[Tensor] = None,
 ) -> Tensor:
     """``softmax(query @ key.T * scale + mask) @ value``, with dropout on the weights.
 
@@ -65,11 +66,16 @@ def attention(
         is_causal: query i may attend to keys 0..i only (top-left aligned); combines with
             attn_mask when both are given.
         scale: multiplies the scores; defaults to 1/sqrt(D).
+        key_padding_mask: (B, S), a second mask with attn_mask's conventions (bool True = may
+            attend, or float added), applied to every head and query. Passing it separately
+            spares merging it with attn_mask into a (B, H, L, S) tensor.
 
     Returns:
         (B, H, L, Dv). A query row that may attend to no key gives zeros (not NaN).
     """
-    return _ops.attention(query, key, value, attn_mask, dropout_p, is_causal, scale)
+    return _ops.attention(
+        query, key, value, attn_mask, dropout_p, is_causal, scale, key_padding_mask
+    )
 
 
 def attention_with_weights(
@@ -80,13 +86,16 @@ def attention_with_weights(
     dropout_p: float = 0.0,
     is_causal: bool = False,
     scale: Optional[float] = None,
+    key_padding_mask: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Like :func:`attention`, and also returns the attention weights (B, H, L, S).
 
     The weights are the ones that produced the output: after dropout (zeros where dropped,
     the rest scaled by 1/(1-p)). Both outputs are differentiable.
     """
-    return _ops.attention_with_weights(query, key, value, attn_mask, dropout_p, is_causal, scale)
+    return _ops.attention_with_weights(
+        query, key, value, attn_mask, dropout_p, is_causal, scale, key_padding_mask
+    )
 
 
 def merge_heads(x: Tensor, out_weight: Tensor, out_bias: Optional[Tensor] = None) -> Tensor:
