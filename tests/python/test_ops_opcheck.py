@@ -1,0 +1,249 @@
+"""torch.library.opcheck on every operator registered under torch.ops.qkv_attention.
+
+opcheck verifies the schema (no undeclared mutation or aliasing), the autograd registration,
+the Meta (fake) kernel against the real one, and AOT-dispatch tracing with dynamic shapes
+(forward and, when inputs require grad, backward). It compares repeated calls, so every case
+uses dropout_p = 0 except _attention_dropout_mask, whose output is a pure function of its
+rng_state argument.
+"""
+import pytest
+import torch
+
+from conftest import random_bool_mask, random_tensor
+
+ops = torch.ops.qkv_attention
+pytestmark = pytest.mark.usefixtures("seed_torch")
+
+NAMESPACE = "qkv_attention"
+
+
+def registered_operators():
+    """Every qkv_attention operator the dispatcher knows, as 'name' or 'name.overload'."""
+    prefix = NAMESPACE + "::"
+    return sorted(
+        name[len(prefix):] for name in torch._C._dispatch_get_all_op_names()
+        if name.startswith(prefix)
+    )
+
+
+def qkv(B=2, H=2, L=3, S=4, D=3, Dv=2, dtype=torch.float32):
+    return (random_tensor(B, H, L, D, dtype=dtype), random_tensor(B, H, S, D, dtype=dtype),
+            random_tensor(B, H, S, Dv, dtype=dtype))
+
+
+# --- argument builders, one list per operator: (case id, () -> (args, kwargs)) --------------
+
+
+def qkv_projection_cases():
+    def make(B, L, S, Eq, Ek, Ev, E, H, biases):
+        tensors = [random_tensor(B, L, Eq, dtype=torch.float32),
+                   random_tensor(B, S, Ek, dtype=torch.float32),
+                   random_tensor(B, S, Ev, dtype=torch.float32),
+                   random_tensor(E, Eq, dtype=torch.float32),
+                   random_tensor(E, Ek, dtype=torch.float32),
+                   random_tensor(E, Ev, dtype=torch.float32)]
+        tensors += [random_tensor(E, dtype=torch.float32) if b else None for b in biases]
+        return (*tensors, H), {}
+
+    return [
+        ("biases", lambda: make(2, 3, 4, 6, 6, 6, 6, 2, (True, True, True))),
+        ("kdim_vdim_no_biases", lambda: make(2, 3, 5, 4, 3, 5, 6, 3, (False, False, False))),
+        ("some_biases", lambda: make(1, 2, 2, 4, 4, 4, 8, 4, (False, True, False))),
+    ]
+
+
+def qkv_projection_backward_cases():
+    def make(grads_given):
+        B, L, S, Eq, Ek, Ev, E, H = 2, 3, 4, 4, 3, 5, 6, 3
+        grads = [random_tensor(B, H, n, E // H, dtype=torch.float32) if given else None
+                 for n, given in zip((L, S, S), grads_given)]
+        inputs = [random_tensor(B, L, Eq, dtype=torch.float32),
+                  random_tensor(B, S, Ek, dtype=torch.float32),
+                  random_tensor(B, S, Ev, dtype=torch.float32),
+                  random_tensor(E, Eq, dtype=torch.float32),
+                  random_tensor(E, Ek, dtype=torch.float32),
+                  random_tensor(E, Ev, dtype=torch.float32)]
+        return (*grads, *inputs, H), {}
+
+    return [
+        ("all_grads", lambda: make((True, True, True))),
+        ("only_grad_k", lambda: make((False, True, False))),
+    ]
+
+
+def attention_argument_cases():
+    """(args, kwargs) for attention and attention_with_weights (same schema)."""
+    def plain():
+        return qkv(), {}
+
+    def bool_mask_broadcast_causal():
+        return (*qkv(L=4, S=4), random_bool_mask(1, 2, 4, 4)), {"is_causal": True}
+
+    def float_mask_scale():
+        return (*qkv(), random_tensor(3, 4, dtype=torch.float32)), {"scale": 0.4}
+
+    def float_mask_and_padding():
+        q, k, v = qkv()
+        return (q, k, v, random_tensor(2, 1, 1, 4, dtype=torch.float32)), {
+            "key_padding_mask": random_tensor(2, 4, dtype=torch.float32)
+        }
+
+    def bool_padding_fully_masked():
+        padding = random_bool_mask(2, 4)
+        padding[1] = False
+        return qkv(), {"key_padding_mask": padding}
+
+    def no_keys():
+        return qkv(S=0), {}
+
+    return [
+        ("plain", plain),
+        ("bool_mask_broadcast_causal", bool_mask_broadcast_causal),
+        ("float_mask_scale", float_mask_scale),
+        ("float_mask_and_float_padding", float_mask_and_padding),
+        ("bool_padding_fully_masked", bool_padding_fully_masked),
+        ("no_keys", no_keys),
+    ]
+
+
+def attention_forward_cases():
+    def make(need_weights, masks, is_causal):
+        q, k, v = qkv(L=4, S=5)
+        attn_mask = random_tensor(2, 4, 5, dtype=torch.float32) if masks else None
+        padding = random_bool_mask(2, 5) if masks else None
+        return (q, k, v, attn_mask, padding, 0.0, is_causal, None, need_weights), {}
+
+    return [
+        ("need_weights", lambda: make(True, False, False)),
+        ("masks_causal", lambda: make(False, True, True)),
+        ("masks_need_weights", lambda: make(True, True, False)),
+    ]
+
+
+def attention_backward_cases():
+    def make(masks, grad_weights, masks_need_grad, is_causal):
+        q, k, v = qkv(L=4, S=5)
+        attn_mask = random_tensor(2, 1, 5, dtype=torch.float32) if masks else None
+        padding = random_tensor(2, 5, dtype=torch.float32) if masks else None
+        output, logsumexp, _, rng_state = ops._attention_forward(
+            q, k, v, attn_mask, padding, 0.0, is_causal, None, False
+        )
+        grad_output = random_tensor(*output.shape, dtype=torch.float32)
+        grad_w = random_tensor(2, 2, 4, 5, dtype=torch.float32) if grad_weights else None
+        return (grad_output, grad_w, q, k, v, output, logsumexp, attn_mask, padding, 0.0,
+                is_causal, None, rng_state, masks_need_grad, masks_need_grad), {}
+
+    return [
+        ("plain", lambda: make(False, False, False, False)),
+        ("grad_weights_causal", lambda: make(False, True, False, True)),
+        ("float_masks_with_grad", lambda: make(True, True, True, False)),
+        ("float_masks_without_grad", lambda: make(True, False, False, True)),
+    ]
+
+
+def attention_dropout_mask_cases():
+    def make(dropout_p, sizes):
+        # The mask is a pure function of rng_state, so repeated calls agree even with p > 0.
+        rng_state = torch.tensor([123456789, 42], dtype=torch.int64)
+        return (rng_state, *sizes, dropout_p), {}
+
+    return [
+        ("half", lambda: make(0.5, (2, 3, 4, 5))),
+        ("none_dropped", lambda: make(0.0, (1, 2, 3, 3))),
+        ("all_dropped", lambda: make(1.0, (2, 1, 2, 7))),
+    ]
+
+
+def merge_heads_cases():
+    def make(bias):
+        x = random_tensor(2, 3, 4, 2, dtype=torch.float32)
+        weight = random_tensor(5, 6, dtype=torch.float32)
+        return (x, weight, random_tensor(5, dtype=torch.float32) if bias else None), {}
+
+    return [("bias", lambda: make(True)), ("no_bias", lambda: make(False))]
+
+
+def merge_heads_backward_cases():
+    def make():
+        return (random_tensor(2, 4, 5, dtype=torch.float32),
+                random_tensor(2, 3, 4, 2, dtype=torch.float32),
+                random_tensor(5, 6, dtype=torch.float32)), {}
+
+    return [("plain", make)]
+
+
+CASES = {
+    "qkv_projection": qkv_projection_cases(),
+    "qkv_projection_backward": qkv_projection_backward_cases(),
+    "attention": attention_argument_cases(),
+    # Same schema and kernel as attention: the cases that differ in the weights they return.
+    "attention_with_weights": [
+        case for case in attention_argument_cases()
+        if case[0] in ("plain", "float_mask_and_float_padding", "bool_padding_fully_masked")
+    ],
+    "_attention_forward": attention_forward_cases(),
+    "_attention_backward": attention_backward_cases(),
+    "_attention_dropout_mask": attention_dropout_mask_cases(),
+    "merge_heads": merge_heads_cases(),
+    "merge_heads_backward": merge_heads_backward_cases(),
+}
+
+
+def with_requires_grad(value):
+    """Marks every floating-point tensor (also inside lists) as requiring grad."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.detach().requires_grad_()
+    if isinstance(value, (list, tuple)):
+        return type(value)(with_requires_grad(v) for v in value)
+    return value
+
+
+# _attention_dropout_mask has no floating-point input, so it has no requires_grad variant.
+NO_FLOAT_INPUTS = {"_attention_dropout_mask"}
+# With inputs that require grad, _attention_backward runs its differentiable ATen formulation,
+# and tracing its forward and backward costs seconds per case: two of the four cases (the one
+# without and the one with mask gradients) cover that path.
+NO_GRAD_VARIANT = {("_attention_backward", "grad_weights_causal"),
+                   ("_attention_backward", "float_masks_without_grad")}
+
+
+def variants(name, case_id):
+    if name in NO_FLOAT_INPUTS or (name, case_id) in NO_GRAD_VARIANT:
+        return (False,)
+    return (False, True)
+
+
+PARAMS = [
+    pytest.param(name, build, requires_grad,
+                 id=f"{name}-{case_id}-{'grad' if requires_grad else 'nograd'}")
+    for name, cases in CASES.items()
+    for case_id, build in cases
+    for requires_grad in variants(name, case_id)
+]
+
+
+@pytest.mark.parametrize("name, build, requires_grad", PARAMS)
+def test_opcheck(name, build, requires_grad):
+    args, kwargs = build()
+    if requires_grad:
+        args = with_requires_grad(args)
+        kwargs = {key: with_requires_grad(value) for key, value in kwargs.items()}
+    torch.library.opcheck(getattr(ops, name).default, args, kwargs)
+
+
+def test_every_registered_operator_has_opcheck_cases():
+    # A new operator without an opcheck case fails here.
+    registered = registered_operators()
+    assert set(registered) == set(CASES), (
+        f"operators without opcheck cases: {sorted(set(registered) - set(CASES))}; "
+        f"cases for unregistered operators: {sorted(set(CASES) - set(registered))}"
+    )
+    assert all(len(cases) > 0 for cases in CASES.values())
+
+
+def test_the_expected_operators_are_registered():
+    assert set(registered_operators()) >= {
+        "qkv_projection", "qkv_projection_backward", "attention", "attention_with_weights",
+        "_attention_forward", "_attention_backward", "_attention_dropout_mask", "merge_heads",
+        "merge_heads_backward",
+    }
