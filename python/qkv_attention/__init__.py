@@ -8,8 +8,12 @@ import torch  # noqa: F401  (the extension links against torch's libraries)
 
 from . import _C
 from . import ops, functional
+from .modules import MultiheadAttention
+from .replace import replace_attention
 from ._C import build_info
 
 __version__ = _C.__version__
 
-__all__ = ["ops", "functional", "build_info", "__version__"]
+__all__ = [
+    "ops", "functional", "build_info", "__version__", "MultiheadAttention", "replace_attention",
+]
