@@ -228,6 +228,10 @@ class MultiheadAttention(nn.Module):
             )
 
         is_batched = self._check_input_dims(query, key, value, key_padding_mask, attn_mask)
+        # The caller's shapes and layout, for error messages.
+        given = (f"query {_shape(query)}, key {_shape(key)}, value {_shape(value)} in "
+                 + ("(N, seq, features)" if is_batched and self.batch_first else
+                    "(seq, N, features)" if is_batched else "(seq, features)") + " layout")
         if is_causal and attn_mask is None:
             raise RuntimeError(
                 "Need attn_mask if specifying the is_causal hint. You may use the Transformer "
@@ -243,7 +247,7 @@ class MultiheadAttention(nn.Module):
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         batch, q_len, _ = query.shape
         kv_len = key.size(1)
-        self._check_input_sizes(query, key, value)
+        self._check_input_sizes(query, key, value, given)
 
         # torch 2.13's reading of the hint: with no padding mask and no weights to return the
         # causal mask itself is used (attn_mask is ignored); otherwise attn_mask is used.
@@ -255,18 +259,19 @@ class MultiheadAttention(nn.Module):
         if key.size(0) != batch:
             raise RuntimeError(
                 f"MultiheadAttention: key and value have batch size {key.size(0)} but query "
-                f"has {batch} (query {_shape(query)}, key {_shape(key)} in (N, seq, features) "
-                "order)"
+                f"has {batch} ({given})"
             )
         if key_padding_mask is not None and _shape(key_padding_mask) != (batch, kv_len):
+            expected = f"(N, S) = {(batch, kv_len)}" if is_batched else f"(S,) = {(kv_len,)}"
+            found = _shape(key_padding_mask) if is_batched else _shape(key_padding_mask)[1:]
             raise AssertionError(
-                f"MultiheadAttention: key_padding_mask must have shape (N, S) = "
-                f"{(batch, kv_len)}, but has shape {_shape(key_padding_mask)}"
+                f"MultiheadAttention: key_padding_mask must have shape {expected}, but has "
+                f"shape {found} ({given})"
             )
         attn_mask, key_padding_mask = self._masks_for_op(
             attn_mask, key_padding_mask, query.dtype, need_weights
         )
-        self._check_parameter_dtype(query)
+        self._check_dtypes(query, key, value)
 
         # -- projection into heads: (B, H, L, D), (B, H, S, D), (B, H, S, D).
         if self._qkv_same_embed_dim:
@@ -370,42 +375,43 @@ class MultiheadAttention(nn.Module):
             f"{query.dim()}-D query tensor"
         )
 
-    def _check_input_sizes(self, query: Tensor, key: Tensor, value: Tensor) -> None:
-        """Feature and sequence sizes, inputs already (B, N, features): torch's checks and
-        exception types (AssertionError; RuntimeError where torch's linear would fail)."""
+    def _check_input_sizes(self, query: Tensor, key: Tensor, value: Tensor, given: str) -> None:
+        """Feature and sequence sizes (inputs already viewed as (N, seq, features)): torch's
+        checks and exception types (AssertionError; RuntimeError where torch's linear fails)."""
         if query.size(-1) != self.embed_dim:
             raise AssertionError(
                 f"was expecting embedding dimension of {self.embed_dim}, but got "
-                f"{query.size(-1)} (query features)"
+                f"{query.size(-1)}: query has {query.size(-1)} features, embed_dim is "
+                f"{self.embed_dim} ({given})"
             )
         if self._qkv_same_embed_dim:
             if key.shape != value.shape:
                 raise AssertionError(
-                    f"key shape {_shape(key)} does not match value shape {_shape(value)} "
-                    "(in (N, S, features) order)"
+                    "key shape does not match value shape: with kdim = vdim = embed_dim, key "
+                    f"and value must have the same shape ({given})"
                 )
             if key.size(-1) != self.embed_dim:
                 raise RuntimeError(
                     f"MultiheadAttention: key and value have {key.size(-1)} features but "
-                    f"kdim = vdim = embed_dim = {self.embed_dim}"
+                    f"kdim = vdim = embed_dim = {self.embed_dim} ({given})"
                 )
         else:
             if key.shape[:2] != value.shape[:2]:
                 raise AssertionError(
-                    f"key's batch and sequence dims {_shape(key)[:2]} do not match value's "
-                    f"{_shape(value)[:2]} (in (N, S) order)"
+                    "key's sequence and batch dims do not match value's: key and value must "
+                    f"have the same batch size and sequence length ({given})"
                 )
             if key.size(-1) != self.kdim:
                 raise AssertionError(
                     f"expecting key weights shape of {(self.embed_dim, key.size(-1))}, but got "
                     f"{_shape(self.k_proj_weight)}: key has {key.size(-1)} features, kdim is "
-                    f"{self.kdim}"
+                    f"{self.kdim} ({given})"
                 )
             if value.size(-1) != self.vdim:
                 raise AssertionError(
                     f"expecting value weights shape of {(self.embed_dim, value.size(-1))}, but "
                     f"got {_shape(self.v_proj_weight)}: value has {value.size(-1)} features, "
-                    f"vdim is {self.vdim}"
+                    f"vdim is {self.vdim} ({given})"
                 )
 
     def _attn_mask_as_4d(self, attn_mask, batch, q_len, kv_len, is_batched) -> Tensor:
@@ -446,7 +452,8 @@ class MultiheadAttention(nn.Module):
             if merged not in allowed:
                 raise RuntimeError(
                     f"MultiheadAttention: float masks must have the query's dtype {dtype}"
-                    + ("" if need_weights else " or float32")
+                    + ("" if need_weights or dtype == torch.float32 else
+                       " (or float32 with need_weights=False)")
                     + f", but the masks add up to dtype {merged} (attn_mask: "
                     f"{None if attn_mask is None else attn_mask.dtype}, key_padding_mask: "
                     f"{None if key_padding_mask is None else key_padding_mask.dtype})"
@@ -461,13 +468,25 @@ class MultiheadAttention(nn.Module):
 
         return convert(attn_mask), convert(key_padding_mask)
 
-    def _check_parameter_dtype(self, query: Tensor) -> None:
-        weight = self.out_proj.weight
-        if query.dtype != weight.dtype:
-            # torch's linear raises RuntimeError for this.
+    def _check_dtypes(self, query: Tensor, key: Tensor, value: Tensor) -> None:
+        """One floating dtype for inputs and parameters; torch's linear raises RuntimeError."""
+        if not torch.is_floating_point(query):
+            raise RuntimeError(
+                f"MultiheadAttention: query must be a floating point tensor, but has dtype "
+                f"{query.dtype}"
+            )
+        for name, tensor in (("key", key), ("value", value)):
+            if tensor.dtype != query.dtype:
+                raise RuntimeError(
+                    f"MultiheadAttention: {name} has dtype {tensor.dtype} but query has dtype "
+                    f"{query.dtype}; query, key, value and the parameters must share one dtype"
+                )
+        parameter_dtype = self.out_proj.weight.dtype
+        if query.dtype != parameter_dtype:
             raise RuntimeError(
                 f"MultiheadAttention: query has dtype {query.dtype} but the module's parameters "
-                f"have dtype {weight.dtype}; convert one of them (e.g. module.to({query.dtype}))"
+                f"have dtype {parameter_dtype}; convert one of them (e.g. module.to("
+                f"{query.dtype}))"
             )
 
     def _append_extra_keys(self, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, int]:
