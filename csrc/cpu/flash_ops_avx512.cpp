@@ -1,0 +1,667 @@
+// Avx512Ops (cpu/flash_ops.h): the flash-attention building blocks written with AVX-512
+// intrinsics.
+//
+// The extension is compiled for the baseline x86-64 ISA, so every function here carries a
+// target attribute instead of the whole file being built with -mavx512f: only these functions
+// use AVX-512, and the kernels call them only after cpu_has_avx512() said yes. Nothing here
+// includes ATen (whose inline functions would otherwise be compiled for AVX-512 in this file
+// and could be picked by the linker for callers on other CPUs).
+#include "cpu/flash_ops.h"
+
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define QKV_HAVE_AVX512_CODE 1
+#include <immintrin.h>
+#endif
+
+namespace qkv_attention::cpu::flash {
+
+#if QKV_HAVE_AVX512_CODE
+
+#define QKV_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,bmi2,fma,f16c")))
+#define QKV_AVX512_INLINE QKV_AVX512 __attribute__((always_inline)) inline
+
+bool cpu_has_avx512() {
+  static const bool supported = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+  }();
+  return supported;
+}
+
+namespace {
+
+// Lanes [0, n) of a 16-lane vector, n in [0, 16].
+QKV_AVX512_INLINE __mmask16 first_lanes(int64_t n) {
+  return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1u);
+}
+
+// ---- GEMM -----------------------------------------------------------------------------------
+// One register tile: MR rows of C times NV vectors of 16 columns (the last one masked), kept in
+// registers over the whole K loop. With MR = 6 and NV = 4 that is 24 accumulators, 4 loads of B
+// and 6 broadcasts of A per 24 fused multiply-adds.
+template <int MR, int NV>
+QKV_AVX512_INLINE void gemm_tile(int64_t K, const float* __restrict a, int64_t a_row,
+                                 int64_t a_col, const float* __restrict b, int64_t ldb,
+                                 float* __restrict c, int64_t ldc, bool accumulate,
+                                 __mmask16 last) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 b_vec[NV];
+    const float* b_row = b + k * ldb;
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      b_vec[v] = v == NV - 1 ? _mm512_maskz_loadu_ps(last, b_row + 16 * v)
+                             : _mm512_loadu_ps(b_row + 16 * v);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a_rk = _mm512_set1_ps(a[r * a_row + k * a_col]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(a_rk, b_vec[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      const __mmask16 lanes = v == NV - 1 ? last : __mmask16(0xffff);
+      float* c_ptr = c + r * ldc + 16 * v;
+      __m512 x = acc[r][v];
+      if (accumulate) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(lanes, c_ptr));
+      _mm512_mask_storeu_ps(c_ptr, lanes, x);
+    }
+  }
+}
+
+using TileFn = void (*)(int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*,
+                        int64_t, bool, __mmask16);
+
+template <int MR, int NV>
+QKV_AVX512 void gemm_tile_fn(int64_t K, const float* a, int64_t a_row, int64_t a_col,
+                             const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate,
+                             __mmask16 last) {
+  gemm_tile<MR, NV>(K, a, a_row, a_col, b, ldb, c, ldc, accumulate, last);
+}
+
+constexpr int kTileRows = 6;
+constexpr int kTileVectors = 4;
+
+// [rows - 1][vectors - 1]
+const TileFn kTiles[kTileRows][kTileVectors] = {
+    {gemm_tile_fn<1, 1>, gemm_tile_fn<1, 2>, gemm_tile_fn<1, 3>, gemm_tile_fn<1, 4>},
+    {gemm_tile_fn<2, 1>, gemm_tile_fn<2, 2>, gemm_tile_fn<2, 3>, gemm_tile_fn<2, 4>},
+    {gemm_tile_fn<3, 1>, gemm_tile_fn<3, 2>, gemm_tile_fn<3, 3>, gemm_tile_fn<3, 4>},
+    {gemm_tile_fn<4, 1>, gemm_tile_fn<4, 2>, gemm_tile_fn<4, 3>, gemm_tile_fn<4, 4>},
+    {gemm_tile_fn<5, 1>, gemm_tile_fn<5, 2>, gemm_tile_fn<5, 3>, gemm_tile_fn<5, 4>},
+    {gemm_tile_fn<6, 1>, gemm_tile_fn<6, 2>, gemm_tile_fn<6, 3>, gemm_tile_fn<6, 4>},
+};
+
+// ---- exp2 -----------------------------------------------------------------------------------
+// 2^x as 2^n * p(x - n) with n = round(x) and p a degree-6 polynomial fitted on [-1/2, 1/2]
+// (relative error < 1e-7, about one float ulp). x is clamped to [-160, 128]: 2^-160 rounds to
+// exactly 0 (so masked scores give probabilities of exactly 0, never a denormal), 2^128 is inf;
+// the clamps keep NaN (max/min return their second operand when one is NaN).
+QKV_AVX512_INLINE __m512 exp2_ps(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-160.0f), x);
+  x = _mm512_min_ps(_mm512_set1_ps(128.0f), x);
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.5370715118478984e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3399857562035322e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618373587727547e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550329014658928e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022647738456726e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471824645996e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// ---- conversions ----------------------------------------------------------------------------
+QKV_AVX512_INLINE __m512 load_bf16(const uint16_t* src, __mmask16 lanes) {
+  const __m256i bits = _mm256_maskz_loadu_epi16(lanes, src);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+QKV_AVX512_INLINE __m512 load_half(const uint16_t* src, __mmask16 lanes) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, src));
+}
+
+// float -> bfloat16 bits, rounding to nearest even like c10::BFloat16 (NaN stays a quiet NaN).
+QKV_AVX512_INLINE __m256i to_bf16_bits(__m512 x) {
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded =
+      _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+  const __mmask16 is_nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  const __m512i result =
+      _mm512_mask_blend_epi32(is_nan, _mm512_srli_epi32(rounded, 16), _mm512_set1_epi32(0x7fc0));
+  return _mm512_cvtepi32_epi16(result);
+}
+
+// ---- Philox ---------------------------------------------------------------------------------
+// Ten Philox4x32 rounds on 16 counters at once. The 32x32 -> 64-bit products come from
+// _mm512_mul_epu32 on the even lanes and on the odd lanes shifted down.
+QKV_AVX512_INLINE void mul_hi_lo(__m512i x, __m512i multiplier, __m512i& hi, __m512i& lo) {
+  const __m512i even = _mm512_mul_epu32(x, multiplier);
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(x, 32), multiplier);
+  hi = _mm512_mask_blend_epi32(__mmask16(0xAAAA), _mm512_srli_epi64(even, 32), odd);
+  lo = _mm512_mask_blend_epi32(__mmask16(0xAAAA), even, _mm512_slli_epi64(odd, 32));
+}
+
+// Keep bits of the 64 elements 4 * counter .. 4 * counter + 63 (bit t = element 4 * counter + t).
+QKV_AVX512_INLINE uint64_t keep_word(const DropoutKey& key, uint64_t counter) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i base_lo = _mm512_set1_epi32(int32_t(uint32_t(counter)));
+  __m512i c0 = _mm512_add_epi32(base_lo, lane);
+  const __mmask16 carry = _mm512_cmplt_epu32_mask(c0, base_lo);
+  __m512i c1 = _mm512_mask_add_epi32(_mm512_set1_epi32(int32_t(uint32_t(counter >> 32))), carry,
+                                     _mm512_set1_epi32(int32_t(uint32_t(counter >> 32))),
+                                     _mm512_set1_epi32(1));
+  __m512i c2 = _mm512_set1_epi32(int32_t(key.offset0));
+  __m512i c3 = _mm512_set1_epi32(int32_t(key.offset1));
+  const __m512i mul0 = _mm512_set1_epi32(int32_t(0xD2511F53u));
+  const __m512i mul1 = _mm512_set1_epi32(int32_t(0xCD9E8D57u));
+  uint32_t k0 = key.key0, k1 = key.key1;
+#pragma GCC unroll 10
+  for (int round = 0; round < 10; ++round) {
+    __m512i hi0, lo0, hi1, lo1;
+    mul_hi_lo(c0, mul0, hi0, lo0);
+    mul_hi_lo(c2, mul1, hi1, lo1);
+    c0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), _mm512_set1_epi32(int32_t(k0)));
+    c1 = lo1;
+    c2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32(int32_t(k1)));
+    c3 = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  const __m512i threshold = _mm512_set1_epi32(int32_t(key.threshold));
+  const uint64_t w0 = _mm512_cmpge_epu32_mask(_mm512_srli_epi32(c0, 8), threshold);
+  const uint64_t w1 = _mm512_cmpge_epu32_mask(_mm512_srli_epi32(c1, 8), threshold);
+  const uint64_t w2 = _mm512_cmpge_epu32_mask(_mm512_srli_epi32(c2, 8), threshold);
+  const uint64_t w3 = _mm512_cmpge_epu32_mask(_mm512_srli_epi32(c3, 8), threshold);
+  // Element 4c + w is word w of counter c: interleave the four 16-bit masks.
+  return _pdep_u64(w0, 0x1111111111111111ull) | _pdep_u64(w1, 0x2222222222222222ull) |
+         _pdep_u64(w2, 0x4444444444444444ull) | _pdep_u64(w3, 0x8888888888888888ull);
+}
+
+}  // namespace
+
+QKV_AVX512 void Avx512Ops::gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row,
+                                int64_t a_col, const float* b, int64_t ldb, float* c, int64_t ldc,
+                                bool accumulate) {
+  constexpr int64_t kPanel = 16 * kTileVectors;
+  for (int64_t n0 = 0; n0 < N; n0 += kPanel) {
+    const int64_t width = std::min(kPanel, N - n0);
+    const int64_t vectors = (width + 15) / 16;
+    const __mmask16 last = first_lanes(width - 16 * (vectors - 1));
+    for (int64_t m0 = 0; m0 < M; m0 += kTileRows) {
+      const int64_t rows = std::min<int64_t>(kTileRows, M - m0);
+      kTiles[rows - 1][vectors - 1](K, a + m0 * a_row, a_row, a_col, b + n0, ldb,
+                                    c + m0 * ldc + n0, ldc, accumulate, last);
+    }
+  }
+}
+
+QKV_AVX512 float Avx512Ops::prepare_row(float* s, int64_t n, float scale, float bias,
+                                        int64_t valid, const MaskSegment* masks, int mask_count) {
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512 scale_v = _mm512_set1_ps(scale), bias_v = _mm512_set1_ps(bias);
+  const __m512 log2e = _mm512_set1_ps(float(kLog2e));
+  __m512 row_max = neg_inf;
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 lanes = first_lanes(n - j);
+    __mmask16 attend = lanes & first_lanes(std::max<int64_t>(valid - j, 0));
+    __m512 x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes, s + j), scale_v, bias_v);
+    for (int m = 0; m < mask_count; ++m) {
+      const MaskSegment& mask = masks[m];
+      switch (mask.kind) {
+        case MaskSegmentKind::kBool: {
+          const __m128i bytes =
+              _mm_maskz_loadu_epi8(lanes, static_cast<const uint8_t*>(mask.data) + j);
+          attend &= _mm_test_epi8_mask(bytes, bytes);
+          break;
+        }
+        case MaskSegmentKind::kFloat:
+          x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes, static_cast<const float*>(mask.data) + j),
+                              log2e, x);
+          break;
+        case MaskSegmentKind::kBFloat16:
+          x = _mm512_fmadd_ps(load_bf16(static_cast<const uint16_t*>(mask.data) + j, lanes), log2e,
+                              x);
+          break;
+        case MaskSegmentKind::kHalf:
+          x = _mm512_fmadd_ps(load_half(static_cast<const uint16_t*>(mask.data) + j, lanes), log2e,
+                              x);
+          break;
+        case MaskSegmentKind::kDouble: {
+          // Not produced for float accumulation; kept correct anyway.
+          alignas(64) float values[16] = {};
+          for (int64_t t = 0; t < std::min<int64_t>(16, n - j); ++t) {
+            values[t] = float(static_cast<const double*>(mask.data)[j + t]);
+          }
+          x = _mm512_fmadd_ps(_mm512_load_ps(values), log2e, x);
+          break;
+        }
+      }
+    }
+    x = _mm512_mask_blend_ps(attend, neg_inf, x);
+    _mm512_mask_storeu_ps(s + j, lanes, x);
+    // A NaN x leaves row_max as it is (the second operand wins when one is NaN).
+    row_max = _mm512_mask_max_ps(row_max, lanes, x, row_max);
+  }
+  return _mm512_reduce_max_ps(row_max);
+}
+
+QKV_AVX512 float Avx512Ops::exp_row(float* s, int64_t n, float m, const uint64_t* keep) {
+  const __m512 m_v = _mm512_set1_ps(m);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 lanes = first_lanes(n - j);
+    const __m512 p = exp2_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, s + j), m_v));
+    sum = _mm512_mask_add_ps(sum, lanes, sum, p);
+    const __mmask16 kept = keep ? __mmask16(keep[j >> 6] >> (j & 63)) : __mmask16(0xffff);
+    _mm512_mask_storeu_ps(s + j, lanes, _mm512_maskz_mov_ps(kept, p));
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+QKV_AVX512 void Avx512Ops::softmax_grad_row(const float* p, const float* dp, const uint64_t* keep,
+                                            float kept_scale, float delta, int64_t n, float* w,
+                                            float* ds) {
+  const __m512 k_v = _mm512_set1_ps(kept_scale), delta_v = _mm512_set1_ps(delta);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 lanes = first_lanes(n - j);
+    const __mmask16 kept = keep ? __mmask16(keep[j >> 6] >> (j & 63)) : __mmask16(0xffff);
+    const __m512 p_v = _mm512_maskz_loadu_ps(lanes, p + j);
+    const __m512 dp_kept = _mm512_maskz_mul_ps(kept, _mm512_maskz_loadu_ps(lanes, dp + j), k_v);
+    if (w) _mm512_mask_storeu_ps(w + j, lanes, _mm512_maskz_mul_ps(kept, p_v, k_v));
+    _mm512_mask_storeu_ps(ds + j, lanes, _mm512_mul_ps(p_v, _mm512_sub_ps(dp_kept, delta_v)));
+  }
+}
+
+QKV_AVX512 void Avx512Ops::keep_bits(const DropoutKey& key, uint64_t first, int64_t count,
+                                     uint64_t* keep) {
+  // Raw word r holds elements 4 * counter0 + 64 r + t; output bit j is element first + j,
+  // i.e. raw bit j + shift.
+  const uint64_t counter0 = first >> 2;
+  const unsigned shift = unsigned(first & 3);
+  const int64_t words = (count + 63) / 64;
+  uint64_t raw = keep_word(key, counter0);
+  for (int64_t w = 0; w < words; ++w) {
+    uint64_t out = raw >> shift;
+    const bool needs_next = w + 1 < words || (shift != 0 && count - 64 * w + shift > 64);
+    uint64_t next = 0;
+    if (needs_next) next = keep_word(key, counter0 + 16 * uint64_t(w + 1));
+    if (shift != 0) out |= next << (64 - shift);
+    keep[w] = out;
+    raw = next;
+  }
+  // Bits past `count` in the last word are not used by the callers; clear them anyway.
+  if (count % 64 != 0) keep[words - 1] &= (uint64_t(1) << (count % 64)) - 1;
+}
+
+QKV_AVX512 void Avx512Ops::to_acc(const float* src, int64_t n, float* dst) {
+  std::memcpy(dst, src, sizeof(float) * size_t(n));
+}
+
+QKV_AVX512 void Avx512Ops::to_acc(const c10::BFloat16* src, int64_t n, float* dst) {
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 lanes = first_lanes(n - j);
+    _mm512_mask_storeu_ps(dst + j, lanes, load_bf16(bits + j, lanes));
+  }
+}
+
+QKV_AVX512 void Avx512Ops::to_acc(const c10::Half* src, int64_t n, float* dst) {
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 lanes = first_lanes(n - j);
+    _mm512_mask_storeu_ps(dst + j, lanes, load_half(bits + j, lanes));
+  }
+}
+
+QKV_AVX512 void Avx512Ops::from_acc(const float* src, int64_t n, float factor, float* dst) {
+  const __m512 f = _mm512_set1_ps(factor);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 lanes = first_lanes(n - j);
+    _mm512_mask_storeu_ps(dst + j, lanes, _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, src + j), f));
+  }
+}
+
+QKV_AVX512 void Avx512Ops::from_acc(const float* src, int64_t n, float factor,
+                                    c10::BFloat16* dst) {
+  const __m512 f = _mm512_set1_ps(factor);
+  uint16_t* bits = reinterpret_cast<uint16_t*>(dst);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 lanes = first_lanes(n - j);
+    const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, src + j), f);
+    _mm256_mask_storeu_epi16(bits + j, lanes, to_bf16_bits(x));
+  }
+}
+
+QKV_AVX512 void Avx512Ops::from_acc(const float* src, int64_t n, float factor, c10::Half* dst) {
+  const __m512 f = _mm512_set1_ps(factor);
+  uint16_t* bits = reinterpret_cast<uint16_t*>(dst);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 lanes = first_lanes(n - j);
+    const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, src + j), f);
+    _mm256_mask_storeu_epi16(bits + j, lanes,
+                             _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+}
+
+QKV_AVX512 void Avx512Ops::pack_b(const float* src, int64_t src_row, int64_t src_col, int64_t K,
+                                  int64_t N, float* dst, int64_t ld) {
+  if (src_col == 1) {  // rows of B are rows of src
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t n = 0; n < ld; n += 16) {
+        _mm512_storeu_ps(dst + k * ld + n,
+                         _mm512_maskz_loadu_ps(first_lanes(N - n), src + k * src_row + n));
+      }
+    }
+    return;
+  }
+  if (src_row == 1 && src_col <= (int64_t(1) << 26)) {  // a transpose; 32-bit gather offsets
+    const __m512i offsets = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(int32_t(src_col)));
+    for (int64_t n = 0; n < ld; n += 16) {
+      const __mmask16 lanes = first_lanes(N - n);
+      const float* column0 = src + n * src_col;
+      for (int64_t k = 0; k < K; ++k) {
+        _mm512_storeu_ps(dst + k * ld + n, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes,
+                                                                    offsets, column0 + k, 4));
+      }
+    }
+    return;
+  }
+  PortableOps<float>::pack_b(src, src_row, src_col, K, N, dst, ld);
+}
+
+// ---- bfloat16 dot products ------------------------------------------------------------------
+
+#define QKV_AVX512_BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,bmi2,fma,f16c")))
+#define QKV_AVX512_BF16_INLINE QKV_AVX512_BF16 __attribute__((always_inline)) inline
+
+bool cpu_has_avx512_bf16() {
+  static const bool supported = [] {
+    __builtin_cpu_init();
+    return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+  }();
+  return supported;
+}
+
+namespace {
+
+// 32 bfloat16: the 16 floats of `low` then the 16 of `high`, each rounded to nearest even.
+QKV_AVX512_INLINE __m512i to_bf16_bits_32(__m512 low, __m512 high) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(to_bf16_bits(low)), to_bf16_bits(high), 1);
+}
+
+// Interleaves the two halves of x (16-bit lanes): a0 b0 a1 b1 ... a15 b15.
+QKV_AVX512_INLINE __m512i interleave_halves_16(__m512i x) {
+  alignas(64) static const uint16_t kOrder[32] = {0,  16, 1,  17, 2,  18, 3,  19, 4,  20, 5,
+                                                  21, 6,  22, 7,  23, 8,  24, 9,  25, 10, 26,
+                                                  11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  return _mm512_permutexvar_epi16(_mm512_load_si512(kOrder), x);
+}
+
+template <int MR, int NV>
+QKV_AVX512_BF16_INLINE void bf16_tile(int64_t K2, const uint32_t* __restrict a, int64_t a_row,
+                                      int64_t a_col, const uint16_t* __restrict b, int64_t ldb,
+                                      float* __restrict c, int64_t ldc, bool accumulate,
+                                      __mmask16 last) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  }
+  for (int64_t k2 = 0; k2 < K2; ++k2) {
+    __m512bh b_vec[NV];
+    const uint16_t* b_row = b + k2 * ldb * 2;
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) b_vec[v] = (__m512bh)_mm512_loadu_si512(b_row + 32 * v);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh a_pair =
+          (__m512bh)_mm512_set1_epi32(int32_t(a[r * a_row + k2 * a_col]));
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a_pair, b_vec[v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      const __mmask16 lanes = v == NV - 1 ? last : __mmask16(0xffff);
+      float* c_ptr = c + r * ldc + 16 * v;
+      __m512 x = acc[r][v];
+      if (accumulate) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(lanes, c_ptr));
+      _mm512_mask_storeu_ps(c_ptr, lanes, x);
+    }
+  }
+}
+
+using Bf16TileFn = void (*)(int64_t, const uint32_t*, int64_t, int64_t, const uint16_t*, int64_t,
+                            float*, int64_t, bool, __mmask16);
+
+template <int MR, int NV>
+QKV_AVX512_BF16 void bf16_tile_fn(int64_t K2, const uint32_t* a, int64_t a_row, int64_t a_col,
+                                  const uint16_t* b, int64_t ldb, float* c, int64_t ldc,
+                                  bool accumulate, __mmask16 last) {
+  bf16_tile<MR, NV>(K2, a, a_row, a_col, b, ldb, c, ldc, accumulate, last);
+}
+
+const Bf16TileFn kBf16Tiles[kTileRows][kTileVectors] = {
+    {bf16_tile_fn<1, 1>, bf16_tile_fn<1, 2>, bf16_tile_fn<1, 3>, bf16_tile_fn<1, 4>},
+    {bf16_tile_fn<2, 1>, bf16_tile_fn<2, 2>, bf16_tile_fn<2, 3>, bf16_tile_fn<2, 4>},
+    {bf16_tile_fn<3, 1>, bf16_tile_fn<3, 2>, bf16_tile_fn<3, 3>, bf16_tile_fn<3, 4>},
+    {bf16_tile_fn<4, 1>, bf16_tile_fn<4, 2>, bf16_tile_fn<4, 3>, bf16_tile_fn<4, 4>},
+    {bf16_tile_fn<5, 1>, bf16_tile_fn<5, 2>, bf16_tile_fn<5, 3>, bf16_tile_fn<5, 4>},
+    {bf16_tile_fn<6, 1>, bf16_tile_fn<6, 2>, bf16_tile_fn<6, 3>, bf16_tile_fn<6, 4>},
+};
+
+inline uint16_t bf16_bits_scalar(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  if (std::isnan(x)) return 0x7fc0;
+  return uint16_t((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+// The A operand as bfloat16 pairs along K: pairs[r * row + k2 * col] holds A[r, 2 k2] (low half)
+// and A[r, 2 k2 + 1] (high half, 0 past K). Rows of A contiguous in memory give a row-major
+// result; columns of A contiguous (a transposed source) give a column-major one, so that both
+// are converted with full-vector loads.
+struct PairedA {
+  const uint32_t* data;
+  int64_t row, col;
+};
+
+QKV_AVX512_BF16 PairedA pair_a(int64_t M, int64_t K, const float* a, int64_t a_row, int64_t a_col,
+                               std::vector<uint32_t>& buffer) {
+  const int64_t K2 = (K + 1) / 2;
+  if (a_col == 1) {  // rows of A contiguous: row-major pairs
+    const int64_t ld = (K2 + 15) / 16 * 16;
+    if (int64_t(buffer.size()) < M * ld) buffer.resize(size_t(M * ld));
+    for (int64_t r = 0; r < M; ++r) {
+      const float* row = a + r * a_row;
+      uint32_t* out = buffer.data() + r * ld;
+      for (int64_t k = 0; k < K; k += 32) {
+        const __m512 low = _mm512_maskz_loadu_ps(first_lanes(K - k), row + k);
+        const __m512 high = _mm512_maskz_loadu_ps(first_lanes(K - k - 16), row + k + 16);
+        _mm512_storeu_si512(out + k / 2, to_bf16_bits_32(low, high));
+      }
+    }
+    return PairedA{buffer.data(), ld, 1};
+  }
+  if (a_row == 1) {  // columns of A contiguous: column-major pairs
+    const int64_t ld = (M + 15) / 16 * 16;
+    if (int64_t(buffer.size()) < K2 * ld) buffer.resize(size_t(K2 * ld));
+    for (int64_t k2 = 0; k2 < K2; ++k2) {
+      const float* col0 = a + 2 * k2 * a_col;
+      const bool has_second = 2 * k2 + 1 < K;
+      uint32_t* out = buffer.data() + k2 * ld;
+      for (int64_t r = 0; r < M; r += 16) {
+        const __mmask16 lanes = first_lanes(M - r);
+        const __m512 first = _mm512_maskz_loadu_ps(lanes, col0 + r);
+        const __m512 second =
+            has_second ? _mm512_maskz_loadu_ps(lanes, col0 + a_col + r) : _mm512_setzero_ps();
+        _mm512_storeu_si512(out + r, interleave_halves_16(to_bf16_bits_32(first, second)));
+      }
+    }
+    return PairedA{buffer.data(), 1, ld};
+  }
+  const int64_t ld = K2;
+  if (int64_t(buffer.size()) < M * ld) buffer.resize(size_t(M * ld));
+  for (int64_t r = 0; r < M; ++r) {
+    for (int64_t k2 = 0; k2 < K2; ++k2) {
+      const uint32_t low = bf16_bits_scalar(a[r * a_row + 2 * k2 * a_col]);
+      const uint32_t high = 2 * k2 + 1 < K ? bf16_bits_scalar(a[r * a_row + (2 * k2 + 1) * a_col]) : 0;
+      buffer[size_t(r * ld + k2)] = low | (high << 16);
+    }
+  }
+  return PairedA{buffer.data(), ld, 1};
+}
+
+}  // namespace
+
+QKV_AVX512_BF16 void Avx512Bf16Ops::pack_b(const float* src, int64_t src_row, int64_t src_col,
+                                           int64_t K, int64_t N, uint16_t* dst, int64_t ld) {
+  const int64_t K2 = (K + 1) / 2;
+  if (src_col == 1) {  // rows of B are rows of src: interleave pairs of rows
+    for (int64_t k2 = 0; k2 < K2; ++k2) {
+      const float* row0 = src + 2 * k2 * src_row;
+      const bool has_second = 2 * k2 + 1 < K;
+      for (int64_t n = 0; n < ld; n += 16) {
+        const __mmask16 lanes = first_lanes(N - n);
+        const __m512 first = _mm512_maskz_loadu_ps(lanes, row0 + n);
+        const __m512 second =
+            has_second ? _mm512_maskz_loadu_ps(lanes, row0 + src_row + n) : _mm512_setzero_ps();
+        _mm512_storeu_si512(dst + (k2 * ld + n) * 2,
+                            interleave_halves_16(to_bf16_bits_32(first, second)));
+      }
+    }
+    return;
+  }
+  if (src_row == 1 && src_col <= (int64_t(1) << 26)) {
+    // B[2 k2 + t, n] = src[n * src_col + 2 k2 + t]: each pair is adjacent in src, so a 64-bit
+    // gather fetches eight of them.
+    const __m256i offsets = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                               _mm256_set1_epi32(int32_t(src_col)));
+    for (int64_t n = 0; n < ld; n += 8) {
+      const __mmask8 lanes = __mmask8(first_lanes(std::min<int64_t>(N - n, 8)) & 0xff);
+      const float* column0 = src + n * src_col;
+      for (int64_t k2 = 0; k2 < K2; ++k2) {
+        __m512 pairs;
+        if (2 * k2 + 1 < K) {
+          pairs = _mm512_castsi512_ps(_mm512_mask_i32gather_epi64(
+              _mm512_setzero_si512(), lanes, offsets, column0 + 2 * k2, 4));
+        } else {  // K odd: the last pair's second element is 0
+          const __m256 singles =
+              _mm256_mmask_i32gather_ps(_mm256_setzero_ps(), lanes, offsets, column0 + 2 * k2, 4);
+          pairs = _mm512_castsi512_ps(_mm512_cvtepu32_epi64(_mm256_castps_si256(singles)));
+        }
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (k2 * ld + n) * 2),
+                            to_bf16_bits(pairs));
+      }
+    }
+    return;
+  }
+  for (int64_t k2 = 0; k2 < K2; ++k2) {
+    for (int64_t n = 0; n < ld; ++n) {
+      for (int64_t t = 0; t < 2; ++t) {
+        const int64_t k = 2 * k2 + t;
+        dst[(k2 * ld + n) * 2 + t] =
+            k < K && n < N ? bf16_bits_scalar(src[k * src_row + n * src_col]) : uint16_t(0);
+      }
+    }
+  }
+}
+
+QKV_AVX512_BF16 void Avx512Bf16Ops::gemm(int64_t M, int64_t N, int64_t K, const float* a,
+                                         int64_t a_row, int64_t a_col, const uint16_t* b,
+                                         int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  // A is rounded to bfloat16 pairs once per call, into a buffer each thread keeps.
+  thread_local std::vector<uint32_t> a_buffer;
+  const PairedA pairs = pair_a(M, K, a, a_row, a_col, a_buffer);
+  const int64_t K2 = (K + 1) / 2;
+  constexpr int64_t kPanel = 16 * kTileVectors;
+  for (int64_t n0 = 0; n0 < N; n0 += kPanel) {
+    const int64_t width = std::min(kPanel, N - n0);
+    const int64_t vectors = (width + 15) / 16;
+    const __mmask16 last = first_lanes(width - 16 * (vectors - 1));
+    for (int64_t m0 = 0; m0 < M; m0 += kTileRows) {
+      const int64_t rows = std::min<int64_t>(kTileRows, M - m0);
+      kBf16Tiles[rows - 1][vectors - 1](K2, pairs.data + m0 * pairs.row, pairs.row, pairs.col,
+                                        b + n0 * 2, ldb, c + m0 * ldc + n0, ldc, accumulate,
+                                        last);
+    }
+  }
+}
+
+#else  // no AVX-512 code on this compiler/architecture
+
+bool cpu_has_avx512() { return false; }
+
+// Never called (cpu_has_avx512() is false); defined so that the templates link.
+void Avx512Ops::gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row,
+                     int64_t a_col, const float* b, int64_t ldb, float* c, int64_t ldc,
+                     bool accumulate) {
+  PortableOps<float>::gemm(M, N, K, a, a_row, a_col, b, ldb, c, ldc, accumulate);
+}
+float Avx512Ops::prepare_row(float* s, int64_t n, float scale, float bias, int64_t valid,
+                             const MaskSegment* masks, int mask_count) {
+  return PortableOps<float>::prepare_row(s, n, scale, bias, valid, masks, mask_count);
+}
+float Avx512Ops::exp_row(float* s, int64_t n, float m, const uint64_t* keep) {
+  return PortableOps<float>::exp_row(s, n, m, keep);
+}
+void Avx512Ops::softmax_grad_row(const float* p, const float* dp, const uint64_t* keep,
+                                 float kept_scale, float delta, int64_t n, float* w, float* ds) {
+  PortableOps<float>::softmax_grad_row(p, dp, keep, kept_scale, delta, n, w, ds);
+}
+void Avx512Ops::keep_bits(const DropoutKey& key, uint64_t first, int64_t count, uint64_t* keep) {
+  keep_bits_reference(key, first, count, keep);
+}
+void Avx512Ops::to_acc(const float* src, int64_t n, float* dst) {
+  PortableOps<float>::to_acc(src, n, dst);
+}
+void Avx512Ops::to_acc(const c10::BFloat16* src, int64_t n, float* dst) {
+  PortableOps<float>::to_acc(src, n, dst);
+}
+void Avx512Ops::to_acc(const c10::Half* src, int64_t n, float* dst) {
+  PortableOps<float>::to_acc(src, n, dst);
+}
+void Avx512Ops::from_acc(const float* src, int64_t n, float factor, float* dst) {
+  PortableOps<float>::from_acc(src, n, factor, dst);
+}
+void Avx512Ops::from_acc(const float* src, int64_t n, float factor, c10::BFloat16* dst) {
+  PortableOps<float>::from_acc(src, n, factor, dst);
+}
+void Avx512Ops::from_acc(const float* src, int64_t n, float factor, c10::Half* dst) {
+  PortableOps<float>::from_acc(src, n, factor, dst);
+}
+void Avx512Ops::pack_b(const float* src, int64_t src_row, int64_t src_col, int64_t K, int64_t N,
+                       float* dst, int64_t ld) {
+  PortableOps<float>::pack_b(src, src_row, src_col, K, N, dst, ld);
+}
+bool cpu_has_avx512_bf16() { return false; }
+void Avx512Bf16Ops::pack_b(const float*, int64_t, int64_t, int64_t, int64_t, uint16_t*, int64_t) {}
+void Avx512Bf16Ops::gemm(int64_t, int64_t, int64_t, const float*, int64_t, int64_t,
+                         const uint16_t*, int64_t, float*, int64_t, bool) {}
+
+#endif
+
+}  // namespace qkv_attention::cpu::flash
