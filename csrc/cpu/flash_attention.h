@@ -42,17 +42,21 @@ struct Blocking {
 inline int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
 inline int64_t ceil_div(int64_t x, int64_t y) { return (x + y - 1) / y; }
 
-inline Blocking forward_blocking(const AttentionShape& shape) {
-  // Bq = 48 rows is 8 register tiles of 6 rows; Bk = 128 keys keeps the 48 x 128 score block
-  // (24 KiB) in L1 next to the rows being streamed.
+// Forward: Bq = 48 query rows (8 register tiles of 6) against Ops::kForwardKeys keys (256
+// floats, 512 bfloat16: about 48 KiB of scores, so the GEMM's K^T panel and the scores share L2
+// and the rows being streamed stay in L1). Measured on Zen 4 against 24..96 x 64..512.
+template <class Ops>
+Blocking forward_blocking(const AttentionShape& shape) {
   return Blocking{std::min<int64_t>(48, std::max<int64_t>(shape.q_len, 1)),
-                  std::min<int64_t>(128, round_up(std::max<int64_t>(shape.kv_len, 1), 16))};
+                  std::min<int64_t>(Ops::kForwardKeys, round_up(std::max<int64_t>(shape.kv_len, 1), 16))};
 }
 
+// Backward: 48 x 128. Three Bq x Bk blocks (scores, dP/dS, weights) and the 128-row dK and dV
+// accumulators fit L2; 48 x 64 was 5-10% slower (the dK/dV accumulators are loaded and stored
+// once per query block), larger blocks no faster.
 inline Blocking backward_blocking(const AttentionShape& shape) {
-  // Three Bq x Bk blocks (scores, dP/dS, weights) plus the dK/dV accumulators stay in L1/L2.
   return Blocking{std::min<int64_t>(48, std::max<int64_t>(shape.q_len, 1)),
-                  std::min<int64_t>(64, round_up(std::max<int64_t>(shape.kv_len, 1), 16))};
+                  std::min<int64_t>(128, round_up(std::max<int64_t>(shape.kv_len, 1), 16))};
 }
 
 // Runs fn(task, slot) for every task in [0, tasks): the threads take tasks one at a time from a
@@ -289,6 +293,13 @@ inline int64_t visible_in_block(const AttentionShape& shape, int64_t i, int64_t 
   return shape.is_causal ? std::clamp<int64_t>(i - j0 + 1, 0, n) : n;
 }
 
+// Of keys j0 .. j0 + nk, how many any of the query rows i0 .. i0 + nq may see: causal rows
+// stop at their diagonal, so the columns past the last row's diagonal are never computed.
+inline int64_t columns_for(const AttentionShape& shape, int64_t i0, int64_t nq, int64_t j0,
+                           int64_t nk) {
+  return shape.is_causal ? std::clamp<int64_t>(i0 + nq - j0, 0, nk) : nk;
+}
+
 // Key blocks query rows i0 .. i0 + count see (causal: up to the last row's diagonal).
 inline int64_t key_blocks_for(const AttentionShape& shape, int64_t i0, int64_t count, int64_t Bk) {
   const int64_t keys = shape.is_causal ? std::min(shape.kv_len, i0 + count) : shape.kv_len;
@@ -325,7 +336,7 @@ void flash_forward(const AttentionForwardParams<T>& p) {
     std::fill(logsumexp, logsumexp + BH * L, kNegInf);
     return;
   }
-  const Blocking blocking = forward_blocking(p);
+  const Blocking blocking = forward_blocking<Ops>(p);
   const int64_t Bq = blocking.queries, Bk = blocking.keys;
   const int64_t query_blocks = ceil_div(L, Bq), key_blocks = ceil_div(S, Bk);
 
@@ -371,23 +382,24 @@ void flash_forward(const AttentionForwardParams<T>& p) {
     std::fill(out_acc, out_acc + nq * Dv, Acc(0));
     const int64_t visible_blocks = key_blocks_for(p, i0, nq, Bk);
 
-    // Scores of key block kb for every row, masked, in base-2 units; row maxima to block_max.
+    // Scores of the first nc keys of block kb for every row, masked, in base-2 units; row
+    // maxima to block_max. Returns nc (keys past it are hidden from all rows by causality).
     auto block_scores = [&](int64_t kb) {
-      const int64_t j0 = kb * Bk, nk = std::min(Bk, S - j0);
-      Ops::gemm(nq, nk, D, q, ldq, 1, key_t.at(bh, kb), key_t.ld(), scores, Bk, false);
+      const int64_t j0 = kb * Bk, nc = columns_for(p, i0, nq, j0, std::min(Bk, S - j0));
+      Ops::gemm(nq, nc, D, q, ldq, 1, key_t.at(bh, kb), key_t.ld(), scores, Bk, false);
       for (int64_t r = 0; r < nq; ++r) {
         MaskSegment segments[AttentionShape::kMasks];
         Acc bias = 0;
-        int64_t valid = visible_in_block(p, i0 + r, j0, nk);
-        const int count = masks.segments(b, h, i0 + r, j0, nk, segments, gathered, bias, valid);
-        block_max[r] = Ops::prepare_row(scores + r * Bk, nk, scale2,
+        int64_t valid = visible_in_block(p, i0 + r, j0, nc);
+        const int count = masks.segments(b, h, i0 + r, j0, nc, segments, gathered, bias, valid);
+        block_max[r] = Ops::prepare_row(scores + r * Bk, nc, scale2,
                                         bias * static_cast<Acc>(kLog2e), valid, segments, count);
       }
+      return nc;
     };
 
     for (int64_t kb = 0; kb < visible_blocks; ++kb) {
-      const int64_t j0 = kb * Bk, nk = std::min(Bk, S - j0);
-      block_scores(kb);
+      const int64_t j0 = kb * Bk, nk = block_scores(kb);
       for (int64_t r = 0; r < nq; ++r) {
         const Acc m_old = row_max[r];
         const Acc m_new = block_max[r] > m_old ? block_max[r] : m_old;
@@ -428,16 +440,14 @@ void flash_forward(const AttentionForwardParams<T>& p) {
     if (p.weights) {
       for (int64_t kb = 0; kb < key_blocks; ++kb) {
         const int64_t j0 = kb * Bk, nk = std::min(Bk, S - j0);
-        if (kb < visible_blocks) block_scores(kb);
+        const int64_t nc = kb < visible_blocks ? block_scores(kb) : 0;
         for (int64_t r = 0; r < nq; ++r) {
           T* w_row = p.weights + (bh * L + i0 + r) * S + j0;
-          if (kb >= visible_blocks) {
-            std::fill(w_row, w_row + nk, T(0));
-            continue;
-          }
-          if (dropout) Ops::keep_bits(dropout_key, uint64_t((bh * L + i0 + r) * S + j0), nk, keep);
-          Ops::exp_row(scores + r * Bk, nk, row_max[r], dropout ? keep : nullptr);
-          Ops::from_acc(scores + r * Bk, nk, kept_scale, w_row);
+          std::fill(w_row + nc, w_row + nk, T(0));
+          if (nc == 0) continue;
+          if (dropout) Ops::keep_bits(dropout_key, uint64_t((bh * L + i0 + r) * S + j0), nc, keep);
+          Ops::exp_row(scores + r * Bk, nc, row_max[r], dropout ? keep : nullptr);
+          Ops::from_acc(scores + r * Bk, nc, kept_scale, w_row);
         }
       }
     }
@@ -540,12 +550,13 @@ void flash_backward(const AttentionBackwardParams<T>& p) {
     return blk;
   };
 
-  // Masked base-2 scores of rows i0 .. i0 + nq against key block kb, then P = exp2(s - lse2)
-  // (times the keep bits when `apply_keep`), in blk.scores.
+  // Masked base-2 scores of rows i0 .. i0 + nq against the first nc keys of block kb, then
+  // P = exp2(s - lse2) (times the keep bits when `apply_keep`), in blk.scores. Returns nc (the
+  // keys past it are hidden from all these rows by causality).
   auto probabilities = [&](Block& blk, int64_t bh, int64_t i0, int64_t nq, int64_t kb,
                            bool apply_keep) {
     const int64_t b = bh / H, h = bh % H;
-    const int64_t j0 = kb * Bk, nk = std::min(Bk, S - j0);
+    const int64_t j0 = kb * Bk, nk = columns_for(p, i0, nq, j0, std::min(Bk, S - j0));
     Ops::gemm(nq, nk, D, query_rows.rows(b, h, i0), query_rows.ld, 1, key_t.at(bh, kb),
               key_t.ld(), blk.scores, Bk, false);
     for (int64_t r = 0; r < nq; ++r) {
@@ -559,6 +570,7 @@ void flash_backward(const AttentionBackwardParams<T>& p) {
       if (apply_keep) Ops::keep_bits(dropout_key, uint64_t(row * S + j0), nk, blk.keep);
       Ops::exp_row(s_row, nk, lse2[row], apply_keep ? blk.keep : nullptr);
     }
+    return nk;
   };
 
   // The grad_weights row (b, h, i) over keys j0 .. j0 + nk, as Acc, in blk.gw_row.
@@ -579,8 +591,7 @@ void flash_backward(const AttentionBackwardParams<T>& p) {
       const int64_t b = bh / H, h = bh % H, i0 = qb * Bq, nq = std::min(Bq, L - i0);
       std::fill(blk.row_extra, blk.row_extra + nq, Acc(0));
       for (int64_t kb = 0; kb < key_blocks_for(p, i0, nq, Bk); ++kb) {
-        const int64_t j0 = kb * Bk, nk = std::min(Bk, S - j0);
-        probabilities(blk, bh, i0, nq, kb, dropout);
+        const int64_t j0 = kb * Bk, nk = probabilities(blk, bh, i0, nq, kb, dropout);
         for (int64_t r = 0; r < nq; ++r) {
           grad_weights_row(blk, b, h, i0 + r, j0, nk);
           const Acc* s_row = blk.scores + r * Bk;
@@ -631,10 +642,11 @@ void flash_backward(const AttentionBackwardParams<T>& p) {
         for (int64_t qb = first_qb; qb < query_blocks; ++qb) {
           const int64_t i0 = qb * Bq, nq = std::min(Bq, L - i0);
           const Acc* d_o = grad_out_rows.rows(b, h, i0);
-          probabilities(blk, bh, i0, nq, kb, false);
+          // nc <= nk: the keys this query block sees (all but causal ones past its diagonal).
+          const int64_t nc = probabilities(blk, bh, i0, nq, kb, false);
           // dP = dO V^T (+ grad_weights), then W = P * keep * kept_scale and
           // dS = P * (dP * keep * kept_scale - delta).
-          Ops::gemm(nq, nk, Dv, d_o, grad_out_rows.ld, 1, value_t.at(bh, kb), value_t.ld(),
+          Ops::gemm(nq, nc, Dv, d_o, grad_out_rows.ld, 1, value_t.at(bh, kb), value_t.ld(),
                     blk.grad_p, Bk, false);
           // Without dropout the weights are P itself (the kept scale is 1).
           Acc* w = dropout ? blk.weights : nullptr;
@@ -642,20 +654,25 @@ void flash_backward(const AttentionBackwardParams<T>& p) {
             const int64_t i = i0 + r, row = bh * L + i;
             Acc* dp_row = blk.grad_p + r * Bk;
             if (p.grad_weights) {
-              grad_weights_row(blk, b, h, i, j0, nk);
-              for (int64_t j = 0; j < nk; ++j) dp_row[j] += blk.gw_row[j];
+              grad_weights_row(blk, b, h, i, j0, nc);
+              for (int64_t j = 0; j < nc; ++j) dp_row[j] += blk.gw_row[j];
             }
-            if (dropout) Ops::keep_bits(dropout_key, uint64_t(row * S + j0), nk, blk.keep);
+            if (dropout) Ops::keep_bits(dropout_key, uint64_t(row * S + j0), nc, blk.keep);
             Ops::softmax_grad_row(blk.scores + r * Bk, dp_row, dropout ? blk.keep : nullptr,
-                                  kept_scale, delta[row], nk, w ? w + r * Bk : nullptr, dp_row);
-            if (grad_scores) std::copy(dp_row, dp_row + nk, grad_scores + row * S + j0);
+                                  kept_scale, delta[row], nc, w ? w + r * Bk : nullptr, dp_row);
+            if (grad_scores) {
+              Acc* out = grad_scores + row * S + j0;
+              std::copy(dp_row, dp_row + nc, out);
+              std::fill(out + nc, out + nk, Acc(0));
+            }
           }
+          if (nc == 0) continue;
           const Acc* weights = dropout ? blk.weights : blk.scores;
-          Ops::gemm(nk, Dv, nq, weights, 1, Bk, grad_outs.at(bh, qb), grad_outs.ld(), blk.dv, Dv,
+          Ops::gemm(nc, Dv, nq, weights, 1, Bk, grad_outs.at(bh, qb), grad_outs.ld(), blk.dv, Dv,
                     true);  // dV += W^T dO
-          Ops::gemm(nk, D, nq, blk.grad_p, 1, Bk, queries.at(bh, qb), queries.ld(), blk.dk, D,
+          Ops::gemm(nc, D, nq, blk.grad_p, 1, Bk, queries.at(bh, qb), queries.ld(), blk.dk, D,
                     true);  // dK += dS^T Q
-          Ops::gemm(nq, D, nk, blk.grad_p, Bk, 1, keys.at(bh, kb), keys.ld(), dq + i0 * D, D,
+          Ops::gemm(nq, D, nc, blk.grad_p, Bk, 1, keys.at(bh, kb), keys.ld(), dq + i0 * D, D,
                     true);  // dQ += dS K
         }
         for (int64_t r = 0; r < nk; ++r) {

@@ -77,6 +77,7 @@ struct PortableOps {
   // stride may serve as B as it is (ldb = its row stride) instead of being packed.
   using b_elem = Acc;
   static constexpr bool kPlainB = true;
+  static constexpr int64_t kForwardKeys = 128;  // key block of the forward
 
   // Packed B operands: K x N, row-major with ld = packed_ld(N), zero-padded.
   static int64_t packed_ld(int64_t N) { return round_up16(N); }
@@ -199,6 +200,7 @@ struct Avx512Ops {
   using acc_t = float;
   using b_elem = float;
   static constexpr bool kPlainB = true;
+  static constexpr int64_t kForwardKeys = 256;
   static int64_t packed_ld(int64_t N) { return round_up16(N); }
   static int64_t packed_size(int64_t K, int64_t N) { return K * packed_ld(N); }
 
@@ -230,6 +232,7 @@ struct Avx512Ops {
 struct Avx512Bf16Ops : Avx512Ops {
   using b_elem = uint16_t;
   static constexpr bool kPlainB = false;
+  static constexpr int64_t kForwardKeys = 512;
   static int64_t packed_ld(int64_t N) { return round_up16(N); }
   static int64_t packed_size(int64_t K, int64_t N) { return (K + 1) / 2 * 2 * packed_ld(N); }
 
