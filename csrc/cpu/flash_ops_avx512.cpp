@@ -35,8 +35,9 @@ bool cpu_has_avx512() {
 
 namespace {
 
-// Lanes [0, n) of a 16-lane vector, n in [0, 16].
+// Lanes [0, n) of a 16-lane vector: none for n <= 0, all for n >= 16.
 QKV_AVX512_INLINE __mmask16 first_lanes(int64_t n) {
+  if (n <= 0) return 0;
   return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1u);
 }
 
@@ -149,46 +150,57 @@ QKV_AVX512_INLINE __m256i to_bf16_bits(__m512 x) {
 }
 
 // ---- Philox ---------------------------------------------------------------------------------
-// Ten Philox4x32 rounds on 16 counters at once. The 32x32 -> 64-bit products come from
-// _mm512_mul_epu32 on the even lanes and on the odd lanes shifted down.
-QKV_AVX512_INLINE void mul_hi_lo(__m512i x, __m512i multiplier, __m512i& hi, __m512i& lo) {
-  const __m512i even = _mm512_mul_epu32(x, multiplier);
-  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(x, 32), multiplier);
-  hi = _mm512_mask_blend_epi32(__mmask16(0xAAAA), _mm512_srli_epi64(even, 32), odd);
-  lo = _mm512_mask_blend_epi32(__mmask16(0xAAAA), even, _mm512_slli_epi64(odd, 32));
+// Ten Philox4x32 rounds on 16 counters, as two sets of eight with one counter per 64-bit lane:
+// _mm512_mul_epu32 multiplies the low 32 bits of each lane into the full 64-bit product, so
+// the product's high word is one shift away and its low word is the lane itself (the high half
+// of a lane then carries bits that no later multiply or comparison reads). The three-way XORs
+// are single vpternlogq instructions.
+struct PhiloxLanes {
+  __m512i c0, c1, c2, c3;
+};
+
+QKV_AVX512_INLINE void philox_round(PhiloxLanes& x, __m512i k0, __m512i k1) {
+  const __m512i mul0 = _mm512_set1_epi64(0xD2511F53u);
+  const __m512i mul1 = _mm512_set1_epi64(0xCD9E8D57u);
+  const __m512i p0 = _mm512_mul_epu32(x.c0, mul0);
+  const __m512i p1 = _mm512_mul_epu32(x.c2, mul1);
+  constexpr int kXor3 = 0x96;  // a ^ b ^ c
+  x.c0 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p1, 32), x.c1, k0, kXor3);
+  x.c1 = p1;
+  x.c2 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p0, 32), x.c3, k1, kXor3);
+  x.c3 = p0;
+}
+
+// Whether the low 32 bits of each lane, shifted right by 8, reach the threshold.
+QKV_AVX512_INLINE __mmask8 kept_lanes(__m512i word, __m512i threshold) {
+  const __m512i low = _mm512_and_si512(word, _mm512_set1_epi64(0xffffffffu));
+  return _mm512_cmpge_epu64_mask(_mm512_srli_epi64(low, 8), threshold);
 }
 
 // Keep bits of the 64 elements 4 * counter .. 4 * counter + 63 (bit t = element 4 * counter + t).
 QKV_AVX512_INLINE uint64_t keep_word(const DropoutKey& key, uint64_t counter) {
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i base_lo = _mm512_set1_epi32(int32_t(uint32_t(counter)));
-  __m512i c0 = _mm512_add_epi32(base_lo, lane);
-  const __mmask16 carry = _mm512_cmplt_epu32_mask(c0, base_lo);
-  __m512i c1 = _mm512_mask_add_epi32(_mm512_set1_epi32(int32_t(uint32_t(counter >> 32))), carry,
-                                     _mm512_set1_epi32(int32_t(uint32_t(counter >> 32))),
-                                     _mm512_set1_epi32(1));
-  __m512i c2 = _mm512_set1_epi32(int32_t(key.offset0));
-  __m512i c3 = _mm512_set1_epi32(int32_t(key.offset1));
-  const __m512i mul0 = _mm512_set1_epi32(int32_t(0xD2511F53u));
-  const __m512i mul1 = _mm512_set1_epi32(int32_t(0xCD9E8D57u));
+  const __m512i lane = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m512i first = _mm512_add_epi64(_mm512_set1_epi64(int64_t(counter)), lane);
+  const __m512i second = _mm512_add_epi64(first, _mm512_set1_epi64(8));
+  const __m512i offset0 = _mm512_set1_epi64(key.offset0), offset1 = _mm512_set1_epi64(key.offset1);
+  // Counter words: (low 32 bits of the counter, high 32 bits, offset low, offset high).
+  PhiloxLanes a{first, _mm512_srli_epi64(first, 32), offset0, offset1};
+  PhiloxLanes b{second, _mm512_srli_epi64(second, 32), offset0, offset1};
   uint32_t k0 = key.key0, k1 = key.key1;
 #pragma GCC unroll 10
   for (int round = 0; round < 10; ++round) {
-    __m512i hi0, lo0, hi1, lo1;
-    mul_hi_lo(c0, mul0, hi0, lo0);
-    mul_hi_lo(c2, mul1, hi1, lo1);
-    c0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), _mm512_set1_epi32(int32_t(k0)));
-    c1 = lo1;
-    c2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32(int32_t(k1)));
-    c3 = lo0;
+    const __m512i key0 = _mm512_set1_epi64(k0), key1 = _mm512_set1_epi64(k1);
+    philox_round(a, key0, key1);
+    philox_round(b, key0, key1);
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  const __m512i threshold = _mm512_set1_epi32(int32_t(key.threshold));
-  const uint64_t w0 = _mm512_cmpge_epu32_mask(_mm512_srli_epi32(c0, 8), threshold);
-  const uint64_t w1 = _mm512_cmpge_epu32_mask(_mm512_srli_epi32(c1, 8), threshold);
-  const uint64_t w2 = _mm512_cmpge_epu32_mask(_mm512_srli_epi32(c2, 8), threshold);
-  const uint64_t w3 = _mm512_cmpge_epu32_mask(_mm512_srli_epi32(c3, 8), threshold);
+  const __m512i threshold = _mm512_set1_epi64(key.threshold);
+  // 16-bit masks per output word w: counters 0..7 from a, 8..15 from b.
+  const uint64_t w0 = uint64_t(kept_lanes(a.c0, threshold)) | uint64_t(kept_lanes(b.c0, threshold)) << 8;
+  const uint64_t w1 = uint64_t(kept_lanes(a.c1, threshold)) | uint64_t(kept_lanes(b.c1, threshold)) << 8;
+  const uint64_t w2 = uint64_t(kept_lanes(a.c2, threshold)) | uint64_t(kept_lanes(b.c2, threshold)) << 8;
+  const uint64_t w3 = uint64_t(kept_lanes(a.c3, threshold)) | uint64_t(kept_lanes(b.c3, threshold)) << 8;
   // Element 4c + w is word w of counter c: interleave the four 16-bit masks.
   return _pdep_u64(w0, 0x1111111111111111ull) | _pdep_u64(w1, 0x2222222222222222ull) |
          _pdep_u64(w2, 0x4444444444444444ull) | _pdep_u64(w3, 0x8888888888888888ull);
