@@ -311,17 +311,18 @@ class MultiheadAttention(nn.Module):
                 q, k, v, attn_mask, dropout_p, causal, None, key_padding_mask
             )  # (B, H, L, D)
 
-        # -- concatenate heads and project out.
-        if is_batched and not self.batch_first:
-            # Seen as (L, H, B, D), merge_heads writes (L, B, E) directly: torch's layout,
-            # contiguous, with no transpose afterwards.
-            output = ops.merge_heads(
-                heads_out.permute(2, 1, 0, 3), self.out_proj.weight, self.out_proj.bias
-            )
-        else:
-            output = ops.merge_heads(heads_out, self.out_proj.weight, self.out_proj.bias)
-            if not is_batched:
-                output = output.squeeze(0)  # (L, E)
+        # -- concatenate heads and project out. Seen as (L, H, B, D), the heads make
+        # merge_heads write (L, B, E): torch's memory layout in every case, so that the output
+        # has torch's strides (batch_first gets the transposed view, as from torch's module).
+        # Stride-sensitive ops downstream then behave identically: e.g. nn.Dropout assigns its
+        # random draws in memory order, so a seeded run draws the same masks as with torch.
+        output = ops.merge_heads(
+            heads_out.permute(2, 1, 0, 3), self.out_proj.weight, self.out_proj.bias
+        )  # (L, B, E)
+        if not is_batched:
+            output = output.squeeze(1)  # (L, E)
+        elif self.batch_first:
+            output = output.transpose(0, 1)  # (B, L, E), a view
         return output, weights
 
     # -- helpers of forward -------------------------------------------------------------
