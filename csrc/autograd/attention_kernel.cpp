@@ -12,6 +12,7 @@
 #include <limits>
 
 #include "ops/attention.h"
+#include "ops/checks.h"
 
 namespace qkv_attention::autograd {
 namespace {
@@ -84,6 +85,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_aut
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     double dropout_p, bool is_causal, std::optional<double> scale, bool need_weights) {
+  check_defined("attention", "query", query);
+  check_defined("attention", "key", key);
+  check_defined("attention", "value", value);
   variable_list out = AttentionFunction::apply(query, key, value, attn_mask, key_padding_mask,
                                                dropout_p, is_causal, scale, need_weights);
   return {out[0], out[1], out[2], out[3]};

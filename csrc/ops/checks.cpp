@@ -9,9 +9,13 @@ bool is_supported_dtype(at::ScalarType dtype) {
          dtype == at::kHalf;
 }
 
+void check_defined(const char* op, const char* name, const at::Tensor& tensor) {
+  TORCH_CHECK(tensor.defined(), op, ": ", name, " is an undefined tensor");
+}
+
 void check_input(const char* op, const char* name, const at::Tensor& tensor, int64_t dim,
                  const char* layout) {
-  TORCH_CHECK(tensor.defined(), op, ": ", name, " is an undefined tensor");
+  check_defined(op, name, tensor);
   TORCH_CHECK_TYPE(is_supported_dtype(tensor.scalar_type()), op, ": ", name,
                    " must be float64, float32, bfloat16 or float16, but has dtype ",
                    tensor.scalar_type());
