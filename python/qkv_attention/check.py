@@ -608,6 +608,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="first derivatives only (faster)")
     parser.add_argument("--fast", action="store_true",
                         help="gradcheck's fast_mode (random projections instead of full Jacobians)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads while checking (default 1: the tensors are tiny, and "
+                        "waking a second thread costs more than the work, very much more on a "
+                        "busy machine)")
     parser.add_argument("--list", action="store_true", help="list the checks and exit")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="print the full error of every failure")
@@ -624,6 +628,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print("replace_attention(TransformerEncoderLayer)")
         return 0
 
+    if not (cases or configs or check_replace):
+        print("no check matches the selection", file=sys.stderr)
+        return 1
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(max(args.threads, 1))
+    try:
+        return _run_and_report(args, cases, configs, check_replace)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run_and_report(args, cases, configs, check_replace) -> int:
     from . import build_info
 
     print(f"qkv_attention.check: torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -643,9 +659,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         failures += [(r.name, r.detail or "error above tolerance")
                      for r in parity_results if not r.passed]
     total = len(cases) + len(configs) + int(check_replace)
-    if total == 0:
-        print("no check matches the selection", file=sys.stderr)
-        return 1
     elapsed = time.perf_counter() - start
     if failures:
         print(f"\n{len(failures)} of {total} checks FAILED ({elapsed:.1f} s):")
