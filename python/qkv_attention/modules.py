@@ -11,8 +11,9 @@ ever merging ``key_padding_mask`` (B, S) and ``attn_mask`` into one (B, H, L, S)
 operator takes both.
 
 The one deliberate difference from torch: a query row whose keys are all masked gives zero
-attention weights, so its output row is ``out_proj.bias``, and finite gradients; torch's module
-gives NaN there.
+attention weights, so its output row is ``out_proj.bias``, and finite gradients, always. torch's
+module (2.13) does the same only on its SDPA path (need_weights=False, training or grad) and
+gives NaN with need_weights=True and on its inference fast path.
 """
 import warnings
 from typing import List, Optional, Tuple
@@ -49,6 +50,21 @@ def _check_mask_dtype(mask: Optional[Tensor], name: str) -> None:
 
 def _shape(t: Tensor) -> Tuple[int, ...]:
     return tuple(t.shape)
+
+
+class _GivenShapes:
+    """The shapes of query, key and value as the caller passed them, and their layout;
+    formatted into error messages only when one is raised."""
+
+    def __init__(self, query: Tensor, key: Tensor, value: Tensor, is_batched: bool,
+                 batch_first: bool):
+        self.shapes = (_shape(query), _shape(key), _shape(value))
+        self.layout = ("(N, seq, features)" if is_batched and batch_first else
+                       "(seq, N, features)" if is_batched else "(seq, features)")
+
+    def __str__(self) -> str:
+        query, key, value = self.shapes
+        return f"query {query}, key {key}, value {value} in {self.layout} layout"
 
 
 def _append_columns(mask: Tensor, count: int) -> Tensor:
@@ -204,7 +220,9 @@ class MultiheadAttention(nn.Module):
             with ``average_attn_weights=False``, (N, num_heads, L, S) (no N when unbatched),
             S counting the keys appended by ``add_bias_kv``/``add_zero_attn``; or None.
             A query row with every key masked gives zero weights and the output row
-            ``out_proj.bias`` (torch's module gives NaN).
+            ``out_proj.bias``, with finite gradients, in every mode (torch's module does so
+            only on its SDPA path, need_weights=False with grad or in training; it gives NaN
+            with need_weights=True and on its inference fast path).
         """
         # -- mask types, as torch's module checks them first.
         _check_mask_dtype(key_padding_mask, "key_padding_mask")
@@ -212,6 +230,7 @@ class MultiheadAttention(nn.Module):
             key_padding_mask is not None
             and attn_mask is not None
             and key_padding_mask.dtype != attn_mask.dtype
+            and not torch.compiler.is_compiling()  # Dynamo cannot trace warnings.warn
         ):
             warnings.warn(
                 "Support for mismatched key_padding_mask and attn_mask is deprecated. "
@@ -228,10 +247,8 @@ class MultiheadAttention(nn.Module):
             )
 
         is_batched = self._check_input_dims(query, key, value, key_padding_mask, attn_mask)
-        # The caller's shapes and layout, for error messages.
-        given = (f"query {_shape(query)}, key {_shape(key)}, value {_shape(value)} in "
-                 + ("(N, seq, features)" if is_batched and self.batch_first else
-                    "(seq, N, features)" if is_batched else "(seq, features)") + " layout")
+        # The caller's shapes, for error messages (formatted only when one is raised).
+        given = _GivenShapes(query, key, value, is_batched, self.batch_first)
         if is_causal and attn_mask is None:
             raise RuntimeError(
                 "Need attn_mask if specifying the is_causal hint. You may use the Transformer "
@@ -376,7 +393,8 @@ class MultiheadAttention(nn.Module):
             f"{query.dim()}-D query tensor"
         )
 
-    def _check_input_sizes(self, query: Tensor, key: Tensor, value: Tensor, given: str) -> None:
+    def _check_input_sizes(self, query: Tensor, key: Tensor, value: Tensor,
+                           given: "_GivenShapes") -> None:
         """Feature and sequence sizes (inputs already viewed as (N, seq, features)): torch's
         checks and exception types (AssertionError; RuntimeError where torch's linear fails)."""
         if query.size(-1) != self.embed_dim:
