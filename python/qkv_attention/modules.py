@@ -342,6 +342,35 @@ class MultiheadAttention(nn.Module):
             output = output.transpose(0, 1)  # (B, L, E), a view
         return output, weights
 
+    def merge_masks(
+        self, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], query: Tensor
+    ) -> Tuple[Optional[Tensor], Optional[int]]:
+        """torch's public helper, with its behaviour: one (N, H, L, S) mask and its type.
+
+        Returns ``(key_padding_mask, 1)`` for a padding mask alone, ``(attn_mask as
+        (N, H, L, S), 2)`` for an attention mask ((L, S) or (N * H, L, S)), their sum (a
+        logical or for bool masks) when both are given, and ``(None, None)`` for neither.
+        ``query`` is batch-first (N, L, E), as in torch's fused paths that call this. Our
+        forward never merges masks; this exists for code written against torch's module.
+        """
+        merged: Optional[Tensor] = None
+        mask_type: Optional[int] = None
+        if key_padding_mask is not None:
+            merged, mask_type = key_padding_mask, 1
+        if attn_mask is not None:
+            batch, seq_len, _ = query.shape
+            if attn_mask.dim() == 3:
+                expanded = attn_mask.view(batch, -1, seq_len, seq_len)
+            else:
+                expanded = attn_mask.view(1, 1, seq_len, seq_len).expand(
+                    batch, self.num_heads, -1, -1)
+            merged, mask_type = expanded, 2
+            if key_padding_mask is not None:
+                padding = key_padding_mask.view(batch, 1, 1, seq_len).expand(
+                    -1, self.num_heads, -1, -1)
+                merged = expanded + padding
+        return merged, mask_type
+
     # -- helpers of forward -------------------------------------------------------------
 
     def _check_input_dims(self, query, key, value, key_padding_mask, attn_mask) -> bool:
