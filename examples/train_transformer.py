@@ -122,10 +122,19 @@ def evaluate(twins: Dict[str, nn.Module], args) -> Dict[str, Dict[str, float]]:
     results = {}
     for name, model in twins.items():
         model.eval()
-        loss, token_accuracy, sequence_accuracy = loss_and_accuracy(model(inputs), targets)
+        logits, weights = model(inputs, need_weights=True)
+        loss, token_accuracy, sequence_accuracy = loss_and_accuracy(logits, targets)
         results[name] = {"loss": loss.item(), "token_accuracy": token_accuracy.item(),
-                         "sequence_accuracy": sequence_accuracy.item()}
+                         "sequence_accuracy": sequence_accuracy.item(),
+                         "reversal_attention": [reversal_attention(w) for w in weights]}
     return results
+
+
+def reversal_attention(weights) -> List[float]:
+    """Per head: the mean weight that query i gives to key L-1-i, the key holding the letter
+    it must output. (B, H, L, L) -> H numbers in [0, 1]; 1 is a perfect anti-diagonal."""
+    anti_diagonal = weights.flip(-1).diagonal(dim1=-2, dim2=-1)  # (B, H, L): w[..., i, L-1-i]
+    return anti_diagonal.mean(dim=(0, 2)).tolist()
 
 
 @torch.no_grad()
@@ -228,10 +237,15 @@ def write_report(path: Path, args, results, history, parameter_difference, total
         f"| {100 * results['torch']['sequence_accuracy']:.2f}% |",
         f"| ms per training step (median) | {ours_ms:.2f} | {torch_ms:.2f} |",
         "",
+        "- attention on the expected key (query i on input L-1-i), mean over the held-out "
+        "sequences, per head (qkv_attention twin):",
+        *[f"  - layer {layer + 1}: "
+          + ", ".join(f"{100 * share:.1f}%" for share in shares)
+          for layer, shares in enumerate(results["ours"]["reversal_attention"])],
         f"- largest parameter difference between the twins: {parameter_difference:.3g}",
         f"- step time ratio ours / torch: {ours_ms / torch_ms:.3f} "
         f"(torch / ours: {torch_ms / ours_ms:.3f})",
-        f"- torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"- torch {torch.__version__}, threads: {torch.get_num_threads()}; "
         f"run took {total_seconds:.0f} s",
         "",
         "![attention weights](attention.png)",
@@ -271,6 +285,9 @@ def main(argv=None) -> int:
         print(f"{label}: loss {r['loss']:.4g}, token accuracy {100 * r['token_accuracy']:.2f}%, "
               f"sequence accuracy {100 * r['sequence_accuracy']:.2f}%, "
               f"{history.ms_per_step(name):.2f} ms/step")
+    best = [max(shares) for shares in results["ours"]["reversal_attention"]]
+    print("attention on the expected key (input L-1-i), best head per layer: "
+          + ", ".join(f"{100 * share:.1f}%" for share in best))
     print(f"largest parameter difference between the twins: {parameter_difference:.3g}")
     print(f"ms/step ratio ours/torch: {ours_ms / torch_ms:.3f}")
     print(f"wrote {args.out / 'attention.png'}, {args.out / 'loss.png'}, "
