@@ -272,7 +272,7 @@ class MultiheadAttention(nn.Module):
         if causal:
             attn_mask = None
         if attn_mask is not None:
-            attn_mask = self._attn_mask_as_4d(attn_mask, batch, q_len, kv_len, is_batched)
+            attn_mask = self._attn_mask_as_4d(attn_mask, batch, q_len, kv_len)
         if key.size(0) != batch:
             raise RuntimeError(
                 f"MultiheadAttention: key and value have batch size {key.size(0)} but query "
@@ -285,10 +285,10 @@ class MultiheadAttention(nn.Module):
                 f"MultiheadAttention: key_padding_mask must have shape {expected}, but has "
                 f"shape {found} ({given})"
             )
+        self._check_dtypes(query, key, value)
         attn_mask, key_padding_mask = self._masks_for_op(
             attn_mask, key_padding_mask, query.dtype, need_weights
         )
-        self._check_dtypes(query, key, value)
 
         # -- projection into heads: (B, H, L, D), (B, H, S, D), (B, H, S, D).
         if self._qkv_same_embed_dim:
@@ -462,7 +462,7 @@ class MultiheadAttention(nn.Module):
                     f"vdim is {self.vdim} ({given})"
                 )
 
-    def _attn_mask_as_4d(self, attn_mask, batch, q_len, kv_len, is_batched) -> Tensor:
+    def _attn_mask_as_4d(self, attn_mask: Tensor, batch: int, q_len: int, kv_len: int) -> Tensor:
         """(L, S) stays as is (it broadcasts); (B*H, L, S) becomes the view (B, H, L, S)."""
         if attn_mask.dim() == 2:
             if _shape(attn_mask) != (q_len, kv_len):
