@@ -59,7 +59,7 @@ def test_check_tool_exits_zero_and_prints_every_check_as_passed():
     assert result.returncode == 0, result.stdout + result.stderr
     names = [case.name for case in check.gradient_cases()]
     names += [config.name for config in check.parity_configs()]
-    names.append("replace_attention(TransformerEncoderLayer)")
+    names += [other.name for other in check.other_parity_checks()]
     lines = result.stdout.splitlines()
     for name in names:
         row = [line for line in lines if line.startswith(name + " ")]
@@ -125,13 +125,26 @@ def test_check_tool_fails_when_only_the_module_gradient_differs(monkeypatch, cap
     assert float(output_error) <= 1e-12 and float(gradient_error) > 1e-6 and verdict == "FAIL"
 
 
-def test_check_tool_fails_when_replace_attention_leaves_torchs_module(monkeypatch):
+def test_check_tool_fails_when_replace_attention_leaves_torchs_module(monkeypatch, capsys):
+    assert check.main(["--skip-gradcheck", "--only", "replace_attention"]) == 0
     monkeypatch.setattr(qkv_attention, "replace_attention", lambda model: model)
     assert check.main(["--skip-gradcheck", "--only", "replace_attention"]) == 1
+    assert "left torch's MultiheadAttention in place" in capsys.readouterr().out
+
+
+def test_check_tool_fails_when_functional_sdpa_differs_from_torch(monkeypatch):
+    real_sdpa = qkv_attention.functional.scaled_dot_product_attention
+    selection = ["--skip-gradcheck", "--only", "F.sdpa: bool mask"]
+    assert check.main(selection) == 0
+    monkeypatch.setattr(qkv_attention.functional, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: real_sdpa(*args, **kwargs) * (1 + 1e-9))
+    assert check.main(selection) == 1
 
 
 def test_check_tool_lists_checks_and_rejects_an_empty_selection(capsys):
     assert check.main(["--list"]) == 0
     listed = capsys.readouterr().out.splitlines()
-    assert len(listed) == len(check.gradient_cases()) + len(check.parity_configs()) + 1
+    assert len(listed) == (len(check.gradient_cases()) + len(check.parity_configs())
+                           + len(check.other_parity_checks()))
+    assert "functional.sdpa vs F.sdpa: enable_gqa" in listed
     assert check.main(["--only", "no check has this name"]) == 1
