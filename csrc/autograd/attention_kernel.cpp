@@ -125,7 +125,9 @@ AttentionGrads attention_backward_differentiable(
     scores = scores.masked_fill(future, -std::numeric_limits<double>::infinity());
   }
   // A softmax that gives zeros, not NaN, for a row with no finite score.
-  at::Tensor row_max = std::get<0>(scores.detach().max(-1, /*keepdim=*/true));
+  // amax, not max(dim): max also computes indices, and its CPU kernel enters an OpenMP region
+  // even for tiny inputs (milliseconds per call on a busy machine).
+  at::Tensor row_max = scores.detach().amax(-1, /*keepdim=*/true);
   row_max = row_max.masked_fill(row_max.isneginf(), 0);
   const at::Tensor exps = (scores - row_max).exp();
   const at::Tensor sums = exps.sum(-1, /*keepdim=*/true);
