@@ -7,8 +7,9 @@ weights should show that anti-diagonal.
 
 Model: a small pre-norm Transformer encoder (token + learned position embeddings, N blocks of
 self-attention and a feed-forward layer). The attention class is a constructor argument, so
-the same model is built with ``torch.nn.MultiheadAttention`` or ``qkv_attention.MultiheadAttention``;
-both have the same parameter names, so one's state_dict loads into the other.
+the same model is built with ``torch.nn.MultiheadAttention`` or
+``qkv_attention.MultiheadAttention``; both have the same parameter names, so one's state_dict
+loads into the other.
 """
 import string
 from typing import List, Optional, Tuple, Type
@@ -45,7 +46,9 @@ class TransformerBlock(nn.Module):
                                          dtype=dtype)
         self.feed_forward_norm = nn.LayerNorm(d_model, dtype=dtype)
         self.feed_forward = nn.Sequential(
-            nn.Linear(d_model, ff_dim, dtype=dtype), nn.GELU(), nn.Linear(ff_dim, d_model, dtype=dtype)
+            nn.Linear(d_model, ff_dim, dtype=dtype),
+            nn.GELU(),
+            nn.Linear(ff_dim, d_model, dtype=dtype),
         )
 
     def forward(self, x: Tensor, need_weights: bool = False) -> Tuple[Tensor, Optional[Tensor]]:

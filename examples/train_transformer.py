@@ -14,7 +14,6 @@ Writes to --out (default demo_out/): attention.png (per-head attention weights f
 input), loss.png (both loss curves) and report.md (the numbers printed at the end).
 """
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -233,7 +232,8 @@ def write_report(path: Path, args, results, history, parameter_difference, total
         "",
         "| | qkv_attention | torch |",
         "|---|---|---|",
-        f"| final loss (held-out) | {results['ours']['loss']:.3g} | {results['torch']['loss']:.3g} |",
+        f"| final loss (held-out) | {results['ours']['loss']:.3g} "
+        f"| {results['torch']['loss']:.3g} |",
         f"| token accuracy | {100 * results['ours']['token_accuracy']:.2f}% "
         f"| {100 * results['torch']['token_accuracy']:.2f}% |",
         f"| whole-sequence accuracy | {100 * results['ours']['sequence_accuracy']:.2f}% "

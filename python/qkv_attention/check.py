@@ -121,8 +121,8 @@ def _attention_backward_of(q, k, v, grad_out, grad_weights, **kw):
     """Runs the forward without autograd, then differentiates through _attention_backward."""
     with torch.no_grad():
         out, lse, _w, rng = torch.ops.qkv_attention._attention_forward(
-            q, k, v, kw.get("attn_mask"), None, kw.get("dropout_p", 0.0), kw.get("is_causal", False),
-            None, False)
+            q, k, v, kw.get("attn_mask"), None, kw.get("dropout_p", 0.0),
+            kw.get("is_causal", False), None, False)
     grads = torch.ops.qkv_attention._attention_backward(
         grad_out, grad_weights, q, k, v, out, lse, kw.get("attn_mask"), None,
         kw.get("dropout_p", 0.0), kw.get("is_causal", False), None, rng, False, False)
@@ -213,7 +213,8 @@ def gradient_cases() -> List[GradientCase]:
         ),
         GradientCase(
             "qkv_projection: no biases",
-            lambda x, y, z, wq, wk, wv: ops.qkv_projection(x, y, z, wq, wk, wv, None, None, None, 2),
+            lambda x, y, z, wq, wk, wv: ops.qkv_projection(
+                x, y, z, wq, wk, wv, None, None, None, 2),
             lambda g: projection_inputs(g, bias=False),
         ),
         GradientCase(
@@ -573,7 +574,8 @@ def _sdpa_against_torch(q_shape, k_shape, v_shape, mask: Optional[str] = None, *
 
     def compare() -> Tuple[float, float]:
         g = torch.Generator().manual_seed(11)
-        inputs = [torch.randn(*shape, generator=g, dtype=_F64) for shape in (q_shape, k_shape, v_shape)]
+        inputs = [torch.randn(*shape, generator=g, dtype=_F64)
+                  for shape in (q_shape, k_shape, v_shape)]
         L, S = q_shape[-2], k_shape[-2]
         if mask == "bool":  # True = may attend; key 0 always, so no row is empty
             attn_mask = torch.rand(L, S, generator=g) < 0.6
