@@ -715,7 +715,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _run_and_report(args, cases, configs, others) -> int:
     from . import build_info
 
-    print(f"qkv_attention.check: torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"qkv_attention.check: torch {torch.__version__}, threads: {torch.get_num_threads()}")
     print(f"build: {build_info()}")
     start = time.perf_counter()
     failures: List[Tuple[str, str]] = []
