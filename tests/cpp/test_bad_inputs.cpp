@@ -232,23 +232,23 @@ TEST_CASE("the attention backward and dropout-mask ops reject inconsistent argum
   CHECK_REJECTS(backward(out, std::nullopt, at::zeros({2, 3, 4, 7}, options), lse, rng),
                 c10::Error, Contains("output has 7 features per head but value has 6"));
   CHECK_REJECTS(backward(out, std::nullopt, out, lse.to(at::kDouble), rng), c10::Error,
-                Contains("logsumexp must be Float of shape (B, H, L)") && Contains("Double"));
+                Contains("attention backward: logsumexp must be") && Contains("Double"));
   CHECK_REJECTS(backward(out, std::nullopt, out, lse[0], rng), c10::Error,
-                Contains("logsumexp must be Float of shape (B, H, L)"));
+                Contains("logsumexp must") && Contains("(B, H, L)") && Contains("[3, 4]"));
   CHECK_REJECTS(backward(out, std::nullopt, out, lse, at::zeros({3}, rng.options())), c10::Error,
-                Contains("rng_state must be int64 of shape (2,)"));
+                Contains("rng_state must") && Contains("(2,)") && Contains("[3]"));
   CHECK_REJECTS(backward(out, std::nullopt, out, lse, rng.to(at::kInt)), c10::Error,
-                Contains("rng_state must be int64 of shape (2,)") && Contains("Int"));
+                Contains("rng_state must") && Contains("int64") && Contains("Int"));
   CHECK_REJECTS(backward(out, at::zeros({2, 3, 4, 4}, options), out, lse, rng), c10::Error,
                 Contains("grad_weights has 4 positions but key has 5"));
 
   CHECK_REJECTS(op::attention_dropout_mask(rng, 2, -1, 4, 5, 0.5), c10::Error,
-                Contains("attention dropout mask: sizes must be non-negative") &&
-                    Contains("(2, -1, 4, 5)"));
+                Contains("attention dropout mask:") && Contains("must be non-negative") &&
+                    Contains("-1"));
   CHECK_REJECTS(op::attention_dropout_mask(rng, 2, 3, 4, 5, 1.5), c10::Error,
                 Contains("dropout_p must be in [0, 1], but is 1.5"));
   CHECK_REJECTS(op::attention_dropout_mask(rng.to(at::kFloat), 2, 3, 4, 5, 0.5), c10::Error,
-                Contains("rng_state must be int64 of shape (2,)"));
+                Contains("rng_state must") && Contains("int64") && Contains("Float"));
 }
 
 
@@ -343,8 +343,8 @@ TEST_CASE("merge_heads and merge_heads_backward reject bad shapes and dtypes, na
   CHECK_REJECTS(op::merge_heads(x.to(at::kBool), w, b), c10::TypeError,
                 Contains("x must be float64, float32, bfloat16 or float16"));
   CHECK_REJECTS(op::merge_heads_backward(at::zeros({2, 4, 7}, o), x, w), c10::Error,
-                Contains("merge_heads backward: grad_output must have the output's shape "
-                         "(2, 4, 6)"));
+                Contains("merge_heads backward: grad_output must have the output's shape") &&
+                    Contains("(2, 4, 6)") && Contains("[2, 4, 7]"));
   CHECK_REJECTS(op::merge_heads_backward(at::zeros({2, 4, 6}, o.dtype(at::kDouble)), x, w),
                 c10::TypeError, Contains("grad_output has dtype Double"));
 }

@@ -2,8 +2,11 @@
 // backward use the one keep-mask that _attention_dropout_mask regenerates from rng_state, and
 // the kept weights are scaled by 1 / (1 - p).
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <catch2/catch.hpp>
 #include <torch/autograd.h>
+
+#include <algorithm>
 
 #include "attention_harness.h"
 #include "test_support.h"
@@ -109,4 +112,21 @@ TEST_CASE("dropout_p = 1 drops every weight: zero output and zero gradients", "[
   for (const at::Tensor& g : torch::autograd::grad({out}, {q, k, v}, {at::ones_like(out)})) {
     CHECK(all_zero(g));
   }
+}
+
+TEST_CASE("the dropout keep-mask and the output do not depend on the number of threads",
+          "[dropout]") {
+  // The Philox stream is indexed by each weight's position, not by the thread that draws it.
+  const AttentionInputs in = random_attention_inputs(36, 2, 3, 33, 40, 8, 8, at::kFloat);
+  const int threads_before = at::get_num_threads();
+  auto run = [&](int threads) {
+    at::set_num_threads(threads);
+    at::manual_seed(77);
+    return op::attention_with_weights(in.query, in.key, in.value, std::nullopt, 0.5);
+  };
+  const auto [out_one, weights_one] = run(1);
+  const auto [out_many, weights_many] = run(std::max(2, threads_before));
+  at::set_num_threads(threads_before);
+  CHECK(bitwise_equal(weights_one.eq(0), weights_many.eq(0)));
+  CHECK_THAT(out_many, IsCloseTo(out_one, output_tolerance(at::kFloat)));
 }

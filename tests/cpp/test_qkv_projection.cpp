@@ -161,9 +161,16 @@ TEST_CASE("qkv_projection without biases, or with only some, matches the referen
           "[qkv_projection]") {
   const at::ScalarType dtype = GENERATE(from_range(all_dtypes()));
   ProjectionInputs in = random_projection_inputs(3, 2, 5, 5, 8, 8, 6, 6, 2, dtype);
-  SECTION("no biases") { in.q_bias = in.k_bias = in.v_bias = std::nullopt; }
-  SECTION("only k_bias") { in.q_bias = in.v_bias = std::nullopt; }
-  SECTION("q_bias and v_bias") { in.k_bias = std::nullopt; }
+  SECTION("no biases") {
+    in.q_bias.reset();
+    in.k_bias.reset();
+    in.v_bias.reset();
+  }
+  SECTION("only k_bias") {
+    in.q_bias.reset();
+    in.v_bias.reset();
+  }
+  SECTION("q_bias and v_bias") { in.k_bias.reset(); }
   check_projection_against_reference(in);
 }
 
