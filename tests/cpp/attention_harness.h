@@ -124,12 +124,14 @@ inline ReferenceRun run_reference(const AttentionInputs& in, const at::Tensor& k
 }
 
 // Checks the op against the reference by the three routes described at the top of the file.
-inline void check_attention_against_reference(const AttentionInputs& in,
-                                              uint64_t grad_seed = 7) {
+// `grad_tolerance_factor` widens the gradient allowances for ill-conditioned inputs.
+inline void check_attention_against_reference(const AttentionInputs& in, uint64_t grad_seed = 7,
+                                              double grad_tolerance_factor = 1.0) {
   namespace op = by_name;
   const at::ScalarType dtype = in.query.scalar_type();
   const Tolerance out_tol = output_tolerance(dtype);
-  const Tolerance grad_tol = gradient_tolerance(dtype);
+  const Tolerance grad_tol = {gradient_tolerance(dtype).atol * grad_tolerance_factor,
+                              gradient_tolerance(dtype).rtol * grad_tolerance_factor};
   const int64_t B = in.query.size(0), H = in.query.size(1), L = in.query.size(2);
   const int64_t S = in.key.size(2), Dv = in.value.size(3);
   const bool mask_grad = detail::is_float_mask(in.attn_mask) && in.attn_mask_requires_grad;

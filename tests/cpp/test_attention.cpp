@@ -7,6 +7,8 @@
 #include <catch2/catch.hpp>
 #include <torch/autograd.h>
 
+#include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -400,4 +402,49 @@ TEST_CASE("the typed C++ entry points of csrc/ops give what the dispatcher-by-na
   const auto [out_b, w_b] = op::attention_with_weights(in.query, in.key, in.value, mask);
   CHECK(bitwise_equal(out_a, out_b));
   CHECK(bitwise_equal(w_a, w_b));
+}
+
+TEST_CASE("attention over sequences longer than a kernel tile matches the reference, causal or "
+          "not, with padding",
+          "[attention][sizes]") {
+  // Lengths just past powers of two and head sizes of real models, so that a blocked kernel
+  // meets partial tiles in both directions.
+  const at::ScalarType dtype = GENERATE(from_range(all_dtypes()));
+  const bool causal = GENERATE(false, true);
+  SECTION("L = 67, S = 259, D = Dv = 64") {
+    AttentionInputs in = random_attention_inputs(25, 1, 2, 67, 259, 64, 64, dtype);
+    in.is_causal = causal;
+    at::Generator gen = seeded(250);
+    in.key_padding_mask = random_bool_mask(gen, {1, 259}, 0.9);
+    check_attention_against_reference(in);
+  }
+  SECTION("L = 200, S = 70, D = 80, Dv = 32") {
+    AttentionInputs in = random_attention_inputs(26, 1, 1, 200, 70, 80, 32, dtype);
+    in.is_causal = causal;
+    check_attention_against_reference(in);
+  }
+}
+
+TEST_CASE("attention stays finite and accurate when the scores are far beyond exp's range",
+          "[attention]") {
+  // Scores of a few hundred: exp overflows float32 (and float16) unless the kernel subtracts
+  // each row's maximum first. Outputs keep the usual allowances. Gradients are ill-conditioned
+  // here: rounding a score s (or the logsumexp the backward recomputes the probabilities from)
+  // costs |s| * eps, and dK multiplies that by the 60-times larger query. So the gradient
+  // allowances grow with the largest |score| relative to the ~4 of the other tests (here ~55x).
+  // (Measured in float32: ATen's own float32 softmax/matmul errs by 3e-5 on dK, the op by
+  // 4e-4, against an allowance of 1.1e-3.)
+  const at::ScalarType dtype = GENERATE(from_range(all_dtypes()));
+  AttentionInputs in = random_attention_inputs(27, 2, 2, 9, 13, 8, 8, dtype);
+  in.query = (in.query.to(at::kDouble) * 60).to(dtype);
+  in.is_causal = GENERATE(false, true);
+  const double max_score =
+      (at::matmul(in.query.to(at::kDouble), in.key.to(at::kDouble).transpose(-2, -1)) /
+       std::sqrt(8.0))
+          .abs()
+          .max()
+          .item<double>();
+  INFO("largest |score| " << max_score);
+  REQUIRE(max_score > 200);  // beyond float32's exp range (88), as the test's name promises
+  check_attention_against_reference(in, 7, std::max(1.0, max_score / 4));
 }
