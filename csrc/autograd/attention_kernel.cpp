@@ -88,6 +88,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_aut
   check_defined("attention", "query", query);
   check_defined("attention", "key", key);
   check_defined("attention", "value", value);
+  // Function::apply reads the masks' sizes too (a nested mask would fail there, unnamed).
+  if (attn_mask.has_value()) check_dense("attention", "attn_mask", *attn_mask);
+  if (key_padding_mask.has_value()) check_dense("attention", "key_padding_mask", *key_padding_mask);
   variable_list out = AttentionFunction::apply(query, key, value, attn_mask, key_padding_mask,
                                                dropout_p, is_causal, scale, need_weights);
   return {out[0], out[1], out[2], out[3]};
