@@ -15,15 +15,13 @@ Run the cases of one op by hand: ``python tests/python/test_bad_inputs.py --list
 """
 import contextlib
 import json
-import math
 import os
 import re
 import subprocess
 import sys
-import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import pytest
 import torch

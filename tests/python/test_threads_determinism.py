@@ -16,7 +16,6 @@
 
 Shapes are odd and large enough that at::parallel_for splits the work into many chunks.
 """
-import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -65,7 +64,6 @@ def run_attention(inputs, seed=1234):
 
 
 def projection_inputs(dtype, seed, B=3, L=67, S=129, Eq=80, Ek=72, Ev=56, E=96, H=4):
-    # Shapes kept in the dict for the GEMM bound (see gemm_bounds).
     g = torch.Generator().manual_seed(seed)
     return dict(
         query=_randn(g, B, L, Eq, dtype=dtype), key=_randn(g, B, S, Ek, dtype=dtype),
