@@ -12,6 +12,7 @@
 #include <limits>
 
 #include "ops/attention.h"
+#include "ops/checks.h"
 
 namespace qkv_attention::autograd {
 namespace {
@@ -84,6 +85,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_aut
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     double dropout_p, bool is_causal, std::optional<double> scale, bool need_weights) {
+  check_defined("attention", "query", query);
+  check_defined("attention", "key", key);
+  check_defined("attention", "value", value);
+  // Function::apply reads the masks' sizes too (a nested mask would fail there, unnamed).
+  if (attn_mask.has_value()) check_dense("attention", "attn_mask", *attn_mask);
+  if (key_padding_mask.has_value()) check_dense("attention", "key_padding_mask", *key_padding_mask);
   variable_list out = AttentionFunction::apply(query, key, value, attn_mask, key_padding_mask,
                                                dropout_p, is_causal, scale, need_weights);
   return {out[0], out[1], out[2], out[3]};
@@ -121,7 +128,9 @@ AttentionGrads attention_backward_differentiable(
     scores = scores.masked_fill(future, -std::numeric_limits<double>::infinity());
   }
   // A softmax that gives zeros, not NaN, for a row with no finite score.
-  at::Tensor row_max = std::get<0>(scores.detach().max(-1, /*keepdim=*/true));
+  // amax, not max(dim): max also computes indices, and its CPU kernel enters an OpenMP region
+  // even for tiny inputs (milliseconds per call on a busy machine).
+  at::Tensor row_max = scores.detach().amax(-1, /*keepdim=*/true);
   row_max = row_max.masked_fill(row_max.isneginf(), 0);
   const at::Tensor exps = (scores - row_max).exp();
   const at::Tensor sums = exps.sum(-1, /*keepdim=*/true);

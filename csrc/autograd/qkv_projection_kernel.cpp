@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "cpu/qkv_projection_kernel.h"
+#include "ops/checks.h"
 #include "ops/qkv_projection.h"
 
 namespace qkv_attention::autograd {
@@ -71,6 +72,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_projection_autograd(
     const at::Tensor& q_weight, const at::Tensor& k_weight, const at::Tensor& v_weight,
     const std::optional<at::Tensor>& q_bias, const std::optional<at::Tensor>& k_bias,
     const std::optional<at::Tensor>& v_bias, c10::SymInt num_heads) {
+  constexpr const char* op = "qkv_projection";
+  check_defined(op, "query", query);
+  check_defined(op, "key", key);
+  check_defined(op, "value", value);
+  check_defined(op, "q_weight", q_weight);
+  check_defined(op, "k_weight", k_weight);
+  check_defined(op, "v_weight", v_weight);
   variable_list out = QKVProjectionFunction::apply(query, key, value, q_weight, k_weight,
                                                    v_weight, q_bias, k_bias, v_bias, num_heads);
   return {out[0], out[1], out[2]};

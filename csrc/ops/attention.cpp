@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <utility>
 
 #include "ops/checks.h"
 
@@ -131,11 +132,21 @@ namespace {
 
 void check_mask_dtype_and_device(const char* op, const char* name, const at::Tensor& mask,
                                  const at::Tensor& query) {
+  check_dense(op, name, mask);
   TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool || mask.scalar_type() == query.scalar_type(),
                    op, ": ", name, " must be bool or have the query's dtype ",
                    query.scalar_type(), ", but has dtype ", mask.scalar_type());
   TORCH_CHECK(mask.device() == query.device(), op, ": ", name, " is on ", mask.device(),
               " but query is on ", query.device());
+}
+
+// The seed and offset of the dropout stream, as _attention_forward returns them.
+void check_rng_state(const char* op, const at::Tensor& rng_state) {
+  check_defined(op, "rng_state", rng_state);
+  TORCH_CHECK_TYPE(rng_state.scalar_type() == at::kLong, op, ": rng_state must be int64, but is ",
+                   rng_state.scalar_type());
+  TORCH_CHECK(rng_state.dim() == 1 && rng_state.sym_size(0) == 2, op,
+              ": rng_state must have shape (2,), but has shape ", rng_state.sym_sizes());
 }
 
 }  // namespace
@@ -201,18 +212,23 @@ void check_attention_backward_inputs(
   check_same_dtype_and_device(op, "grad_output", grad_output, "query", query);
   TORCH_CHECK(grad_output.sym_sizes() == output.sym_sizes(), op, ": grad_output has shape ",
               grad_output.sym_sizes(), " but the output has shape ", output.sym_sizes());
+  check_defined(op, "logsumexp", logsumexp);
   const at::ScalarType lse_dtype = at::toOpMathType(query.scalar_type());
-  TORCH_CHECK(logsumexp.scalar_type() == lse_dtype && logsumexp.dim() == 3 &&
-                  logsumexp.sym_size(0) == query.sym_size(0) &&
+  TORCH_CHECK_TYPE(logsumexp.scalar_type() == lse_dtype, op, ": logsumexp must be ", lse_dtype,
+                   " (the accumulation dtype of ", query.scalar_type(), "), but is ",
+                   logsumexp.scalar_type());
+  TORCH_CHECK(logsumexp.device() == query.device(), op, ": logsumexp is on ", logsumexp.device(),
+              " but query is on ", query.device());
+  TORCH_CHECK(logsumexp.dim() == 3 && logsumexp.sym_size(0) == query.sym_size(0) &&
                   logsumexp.sym_size(1) == query.sym_size(1) &&
                   logsumexp.sym_size(2) == query.sym_size(2),
-              op, ": logsumexp must be ", lse_dtype, " of shape (B, H, L) = ",
-              query.sym_sizes().slice(0, 3), ", but is ", logsumexp.scalar_type(), " of shape ",
-              logsumexp.sym_sizes());
-  TORCH_CHECK(rng_state.scalar_type() == at::kLong && rng_state.dim() == 1 &&
-                  rng_state.sym_size(0) == 2,
-              op, ": rng_state must be int64 of shape (2,), but is ", rng_state.scalar_type(),
-              " of shape ", rng_state.sym_sizes());
+              op, ": logsumexp must have shape (B, H, L) = ", query.sym_sizes().slice(0, 3),
+              ", but has shape ", logsumexp.sym_sizes());
+  check_rng_state(op, rng_state);
+  // The forward makes rng_state on the CPU (its Meta kernel on the query's device).
+  TORCH_CHECK(rng_state.device() == query.device() || rng_state.device().is_cpu(), op,
+              ": rng_state is on ", rng_state.device(), " but must be on the CPU or on query's ",
+              query.device());
   if (grad_weights.has_value() && grad_weights->defined()) {
     check_input(op, "grad_weights", *grad_weights, 4, "(B, H, L, S)");
     check_same_dtype_and_device(op, "grad_weights", *grad_weights, "query", query);
@@ -227,13 +243,12 @@ void check_dropout_mask_inputs(const at::Tensor& rng_state, const c10::SymInt& b
                                const c10::SymInt& heads, const c10::SymInt& q_len,
                                const c10::SymInt& kv_len, double dropout_p) {
   constexpr const char* op = "attention dropout mask";
-  TORCH_CHECK(rng_state.scalar_type() == at::kLong && rng_state.dim() == 1 &&
-                  rng_state.sym_size(0) == 2,
-              op, ": rng_state must be int64 of shape (2,), but is ", rng_state.scalar_type(),
-              " of shape ", rng_state.sym_sizes());
-  TORCH_CHECK(batch >= 0 && heads >= 0 && q_len >= 0 && kv_len >= 0, op,
-              ": sizes must be non-negative, but are (", batch, ", ", heads, ", ", q_len, ", ",
-              kv_len, ")");
+  check_rng_state(op, rng_state);
+  const std::pair<const char*, const c10::SymInt*> sizes[] = {
+      {"batch", &batch}, {"heads", &heads}, {"q_len", &q_len}, {"kv_len", &kv_len}};
+  for (const auto& [name, size] : sizes) {
+    TORCH_CHECK(*size >= 0, op, ": ", name, " must be non-negative, but is ", *size);
+  }
   TORCH_CHECK(std::isfinite(dropout_p) && dropout_p >= 0.0 && dropout_p <= 1.0, op,
               ": dropout_p must be in [0, 1], but is ", dropout_p);
 }

@@ -9,9 +9,27 @@ bool is_supported_dtype(at::ScalarType dtype) {
          dtype == at::kHalf;
 }
 
+void check_defined(const char* op, const char* name, const at::Tensor& tensor) {
+  TORCH_CHECK(tensor.defined(), op, ": ", name, " is an undefined tensor");
+  check_dense(op, name, tensor);
+}
+
+void check_dense(const char* op, const char* name, const at::Tensor& tensor) {
+  if (!tensor.defined()) return;
+  // Nested and quantized tensors report the strided layout; ask for them first.
+  TORCH_CHECK_NOT_IMPLEMENTED(!tensor.is_nested(), op, ": ", name,
+                              " must be a dense tensor, but is a nested tensor");
+  TORCH_CHECK_NOT_IMPLEMENTED(!tensor.is_quantized(), op, ": ", name,
+                              " must be a dense tensor, but is a quantized tensor (dtype ",
+                              tensor.scalar_type(), ")");
+  TORCH_CHECK_NOT_IMPLEMENTED(tensor.layout() == at::kStrided, op, ": ", name,
+                              " must be a dense tensor (layout torch.strided), but has layout ",
+                              tensor.layout());
+}
+
 void check_input(const char* op, const char* name, const at::Tensor& tensor, int64_t dim,
                  const char* layout) {
-  TORCH_CHECK(tensor.defined(), op, ": ", name, " is an undefined tensor");
+  check_defined(op, name, tensor);
   TORCH_CHECK_TYPE(is_supported_dtype(tensor.scalar_type()), op, ": ", name,
                    " must be float64, float32, bfloat16 or float16, but has dtype ",
                    tensor.scalar_type());

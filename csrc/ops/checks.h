@@ -16,8 +16,18 @@ namespace qkv_attention {
 // The dtypes every operator computes in: float64, float32, bfloat16, float16.
 bool is_supported_dtype(at::ScalarType dtype);
 
-// `tensor` must be defined, have a supported floating dtype and exactly `dim` dimensions;
-// `layout` names the dimensions for the message, e.g. "(B, L, E)".
+// `tensor` must be defined and dense. The Autograd kernels call this first:
+// torch::autograd::Function::apply reads every tensor argument's device and sizes, and would
+// otherwise fail on an undefined one with "tensor does not have a device" and on a nested one
+// with "Internal error: NestedTensorImpl doesn't support sizes", naming no argument.
+void check_defined(const char* op, const char* name, const at::Tensor& tensor);
+
+// A defined `tensor` must be dense: strided layout, neither sparse, mkldnn, quantized nor
+// nested. Raises NotImplementedError (a RuntimeError) naming the argument and what it is.
+void check_dense(const char* op, const char* name, const at::Tensor& tensor);
+
+// `tensor` must be defined, dense, have a supported floating dtype and exactly `dim`
+// dimensions; `layout` names the dimensions for the message, e.g. "(B, L, E)".
 void check_input(const char* op, const char* name, const at::Tensor& tensor, int64_t dim,
                  const char* layout);
 

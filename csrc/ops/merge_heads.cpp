@@ -56,8 +56,10 @@ void check_merge_heads_backward_inputs(const at::Tensor& grad_output, const at::
   check_same_dtype_and_device(op, "grad_output", grad_output, "x", x);
   const c10::SymInt expected[3] = {x.sym_size(0), x.sym_size(2), out_weight.sym_size(0)};
   TORCH_CHECK(grad_output.sym_sizes() == c10::SymIntArrayRef(expected), op,
-              ": grad_output must have the output's shape (", expected[0], ", ", expected[1],
-              ", ", expected[2], "), but has shape ", grad_output.sym_sizes());
+              ": grad_output must have the output's shape (B, L, Eout) = (", expected[0], ", ",
+              expected[1], ", ", expected[2], ") from x of shape ", x.sym_sizes(),
+              " and out_weight of shape ", out_weight.sym_sizes(), ", but has shape ",
+              grad_output.sym_sizes());
 }
 
 }  // namespace qkv_attention

@@ -10,7 +10,9 @@ Two parts, each printed as a table:
 2. **Parity with torch.nn.MultiheadAttention** over a set of configurations (batch_first, masks,
    kdim/vdim, bias_kv, zero_attn, need_weights, ...): both modules start from the same
    state_dict and see the same inputs; the table shows the largest difference in the outputs
-   (and returned attention weights) and in the gradients of inputs and parameters.
+   (and returned attention weights) and in the gradients of inputs and parameters. Also in that
+   table: a torch.nn.TransformerEncoderLayer before and after ``replace_attention``, and
+   ``qkv_attention.functional.scaled_dot_product_attention`` against torch's.
 
 The exit code is 0 when every check passes and 1 otherwise, so the tool can gate a script.
 This module depends on the installed package only (not on the repository's tests or examples).
@@ -28,7 +30,10 @@ from torch import Tensor, nn
 
 from . import functional, ops
 
-__all__ = ["main", "run_gradient_checks", "run_parity_checks", "GradientCase", "ParityConfig"]
+__all__ = [
+    "main", "gradient_cases", "parity_configs", "other_parity_checks", "run_gradient_checks",
+    "run_parity_checks", "run_other_parity_checks", "GradientCase", "ParityConfig", "ParityCheck",
+]
 
 _F64 = torch.float64
 
@@ -116,8 +121,8 @@ def _attention_backward_of(q, k, v, grad_out, grad_weights, **kw):
     """Runs the forward without autograd, then differentiates through _attention_backward."""
     with torch.no_grad():
         out, lse, _w, rng = torch.ops.qkv_attention._attention_forward(
-            q, k, v, kw.get("attn_mask"), None, kw.get("dropout_p", 0.0), kw.get("is_causal", False),
-            None, False)
+            q, k, v, kw.get("attn_mask"), None, kw.get("dropout_p", 0.0),
+            kw.get("is_causal", False), None, False)
     grads = torch.ops.qkv_attention._attention_backward(
         grad_out, grad_weights, q, k, v, out, lse, kw.get("attn_mask"), None,
         kw.get("dropout_p", 0.0), kw.get("is_causal", False), None, rng, False, False)
@@ -208,7 +213,8 @@ def gradient_cases() -> List[GradientCase]:
         ),
         GradientCase(
             "qkv_projection: no biases",
-            lambda x, y, z, wq, wk, wv: ops.qkv_projection(x, y, z, wq, wk, wv, None, None, None, 2),
+            lambda x, y, z, wq, wk, wv: ops.qkv_projection(
+                x, y, z, wq, wk, wv, None, None, None, 2),
             lambda g: projection_inputs(g, bias=False),
         ),
         GradientCase(
@@ -525,39 +531,109 @@ def run_parity_checks(configs: Sequence[ParityConfig]) -> List[ParityResult]:
     return results
 
 
-def parity_of_replace_attention() -> ParityResult:
+@dataclass(frozen=True)
+class ParityCheck:
+    """A comparison with torch that is not a MultiheadAttention configuration.
+
+    ``compare()`` returns (max output error, max gradient error); float64 tolerances apply.
+    """
+
+    name: str
+    compare: Callable[[], Tuple[float, float]]
+
+
+def _replace_attention_in_encoder_layer() -> Tuple[float, float]:
     """A torch.nn.TransformerEncoderLayer before and after ``replace_attention``."""
+    from . import MultiheadAttention as OurMultiheadAttention
     from . import replace_attention
 
-    start = time.perf_counter()
-    tolerance = _TOLERANCES[_F64]
-    detail = ""
-    try:
-        torch.manual_seed(0)
-        theirs = nn.TransformerEncoderLayer(
-            _E, _HEADS, dim_feedforward=16, dropout=0.0, batch_first=True, dtype=_F64)
-        ours = copy.deepcopy(theirs)
-        ours = replace_attention(ours) or ours
-        if isinstance(ours.self_attn, type(theirs.self_attn)):
-            detail = "replace_attention left torch's MultiheadAttention in place"
-        x = torch.randn(_BATCH, _QLEN, _E, generator=torch.Generator().manual_seed(3), dtype=_F64)
-        padding = torch.zeros(_BATCH, _QLEN, dtype=torch.bool)
-        padding[1, -2:] = True
-        outputs, grads = [], []
-        for layer in (ours, theirs):
-            inp = x.clone().requires_grad_()
-            out = layer(inp, src_key_padding_mask=padding)
-            names, params = zip(*layer.named_parameters())
-            g = torch.autograd.grad(out.square().sum(), [inp, *params])
-            outputs.append(out)
-            grads.append(dict(zip(("input", *names), g)))
-        output_error = _max_abs_difference(outputs[0], outputs[1])
-        gradient_error = max(_max_abs_difference(grads[0][n], grads[1].get(n)) for n in grads[0])
-    except Exception as error:
-        output_error = gradient_error = math.inf
-        detail = _describe(error)
-    return ParityResult("replace_attention(TransformerEncoderLayer)", output_error,
-                        gradient_error, tolerance, time.perf_counter() - start, detail)
+    torch.manual_seed(0)
+    theirs = nn.TransformerEncoderLayer(
+        _E, _HEADS, dim_feedforward=16, dropout=0.0, batch_first=True, dtype=_F64)
+    ours = replace_attention(copy.deepcopy(theirs))
+    if not isinstance(ours.self_attn, OurMultiheadAttention):
+        raise AssertionError("replace_attention left torch's MultiheadAttention in place")
+    x = torch.randn(_BATCH, _QLEN, _E, generator=torch.Generator().manual_seed(3), dtype=_F64)
+    padding = torch.zeros(_BATCH, _QLEN, dtype=torch.bool)
+    padding[1, -2:] = True
+    outputs, grads = [], []
+    for layer in (ours, theirs):
+        inp = x.clone().requires_grad_()
+        out = layer(inp, src_key_padding_mask=padding)
+        names, params = zip(*layer.named_parameters())
+        g = torch.autograd.grad(out.square().sum(), [inp, *params])
+        outputs.append(out)
+        grads.append(dict(zip(("input", *names), g)))
+    gradient_error = max(_max_abs_difference(grads[0][n], grads[1].get(n)) for n in grads[0])
+    return _max_abs_difference(outputs[0], outputs[1]), gradient_error
+
+
+def _sdpa_against_torch(q_shape, k_shape, v_shape, mask: Optional[str] = None, **kwargs):
+    """functional.scaled_dot_product_attention against torch's, float64, output and gradients
+    of query, key, value (and of a float mask)."""
+
+    def compare() -> Tuple[float, float]:
+        g = torch.Generator().manual_seed(11)
+        inputs = [torch.randn(*shape, generator=g, dtype=_F64)
+                  for shape in (q_shape, k_shape, v_shape)]
+        L, S = q_shape[-2], k_shape[-2]
+        if mask == "bool":  # True = may attend; key 0 always, so no row is empty
+            attn_mask = torch.rand(L, S, generator=g) < 0.6
+            attn_mask[:, 0] = True
+            inputs.append(attn_mask)
+        elif mask == "float":
+            inputs.append(torch.randn(q_shape[0], 1, L, S, generator=g, dtype=_F64))
+        results = []
+        for function in (functional.scaled_dot_product_attention,
+                         nn.functional.scaled_dot_product_attention):
+            leaves = [t.clone().requires_grad_(t.is_floating_point()) for t in inputs]
+            out = function(*leaves[:3], attn_mask=leaves[3] if mask else None, **kwargs)
+            grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5),
+                                   dtype=_F64)
+            differentiable = [t for t in leaves if t.requires_grad]
+            results.append((out, torch.autograd.grad(out, differentiable, grad_out)))
+        (ours_out, ours_grads), (theirs_out, theirs_grads) = results
+        return (_max_abs_difference(ours_out, theirs_out),
+                max(_max_abs_difference(a, b) for a, b in zip(ours_grads, theirs_grads)))
+
+    return compare
+
+
+def other_parity_checks() -> List[ParityCheck]:
+    return [
+        ParityCheck("replace_attention(TransformerEncoderLayer)",
+                    _replace_attention_in_encoder_layer),
+        ParityCheck("functional.sdpa vs F.sdpa: no mask",
+                    _sdpa_against_torch((2, 2, 5, 4), (2, 2, 6, 4), (2, 2, 6, 3))),
+        ParityCheck("functional.sdpa vs F.sdpa: bool mask (L, S)",
+                    _sdpa_against_torch((2, 2, 5, 4), (2, 2, 6, 4), (2, 2, 6, 3), mask="bool")),
+        ParityCheck("functional.sdpa vs F.sdpa: float mask with grad, scale=0.3",
+                    _sdpa_against_torch((2, 2, 5, 4), (2, 2, 6, 4), (2, 2, 6, 3), mask="float",
+                                        scale=0.3)),
+        ParityCheck("functional.sdpa vs F.sdpa: is_causal, L=5 < S=6",
+                    _sdpa_against_torch((2, 2, 5, 4), (2, 2, 6, 4), (2, 2, 6, 3),
+                                        is_causal=True)),
+        ParityCheck("functional.sdpa vs F.sdpa: 3-D inputs",
+                    _sdpa_against_torch((3, 5, 4), (3, 6, 4), (3, 6, 3))),
+        ParityCheck("functional.sdpa vs F.sdpa: enable_gqa",
+                    _sdpa_against_torch((1, 4, 5, 4), (1, 2, 6, 4), (1, 2, 6, 3),
+                                        enable_gqa=True)),
+    ]
+
+
+def run_other_parity_checks(checks: Sequence[ParityCheck]) -> List[ParityResult]:
+    results = []
+    for check in checks:
+        start = time.perf_counter()
+        detail = ""
+        try:
+            output_error, gradient_error = check.compare()
+        except Exception as error:
+            output_error = gradient_error = math.inf
+            detail = _describe(error)
+        results.append(ParityResult(check.name, output_error, gradient_error, _TOLERANCES[_F64],
+                                    time.perf_counter() - start, detail))
+    return results
 
 
 # --------------------------------------------------------------------------------------------
@@ -584,7 +660,7 @@ def format_parity_table(results: Sequence[ParityResult]) -> str:
     rows = [[r.name, number(r.output_error), number(r.gradient_error),
              f"{r.tolerance[0]:.0e}/{r.tolerance[1]:.0e}", "pass" if r.passed else "FAIL"]
             for r in results]
-    return _table(["configuration vs torch.nn.MultiheadAttention", "max output err",
+    return _table(["configuration (ours vs torch, same inputs)", "max output err",
                    "max grad err", "tolerance", "result"], rows)
 
 
@@ -608,6 +684,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="first derivatives only (faster)")
     parser.add_argument("--fast", action="store_true",
                         help="gradcheck's fast_mode (random projections instead of full Jacobians)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads while checking (default 1: the tensors are tiny, and "
+                        "waking a second thread costs more than the work, very much more on a "
+                        "busy machine)")
     parser.add_argument("--list", action="store_true", help="list the checks and exit")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="print the full error of every failure")
@@ -615,18 +695,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     cases = [] if args.skip_gradcheck else _select(gradient_cases(), args.only)
     configs = [] if args.skip_parity else _select(parity_configs(), args.only)
-    check_replace = not args.skip_parity and (
-        not args.only or any(p.lower() in "replace_attention" for p in args.only))
+    others = [] if args.skip_parity else _select(other_parity_checks(), args.only)
     if args.list:
-        for item in [*cases, *configs]:
+        for item in [*cases, *configs, *others]:
             print(item.name)
-        if check_replace:
-            print("replace_attention(TransformerEncoderLayer)")
         return 0
 
+    if not (cases or configs or others):
+        print("no check matches the selection", file=sys.stderr)
+        return 1
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(max(args.threads, 1))
+    try:
+        return _run_and_report(args, cases, configs, others)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run_and_report(args, cases, configs, others) -> int:
     from . import build_info
 
-    print(f"qkv_attention.check: torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"qkv_attention.check: torch {torch.__version__}, threads: {torch.get_num_threads()}")
     print(f"build: {build_info()}")
     start = time.perf_counter()
     failures: List[Tuple[str, str]] = []
@@ -635,17 +724,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             cases, second_order=not args.no_gradgradcheck, fast_mode=args.fast)
         print("\n" + format_gradient_table(gradient_results))
         failures += [(r.name, r.detail) for r in gradient_results if not r.passed]
-    if configs or check_replace:
-        parity_results = run_parity_checks(configs)
-        if check_replace:
-            parity_results.append(parity_of_replace_attention())
+    if configs or others:
+        parity_results = run_parity_checks(configs) + run_other_parity_checks(others)
         print("\n" + format_parity_table(parity_results))
         failures += [(r.name, r.detail or "error above tolerance")
                      for r in parity_results if not r.passed]
-    total = len(cases) + len(configs) + int(check_replace)
-    if total == 0:
-        print("no check matches the selection", file=sys.stderr)
-        return 1
+    total = len(cases) + len(configs) + len(others)
     elapsed = time.perf_counter() - start
     if failures:
         print(f"\n{len(failures)} of {total} checks FAILED ({elapsed:.1f} s):")

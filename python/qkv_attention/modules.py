@@ -11,8 +11,9 @@ ever merging ``key_padding_mask`` (B, S) and ``attn_mask`` into one (B, H, L, S)
 operator takes both.
 
 The one deliberate difference from torch: a query row whose keys are all masked gives zero
-attention weights, so its output row is ``out_proj.bias``, and finite gradients; torch's module
-gives NaN there.
+attention weights, so its output row is ``out_proj.bias``, and finite gradients, always. torch's
+module (2.13) does the same only on its SDPA path (need_weights=False, training or grad) and
+gives NaN with need_weights=True and on its inference fast path.
 """
 import warnings
 from typing import List, Optional, Tuple
@@ -49,6 +50,21 @@ def _check_mask_dtype(mask: Optional[Tensor], name: str) -> None:
 
 def _shape(t: Tensor) -> Tuple[int, ...]:
     return tuple(t.shape)
+
+
+class _GivenShapes:
+    """The shapes of query, key and value as the caller passed them, and their layout;
+    formatted into error messages only when one is raised."""
+
+    def __init__(self, query: Tensor, key: Tensor, value: Tensor, is_batched: bool,
+                 batch_first: bool):
+        self.shapes = (_shape(query), _shape(key), _shape(value))
+        self.layout = ("(N, seq, features)" if is_batched and batch_first else
+                       "(seq, N, features)" if is_batched else "(seq, features)")
+
+    def __str__(self) -> str:
+        query, key, value = self.shapes
+        return f"query {query}, key {key}, value {value} in {self.layout} layout"
 
 
 def _append_columns(mask: Tensor, count: int) -> Tensor:
@@ -204,7 +220,9 @@ class MultiheadAttention(nn.Module):
             with ``average_attn_weights=False``, (N, num_heads, L, S) (no N when unbatched),
             S counting the keys appended by ``add_bias_kv``/``add_zero_attn``; or None.
             A query row with every key masked gives zero weights and the output row
-            ``out_proj.bias`` (torch's module gives NaN).
+            ``out_proj.bias``, with finite gradients, in every mode (torch's module does so
+            only on its SDPA path, need_weights=False with grad or in training; it gives NaN
+            with need_weights=True and on its inference fast path).
         """
         # -- mask types, as torch's module checks them first.
         _check_mask_dtype(key_padding_mask, "key_padding_mask")
@@ -212,6 +230,7 @@ class MultiheadAttention(nn.Module):
             key_padding_mask is not None
             and attn_mask is not None
             and key_padding_mask.dtype != attn_mask.dtype
+            and not torch.compiler.is_compiling()  # Dynamo cannot trace warnings.warn
         ):
             warnings.warn(
                 "Support for mismatched key_padding_mask and attn_mask is deprecated. "
@@ -228,10 +247,8 @@ class MultiheadAttention(nn.Module):
             )
 
         is_batched = self._check_input_dims(query, key, value, key_padding_mask, attn_mask)
-        # The caller's shapes and layout, for error messages.
-        given = (f"query {_shape(query)}, key {_shape(key)}, value {_shape(value)} in "
-                 + ("(N, seq, features)" if is_batched and self.batch_first else
-                    "(seq, N, features)" if is_batched else "(seq, features)") + " layout")
+        # The caller's shapes, for error messages (formatted only when one is raised).
+        given = _GivenShapes(query, key, value, is_batched, self.batch_first)
         if is_causal and attn_mask is None:
             raise RuntimeError(
                 "Need attn_mask if specifying the is_causal hint. You may use the Transformer "
@@ -255,7 +272,7 @@ class MultiheadAttention(nn.Module):
         if causal:
             attn_mask = None
         if attn_mask is not None:
-            attn_mask = self._attn_mask_as_4d(attn_mask, batch, q_len, kv_len, is_batched)
+            attn_mask = self._attn_mask_as_4d(attn_mask, batch, q_len, kv_len)
         if key.size(0) != batch:
             raise RuntimeError(
                 f"MultiheadAttention: key and value have batch size {key.size(0)} but query "
@@ -268,10 +285,10 @@ class MultiheadAttention(nn.Module):
                 f"MultiheadAttention: key_padding_mask must have shape {expected}, but has "
                 f"shape {found} ({given})"
             )
+        self._check_dtypes(query, key, value)
         attn_mask, key_padding_mask = self._masks_for_op(
             attn_mask, key_padding_mask, query.dtype, need_weights
         )
-        self._check_dtypes(query, key, value)
 
         # -- projection into heads: (B, H, L, D), (B, H, S, D), (B, H, S, D).
         if self._qkv_same_embed_dim:
@@ -311,18 +328,48 @@ class MultiheadAttention(nn.Module):
                 q, k, v, attn_mask, dropout_p, causal, None, key_padding_mask
             )  # (B, H, L, D)
 
-        # -- concatenate heads and project out.
-        if is_batched and not self.batch_first:
-            # Seen as (L, H, B, D), merge_heads writes (L, B, E) directly: torch's layout,
-            # contiguous, with no transpose afterwards.
-            output = ops.merge_heads(
-                heads_out.permute(2, 1, 0, 3), self.out_proj.weight, self.out_proj.bias
-            )
-        else:
-            output = ops.merge_heads(heads_out, self.out_proj.weight, self.out_proj.bias)
-            if not is_batched:
-                output = output.squeeze(0)  # (L, E)
+        # -- concatenate heads and project out. Seen as (L, H, B, D), the heads make
+        # merge_heads write (L, B, E): torch's memory layout in every case, so that the output
+        # has torch's strides (batch_first gets the transposed view, as from torch's module).
+        # Stride-sensitive ops downstream then behave identically: e.g. nn.Dropout assigns its
+        # random draws in memory order, so a seeded run draws the same masks as with torch.
+        output = ops.merge_heads(
+            heads_out.permute(2, 1, 0, 3), self.out_proj.weight, self.out_proj.bias
+        )  # (L, B, E)
+        if not is_batched:
+            output = output.squeeze(1)  # (L, E)
+        elif self.batch_first:
+            output = output.transpose(0, 1)  # (B, L, E), a view
         return output, weights
+
+    def merge_masks(
+        self, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], query: Tensor
+    ) -> Tuple[Optional[Tensor], Optional[int]]:
+        """torch's public helper, with its behaviour: one (N, H, L, S) mask and its type.
+
+        Returns ``(key_padding_mask, 1)`` for a padding mask alone, ``(attn_mask as
+        (N, H, L, S), 2)`` for an attention mask ((L, S) or (N * H, L, S)), their sum (a
+        logical or for bool masks) when both are given, and ``(None, None)`` for neither.
+        ``query`` is batch-first (N, L, E), as in torch's fused paths that call this. Our
+        forward never merges masks; this exists for code written against torch's module.
+        """
+        merged: Optional[Tensor] = None
+        mask_type: Optional[int] = None
+        if key_padding_mask is not None:
+            merged, mask_type = key_padding_mask, 1
+        if attn_mask is not None:
+            batch, seq_len, _ = query.shape
+            if attn_mask.dim() == 3:
+                expanded = attn_mask.view(batch, -1, seq_len, seq_len)
+            else:
+                expanded = attn_mask.view(1, 1, seq_len, seq_len).expand(
+                    batch, self.num_heads, -1, -1)
+            merged, mask_type = expanded, 2
+            if key_padding_mask is not None:
+                padding = key_padding_mask.view(batch, 1, 1, seq_len).expand(
+                    -1, self.num_heads, -1, -1)
+                merged = expanded + padding
+        return merged, mask_type
 
     # -- helpers of forward -------------------------------------------------------------
 
@@ -375,7 +422,8 @@ class MultiheadAttention(nn.Module):
             f"{query.dim()}-D query tensor"
         )
 
-    def _check_input_sizes(self, query: Tensor, key: Tensor, value: Tensor, given: str) -> None:
+    def _check_input_sizes(self, query: Tensor, key: Tensor, value: Tensor,
+                           given: "_GivenShapes") -> None:
         """Feature and sequence sizes (inputs already viewed as (N, seq, features)): torch's
         checks and exception types (AssertionError; RuntimeError where torch's linear fails)."""
         if query.size(-1) != self.embed_dim:
@@ -414,7 +462,7 @@ class MultiheadAttention(nn.Module):
                     f"vdim is {self.vdim} ({given})"
                 )
 
-    def _attn_mask_as_4d(self, attn_mask, batch, q_len, kv_len, is_batched) -> Tensor:
+    def _attn_mask_as_4d(self, attn_mask: Tensor, batch: int, q_len: int, kv_len: int) -> Tensor:
         """(L, S) stays as is (it broadcasts); (B*H, L, S) becomes the view (B, H, L, S)."""
         if attn_mask.dim() == 2:
             if _shape(attn_mask) != (q_len, kv_len):

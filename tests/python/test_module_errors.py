@@ -109,6 +109,7 @@ def test_bad_input_raises_like_torch(case):
     assert ours_error.match(message)
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype")
 def test_nested_tensor_input_is_refused_with_a_hint():
     ours = qkv_attention.MultiheadAttention(E, H, batch_first=True)
     nested = torch.nested.nested_tensor([torch.randn(3, E), torch.randn(2, E)])

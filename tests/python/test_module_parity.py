@@ -134,17 +134,22 @@ def test_self_attention_with_one_input_tensor_matches_torch(config_name, need_we
     assert_results_match(actual, expected, torch.float64, config_name)
 
 
+@pytest.mark.parametrize("need_weights", [False, True])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_output_layout_is_torchs_and_contiguous(layout):
-    """(L, N, E) for seq-first, (N, L, E) for batch_first, (L, E) unbatched; and contiguous, so
-    a caller's .view() works (torch's seq-first output is contiguous too)."""
+def test_output_has_torchs_shape_and_strides(layout, need_weights):
+    """(L, N, E) for seq-first, (N, L, E) for batch_first, (L, E) unbatched, with torch's
+    strides (batch_first: a transposed view of (L, N, E) memory, as torch returns): code
+    after the module that depends on strides (a .view(), nn.Dropout's draw order) behaves
+    the same."""
     config = dict(CONFIGS["packed_E12_H3"], batch_first=(layout == "batch_first"))
     theirs, ours = module_pair(**config)
     inputs = make_inputs(config, layout, (None, None), torch.float64)
-    out, weights = ours(**inputs)
-    expected_out, expected_weights = theirs(**inputs)
-    assert out.shape == expected_out.shape and weights.shape == expected_weights.shape
-    assert out.is_contiguous()
+    out, weights = ours(**inputs, need_weights=need_weights)
+    expected_out, expected_weights = theirs(**inputs, need_weights=need_weights)
+    assert out.shape == expected_out.shape
+    assert out.stride() == expected_out.stride()
+    if need_weights:
+        assert weights.shape == expected_weights.shape
 
 
 def causal_bool_mask(L, S):

@@ -180,3 +180,26 @@ def test_constructor_rejects_bad_sizes_like_torch():
             cls(8, 0)
         with pytest.raises(AssertionError, match="embed_dim must be divisible by num_heads"):
             cls(10, 3)
+
+
+@pytest.mark.parametrize("masks", ["padding", "attn2d", "attn3d", "both_bool", "both_float",
+                                   "none"])
+def test_merge_masks_matches_torch(masks):
+    """torch's public helper, for code written against its module."""
+    theirs, ours = module_pair(embed_dim=8, num_heads=2, batch_first=True)
+    N, L = 3, 4
+    query = torch.randn(N, L, 8, dtype=torch.float64)
+    padding = torch.rand(N, L) < 0.3
+    attn = torch.rand(L, L) < 0.3 if masks != "attn3d" else torch.rand(N * 2, L, L) < 0.3
+    if masks == "both_float":
+        padding = torch.randn(N, L, dtype=torch.float64)
+        attn = torch.randn(L, L, dtype=torch.float64)
+    args = dict(attn_mask=None if masks in ("padding", "none") else attn,
+                key_padding_mask=padding if masks in ("padding", "both_bool", "both_float")
+                else None)
+    expected, expected_type = theirs.merge_masks(**args, query=query)
+    merged, merged_type = ours.merge_masks(**args, query=query)
+    assert merged_type == expected_type
+    assert (merged is None) == (expected is None)
+    if expected is not None:
+        assert merged.dtype == expected.dtype and torch.equal(merged, expected)

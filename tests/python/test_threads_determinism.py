@@ -1,0 +1,313 @@
+"""Determinism and thread safety of every op, forward and backward.
+
+- Repeated calls give bitwise-identical results (dropout too, after the same torch.manual_seed).
+- attention / attention_with_weights (forward, backward, dropout) give bitwise-identical results
+  with torch.set_num_threads(1), (2) and (3): the kernels never split a sum across threads.
+- qkv_projection and merge_heads are ATen GEMMs (MKL here), which split the reduction of a
+  product with few rows across threads: with 1 and 2 threads their float32 results differ by a
+  few ulps (measured up to 4.3e-7 of the largest value for B*L = 7; float64 7.0e-16; bfloat16 and
+  float16 came out bitwise equal). The documented bound, checked here element by element: two
+  results differ by at most twice a GEMM's rounding error bound, 2 * K * u * (|A| @ |B|), with
+  u = 2^-53 (float64) or 2^-24 (float32, and the float32 accumulation of half types), plus one
+  ulp of the result for half types (the final rounding may go either way).
+- Calls from many Python threads at once (the ops release the GIL) agree bitwise with the same
+  calls made serially; with dropout, every call draws its own seed and offset from the default
+  generator under its lock, and its output is the attention with the keep-mask of that draw.
+
+Shapes are odd and large enough that at::parallel_for splits the work into many chunks.
+"""
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+import qkv_attention  # noqa: F401
+from conftest import ALL_DTYPES, VS_FLOAT64_TOLERANCE, reference_attention
+
+ops = torch.ops.qkv_attention
+THREAD_COUNTS = (1, 2, 3)
+
+
+def _randn(generator, *shape, dtype, scale=1.0):
+    return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).to(dtype)
+
+
+# Each case: a function of (dtype, seed) returning the inputs, and a function of the inputs
+# returning every output and gradient (forward, then backward of a fixed random projection).
+
+def attention_inputs(dtype, seed, B=2, H=3, L=67, S=131, D=24, Dv=40, causal=True,
+                     dropout_p=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        query=_randn(g, B, H, L, D, dtype=dtype),
+        # A transposed key: the strided path.
+        key=_randn(g, B, H, D, S, dtype=dtype).transpose(-1, -2),
+        value=_randn(g, B, H, S, Dv, dtype=dtype),
+        attn_mask=_randn(g, 1, H, L, S, dtype=dtype),  # broadcast over B, with gradient
+        key_padding_mask=torch.rand(B, S, generator=g) < 0.9,
+        is_causal=causal, dropout_p=dropout_p,
+        grad_output=_randn(g, B, H, L, Dv, dtype=dtype),
+        grad_weights=_randn(g, B, H, L, S, dtype=dtype),
+    )
+
+
+def run_attention(inputs, seed=1234):
+    q, k, v, mask = (inputs[n].detach().requires_grad_() for n in
+                     ("query", "key", "value", "attn_mask"))
+    torch.manual_seed(seed)  # the dropout draw
+    out, weights = ops.attention_with_weights(q, k, v, mask, inputs["dropout_p"],
+                                              inputs["is_causal"], None,
+                                              inputs["key_padding_mask"])
+    ((out * inputs["grad_output"]).sum() + (weights * inputs["grad_weights"]).sum()).backward()
+    return [out, weights, q.grad, k.grad, v.grad, mask.grad]
+
+
+def projection_inputs(dtype, seed, B=3, L=67, S=129, Eq=80, Ek=72, Ev=56, E=96, H=4):
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        query=_randn(g, B, L, Eq, dtype=dtype), key=_randn(g, B, S, Ek, dtype=dtype),
+        value=_randn(g, B, S, Ev, dtype=dtype),
+        weights=[_randn(g, E, n, dtype=dtype, scale=n**-0.5) for n in (Eq, Ek, Ev)],
+        biases=[_randn(g, E, dtype=dtype) for _ in range(3)],
+        num_heads=H,
+        grads=[_randn(g, B, H, n, E // H, dtype=dtype) for n in (L, S, S)],
+    )
+
+
+def run_projection(inputs):
+    leaves = [inputs[n].detach().requires_grad_() for n in ("query", "key", "value")]
+    leaves += [w.detach().requires_grad_() for w in inputs["weights"] + inputs["biases"]]
+    outs = ops.qkv_projection(*leaves, inputs["num_heads"])
+    sum((o * g).sum() for o, g in zip(outs, inputs["grads"])).backward()
+    return [*outs, *(t.grad for t in leaves)]
+
+
+def merge_inputs(dtype, seed, B=3, H=4, L=67, D=24, Eout=72):
+    g = torch.Generator().manual_seed(seed)
+    return dict(x=_randn(g, B, H, L, D, dtype=dtype),
+                weight=_randn(g, Eout, H * D, dtype=dtype, scale=(H * D) ** -0.5),
+                bias=_randn(g, Eout, dtype=dtype), grad=_randn(g, B, L, Eout, dtype=dtype))
+
+
+def run_merge(inputs):
+    x, w, b = (inputs[n].detach().requires_grad_() for n in ("x", "weight", "bias"))
+    out = ops.merge_heads(x, w, b)
+    (out * inputs["grad"]).sum().backward()
+    return [out, x.grad, w.grad, b.grad]
+
+
+def projection_bounds(inputs, results):
+    """Per element of every result of run_projection: 2 K u (|A| @ |B|) (module docstring)."""
+    x = [inputs[n].double().abs() for n in ("query", "key", "value")]  # (B, N, Ein)
+    w = [t.double().abs() for t in inputs["weights"]]  # (E, Ein)
+    b = [t.double().abs() for t in inputs["biases"]]  # (E,)
+    H = inputs["num_heads"]
+    grads = [g.double().abs().transpose(1, 2).flatten(2) for g in inputs["grads"]]  # (B, N, E)
+    E = w[0].size(0)
+    bounds = []
+    for xi, wi, bi in zip(x, w, b):  # outputs: x W^T + b, split into heads
+        magnitude = xi @ wi.T + bi  # (B, N, E)
+        bounds.append((magnitude, xi.size(-1) + 1, lambda m: m.unflatten(2, (H, E // H))
+                       .transpose(1, 2)))
+    for gi, wi in zip(grads, w):  # grad of the inputs: G W
+        bounds.append((gi @ wi, E, None))
+    for gi, xi in zip(grads, x):  # grad of the weights: G^T x, summed over B * N rows
+        bounds.append((gi.flatten(0, 1).T @ xi.flatten(0, 1), gi.size(0) * gi.size(1), None))
+    for gi in grads:  # grad of the biases: sum of G over B * N rows
+        bounds.append((gi.flatten(0, 1).sum(0), gi.size(0) * gi.size(1), None))
+    return [gemm_bound(m, k, r, view) for (m, k, view), r in zip(bounds, results)]
+
+
+def merge_bounds(inputs, results):
+    x = inputs["x"].double().abs().transpose(1, 2).flatten(2)  # (B, L, H*D)
+    w, b = inputs["weight"].double().abs(), inputs["bias"].double().abs()
+    g = inputs["grad"].double().abs()  # (B, L, Eout)
+    H = inputs["x"].size(1)
+    rows = x.size(0) * x.size(1)
+    return [
+        gemm_bound(x @ w.T + b, x.size(-1) + 1, results[0]),
+        gemm_bound(g @ w, w.size(0), results[1],
+                   lambda m: m.unflatten(2, (H, -1)).transpose(1, 2)),  # (B, H, L, D)
+        gemm_bound(g.flatten(0, 1).T @ x.flatten(0, 1), rows, results[2]),
+        gemm_bound(g.flatten(0, 1).sum(0), rows, results[3]),
+    ]
+
+
+def gemm_bound(magnitude, K, result, view=None):
+    """2 K u |A||B| (+ one ulp of the result for half types): how far two GEMMs that sum the
+    same K products in different orders can land apart."""
+    if view is not None:
+        magnitude = view(magnitude)
+    u = 2.0**-53 if result.dtype == torch.float64 else 2.0**-24
+    bound = 2 * K * u * magnitude
+    if result.dtype in (torch.bfloat16, torch.float16):
+        bound = bound + ulp(result)
+    return bound
+
+
+def ulp(t):
+    """One unit in the last place of each element of a bfloat16/float16 tensor."""
+    mantissa_bits = 7 if t.dtype == torch.bfloat16 else 10
+    tiny = torch.finfo(t.dtype).tiny
+    magnitude = t.double().abs().clamp_min(tiny)
+    return torch.exp2(torch.floor(torch.log2(magnitude)) - mantissa_bits)
+
+
+CASES = {
+    "attention": (attention_inputs, run_attention),
+    "attention_dropout": (lambda dtype, seed: attention_inputs(dtype, seed, dropout_p=0.3),
+                          run_attention),
+    "attention_noncausal_long_rows": (
+        lambda dtype, seed: attention_inputs(dtype, seed, B=1, H=1, L=9, S=1031, D=8, Dv=8,
+                                             causal=False), run_attention),
+}
+GEMM_CASES = {
+    "qkv_projection": (projection_inputs, run_projection, projection_bounds),
+    # Tall and skinny: B*L = 4096 rows into E = 16 (a long reduction in the weight gradient).
+    "qkv_projection_tall": (lambda dtype, seed: projection_inputs(
+        dtype, seed, B=32, L=128, S=128, Eq=16, Ek=16, Ev=16, E=16, H=2), run_projection,
+        projection_bounds),
+    # Few rows (B*L = 7) and long rows: MKL splits these reductions by thread count.
+    "qkv_projection_few_rows": (lambda dtype, seed: projection_inputs(
+        dtype, seed, B=1, L=7, S=7, Eq=512, Ek=100, Ev=2048, E=16, H=2), run_projection,
+        projection_bounds),
+    "merge_heads": (merge_inputs, run_merge, merge_bounds),
+    "merge_heads_tall": (lambda dtype, seed: merge_inputs(dtype, seed, B=32, H=2, L=128, D=8,
+                                                          Eout=16), run_merge, merge_bounds),
+    "merge_heads_few_rows": (lambda dtype, seed: merge_inputs(dtype, seed, B=1, H=8, L=7, D=64,
+                                                              Eout=256), run_merge, merge_bounds),
+}
+ALL_CASES = {**CASES, **{name: case[:2] for name, case in GEMM_CASES.items()}}
+
+
+def assert_bitwise_equal(results, expected, what):
+    assert len(results) == len(expected)
+    for i, (a, b) in enumerate(zip(results, expected)):
+        assert a.dtype == b.dtype and a.shape == b.shape, (what, i)
+        # Compare the bits, so that NaN == NaN and -0.0 != 0.0 would both show.
+        same = torch.equal(a.detach().contiguous().view(torch.uint8),
+                           b.detach().contiguous().view(torch.uint8))
+        if not same:
+            diff = (a.double() - b.double()).abs()
+            raise AssertionError(f"{what}: result {i} of shape {tuple(a.shape)} differs, max "
+                                 f"|difference| {diff.max().item():.3e}, relative to max "
+                                 f"{(diff.max() / b.double().abs().max()).item():.3e}")
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("case", ALL_CASES)
+def test_repeated_calls_are_bitwise_identical(case, dtype):
+    make_inputs, run = ALL_CASES[case]
+    inputs = make_inputs(dtype, seed=0)
+    first = run(inputs)
+    assert_bitwise_equal(run(inputs), first, f"{case} second call")
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES)
+def test_thread_count_does_not_change_any_bit(case, dtype, restore_threads):
+    make_inputs, run = CASES[case]
+    inputs = make_inputs(dtype, seed=1)
+    torch.set_num_threads(1)
+    expected = run(inputs)
+    for threads in THREAD_COUNTS[1:]:
+        torch.set_num_threads(threads)
+        assert_bitwise_equal(run(inputs), expected, f"{case} with {threads} threads vs 1")
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("case", GEMM_CASES)
+def test_gemm_ops_across_thread_counts_differ_at_most_by_the_documented_bound(
+        case, dtype, restore_threads):
+    make_inputs, run, bounds_of = GEMM_CASES[case]
+    inputs = make_inputs(dtype, seed=1)
+    torch.set_num_threads(1)
+    expected = run(inputs)
+    bounds = bounds_of(inputs, expected)
+    for threads in THREAD_COUNTS[1:]:
+        torch.set_num_threads(threads)
+        for i, (result, reference, bound) in enumerate(zip(run(inputs), expected, bounds)):
+            assert result.shape == reference.shape == bound.shape, (case, i)
+            difference = (result.double() - reference.double()).abs()
+            worst = (difference / bound.clamp_min(1e-300)).max().item()
+            assert bool((difference <= bound).all()), (
+                f"{case}, result {i} with {threads} threads vs 1: difference up to "
+                f"{worst:.2f} x the bound")
+
+
+def test_dropout_differs_between_seeds_so_the_seeded_comparisons_mean_something():
+    inputs = attention_inputs(torch.float32, 0, dropout_p=0.3)
+    first, second = run_attention(inputs, seed=1), run_attention(inputs, seed=2)
+    assert not torch.equal(first[1], second[1])
+
+
+# -- many Python threads at once --------------------------------------------------------------
+
+PYTHON_THREADS = 8
+CALLS_PER_THREAD = 6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_concurrent_calls_from_python_threads_agree_with_serial_calls(dtype):
+    """Every op (no dropout) from 8 Python threads at once, each on its own inputs: every
+    result is bitwise the serial one."""
+    names = ["attention", "attention_noncausal_long_rows", "qkv_projection",
+             "qkv_projection_few_rows", "merge_heads", "merge_heads_few_rows"]
+    work = [(name, seed) for name in names for seed in range(3)]
+    inputs = {(n, s): ALL_CASES[n][0](dtype, s) for n, s in work}
+    serial = {(n, s): ALL_CASES[n][1](inputs[(n, s)]) for n, s in work}
+
+    barrier = threading.Barrier(PYTHON_THREADS)
+
+    def worker(index):
+        barrier.wait()  # start together, so the calls overlap
+        results = []
+        for call in range(CALLS_PER_THREAD):
+            name, seed = work[(index * 7 + call * 3) % len(work)]
+            results.append(((name, seed), ALL_CASES[name][1](inputs[(name, seed)])))
+        return results
+
+    with ThreadPoolExecutor(PYTHON_THREADS) as pool:
+        outcomes = list(pool.map(worker, range(PYTHON_THREADS)))
+    checked = 0
+    for results in outcomes:
+        for key, result in results:
+            assert_bitwise_equal(result, serial[key], f"{key} from a thread vs serial")
+            checked += 1
+    assert checked == PYTHON_THREADS * CALLS_PER_THREAD
+
+
+def test_concurrent_dropout_calls_draw_distinct_streams_and_match_their_masks():
+    """Dropout from 8 threads at once: each call draws its own (seed, offset) from the default
+    generator (under its lock: no two calls share a draw), and its output and weights are the
+    attention with the keep-mask that _attention_dropout_mask regenerates from that draw."""
+    B, H, L, S, D, p = 2, 2, 33, 47, 16, 0.4
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (_randn(g, B, H, n, D, dtype=torch.float32) for n in (L, S, S))
+
+    def worker(_):
+        out = []
+        for _ in range(3):
+            output, _, weights, rng_state = ops._attention_forward(q, k, v, None, None, p, False,
+                                                                   None, True)
+            out.append((output, weights, rng_state))
+        return out
+
+    with ThreadPoolExecutor(PYTHON_THREADS) as pool:
+        results = [r for rs in pool.map(worker, range(PYTHON_THREADS)) for r in rs]
+    states = {tuple(state.tolist()) for _, _, state in results}
+    assert len(states) == len(results), "two concurrent calls drew the same dropout stream"
+    tolerance = VS_FLOAT64_TOLERANCE[torch.float32]
+    for output, weights, rng_state in results:
+        keep = ops._attention_dropout_mask(rng_state, B, H, L, S, p)
+        ref_output, ref_weights = reference_attention(q, k, v, dropout_keep=keep, dropout_p=p)
+        torch.testing.assert_close(output.double(), ref_output, **tolerance)
+        torch.testing.assert_close(weights.double(), ref_weights, **tolerance)
