@@ -349,7 +349,7 @@ void flash_forward(const AttentionForwardParams<T>& p) {
       operand_rows<Ops>(p.value, p.value_strides, B, H, S, Dv, value_storage);
   const auto values = BOperands<Ops>::row_blocks(value_rows, B, H, S, Dv, Bk);
 
-  const Acc scale2 = static_cast<Acc>(p.scale * kLog2e);
+  const Acc scale = static_cast<Acc>(p.scale);
   const Acc kept_scale = static_cast<Acc>(kept_scale_of(p.dropout_p));
   const bool dropout = p.dropout_p > 0;
   const DropoutKey dropout_key = DropoutKey::make(p.seed, p.offset, p.dropout_p);
@@ -382,7 +382,7 @@ void flash_forward(const AttentionForwardParams<T>& p) {
     std::fill(out_acc, out_acc + nq * Dv, Acc(0));
     const int64_t visible_blocks = key_blocks_for(p, i0, nq, Bk);
 
-    // Scores of the first nc keys of block kb for every row, masked, in base-2 units; row
+    // Scores of the first nc keys of block kb for every row, masked; row
     // maxima to block_max. Returns nc (keys past it are hidden from all rows by causality).
     auto block_scores = [&](int64_t kb) {
       const int64_t j0 = kb * Bk, nc = columns_for(p, i0, nq, j0, std::min(Bk, S - j0));
@@ -392,8 +392,7 @@ void flash_forward(const AttentionForwardParams<T>& p) {
         Acc bias = 0;
         int64_t valid = visible_in_block(p, i0 + r, j0, nc);
         const int count = masks.segments(b, h, i0 + r, j0, nc, segments, gathered, bias, valid);
-        block_max[r] = Ops::prepare_row(scores + r * Bk, nc, scale2,
-                                        bias * static_cast<Acc>(kLog2e), valid, segments, count);
+        block_max[r] = Ops::prepare_row(scores + r * Bk, nc, scale, bias, valid, segments, count);
       }
       return nc;
     };
@@ -403,9 +402,9 @@ void flash_forward(const AttentionForwardParams<T>& p) {
       for (int64_t r = 0; r < nq; ++r) {
         const Acc m_old = row_max[r];
         const Acc m_new = block_max[r] > m_old ? block_max[r] : m_old;
-        // exp2 is taken relative to a finite value, 0 while the row has seen only -inf.
+        // exp is taken relative to a finite value, 0 while the row has seen only -inf.
         const Acc m_use = m_new == kNegInf ? Acc(0) : m_new;
-        const Acc alpha = m_old == kNegInf ? Acc(0) : std::exp2(m_old - m_use);
+        const Acc alpha = m_old == kNegInf ? Acc(0) : std::exp(m_old - m_use);
         if (dropout) Ops::keep_bits(dropout_key, uint64_t((bh * L + i0 + r) * S + j0), nk, keep);
         const Acc sum = Ops::exp_row(scores + r * Bk, nk, m_use, dropout ? keep : nullptr);
         row_sum[r] = row_sum[r] * alpha + sum;
@@ -427,13 +426,13 @@ void flash_forward(const AttentionForwardParams<T>& p) {
       if (l == Acc(0)) {
         std::fill(out_row, out_row + Dv, T(0));
         logsumexp[row] = kNegInf;
-        row_max[r] = std::numeric_limits<Acc>::infinity();  // base-2 logsumexp for the weights
+        row_max[r] = std::numeric_limits<Acc>::infinity();  // the logsumexp, for the weights
         continue;
       }
       const Acc m_use = row_max[r] == kNegInf ? Acc(0) : row_max[r];
       Ops::from_acc(out_acc + r * Dv, Dv, kept_scale / l, out_row);
-      row_max[r] = m_use + std::log2(l);
-      logsumexp[row] = row_max[r] * static_cast<Acc>(kLn2);
+      row_max[r] = m_use + std::log(l);
+      logsumexp[row] = row_max[r];
     }
 
     // The weights on request: recomputed from q, k and the logsumexp, with the same dropout.
@@ -504,14 +503,13 @@ void flash_backward(const AttentionBackwardParams<T>& p) {
   value_storage = std::vector<Acc>();  // V itself is needed only as V^T
 
   const Acc scale = static_cast<Acc>(p.scale);
-  const Acc scale2 = static_cast<Acc>(p.scale * kLog2e);
   const Acc kept_scale = static_cast<Acc>(kept_scale_of(p.dropout_p));
   const bool dropout = p.dropout_p > 0;
   const DropoutKey dropout_key = DropoutKey::make(p.seed, p.offset, p.dropout_p);
   const RowMasks<T, Acc> masks(p);
   const Acc* logsumexp = static_cast<const Acc*>(p.logsumexp);
 
-  // Per row: the logsumexp in base 2 (+inf for a row that saw no key, so that its P is 0), and
+  // Per row: the logsumexp (+inf for a row that saw no key, so that its P is 0), and
   // delta = sum_j P_ij dP'_ij = dO_i . O_i (+ the weights' own gradient term, below).
   std::vector<Acc> lse2(size_t(BH * L)), delta(size_t(BH * L));
   at::parallel_for(0, BH * L, 256, [&](int64_t begin, int64_t end) {
@@ -519,7 +517,7 @@ void flash_backward(const AttentionBackwardParams<T>& p) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t bh = row / L, i = row % L, b = bh / H, h = bh % H;
       const Acc lse = logsumexp[row];
-      lse2[row] = lse == -kInf ? kInf : lse * static_cast<Acc>(kLog2e);
+      lse2[row] = lse == -kInf ? kInf : lse;
       int64_t ld = 0;
       const Acc* o = rows_as_acc<Ops>(p.output, p.output_strides, b, h, i, 1, Dv, o_row.data(), ld);
       const Acc* d_o = grad_out_rows.rows(b, h, i);
@@ -550,8 +548,8 @@ void flash_backward(const AttentionBackwardParams<T>& p) {
     return blk;
   };
 
-  // Masked base-2 scores of rows i0 .. i0 + nq against the first nc keys of block kb, then
-  // P = exp2(s - lse2) (times the keep bits when `apply_keep`), in blk.scores. Returns nc (the
+  // Masked scores of rows i0 .. i0 + nq against the first nc keys of block kb, then
+  // P = exp(s - lse) (times the keep bits when `apply_keep`), in blk.scores. Returns nc (the
   // keys past it are hidden from all these rows by causality).
   auto probabilities = [&](Block& blk, int64_t bh, int64_t i0, int64_t nq, int64_t kb,
                            bool apply_keep) {
@@ -566,7 +564,7 @@ void flash_backward(const AttentionBackwardParams<T>& p) {
       Acc bias = 0;
       int64_t valid = visible_in_block(p, i, j0, nk);
       const int count = masks.segments(b, h, i, j0, nk, segments, blk.gathered, bias, valid);
-      Ops::prepare_row(s_row, nk, scale2, bias * static_cast<Acc>(kLog2e), valid, segments, count);
+      Ops::prepare_row(s_row, nk, scale, bias, valid, segments, count);
       if (apply_keep) Ops::keep_bits(dropout_key, uint64_t(row * S + j0), nk, blk.keep);
       Ops::exp_row(s_row, nk, lse2[row], apply_keep ? blk.keep : nullptr);
     }
@@ -580,9 +578,14 @@ void flash_backward(const AttentionBackwardParams<T>& p) {
                      gs.col, nk, blk.gw_row);
   };
 
-  // delta also carries sum_j W_ij gW_ij when the weights have a gradient of their own: one more
-  // pass over P, per query block.
-  if (p.grad_weights) {
+  // A second look at delta, per query block, recomputing P:
+  //  - when the weights have a gradient of their own, delta also carries sum_j W_ij gW_ij;
+  //  - when a mask gradient (dS itself, summed over broadcast dimensions) is asked for a half
+  //    type, delta is recomputed as sum_j W_ij dP_ij instead of dO . O: the output was rounded
+  //    to the half type, and the rows of dS would then no longer sum to 0 (for a scalar mask,
+  //    an error of 2^-9 |delta| per row, summed over every row).
+  const bool exact_delta = grad_scores != nullptr && !std::is_same_v<T, Acc>;
+  if (p.grad_weights || exact_delta) {
     TaskPool pool(BH * query_blocks);
     Scratch<Acc> scratch(pool.slots(), slot_floats);
     pool.run([&](int64_t task, int64_t slot) {
@@ -591,16 +594,29 @@ void flash_backward(const AttentionBackwardParams<T>& p) {
       const int64_t b = bh / H, h = bh % H, i0 = qb * Bq, nq = std::min(Bq, L - i0);
       std::fill(blk.row_extra, blk.row_extra + nq, Acc(0));
       for (int64_t kb = 0; kb < key_blocks_for(p, i0, nq, Bk); ++kb) {
+        // P * keep in blk.scores; with exact_delta, dP = dO V^T in blk.grad_p.
         const int64_t j0 = kb * Bk, nk = probabilities(blk, bh, i0, nq, kb, dropout);
+        if (exact_delta) {
+          Ops::gemm(nq, nk, Dv, grad_out_rows.rows(b, h, i0), grad_out_rows.ld, 1,
+                    value_t.at(bh, kb), value_t.ld(), blk.grad_p, Bk, false);
+        }
         for (int64_t r = 0; r < nq; ++r) {
-          grad_weights_row(blk, b, h, i0 + r, j0, nk);
+          Acc* dp_row = blk.grad_p + r * Bk;
+          if (!exact_delta) std::fill(dp_row, dp_row + nk, Acc(0));
+          if (p.grad_weights) {
+            grad_weights_row(blk, b, h, i0 + r, j0, nk);
+            for (int64_t j = 0; j < nk; ++j) dp_row[j] += blk.gw_row[j];
+          }
           const Acc* s_row = blk.scores + r * Bk;
           Acc sum = 0;
-          for (int64_t j = 0; j < nk; ++j) sum += s_row[j] * blk.gw_row[j];
+          for (int64_t j = 0; j < nk; ++j) sum += s_row[j] * dp_row[j];
           blk.row_extra[r] += sum;
         }
       }
-      for (int64_t r = 0; r < nq; ++r) delta[bh * L + i0 + r] += blk.row_extra[r] * kept_scale;
+      for (int64_t r = 0; r < nq; ++r) {
+        Acc& d = delta[bh * L + i0 + r];
+        d = (exact_delta ? Acc(0) : d) + blk.row_extra[r] * kept_scale;
+      }
     });
   }
 

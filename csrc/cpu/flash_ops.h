@@ -7,8 +7,9 @@
 //                     chosen at run time when the CPU has AVX-512 (see cpu_has_avx512()).
 // The kernels are templates over the set, so both run the same algorithm.
 //
-// Scores inside the kernels are in base-2 units (natural score * log2(e)), so that the softmax
-// uses exp2; the logsumexp handed to the caller is converted back to natural units.
+// Scores stay in natural units (scale * q.k + masks); exp(s - m) is computed as
+// exp2((s - m) * log2(e)) only after the row maximum is subtracted, so that the rounding of the
+// conversion is relative to s - m, not to s (logits of 1e4 keep their precision).
 //
 // Everything here sees plain pointers and sizes; nothing depends on ATen.
 #pragma once
@@ -27,7 +28,6 @@
 namespace qkv_attention::cpu::flash {
 
 constexpr double kLog2e = 1.4426950408889634074;
-constexpr double kLn2 = 0.69314718055994530942;
 
 // One mask's values for a run of consecutive keys of one query row, contiguous in memory.
 enum class MaskSegmentKind : uint8_t { kBool, kFloat, kDouble, kBFloat16, kHalf };
@@ -108,13 +108,12 @@ struct PortableOps {
     }
   }
 
-  // Turns raw dot products s[0, n) into base-2 scores: s * scale + bias + the masks (additive
-  // masks times log2(e); a false bool gives -inf) for j < valid, -inf for j >= valid.
+  // Turns raw dot products s[0, n) into scores: s * scale + bias + the masks (additive masks
+  // added; a false bool gives -inf) for j < valid, -inf for j >= valid.
   // Returns the largest score, ignoring NaN (-inf when every score is -inf).
   static Acc prepare_row(Acc* s, int64_t n, Acc scale, Acc bias, int64_t valid,
                          const MaskSegment* masks, int mask_count) {
     constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
-    const Acc log2e = Acc(kLog2e);
     Acc row_max = kNegInf;
     for (int64_t j = 0; j < n; ++j) {
       Acc x = kNegInf;
@@ -127,16 +126,16 @@ struct PortableOps {
               if (!static_cast<const bool*>(mask.data)[j]) x = kNegInf;
               break;
             case MaskSegmentKind::kFloat:
-              x += Acc(static_cast<const float*>(mask.data)[j]) * log2e;
+              x += Acc(static_cast<const float*>(mask.data)[j]);
               break;
             case MaskSegmentKind::kDouble:
-              x += Acc(static_cast<const double*>(mask.data)[j]) * log2e;
+              x += Acc(static_cast<const double*>(mask.data)[j]);
               break;
             case MaskSegmentKind::kBFloat16:
-              x += Acc(float(static_cast<const c10::BFloat16*>(mask.data)[j])) * log2e;
+              x += Acc(float(static_cast<const c10::BFloat16*>(mask.data)[j]));
               break;
             case MaskSegmentKind::kHalf:
-              x += Acc(float(static_cast<const c10::Half*>(mask.data)[j])) * log2e;
+              x += Acc(float(static_cast<const c10::Half*>(mask.data)[j]));
               break;
           }
           if (x == kNegInf) break;  // a later float mask must not turn -inf into NaN
@@ -148,12 +147,12 @@ struct PortableOps {
     return row_max;
   }
 
-  // p = exp2(s - m) for s[0, n); returns sum(p) and stores p (times the keep bit when `keep`
+  // p = exp(s - m) for s[0, n); returns sum(p) and stores p (times the keep bit when `keep`
   // is given) back into s. `m` must be finite or +inf.
   static Acc exp_row(Acc* s, int64_t n, Acc m, const uint64_t* keep) {
     Acc sum = 0;
     for (int64_t j = 0; j < n; ++j) {
-      const Acc p = std::exp2(s[j] - m);
+      const Acc p = std::exp(s[j] - m);
       sum += p;
       s[j] = keep && !keep_bit(keep, j) ? Acc(0) : p;
     }

@@ -228,7 +228,6 @@ QKV_AVX512 float Avx512Ops::prepare_row(float* s, int64_t n, float scale, float 
                                         int64_t valid, const MaskSegment* masks, int mask_count) {
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   const __m512 scale_v = _mm512_set1_ps(scale), bias_v = _mm512_set1_ps(bias);
-  const __m512 log2e = _mm512_set1_ps(float(kLog2e));
   __m512 row_max = neg_inf;
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 lanes = first_lanes(n - j);
@@ -244,16 +243,13 @@ QKV_AVX512 float Avx512Ops::prepare_row(float* s, int64_t n, float scale, float 
           break;
         }
         case MaskSegmentKind::kFloat:
-          x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes, static_cast<const float*>(mask.data) + j),
-                              log2e, x);
+          x = _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, static_cast<const float*>(mask.data) + j), x);
           break;
         case MaskSegmentKind::kBFloat16:
-          x = _mm512_fmadd_ps(load_bf16(static_cast<const uint16_t*>(mask.data) + j, lanes), log2e,
-                              x);
+          x = _mm512_add_ps(load_bf16(static_cast<const uint16_t*>(mask.data) + j, lanes), x);
           break;
         case MaskSegmentKind::kHalf:
-          x = _mm512_fmadd_ps(load_half(static_cast<const uint16_t*>(mask.data) + j, lanes), log2e,
-                              x);
+          x = _mm512_add_ps(load_half(static_cast<const uint16_t*>(mask.data) + j, lanes), x);
           break;
         case MaskSegmentKind::kDouble: {
           // Not produced for float accumulation; kept correct anyway.
@@ -261,7 +257,7 @@ QKV_AVX512 float Avx512Ops::prepare_row(float* s, int64_t n, float scale, float 
           for (int64_t t = 0; t < std::min<int64_t>(16, n - j); ++t) {
             values[t] = float(static_cast<const double*>(mask.data)[j + t]);
           }
-          x = _mm512_fmadd_ps(_mm512_load_ps(values), log2e, x);
+          x = _mm512_add_ps(_mm512_load_ps(values), x);
           break;
         }
       }
@@ -276,10 +272,13 @@ QKV_AVX512 float Avx512Ops::prepare_row(float* s, int64_t n, float scale, float 
 
 QKV_AVX512 float Avx512Ops::exp_row(float* s, int64_t n, float m, const uint64_t* keep) {
   const __m512 m_v = _mm512_set1_ps(m);
+  const __m512 log2e = _mm512_set1_ps(float(kLog2e));
   __m512 sum = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 lanes = first_lanes(n - j);
-    const __m512 p = exp2_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, s + j), m_v));
+    // exp(s - m) = 2^((s - m) log2 e), the max subtracted first (see flash_ops.h).
+    const __m512 p =
+        exp2_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, s + j), m_v), log2e));
     sum = _mm512_mask_add_ps(sum, lanes, sum, p);
     const __mmask16 kept = keep ? __mmask16(keep[j >> 6] >> (j & 63)) : __mmask16(0xffff);
     _mm512_mask_storeu_ps(s + j, lanes, _mm512_maskz_mov_ps(kept, p));
