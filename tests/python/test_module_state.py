@@ -34,8 +34,10 @@ def check_same_outputs(a, b, batch_first=False):
     a.eval(), b.eval()
     out_a, w_a = a(q, k, v)
     out_b, w_b = b(q, k, v)
-    torch.testing.assert_close(out_a, out_b, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(w_a, w_b, atol=1e-6, rtol=1e-6)
+    # Two implementations rounding in different orders (blocked kernels vs torch's math path):
+    # float32's tolerance of conftest (1e-5); measured differences reach 2e-6.
+    torch.testing.assert_close(out_a, out_b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w_a, w_b, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)

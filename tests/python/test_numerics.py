@@ -45,7 +45,8 @@ def check_gradient(actual, expected, dtype, what, tolerance=None):
 
 
 def forward_backward_against_reference(q, k, v, dtype, attn_mask=None, is_causal=False,
-                                       scale=None, grad_scale=1.0, seed=0, tolerance=None):
+                                       scale=None, grad_scale=1.0, seed=0, tolerance=None,
+                                       grad_tolerance=None):
     """Runs attention_with_weights forward and backward and compares output, weights and the
     gradients of q, k, v with the float64 reference on the same inputs."""
     g = torch.Generator().manual_seed(seed)
@@ -59,7 +60,8 @@ def forward_backward_against_reference(q, k, v, dtype, attn_mask=None, is_causal
     (out * grad).sum().backward()
     (ref_out * grad.double()).sum().backward()
     for name, ours, theirs in (("query", q, q64), ("key", k, k64), ("value", v, v64)):
-        check_gradient(ours.grad, theirs.grad, dtype, f"grad of {name}", tolerance)
+        check_gradient(ours.grad, theirs.grad, dtype, f"grad of {name}",
+                       grad_tolerance or tolerance)
 
 
 # -- logits of +-1e4 ----------------------------------------------------------------------------
@@ -77,7 +79,14 @@ def test_logits_of_plus_minus_1e4_give_the_exact_saturated_softmax(dtype):
     v = torch.randn(B, H, S, D, generator=g, dtype=torch.float64).to(dtype)
     logits = q.double() @ k.double().transpose(-1, -2)
     assert logits.abs().max() > 1e4  # the case is what its name says
-    forward_backward_against_reference(q, k, v, dtype, scale=1.0)
+    # The gradients vanish only up to rounding: a fused backward takes delta = dO . O, and dS =
+    # P (dP - delta) with P one-hot leaves dP - delta ~ 1 float32 ulp of dO . v, times q or k
+    # (up to 100). torch's own fused SDPA gives the same 2.3e-5 here. So float32 gradients get
+    # 1e-5 per unit of |q|, |k|.
+    grad_tolerance = None
+    if dtype == torch.float32:
+        grad_tolerance = dict(atol=1e-5 * 100, rtol=1e-5)
+    forward_backward_against_reference(q, k, v, dtype, scale=1.0, grad_tolerance=grad_tolerance)
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
