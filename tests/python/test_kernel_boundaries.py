@@ -253,3 +253,36 @@ def test_weights_gradient_and_dropout_together(dtype):
     assert torch.equal(weights == 0, (keep == 0) | (ref_weights == 0))
     for a, e in zip(ours, theirs):
         assert_close_to_max(a, e, 2.0**-6 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_self_attention_projection_equals_the_separate_one(dtype, bias):
+    """qkv_projection on one input with the weights as chunks of one (3E, Ein) matrix (the
+    module's self-attention) takes the one-GEMM path; it must give what three separate
+    projections of copies give, forward and backward (up to GEMM rounding: the K dimension is
+    the same, but MKL may block a 3E-wide GEMM differently)."""
+    B, L, E, H = 2, 37, 48, 4
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(B, L, E, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    w = torch.randn(3 * E, E, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    b = torch.randn(3 * E, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    biases = b.chunk(3) if bias else (None, None, None)
+    packed = ops.qkv_projection(x, x, x, *w.chunk(3), *biases, H)
+    x2 = [x.detach().clone().requires_grad_() for _ in range(3)]
+    w2 = [c.detach().clone().requires_grad_() for c in w.chunk(3)]
+    b2 = [c.detach().clone().requires_grad_() for c in b.chunk(3)] if bias else [None] * 3
+    separate = ops.qkv_projection(*x2, *w2, *b2, H)
+    tolerance = VS_FLOAT64_TOLERANCE[dtype]
+    grads = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(dtype) for t in packed]
+    for a, e in zip(packed, separate):
+        assert a.is_contiguous()
+        torch.testing.assert_close(a, e, **tolerance)
+    ours = torch.autograd.grad(packed, [x, w] + ([b] if bias else []), grads)
+    theirs = torch.autograd.grad(separate, x2 + w2 + (b2 if bias else []), grads)
+    expected = [theirs[0] + theirs[1] + theirs[2], torch.cat(theirs[3:6])]
+    if bias:
+        expected.append(torch.cat(theirs[6:9]))
+    for a, e in zip(ours, expected):
+        scaled = dict(tolerance, atol=tolerance["atol"] * max(1.0, e.abs().max().item()) * 4)
+        torch.testing.assert_close(a, e, **scaled)
