@@ -5,7 +5,7 @@ case per process), so that both measure exactly the same work.
 """
 import dataclasses
 import math
-from typing import Callable, Optional, Tuple
+from typing import Callable, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -200,5 +200,3 @@ def describe_machine() -> dict:
     )
 
 
-def optional_int(value: Optional[str]) -> Optional[int]:
-    return None if value is None else int(value)

@@ -30,6 +30,7 @@
 
 #include "cpu/attention_kernel.h"
 #include "cpu/flash_ops.h"
+#include "cpu/large_buffer.h"
 
 namespace qkv_attention::cpu::flash {
 
@@ -143,11 +144,11 @@ const Acc* rows_as_acc(const T* base, const Strides4& st, int64_t b, int64_t h, 
 // The whole (B, H, N, C) operand as Acc rows: a view of it, or a packed copy in `storage`.
 template <typename Ops, typename T, typename Acc>
 RowsView<Acc> operand_rows(const T* base, const Strides4& st, int64_t B, int64_t H, int64_t N,
-                           int64_t C, std::vector<Acc>& storage) {
+                           int64_t C, LargeBuffer<Acc>& storage) {
   if constexpr (std::is_same_v<T, Acc>) {
     if (st.col == 1 || C <= 1) return RowsView<Acc>{base, st.batch, st.head, st.row};
   }
-  storage.resize(size_t(std::max<int64_t>(B * H * N * C, 1)));
+  storage.assign_zeros(size_t(std::max<int64_t>(B * H * N * C, 1)));
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       int64_t ld = 0;
@@ -204,7 +205,7 @@ class BOperands {
     // Every panel has the layout of a full block; the last one is packed with its true size.
     ld_ = Ops::packed_ld(transposed ? block_ : C);
     panel_ = transposed ? Ops::packed_size(C, block_) : Ops::packed_size(block_, C);
-    packed_.assign(size_t(std::max<int64_t>(B_ * H_ * blocks_ * panel_, 1)), Elem(0));
+    packed_.assign_zeros(size_t(std::max<int64_t>(B_ * H_ * blocks_ * panel_, 1)));
     at::parallel_for(0, B_ * H_ * blocks_, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t bh = task / blocks_, blk = task % blocks_;
@@ -223,7 +224,7 @@ class BOperands {
   int64_t B_, H_, N_, block_, blocks_;
   bool plain_ = false;
   RowsView<Acc> view_;
-  std::vector<Elem> packed_;
+  LargeBuffer<Elem> packed_;
   int64_t ld_ = 0, panel_ = 0;
 };
 
@@ -317,7 +318,7 @@ class Scratch {
 
  private:
   int64_t per_slot_;
-  std::vector<Acc> storage_;
+  LargeBuffer<Acc> storage_;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -341,10 +342,10 @@ void flash_forward(const AttentionForwardParams<T>& p) {
   const int64_t query_blocks = ceil_div(L, Bq), key_blocks = ceil_div(S, Bk);
 
   // K^T and V per key block, as the GEMMs' B operands.
-  std::vector<Acc> key_storage, value_storage;
+  LargeBuffer<Acc> key_storage, value_storage;
   const RowsView<Acc> key_rows = operand_rows<Ops>(p.key, p.key_strides, B, H, S, D, key_storage);
   const auto key_t = BOperands<Ops>::transposed_blocks(key_rows, B, H, S, D, Bk);
-  key_storage = std::vector<Acc>();
+  key_storage.release();
   const RowsView<Acc> value_rows =
       operand_rows<Ops>(p.value, p.value_strides, B, H, S, Dv, value_storage);
   const auto values = BOperands<Ops>::row_blocks(value_rows, B, H, S, Dv, Bk);
@@ -484,23 +485,29 @@ void flash_backward(const AttentionBackwardParams<T>& p) {
   const int64_t Bq = blocking.queries, Bk = blocking.keys;
   const int64_t query_blocks = ceil_div(L, Bq), key_blocks = ceil_div(S, Bk);
 
-  // A operands (rows of Q and dO) and B operands (K^T, V^T, K, Q, dO per block).
-  std::vector<Acc> key_storage, value_storage, query_storage, grad_out_storage;
+  // A operands (rows of Q and dO) and B operands (K, Q, dO per block; K^T and V^T are packed
+  // per key block by the task that owns it, so they never exist for the whole sequence).
+  LargeBuffer<Acc> key_storage, value_storage, query_storage, grad_out_storage;
   const RowsView<Acc> query_rows =
       operand_rows<Ops>(p.query, p.query_strides, B, H, L, D, query_storage);
   const RowsView<Acc> grad_out_rows =
       operand_rows<Ops>(p.grad_output, p.grad_output_strides, B, H, L, Dv, grad_out_storage);
   const RowsView<Acc> key_rows = operand_rows<Ops>(p.key, p.key_strides, B, H, S, D, key_storage);
-  const auto key_t = BOperands<Ops>::transposed_blocks(key_rows, B, H, S, D, Bk);
+  const RowsView<Acc> value_rows =
+      operand_rows<Ops>(p.value, p.value_strides, B, H, S, Dv, value_storage);
   const auto keys = BOperands<Ops>::row_blocks(key_rows, B, H, S, D, Bk);
   const auto queries = BOperands<Ops>::row_blocks(query_rows, B, H, L, D, Bq);
   const auto grad_outs = BOperands<Ops>::row_blocks(grad_out_rows, B, H, L, Dv, Bq);
-  const auto value_t = [&] {
-    const RowsView<Acc> value_rows =
-        operand_rows<Ops>(p.value, p.value_strides, B, H, S, Dv, value_storage);
-    return BOperands<Ops>::transposed_blocks(value_rows, B, H, S, Dv, Bk);
-  }();
-  value_storage = std::vector<Acc>();  // V itself is needed only as V^T
+
+  // K^T and V^T of one key block, packed as B operands (ld = panel_ld).
+  using Elem = typename Ops::b_elem;
+  const int64_t panel_ld = Ops::packed_ld(Bk);
+  const int64_t kt_size = Ops::packed_size(D, Bk), vt_size = Ops::packed_size(Dv, Bk);
+  auto pack_key_block = [&](int64_t bh, int64_t kb, Elem* kt, Elem* vt) {
+    const int64_t b = bh / H, h = bh % H, j0 = kb * Bk, nk = std::min(Bk, S - j0);
+    Ops::pack_b(key_rows.rows(b, h, j0), 1, key_rows.ld, D, nk, kt, panel_ld);
+    Ops::pack_b(value_rows.rows(b, h, j0), 1, value_rows.ld, Dv, nk, vt, panel_ld);
+  };
 
   const Acc scale = static_cast<Acc>(p.scale);
   const Acc kept_scale = static_cast<Acc>(kept_scale_of(p.dropout_p));
@@ -511,7 +518,7 @@ void flash_backward(const AttentionBackwardParams<T>& p) {
 
   // Per row: the logsumexp (+inf for a row that saw no key, so that its P is 0), and
   // delta = sum_j P_ij dP'_ij = dO_i . O_i (+ the weights' own gradient term, below).
-  std::vector<Acc> lse2(size_t(BH * L)), delta(size_t(BH * L));
+  LargeBuffer<Acc> lse2(size_t(BH * L)), delta(size_t(BH * L));
   at::parallel_for(0, BH * L, 256, [&](int64_t begin, int64_t end) {
     std::vector<Acc> o_row(size_t(std::max<int64_t>(Dv, 1)));
     for (int64_t row = begin; row < end; ++row) {
@@ -552,11 +559,11 @@ void flash_backward(const AttentionBackwardParams<T>& p) {
   // P = exp(s - lse) (times the keep bits when `apply_keep`), in blk.scores. Returns nc (the
   // keys past it are hidden from all these rows by causality).
   auto probabilities = [&](Block& blk, int64_t bh, int64_t i0, int64_t nq, int64_t kb,
-                           bool apply_keep) {
+                           const Elem* kt, bool apply_keep) {
     const int64_t b = bh / H, h = bh % H;
     const int64_t j0 = kb * Bk, nk = columns_for(p, i0, nq, j0, std::min(Bk, S - j0));
-    Ops::gemm(nq, nk, D, query_rows.rows(b, h, i0), query_rows.ld, 1, key_t.at(bh, kb),
-              key_t.ld(), blk.scores, Bk, false);
+    Ops::gemm(nq, nk, D, query_rows.rows(b, h, i0), query_rows.ld, 1, kt, panel_ld, blk.scores,
+              Bk, false);
     for (int64_t r = 0; r < nq; ++r) {
       const int64_t i = i0 + r, row = bh * L + i;
       Acc* s_row = blk.scores + r * Bk;
@@ -588,17 +595,22 @@ void flash_backward(const AttentionBackwardParams<T>& p) {
   if (p.grad_weights || exact_delta) {
     TaskPool pool(BH * query_blocks);
     Scratch<Acc> scratch(pool.slots(), slot_floats);
+    LargeBuffer<Elem> panels(size_t(pool.slots() * (kt_size + vt_size)));
     pool.run([&](int64_t task, int64_t slot) {
       Block blk = carve(scratch.slot(slot));
+      Elem* kt = panels.data() + slot * (kt_size + vt_size);
+      Elem* vt = kt + kt_size;
       const int64_t bh = task / query_blocks, qb = task % query_blocks;
       const int64_t b = bh / H, h = bh % H, i0 = qb * Bq, nq = std::min(Bq, L - i0);
       std::fill(blk.row_extra, blk.row_extra + nq, Acc(0));
       for (int64_t kb = 0; kb < key_blocks_for(p, i0, nq, Bk); ++kb) {
+        // (This rarely needed pass packs K^T and V^T again for each query block.)
+        pack_key_block(bh, kb, kt, vt);
         // P * keep in blk.scores; with exact_delta, dP = dO V^T in blk.grad_p.
-        const int64_t j0 = kb * Bk, nk = probabilities(blk, bh, i0, nq, kb, dropout);
+        const int64_t j0 = kb * Bk, nk = probabilities(blk, bh, i0, nq, kb, kt, dropout);
         if (exact_delta) {
-          Ops::gemm(nq, nk, Dv, grad_out_rows.rows(b, h, i0), grad_out_rows.ld, 1,
-                    value_t.at(bh, kb), value_t.ld(), blk.grad_p, Bk, false);
+          Ops::gemm(nq, nk, Dv, grad_out_rows.rows(b, h, i0), grad_out_rows.ld, 1, vt, panel_ld,
+                    blk.grad_p, Bk, false);
         }
         for (int64_t r = 0; r < nq; ++r) {
           Acc* dp_row = blk.grad_p + r * Bk;
@@ -626,7 +638,7 @@ void flash_backward(const AttentionBackwardParams<T>& p) {
   // With one group and float gradients, dQ is accumulated in the output itself.
   constexpr bool kGradIsAcc = std::is_same_v<T, Acc>;
   const bool dq_in_place = kGradIsAcc && groups == 1;
-  std::vector<Acc> dq_partial(dq_in_place ? 0 : size_t(BH * groups * L * D));
+  LargeBuffer<Acc> dq_partial(dq_in_place ? 0 : size_t(BH * groups * L * D));
   auto dq_of = [&](int64_t bh, int64_t g) -> Acc* {
     if constexpr (kGradIsAcc) {
       if (dq_in_place) return reinterpret_cast<Acc*>(p.grad_query) + bh * L * D;
@@ -636,8 +648,11 @@ void flash_backward(const AttentionBackwardParams<T>& p) {
   {
     TaskPool pool(BH * groups);
     Scratch<Acc> scratch(pool.slots(), slot_floats);
+    LargeBuffer<Elem> panels(size_t(pool.slots() * (kt_size + vt_size)));
     pool.run([&](int64_t task, int64_t slot) {
       Block blk = carve(scratch.slot(slot));
+      Elem* kt = panels.data() + slot * (kt_size + vt_size);
+      Elem* vt = kt + kt_size;
       const int64_t bh = task / groups, g = task % groups;
       const int64_t b = bh / H, h = bh % H;
       Acc* dq = dq_of(bh, g);
@@ -645,6 +660,7 @@ void flash_backward(const AttentionBackwardParams<T>& p) {
       // Key blocks g, g + groups, ...: interleaved, so that causal groups get equal work.
       for (int64_t kb = g; kb < key_blocks; kb += groups) {
         const int64_t j0 = kb * Bk, nk = std::min(Bk, S - j0);
+        pack_key_block(bh, kb, kt, vt);
         std::fill(blk.dk, blk.dk + nk * D, Acc(0));
         std::fill(blk.dv, blk.dv + nk * Dv, Acc(0));
         // Causal: rows before j0 see none of these keys.
@@ -659,11 +675,10 @@ void flash_backward(const AttentionBackwardParams<T>& p) {
           const int64_t i0 = qb * Bq, nq = std::min(Bq, L - i0);
           const Acc* d_o = grad_out_rows.rows(b, h, i0);
           // nc <= nk: the keys this query block sees (all but causal ones past its diagonal).
-          const int64_t nc = probabilities(blk, bh, i0, nq, kb, false);
+          const int64_t nc = probabilities(blk, bh, i0, nq, kb, kt, false);
           // dP = dO V^T (+ grad_weights), then W = P * keep * kept_scale and
           // dS = P * (dP * keep * kept_scale - delta).
-          Ops::gemm(nq, nc, Dv, d_o, grad_out_rows.ld, 1, value_t.at(bh, kb), value_t.ld(),
-                    blk.grad_p, Bk, false);
+          Ops::gemm(nq, nc, Dv, d_o, grad_out_rows.ld, 1, vt, panel_ld, blk.grad_p, Bk, false);
           // Without dropout the weights are P itself (the kept scale is 1).
           Acc* w = dropout ? blk.weights : nullptr;
           for (int64_t r = 0; r < nq; ++r) {
