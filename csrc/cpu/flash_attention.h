@@ -40,7 +40,9 @@ struct Blocking {
   int64_t queries, keys;
 };
 
-inline int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
+inline int64_t round_up(int64_t x, int64_t multiple) {
+  return (x + multiple - 1) / multiple * multiple;
+}
 inline int64_t ceil_div(int64_t x, int64_t y) { return (x + y - 1) / y; }
 
 // Forward: Bq = 48 query rows (8 register tiles of 6) against Ops::kForwardKeys keys (256
@@ -49,7 +51,8 @@ inline int64_t ceil_div(int64_t x, int64_t y) { return (x + y - 1) / y; }
 template <class Ops>
 Blocking forward_blocking(const AttentionShape& shape) {
   return Blocking{std::min<int64_t>(48, std::max<int64_t>(shape.q_len, 1)),
-                  std::min<int64_t>(Ops::kForwardKeys, round_up(std::max<int64_t>(shape.kv_len, 1), 16))};
+                  std::min<int64_t>(Ops::kForwardKeys,
+                                    round_up(std::max<int64_t>(shape.kv_len, 1), 16))};
 }
 
 // Backward: 48 x 128. Three Bq x Bk blocks (scores, dP/dS, weights) and the 128-row dK and dV
@@ -66,7 +69,8 @@ inline Blocking backward_blocking(const AttentionShape& shape) {
 class TaskPool {
  public:
   explicit TaskPool(int64_t tasks)
-      : tasks_(tasks), slots_(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks))) {}
+      : tasks_(tasks),
+        slots_(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks))) {}
 
   int64_t slots() const { return slots_; }
 
@@ -287,7 +291,9 @@ class RowMasks {
   const AttentionShape& shape_;
 };
 
-inline double kept_scale_of(double dropout_p) { return dropout_p < 1.0 ? 1.0 / (1.0 - dropout_p) : 0.0; }
+inline double kept_scale_of(double dropout_p) {
+  return dropout_p < 1.0 ? 1.0 / (1.0 - dropout_p) : 0.0;
+}
 
 // Keys that query row i sees inside the block j0 .. j0 + n (causal: keys <= i).
 inline int64_t visible_in_block(const AttentionShape& shape, int64_t i, int64_t j0, int64_t n) {

@@ -197,10 +197,14 @@ QKV_AVX512_INLINE uint64_t keep_word(const DropoutKey& key, uint64_t counter) {
   }
   const __m512i threshold = _mm512_set1_epi64(key.threshold);
   // 16-bit masks per output word w: counters 0..7 from a, 8..15 from b.
-  const uint64_t w0 = uint64_t(kept_lanes(a.c0, threshold)) | uint64_t(kept_lanes(b.c0, threshold)) << 8;
-  const uint64_t w1 = uint64_t(kept_lanes(a.c1, threshold)) | uint64_t(kept_lanes(b.c1, threshold)) << 8;
-  const uint64_t w2 = uint64_t(kept_lanes(a.c2, threshold)) | uint64_t(kept_lanes(b.c2, threshold)) << 8;
-  const uint64_t w3 = uint64_t(kept_lanes(a.c3, threshold)) | uint64_t(kept_lanes(b.c3, threshold)) << 8;
+  const uint64_t w0 =
+      uint64_t(kept_lanes(a.c0, threshold)) | uint64_t(kept_lanes(b.c0, threshold)) << 8;
+  const uint64_t w1 =
+      uint64_t(kept_lanes(a.c1, threshold)) | uint64_t(kept_lanes(b.c1, threshold)) << 8;
+  const uint64_t w2 =
+      uint64_t(kept_lanes(a.c2, threshold)) | uint64_t(kept_lanes(b.c2, threshold)) << 8;
+  const uint64_t w3 =
+      uint64_t(kept_lanes(a.c3, threshold)) | uint64_t(kept_lanes(b.c3, threshold)) << 8;
   // Element 4c + w is word w of counter c: interleave the four 16-bit masks.
   return _pdep_u64(w0, 0x1111111111111111ull) | _pdep_u64(w1, 0x2222222222222222ull) |
          _pdep_u64(w2, 0x4444444444444444ull) | _pdep_u64(w3, 0x8888888888888888ull);
@@ -243,7 +247,8 @@ QKV_AVX512 float Avx512Ops::prepare_row(float* s, int64_t n, float scale, float 
           break;
         }
         case MaskSegmentKind::kFloat:
-          x = _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, static_cast<const float*>(mask.data) + j), x);
+          x = _mm512_add_ps(
+              _mm512_maskz_loadu_ps(lanes, static_cast<const float*>(mask.data) + j), x);
           break;
         case MaskSegmentKind::kBFloat16:
           x = _mm512_add_ps(load_bf16(static_cast<const uint16_t*>(mask.data) + j, lanes), x);
@@ -539,7 +544,8 @@ QKV_AVX512_BF16 PairedA pair_a(int64_t M, int64_t K, const float* a, int64_t a_r
   for (int64_t r = 0; r < M; ++r) {
     for (int64_t k2 = 0; k2 < K2; ++k2) {
       const uint32_t low = bf16_bits_scalar(a[r * a_row + 2 * k2 * a_col]);
-      const uint32_t high = 2 * k2 + 1 < K ? bf16_bits_scalar(a[r * a_row + (2 * k2 + 1) * a_col]) : 0;
+      const uint32_t high =
+          2 * k2 + 1 < K ? bf16_bits_scalar(a[r * a_row + (2 * k2 + 1) * a_col]) : 0;
       buffer[size_t(r * ld + k2)] = low | (high << 16);
     }
   }

@@ -78,7 +78,8 @@ std::optional<at::Tensor> stacked(const at::Tensor& a, const at::Tensor& b, cons
     return std::nullopt;
   }
   const int64_t n = a.numel();
-  if (b.storage_offset() != a.storage_offset() + n || c.storage_offset() != a.storage_offset() + 2 * n) {
+  if (b.storage_offset() != a.storage_offset() + n ||
+      c.storage_offset() != a.storage_offset() + 2 * n) {
     return std::nullopt;
   }
   std::vector<int64_t> sizes = a.sizes().vec(), strides = a.strides().vec();
@@ -99,8 +100,12 @@ std::optional<PackedProjection> packed_projection(
   if (!same_view(query, key) || !same_view(query, value)) return std::nullopt;
   const std::optional<at::Tensor> weight = stacked(q_weight, k_weight, v_weight);
   if (!weight) return std::nullopt;
-  const auto given = [](const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); };
-  if (!given(q_bias) && !given(k_bias) && !given(v_bias)) return PackedProjection{*weight, std::nullopt};
+  const auto given = [](const std::optional<at::Tensor>& t) {
+    return t.has_value() && t->defined();
+  };
+  if (!given(q_bias) && !given(k_bias) && !given(v_bias)) {
+    return PackedProjection{*weight, std::nullopt};
+  }
   if (!given(q_bias) || !given(k_bias) || !given(v_bias)) return std::nullopt;
   const std::optional<at::Tensor> bias = stacked(*q_bias, *k_bias, *v_bias);
   if (!bias) return std::nullopt;
@@ -137,8 +142,8 @@ QKVProjectionGrads project_packed_back(const at::Tensor& grad_q, const at::Tenso
   const at::Tensor grad_bias = grad.sum(0);                 // (3E)
   at::Tensor grad_x[3];
   for (int64_t i = 0; i < 3; ++i) {
-    grad_x[i] = at::mm(grad.slice(1, i * E, (i + 1) * E), packed.weight.slice(0, i * E, (i + 1) * E))
-                    .view({B, N, Ein});
+    const at::Tensor weight_i = packed.weight.slice(0, i * E, (i + 1) * E);  // (E, Ein)
+    grad_x[i] = at::mm(grad.slice(1, i * E, (i + 1) * E), weight_i).view({B, N, Ein});
   }
   // Separate tensors (not views of one another), as the unpacked path returns.
   return {grad_x[0], grad_x[1], grad_x[2],
@@ -171,7 +176,9 @@ QKVProjectionGrads qkv_projection_backward_cpu(
     const at::Tensor& v_weight, int64_t num_heads) {
   check_qkv_projection_backward_inputs(grad_q, grad_k, grad_v, query, key, value, q_weight,
                                        k_weight, v_weight, num_heads);
-  const auto defined = [](const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); };
+  const auto defined = [](const std::optional<at::Tensor>& t) {
+    return t.has_value() && t->defined();
+  };
   if (defined(grad_q) && defined(grad_k) && defined(grad_v) && query.numel() > 0) {
     if (const auto packed = packed_projection(query, key, value, q_weight, k_weight, v_weight,
                                               std::nullopt, std::nullopt, std::nullopt)) {

@@ -191,8 +191,9 @@ TEST_CASE("exp_row: exp(s - m) within a few ulps, exact zeros for -inf, NaN kept
   for (int use_avx = 0; use_avx < 2; ++use_avx) {
     if (use_avx && !cpu_has_avx512()) continue;
     std::vector<float> s = x;
-    const float sum = use_avx ? Avx512Ops::exp_row(s.data(), int64_t(s.size()), m, nullptr)
-                              : PortableOps<float>::exp_row(s.data(), int64_t(s.size()), m, nullptr);
+    const int64_t n = int64_t(s.size());
+    const float sum = use_avx ? Avx512Ops::exp_row(s.data(), n, m, nullptr)
+                              : PortableOps<float>::exp_row(s.data(), n, m, nullptr);
     REQUIRE(std::isnan(sum));
     REQUIRE(s[5] == 0.0f);
     REQUIRE(s[7] == 0.0f);
@@ -223,9 +224,9 @@ TEST_CASE("prepare_row: scale, masks of every kind, causal limit, NaN ignored by
   const float scale = 0.7f, bias = 0.25f;
   for (const MaskSegmentKind kind :
        {MaskSegmentKind::kFloat, MaskSegmentKind::kBFloat16, MaskSegmentKind::kHalf}) {
-    const void* data = kind == MaskSegmentKind::kFloat      ? static_cast<const void*>(additive.data())
-                       : kind == MaskSegmentKind::kBFloat16 ? static_cast<const void*>(additive_bf16.data())
-                                                            : static_cast<const void*>(additive_half.data());
+    const void* data = static_cast<const void*>(additive_half.data());
+    if (kind == MaskSegmentKind::kFloat) data = additive.data();
+    if (kind == MaskSegmentKind::kBFloat16) data = additive_bf16.data();
     const MaskSegment segments[2] = {{MaskSegmentKind::kBool, keep_mask.data()}, {kind, data}};
     std::vector<float> expected = raw;
     const float expected_max =
@@ -286,7 +287,9 @@ struct Problem {
     fill(grad_out, size_t(B * H * L * Dv), 4);
     fill(mask, size_t(L * S), 5);
     if (with_mask) {  // a fully masked row, to check it gives zeros
-      for (int64_t j = 0; j < S; ++j) mask[size_t(1 * S + j)] = -std::numeric_limits<double>::infinity();
+      for (int64_t j = 0; j < S; ++j) {
+        mask[size_t(1 * S + j)] = -std::numeric_limits<double>::infinity();
+      }
     }
   }
 
