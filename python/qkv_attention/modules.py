@@ -15,6 +15,7 @@ attention weights, so its output row is ``out_proj.bias``, and finite gradients,
 module (2.13) does the same only on its SDPA path (need_weights=False, training or grad) and
 gives NaN with need_weights=True and on its inference fast path.
 """
+import operator
 import warnings
 from typing import List, Optional, Tuple
 
@@ -37,6 +38,54 @@ def _keep_torch_fast_paths_off(module, args):
     regular path, so our forward really runs wherever the module is placed.
     """
     return None
+
+
+def _int_argument(value, name: str) -> int:
+    """A constructor size as an int: anything with ``__index__`` (int, bool, numpy ints), as
+    torch's constructor accepts. Anything else raises TypeError, as in torch's constructor,
+    but with a message naming the argument and what it got."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(
+            f"MultiheadAttention: {name} must be an int, but got {type(value).__name__} "
+            f"({value!r})"
+        ) from None
+
+
+def _check_tensor_argument(value, name: str, optional: bool) -> None:
+    """A dense (strided) tensor, or None where ``optional``: a message naming the argument
+    before anything reads an attribute of a non-tensor (AttributeError, in torch's module) or
+    an aten op fails on a sparse, mkldnn or nested tensor without naming it. Attribute reads
+    only: cheap, and traceable by Dynamo."""
+    if value is None and optional:
+        return
+    if not isinstance(value, Tensor):
+        raise TypeError(
+            f"MultiheadAttention: {name} must be a Tensor{' or None' if optional else ''}, "
+            f"but got {type(value).__name__}"
+        )
+    if value.is_nested:
+        if not optional:
+            # query/key/value: torch's module raises AssertionError outside its fast path.
+            raise AssertionError(
+                f"MultiheadAttention: {name} is a NestedTensor; qkv_attention."
+                "MultiheadAttention does not support NestedTensor inputs. "
+                "nn.TransformerEncoder makes them in eval mode without grad when given "
+                "src_key_padding_mask; set its use_nested_tensor = False (replace_attention "
+                "does) to pass padded tensors and the mask instead."
+            )
+        # Masks: torch's module raises NotImplementedError (from masked_fill).
+        raise NotImplementedError(
+            f"MultiheadAttention: {name} must be a dense tensor, but is a NestedTensor"
+        )
+    if value.layout != torch.strided:
+        # Sparse or mkldnn: torch raises RuntimeError (NotImplementedError for masks), which
+        # NotImplementedError is.
+        raise NotImplementedError(
+            f"MultiheadAttention: {name} must be a dense tensor (layout torch.strided), but "
+            f"has layout {value.layout}"
+        )
 
 
 def _check_mask_dtype(mask: Optional[Tensor], name: str) -> None:
@@ -114,12 +163,23 @@ class MultiheadAttention(nn.Module):
         device=None,
         dtype=None,
     ) -> None:
-        # The same exception types as torch's constructor.
+        # The same exception types as torch's constructor (and its message for sizes <= 0),
+        # with messages naming the argument where torch's do not.
+        embed_dim = _int_argument(embed_dim, "embed_dim")
+        num_heads = _int_argument(num_heads, "num_heads")
         if embed_dim <= 0 or num_heads <= 0:
             raise ValueError(
                 "embed_dim and num_heads must be greater than 0, "
                 f"got embed_dim={embed_dim} and num_heads={num_heads} instead"
             )
+        kdim = None if kdim is None else _int_argument(kdim, "kdim")
+        vdim = None if vdim is None else _int_argument(vdim, "vdim")
+        for name, size in (("kdim", kdim), ("vdim", vdim)):
+            # 0 is valid (inputs of no features); torch.empty raises RuntimeError for < 0.
+            if size is not None and size < 0:
+                raise RuntimeError(
+                    f"MultiheadAttention: {name} must be None or >= 0, but got {size}"
+                )
         factory = {"device": device, "dtype": dtype}
         super().__init__()
         self.embed_dim = embed_dim
@@ -224,7 +284,13 @@ class MultiheadAttention(nn.Module):
             only on its SDPA path, need_weights=False with grad or in training; it gives NaN
             with need_weights=True and on its inference fast path).
         """
-        # -- mask types, as torch's module checks them first.
+        # -- what each argument is (a dense tensor), then mask types, as torch's module
+        # checks them first.
+        _check_tensor_argument(query, "query", optional=False)
+        _check_tensor_argument(key, "key", optional=False)
+        _check_tensor_argument(value, "value", optional=False)
+        _check_tensor_argument(key_padding_mask, "key_padding_mask", optional=True)
+        _check_tensor_argument(attn_mask, "attn_mask", optional=True)
         _check_mask_dtype(key_padding_mask, "key_padding_mask")
         if (
             key_padding_mask is not None
@@ -238,13 +304,6 @@ class MultiheadAttention(nn.Module):
                 stacklevel=2,
             )
         _check_mask_dtype(attn_mask, "attn_mask")
-        if query.is_nested or key.is_nested or value.is_nested:
-            raise AssertionError(
-                "qkv_attention.MultiheadAttention does not support NestedTensor inputs. "
-                "nn.TransformerEncoder makes them in eval mode without grad when given "
-                "src_key_padding_mask; set its use_nested_tensor = False (replace_attention "
-                "does) to pass padded tensors and the mask instead."
-            )
 
         is_batched = self._check_input_dims(query, key, value, key_padding_mask, attn_mask)
         # The caller's shapes, for error messages (formatted only when one is raised).

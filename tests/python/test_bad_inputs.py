@@ -614,42 +614,10 @@ def _check_raised_cleanly(result: Dict[str, Any]) -> None:
         f"{result['message']}")
 
 
-# Gaps in python/qkv_attention/modules.py (not owned by this file; reported in issue 6): its
-# forward and constructor raise what torch's module raises for these, with torch's messages,
-# which do not name the argument. Strict: the day one is fixed, its case fails until it is
-# removed from this list.
-MODULE_GAPS = {
-    ("MultiheadAttention.forward", "None"): "AttributeError from query.is_nested / mask.dtype",
-    ("MultiheadAttention.forward", "python_list"): "AttributeError on a non-tensor",
-    ("MultiheadAttention.forward", "string"): "AttributeError on a non-tensor",
-    ("MultiheadAttention.forward", "sparse_coo"): "aten's error from logical_not on the mask",
-    ("MultiheadAttention.forward", "sparse_csr"): "aten's error from transpose / empty",
-    ("MultiheadAttention.forward", "nested"): "'does not support NestedTensor inputs' without "
-                                              "the argument; nested masks: internal error",
-    ("MultiheadAttention", "None"): "torch's TypeError from embed_dim <= 0",
-    ("MultiheadAttention", "'8'"): "torch's TypeError from embed_dim <= 0",
-    ("MultiheadAttention", "'2'"): "torch's TypeError from num_heads <= 0",
-    ("MultiheadAttention", "-5"): "torch.empty's negative-dimension error",
-    ("MultiheadAttention", "'5'"): "torch.empty's TypeError",
-}
-
-
-def _known_gap(case: Case) -> Optional[str]:
-    if case.op == "MultiheadAttention.forward" and case.mutation == "sparse_coo" and \
-            case.arg in ("query", "key", "value"):
-        return None  # these reach the operators, which name them
-    return MODULE_GAPS.get((case.op, case.mutation))
-
-
 def _case_params():
     if __name__ == "__main__":
         return []
-    params = []
-    for case_id, case in ALL_CASES.items():
-        gap = _known_gap(case)
-        marks = [pytest.mark.xfail(strict=True, reason=f"modules.py: {gap}")] if gap else []
-        params.append(pytest.param(case_id, marks=marks, id=case_id))
-    return params
+    return list(ALL_CASES)
 
 
 @pytest.mark.parametrize("case_id", _case_params())
