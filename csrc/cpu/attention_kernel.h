@@ -7,7 +7,9 @@
 //   p[i, j]     = softmax_j(score[i, :]); a row with no finite score gives p = 0
 //   w[i, j]     = p[i, j] * keep[i, j] / (1 - dropout_p)     (the returned weights)
 //   out_i       = sum_j w[i, j] v_j
-// Accumulation is in at::opmath_type<T> (float for bfloat16/float16).
+// Accumulation is in at::opmath_type<T> (float for bfloat16/float16); with AVX-512 BF16 the
+// bfloat16 GEMMs also round P, W and dS to bfloat16 before multiplying, as torch's kernels do.
+// Implemented in cpu/flash_attention.cpp (the blocked algorithm: cpu/flash_attention.h).
 #pragma once
 
 #include <cstdint>
