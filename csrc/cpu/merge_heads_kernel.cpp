@@ -1,25 +1,18 @@
-// CPU kernels of merge_heads: the head concatenation feeds one GEMM.
+// CPU kernels of merge_heads: tiled GEMMs that read the heads in place, and the ATen math that
+// the backward's Autograd kernel differentiates for double backward.
 #include "cpu/merge_heads_kernel.h"
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "cpu/head_gemm.h"
+#include "cpu/head_rows.h"
+#include "cpu/tiled_gemm.h"
 #include "ops/merge_heads.h"
 
 namespace qkv_attention::cpu {
 
-// Sizes are SymInts: the backward's differentiable path may run under torch.compile tracing.
-at::Tensor merge_heads_math(const at::Tensor& x, const at::Tensor& out_weight,
-                            const std::optional<at::Tensor>& out_bias) {
-  const c10::SymInt B = x.sym_size(0), L = x.sym_size(2);
-  const c10::SymInt features = x.sym_size(1) * x.sym_size(3);
-  const at::Tensor rows = x.transpose(1, 2).reshape_symint({B * L, features});  // (B*L, H*D)
-  const at::Tensor out = out_bias.has_value() && out_bias->defined()
-                             ? at::addmm(*out_bias, rows, out_weight.t())
-                             : at::mm(rows, out_weight.t());  // (B*L, Eout)
-  return out.view_symint({B, L, out_weight.sym_size(0)});
-}
-
+// Sizes are SymInts: this path may run under torch.compile tracing.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_heads_backward_math(
     const at::Tensor& grad_output, const at::Tensor& x, const at::Tensor& out_weight) {
   const c10::SymInt B = x.sym_size(0), H = x.sym_size(1), L = x.sym_size(2), D = x.sym_size(3);
@@ -34,16 +27,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_heads_backward_math(
 
 namespace {
 
+// The CPU kernels run tiled GEMMs (cpu/head_gemm.h): the bits do not depend on the thread count,
+// and the heads are read (and their gradient written) in place, with no transpose copy.
+
 at::Tensor merge_heads_cpu(const at::Tensor& x, const at::Tensor& out_weight,
                            const std::optional<at::Tensor>& out_bias) {
   check_merge_heads_inputs("merge_heads", x, out_weight, out_bias);
-  return merge_heads_math(x, out_weight, out_bias);
+  const int64_t B = x.size(0), L = x.size(2), Eout = out_weight.size(0);
+  at::Tensor out = at::empty({B, L, Eout}, x.options());
+  // (B*L, H*D) head rows @ out_weight.T (H*D, Eout) + out_bias
+  gemm_heads_into_rows(HeadRows({HeadRows::with_unit_last_stride(x)}, RowOrder::kBatchMajor),
+                       {out_weight.t()}, out_bias, out.view({B * L, Eout}));
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_heads_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& x, const at::Tensor& out_weight) {
   check_merge_heads_backward_inputs(grad_output, x, out_weight);
-  return merge_heads_backward_math(grad_output, x, out_weight);
+  const RowMatrix grad = as_row_matrix(grad_output);  // (B*L, Eout)
+  // grad_x (B, H, L, D) <- grad (B*L, Eout) @ out_weight (Eout, H*D)
+  at::Tensor grad_x = at::empty(x.sizes(), x.options());
+  gemm_rows_into_heads(grad.matrix, out_weight, std::nullopt, HeadRows({grad_x}, grad.order));
+  // grad_out_weight (Eout, H*D) = gradᵀ x_rows; computed as its transpose x_rowsᵀ grad.
+  at::Tensor grad_weight = at::empty(out_weight.sizes(), out_weight.options());
+  gemm_heads_transposed(HeadRows({HeadRows::with_unit_last_stride(x)}, grad.order), grad.matrix,
+                        grad_weight.t());
+  at::Tensor grad_bias = at::empty({out_weight.size(0)}, out_weight.options());
+  column_sums(grad_bias, grad.matrix);
+  return {grad_x, grad_weight, grad_bias};
 }
 
 }  // namespace

@@ -1,5 +1,5 @@
-// The qkv_projection math, written with ATen ops (GEMMs through at::mm/at::addmm). The CPU
-// kernels run it below autograd; the backward's Autograd kernel runs the same functions with
+// The qkv_projection backward written with ATen ops (GEMMs through at::mm). The CPU kernels use
+// tiled GEMMs of their own (cpu/head_gemm.h); the backward's Autograd kernel runs this math with
 // autograd recording when the backward itself is differentiated (create_graph=True).
 #pragma once
 
@@ -10,10 +10,6 @@
 #include "ops/qkv_projection.h"
 
 namespace qkv_attention::cpu {
-
-// x (B, N, Ein), weight (E, Ein), bias (E) or None -> (B, H, N, E/H), contiguous.
-at::Tensor project_into_heads(const at::Tensor& x, const at::Tensor& weight,
-                              const std::optional<at::Tensor>& bias, int64_t num_heads);
 
 // All nine gradients of qkv_projection (see ops/qkv_projection.h).
 QKVProjectionGrads qkv_projection_backward_math(
