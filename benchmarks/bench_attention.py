@@ -15,7 +15,8 @@ per second of our op, over the rate of one 2048^3 torch.mm of the same dtype mea
 run (the median of measurements at the start, middle and end).
 
 Memory: peak resident set of a separate process per case and implementation
-(benchmarks/memory_child.py), above the same process's peak before the run.
+(benchmarks/memory_child.py), above the process's resident set before the run: in the first
+forward+backward, and over three in a row (a training loop's steady state).
 
 Writes benchmarks/results/bench-<time>.json and .png, and copies them to latest.json and
 latest.png.
@@ -109,7 +110,8 @@ def select_cases(args):
 
 
 def format_table(rows, columns):
-    widths = [max(len(str(col)), *(len(str(r.get(key, ""))) for r in rows)) for col, key in columns]
+    widths = [max([len(str(col))] + [len(str(r.get(key, ""))) for r in rows])
+              for col, key in columns]
     line = "  ".join(str(col).ljust(w) for (col, _), w in zip(columns, widths))
     out = [line, "  ".join("-" * w for w in widths)]
     for r in rows:
@@ -224,13 +226,18 @@ def main():
                 continue
             row[f"{which}_peak_value"] = result["peak_mib"]
             row[f"{which}_added_value"] = result["added_mib"]
+            row[f"{which}_added_steps_value"] = result["added_steps_mib"]
             row[f"{which}_peak"] = f"{result['peak_mib']:.0f}"
             row[f"{which}_added"] = f"{result['added_mib']:.0f}"
+            row[f"{which}_added_steps"] = f"{result['added_steps_mib']:.0f}"
         if row.get("torch_added_value") and "ours_added_value" in row:
             row["added_ratio"] = f"{row['ours_added_value'] / row['torch_added_value']:.2f}"
+            row["added_steps_ratio"] = (
+                f"{row['ours_added_steps_value'] / row['torch_added_steps_value']:.2f}")
         memory_rows.append(row)
-        print(f"memory {case.name}: ours {row.get('ours_peak')} MiB (+{row.get('ours_added')}), "
-              f"torch {row.get('torch_peak')} MiB (+{row.get('torch_added')})", flush=True)
+        print(f"memory {case.name}: added by 1 step / 3 steps: ours +{row.get('ours_added')} / "
+              f"+{row.get('ours_added_steps')} MiB, torch +{row.get('torch_added')} / "
+              f"+{row.get('torch_added_steps')} MiB", flush=True)
 
     elapsed = time.time() - started
     machine["load_average_end"] = os.getloadavg()
@@ -245,11 +252,13 @@ def main():
                                      ("of GEMM rate", "gemm_share")]))
     if memory_rows:
         print()
-        print(format_table(memory_rows, [("case (peak RSS, MiB)", "case"),
-                                         ("ours peak", "ours_peak"), ("ours added", "ours_added"),
-                                         ("torch peak", "torch_peak"),
-                                         ("torch added", "torch_added"),
-                                         ("added ours/torch", "added_ratio")]))
+        print(format_table(memory_rows, [("case (MiB added to peak RSS)", "case"),
+                                         ("ours 1 step", "ours_added"),
+                                         ("torch 1 step", "torch_added"),
+                                         ("ratio", "added_ratio"),
+                                         ("ours 3 steps", "ours_added_steps"),
+                                         ("torch 3 steps", "torch_added_steps"),
+                                         ("ratio ", "added_steps_ratio")]))
     print(f"\n{len(timing_rows)} timing and {len(memory_rows)} memory cases in {elapsed:.0f} s; "
           f"load average {machine['load_average'][0]:.2f} at the start, "
           f"{machine['load_average_end'][0]:.2f} at the end")

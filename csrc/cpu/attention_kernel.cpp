@@ -10,6 +10,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu/large_tensor.h"
+
 #include <mutex>
 
 #include "ops/attention.h"
@@ -81,10 +83,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu
                          scale);
   const int64_t B = query.size(0), H = query.size(1), L = query.size(2);
   const int64_t S = key.size(2), Dv = value.size(3);
-  at::Tensor output = at::empty({B, H, L, Dv}, query.options());
+  at::Tensor output = empty_output({B, H, L, Dv}, query.options());
   at::Tensor logsumexp =
       at::empty({B, H, L}, query.options().dtype(at::toOpMathType(query.scalar_type())));
-  at::Tensor weights = need_weights ? at::empty({B, H, L, S}, query.options())
+  at::Tensor weights = need_weights ? empty_output({B, H, L, S}, query.options())
                                     : at::empty({0}, query.options());
   at::Tensor rng_state = draw_rng_state(dropout_p);
 
@@ -126,16 +128,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
                                   attn_mask, key_padding_mask, dropout_p, scale, rng_state);
   const int64_t B = query.size(0), H = query.size(1), L = query.size(2);
   const int64_t S = key.size(2);
-  at::Tensor grad_query = at::empty(query.sizes(), query.options());
-  at::Tensor grad_key = at::empty(key.sizes(), key.options());
-  at::Tensor grad_value = at::empty(value.sizes(), value.options());
+  at::Tensor grad_query = empty_output(query.sizes(), query.options());
+  at::Tensor grad_key = empty_output(key.sizes(), key.options());
+  at::Tensor grad_value = empty_output(value.sizes(), value.options());
   const bool has_grad_weights = grad_weights.has_value() && grad_weights->defined();
   const bool attn_mask_grad = attention_mask_gets_grad(attn_mask, attn_mask_requires_grad);
   const bool padding_mask_grad =
       attention_mask_gets_grad(key_padding_mask, key_padding_mask_requires_grad);
   // d loss / d score: the gradient of an additive mask before it is summed to the mask's shape.
   at::Tensor grad_scores = attn_mask_grad || padding_mask_grad
-                               ? at::empty({B, H, L, S}, logsumexp.options())
+                               ? empty_output({B, H, L, S}, logsumexp.options())
                                : at::Tensor();
   const at::Tensor lse = logsumexp.contiguous();
   const at::Tensor rng = rng_state.contiguous();

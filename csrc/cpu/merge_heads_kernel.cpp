@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "cpu/large_tensor.h"
+
 #include "cpu/head_gemm.h"
 #include "cpu/head_rows.h"
 #include "cpu/tiled_gemm.h"
@@ -34,7 +36,7 @@ at::Tensor merge_heads_cpu(const at::Tensor& x, const at::Tensor& out_weight,
                            const std::optional<at::Tensor>& out_bias) {
   check_merge_heads_inputs("merge_heads", x, out_weight, out_bias);
   const int64_t B = x.size(0), L = x.size(2), Eout = out_weight.size(0);
-  at::Tensor out = at::empty({B, L, Eout}, x.options());
+  at::Tensor out = empty_output({B, L, Eout}, x.options());
   // (B*L, H*D) head rows @ out_weight.T (H*D, Eout) + out_bias
   gemm_heads_into_rows(HeadRows({HeadRows::with_unit_last_stride(x)}, RowOrder::kBatchMajor),
                        {out_weight.t()}, out_bias, out.view({B * L, Eout}));
@@ -46,7 +48,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_heads_backward_cpu(
   check_merge_heads_backward_inputs(grad_output, x, out_weight);
   const RowMatrix grad = as_row_matrix(grad_output);  // (B*L, Eout)
   // grad_x (B, H, L, D) <- grad (B*L, Eout) @ out_weight (Eout, H*D)
-  at::Tensor grad_x = at::empty(x.sizes(), x.options());
+  at::Tensor grad_x = empty_output(x.sizes(), x.options());
   gemm_rows_into_heads(grad.matrix, out_weight, std::nullopt, HeadRows({grad_x}, grad.order));
   // grad_out_weight (Eout, H*D) = gradᵀ x_rows; computed as its transpose x_rowsᵀ grad.
   at::Tensor grad_weight = at::empty(out_weight.sizes(), out_weight.options());

@@ -8,6 +8,8 @@
 #include <vector>
 #include <torch/library.h>
 
+#include "cpu/large_tensor.h"
+
 #include "cpu/head_gemm.h"
 #include "cpu/head_rows.h"
 
@@ -107,7 +109,7 @@ std::optional<PackedProjection> packed_projection(
 
 // An empty (B, H, N, E/H) output for the projection of x (B, N, Ein) by a weight of E rows.
 at::Tensor empty_heads(const at::Tensor& x, int64_t E, int64_t num_heads) {
-  return at::empty({x.size(0), num_heads, x.size(1), E / num_heads}, x.options());
+  return empty_output({x.size(0), num_heads, x.size(1), E / num_heads}, x.options());
 }
 
 // heads[0], heads[1], ... <- x (B, N, Ein) @ weight.T + bias, weight (parts*E, Ein) the
@@ -129,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> project_back_cpu(
   }
   const at::Tensor grad = HeadRows::with_unit_last_stride(*grad_heads);  // (B, H, N, D)
   const int64_t B = x.size(0), N = x.size(1), Ein = x.size(2);
-  at::Tensor grad_x = at::empty({B, N, Ein}, x.options());
+  at::Tensor grad_x = empty_output({B, N, Ein}, x.options());
   gemm_heads_into_rows(HeadRows({grad}, RowOrder::kBatchMajor), {weight},
                        std::nullopt, grad_x.view({B * N, Ein}));
   // grad_weight (E, Ein) = grad_rowsᵀ x_rows, a sum over the B*N positions in x's row order.
