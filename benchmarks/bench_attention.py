@@ -153,7 +153,7 @@ def plot(timing_rows, memory_rows, path):
         ax.set_yticklabels(names, fontsize=7)
         ax.invert_yaxis()
         ax.set_xscale("log")
-        ax.set_xlabel("peak memory added by the case (MiB), log scale")
+        ax.set_xlabel("peak memory added by the first forward+backward (MiB), log scale")
         ax.set_title("memory (separate process per case)")
         ax.legend()
     fig.tight_layout()
