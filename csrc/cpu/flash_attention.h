@@ -591,6 +591,19 @@ void flash_backward(const AttentionBackwardParams<T>& p) {
                      gs.col, nk, blk.gw_row);
   };
 
+  // Runs body(task, block scratch, K^T panel, V^T panel) for tasks [0, count): the scratch and
+  // the panels are allocated once per pool slot, not per task.
+  auto run_with_panels = [&](int64_t count, const auto& body) {
+    TaskPool pool(count);
+    Scratch<Acc> scratch(pool.slots(), slot_floats);
+    LargeBuffer<Elem> panels(size_t(pool.slots() * (kt_size + vt_size)));
+    pool.run([&](int64_t task, int64_t slot) {
+      Block blk = carve(scratch.slot(slot));
+      Elem* kt = panels.data() + slot * (kt_size + vt_size);
+      body(task, blk, kt, kt + kt_size);
+    });
+  };
+
   // A second look at delta, per query block, recomputing P:
   //  - when the weights have a gradient of their own, delta also carries sum_j W_ij gW_ij;
   //  - when a mask gradient (dS itself, summed over broadcast dimensions) is asked for a half
@@ -599,13 +612,7 @@ void flash_backward(const AttentionBackwardParams<T>& p) {
   //    an error of 2^-9 |delta| per row, summed over every row).
   const bool exact_delta = grad_scores != nullptr && !std::is_same_v<T, Acc>;
   if (p.grad_weights || exact_delta) {
-    TaskPool pool(BH * query_blocks);
-    Scratch<Acc> scratch(pool.slots(), slot_floats);
-    LargeBuffer<Elem> panels(size_t(pool.slots() * (kt_size + vt_size)));
-    pool.run([&](int64_t task, int64_t slot) {
-      Block blk = carve(scratch.slot(slot));
-      Elem* kt = panels.data() + slot * (kt_size + vt_size);
-      Elem* vt = kt + kt_size;
+    run_with_panels(BH * query_blocks, [&](int64_t task, Block& blk, Elem* kt, Elem* vt) {
       const int64_t bh = task / query_blocks, qb = task % query_blocks;
       const int64_t b = bh / H, h = bh % H, i0 = qb * Bq, nq = std::min(Bq, L - i0);
       std::fill(blk.row_extra, blk.row_extra + nq, Acc(0));
@@ -652,13 +659,7 @@ void flash_backward(const AttentionBackwardParams<T>& p) {
     return dq_partial.data() + (bh * groups + g) * L * D;
   };
   {
-    TaskPool pool(BH * groups);
-    Scratch<Acc> scratch(pool.slots(), slot_floats);
-    LargeBuffer<Elem> panels(size_t(pool.slots() * (kt_size + vt_size)));
-    pool.run([&](int64_t task, int64_t slot) {
-      Block blk = carve(scratch.slot(slot));
-      Elem* kt = panels.data() + slot * (kt_size + vt_size);
-      Elem* vt = kt + kt_size;
+    run_with_panels(BH * groups, [&](int64_t task, Block& blk, Elem* kt, Elem* vt) {
       const int64_t bh = task / groups, g = task % groups;
       const int64_t b = bh / H, h = bh % H;
       Acc* dq = dq_of(bh, g);

@@ -28,7 +28,7 @@ void gemm_rows_into_heads(const at::Tensor& a, const at::Tensor& b,
   });
 }
 
-void gemm_heads_into_rows(const HeadRows& a, const std::vector<at::Tensor>& b_parts,
+void gemm_heads_into_rows(const HeadRows& a, const at::Tensor& b,
                           const std::optional<at::Tensor>& bias, const at::Tensor& out) {
   const int64_t K = a.cols();
   const TilePlan plan = plan_tiles(out.size(0), out.size(1), K);
@@ -42,21 +42,13 @@ void gemm_heads_into_rows(const HeadRows& a, const std::vector<at::Tensor>& b_pa
         a.gather(tile.row_begin, tile.row_end, 0, K, scratch.data_ptr(), K);
         gathered = tile.row_begin;
       }
-      const at::Tensor rows = scratch.narrow(0, 0, tile.rows());  // (rows, K)
-      const at::Tensor target =
-          out.slice(0, tile.row_begin, tile.row_end).slice(1, tile.col_begin, tile.col_end);
       std::optional<at::Tensor> bias_block;
       if (bias.has_value() && bias->defined()) {
         bias_block = bias->slice(0, tile.col_begin, tile.col_end);
       }
-      int64_t k = 0;
-      for (size_t p = 0; p < b_parts.size(); ++p) {
-        const at::Tensor& b = b_parts[p];  // (K_p, N)
-        gemm_tile(target, rows.slice(1, k, k + b.size(0)),
-                  b.slice(1, tile.col_begin, tile.col_end), p == 0 ? bias_block : std::nullopt,
-                  /*accumulate=*/p > 0);
-        k += b.size(0);
-      }
+      gemm_tile(out.slice(0, tile.row_begin, tile.row_end).slice(1, tile.col_begin, tile.col_end),
+                scratch.narrow(0, 0, tile.rows()),  // (rows, K)
+                b.slice(1, tile.col_begin, tile.col_end), bias_block);
     }
   });
 }

@@ -7,7 +7,6 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
-#include <vector>
 
 #include "cpu/head_rows.h"
 
@@ -17,10 +16,8 @@ namespace qkv_attention::cpu {
 void gemm_rows_into_heads(const at::Tensor& a, const at::Tensor& b,
                           const std::optional<at::Tensor>& bias, const HeadRows& out);
 
-// out (R x N) = sum over p of a_p b_parts[p] [+ bias (N)], where a (R x K, head layout, in
-// batch-major order) is cut by columns into blocks a_p as tall as the b_parts (K_p x N) are; the
-// parts are added in order. One part when b is one matrix.
-void gemm_heads_into_rows(const HeadRows& a, const std::vector<at::Tensor>& b_parts,
+// out (R x N) = a b [+ bias (N)], a (R x K, head layout) in out's row order, b (K x N).
+void gemm_heads_into_rows(const HeadRows& a, const at::Tensor& b,
                           const std::optional<at::Tensor>& bias, const at::Tensor& out);
 
 // out (M x N) = vᵀ y, v (R x M, head layout) in y's (R x N) row order; a sum over the R rows,

@@ -39,7 +39,7 @@ at::Tensor merge_heads_cpu(const at::Tensor& x, const at::Tensor& out_weight,
   at::Tensor out = empty_output({B, L, Eout}, x.options());
   // (B*L, H*D) head rows @ out_weight.T (H*D, Eout) + out_bias
   gemm_heads_into_rows(HeadRows({HeadRows::with_unit_last_stride(x)}, RowOrder::kBatchMajor),
-                       {out_weight.t()}, out_bias, out.view({B * L, Eout}));
+                       out_weight.t(), out_bias, out.view({B * L, Eout}));
   return out;
 }
 

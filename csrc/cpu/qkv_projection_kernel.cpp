@@ -132,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> project_back_cpu(
   const at::Tensor grad = HeadRows::with_unit_last_stride(*grad_heads);  // (B, H, N, D)
   const int64_t B = x.size(0), N = x.size(1), Ein = x.size(2);
   at::Tensor grad_x = empty_output({B, N, Ein}, x.options());
-  gemm_heads_into_rows(HeadRows({grad}, RowOrder::kBatchMajor), {weight},
+  gemm_heads_into_rows(HeadRows({grad}, RowOrder::kBatchMajor), weight,
                        std::nullopt, grad_x.view({B * N, Ein}));
   // grad_weight (E, Ein) = grad_rowsᵀ x_rows, a sum over the B*N positions in x's row order.
   const RowMatrix rows = as_row_matrix(x);

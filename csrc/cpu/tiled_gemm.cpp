@@ -54,12 +54,9 @@ TilePlan plan_tiles(int64_t rows, int64_t cols, int64_t depth, int64_t min_rows,
 }
 
 void gemm_tile(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
-               const std::optional<at::Tensor>& bias, bool accumulate) {
+               const std::optional<at::Tensor>& bias) {
   at::Tensor result = out;  // the ATen out= functions take a mutable handle
-  if (accumulate) {
-    TORCH_INTERNAL_ASSERT(!bias.has_value(), "gemm_tile: a bias with accumulate");
-    result.addmm_(a, b);
-  } else if (bias.has_value() && bias->defined()) {
+  if (bias.has_value() && bias->defined()) {
     at::addmm_out(result, *bias, a, b);
   } else {
     at::mm_out(result, a, b);

@@ -61,10 +61,10 @@ void run_tiles(int64_t count, const Body& body) {
   });
 }
 
-// out (m x n) = a (m x k) b (k x n) [+ bias (n)] [+ out when accumulate], one BLAS call.
+// out (m x n) = a (m x k) b (k x n) [+ bias (n)], one BLAS call.
 // out may be any 2-D view (a block of a larger matrix, or a transposed one).
 void gemm_tile(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
-               const std::optional<at::Tensor>& bias = std::nullopt, bool accumulate = false);
+               const std::optional<at::Tensor>& bias = std::nullopt);
 
 // out (n) = the column sums of matrix (rows x n), in column tiles; rows summed in one fixed
 // order per column, so that the result does not depend on the thread count either.

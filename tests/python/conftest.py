@@ -137,3 +137,11 @@ def assert_close_to_max(actual, expected, relative_to_max):
     bound = relative_to_max * max(expected.abs().max().item() if expected.numel() else 0.0, 1e-3)
     error = (actual - expected).abs().max().item() if expected.numel() else 0.0
     assert error <= bound, f"max error {error:.3e} exceeds {bound:.3e}"
+
+
+@pytest.fixture
+def restore_threads():
+    """Puts torch.set_num_threads back after a test that changes it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

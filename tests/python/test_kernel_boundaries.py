@@ -195,13 +195,6 @@ def test_rows_without_keys_give_zeros_and_zero_gradients(dtype):
     check_against_reference(dtype, B, H, L, S, 16, attn_mask=mask)
 
 
-@pytest.fixture
-def restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize(
     "B,H,L,S,causal,dropout",

@@ -95,6 +95,22 @@ def laid_out(shape, layout, values):
     return values(shape)
 
 
+def backward_both(normal, output, ref_output, weights=None, ref_weights=None):
+    """Backpropagates the same random cotangents of the output (and of the weights, when given)
+    through ours and through the float64 reference; returns the cotangents."""
+    grad_output = normal(list(output.shape))
+    loss = (output * grad_output).sum()
+    ref_loss = (ref_output * grad_output.double()).sum()
+    grad_weights = None
+    if weights is not None:
+        grad_weights = normal(list(weights.shape))
+        loss = loss + (weights * grad_weights).sum()
+        ref_loss = ref_loss + (ref_weights * grad_weights.double()).sum()
+    loss.backward()
+    ref_loss.backward()
+    return grad_output, grad_weights
+
+
 def normal_values(generator, dtype, scale=1.0):
     def values(shape):
         return (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(dtype)
@@ -253,16 +269,7 @@ def test_attention_matches_float64_reference(data):
 
     if not with_grad:
         return
-    grad_output = normal(list(output.shape))
-    loss = (output * grad_output).sum()
-    ref_loss = (ref_output * grad_output.double()).sum()
-    grad_weights = None
-    if weights is not None:
-        grad_weights = normal(list(weights.shape))
-        loss = loss + (weights * grad_weights).sum()
-        ref_loss = ref_loss + (ref_weights * grad_weights.double()).sum()
-    loss.backward()
-    ref_loss.backward()
+    grad_output, grad_weights = backward_both(normal, output, ref_output, weights, ref_weights)
     ours = dict(query=query, key=key, value=value, attn_mask=attn_mask,
                 key_padding_mask=key_padding_mask)
     for name, t in ours.items():
@@ -539,14 +546,7 @@ def test_multihead_attention_matches_torch_module_in_float64(data):
         assert_close_relative_to_max(weights, ref_weights, tolerance, "weights")
     if not with_grad:
         return
-    grad_out = normal(list(out.shape))
-    loss, ref_loss = (out * grad_out).sum(), (ref_out * grad_out.double()).sum()
-    if weights is not None:
-        grad_weights = normal(list(weights.shape))
-        loss = loss + (weights * grad_weights).sum()
-        ref_loss = ref_loss + (ref_weights * grad_weights.double()).sum()
-    loss.backward()
-    ref_loss.backward()
+    backward_both(normal, out, ref_out, weights, ref_weights)
     grad_tolerance = tolerance
     pairs = [(inputs[n], ref_inputs[n], n) for n in inputs]
     ref_parameters = dict(theirs.named_parameters())

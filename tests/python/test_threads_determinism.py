@@ -160,13 +160,6 @@ def assert_bitwise_equal(results, expected, what):
                                  f"{(diff.max() / b.double().abs().max()).item():.3e}")
 
 
-@pytest.fixture
-def restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("case", ALL_CASES)
 def test_repeated_calls_are_bitwise_identical(case, dtype):
