@@ -1,6 +1,6 @@
 // The attention operator's CPU dispatch-key kernels: input checks, allocation, the dropout seed,
-// and the calls into the plain-pointer kernels of cpu/attention_kernel.h (implemented in
-// cpu/flash_attention.cpp).
+// and the calls into the plain-pointer kernels of cpu/attention_kernel.h (parameters filled by
+// cpu/flash/params.h, kernels chosen per CPU level by cpu/flash/levels.h).
 #include "cpu/attention_kernel.h"
 
 #include <ATen/ATen.h>
@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu/flash/params.h"
 #include "cpu/large_tensor.h"
 
 #include <mutex>
@@ -21,45 +22,6 @@ namespace qkv_attention::cpu {
 // ---------------------------------------------------------------------------------------------
 // Tensor glue: checks, allocation, the dropout seed, and the CPU registrations.
 namespace {
-
-Strides4 strides_of(const at::Tensor& t) {
-  return Strides4{t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
-}
-
-// Fills the fields shared by forward and backward. The masks are read in place through the
-// strides of their broadcast views (stride 0 in broadcast dimensions); nothing is expanded.
-void fill_shape(AttentionShape& shape, const at::Tensor& query, const at::Tensor& key,
-                const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
-                const std::optional<at::Tensor>& key_padding_mask, double dropout_p,
-                bool is_causal, std::optional<double> scale, const at::Tensor& rng_state) {
-  shape.batch = query.size(0);
-  shape.heads = query.size(1);
-  shape.q_len = query.size(2);
-  shape.head_dim = query.size(3);
-  shape.kv_len = key.size(2);
-  shape.value_dim = value.size(3);
-  shape.scale = attention_scale(scale, shape.head_dim);
-  shape.is_causal = is_causal;
-  shape.dropout_p = dropout_p;
-  const int64_t* rng = rng_state.data_ptr<int64_t>();
-  shape.seed = static_cast<uint64_t>(rng[0]);
-  shape.offset = static_cast<uint64_t>(rng[1]);
-  const std::optional<at::Tensor> masks[AttentionShape::kMasks] = {
-      attn_mask,
-      // (B, S) -> (B, 1, 1, S)
-      key_padding_mask.has_value() && key_padding_mask->defined()
-          ? std::optional<at::Tensor>(key_padding_mask->unsqueeze(1).unsqueeze(1))
-          : std::nullopt};
-  for (int m = 0; m < AttentionShape::kMasks; ++m) {
-    if (!masks[m].has_value() || !masks[m]->defined()) continue;
-    const at::Tensor view =
-        masks[m]->expand({shape.batch, shape.heads, shape.q_len, shape.kv_len});
-    MaskOperand& operand = shape.masks[m];
-    operand.kind = view.scalar_type() == at::kBool ? MaskKind::kBool : MaskKind::kAdditive;
-    operand.data = view.const_data_ptr();
-    operand.strides = strides_of(view);
-  }
-}
 
 // A seed and an offset for the dropout stream, drawn from torch's default CPU generator so that
 // torch.manual_seed reproduces a call. Nothing is drawn when there is no dropout.
@@ -92,18 +54,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(),
                                   "attention_forward", [&] {
-    AttentionForwardParams<scalar_t> p;
-    fill_shape(p, query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale,
-               rng_state);
-    p.query = query.const_data_ptr<scalar_t>();
-    p.key = key.const_data_ptr<scalar_t>();
-    p.value = value.const_data_ptr<scalar_t>();
-    p.query_strides = strides_of(query);
-    p.key_strides = strides_of(key);
-    p.value_strides = strides_of(value);
-    p.output = output.mutable_data_ptr<scalar_t>();
-    p.logsumexp = logsumexp.mutable_data_ptr();
-    p.weights = need_weights ? weights.mutable_data_ptr<scalar_t>() : nullptr;
+    const flash::AttentionArguments args{query,     key,       value,       attn_mask, key_padding_mask,
+                                         dropout_p, is_causal, scale, rng_state};
+    const auto p = flash::set_forward_params<scalar_t>(args, output, logsumexp,
+                                                       need_weights ? &weights : nullptr);
     attention_forward_kernel(p);
   });
   return {output, logsumexp, weights, rng_state};
@@ -144,26 +98,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(),
                                   "attention_backward", [&] {
-    AttentionBackwardParams<scalar_t> p;
-    fill_shape(p, query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale,
-               rng);
-    p.query = query.const_data_ptr<scalar_t>();
-    p.key = key.const_data_ptr<scalar_t>();
-    p.value = value.const_data_ptr<scalar_t>();
-    p.output = output.const_data_ptr<scalar_t>();
-    p.grad_output = grad_output.const_data_ptr<scalar_t>();
-    p.grad_weights = has_grad_weights ? grad_weights->const_data_ptr<scalar_t>() : nullptr;
-    p.logsumexp = lse.const_data_ptr();
-    p.query_strides = strides_of(query);
-    p.key_strides = strides_of(key);
-    p.value_strides = strides_of(value);
-    p.output_strides = strides_of(output);
-    p.grad_output_strides = strides_of(grad_output);
-    if (has_grad_weights) p.grad_weights_strides = strides_of(*grad_weights);
-    p.grad_query = grad_query.mutable_data_ptr<scalar_t>();
-    p.grad_key = grad_key.mutable_data_ptr<scalar_t>();
-    p.grad_value = grad_value.mutable_data_ptr<scalar_t>();
-    p.grad_scores = grad_scores.defined() ? grad_scores.mutable_data_ptr() : nullptr;
+    const flash::AttentionArguments args{query,     key,       value, attn_mask, key_padding_mask,
+                                         dropout_p, is_causal, scale, rng};
+    const auto p = flash::set_backward_params<scalar_t>(
+        args, output, grad_output, grad_weights, lse, grad_query, grad_key, grad_value,
+        grad_scores.defined() ? &grad_scores : nullptr);
     attention_backward_kernel(p);
   });
   return {grad_query, grad_key, grad_value,

@@ -5,6 +5,8 @@
 #include <torch/extension.h>
 #include <torch/headeronly/version.h>
 
+#include "cpu/flash/levels.h"
+
 #ifndef QKV_ATTENTION_VERSION
 #define QKV_ATTENTION_VERSION "unknown"
 #endif
@@ -33,6 +35,10 @@ pybind11::dict build_info() {
 #endif
   info["cxx11_abi"] = static_cast<bool>(_GLIBCXX_USE_CXX11_ABI);
   info["cpu_capability"] = at::get_cpu_capability();  // what ATen's own kernels dispatch to
+  // The CPU level the attention kernels run at: torch's capability, as far as this build and
+  // this CPU have it ("avx512", "avx2" or "default").
+  info["kernel_isa"] =
+      qkv_attention::cpu::flash::level_name(qkv_attention::cpu::flash::current_level());
   info["num_threads"] = at::get_num_threads();
   return info;
 }

@@ -1,13 +1,13 @@
-// Avx512Ops (cpu/flash_ops.h): the flash-attention building blocks written with AVX-512
-// intrinsics.
-//
-// The extension is compiled for the baseline x86-64 ISA, so every function here carries a
-// target attribute instead of the whole file being built with -mavx512f: only these functions
-// use AVX-512, and the kernels call them only after cpu_has_avx512() said yes. Nothing here
-// includes ATen (whose inline functions would otherwise be compiled for AVX-512 in this file
-// and could be picked by the linker for callers on other CPUs).
-#include "cpu/flash_ops.h"
+// The avx512 level's own GEMMs and dropout bits (cpu/flash/avx512_ops.h), written with AVX-512
+// intrinsics. Built only for x86-64, with the avx512 level's flags; called only after
+// cpu/flash/levels.cpp has checked that the CPU has AVX-512 (and, for the bfloat16 dot product,
+// AVX512_BF16, which the functions that use it name in their own target attribute).
+#include "cpu/flash/avx512_ops.h"
 
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
 #include <vector>
 
 // GCC 12's intrinsic headers build their "undefined" vectors from a self-initialised variable;
@@ -18,28 +18,10 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define QKV_HAVE_AVX512_CODE 1
-#include <immintrin.h>
-#endif
-
 namespace qkv_attention::cpu::flash {
-
-#if QKV_HAVE_AVX512_CODE
 
 #define QKV_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,bmi2,fma,f16c")))
 #define QKV_AVX512_INLINE QKV_AVX512 __attribute__((always_inline)) inline
-
-bool cpu_has_avx512() {
-  static const bool supported = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
-  }();
-  return supported;
-}
 
 namespace {
 
@@ -115,36 +97,7 @@ const TileFn kTiles[kTileRows][kTileVectors] = {
     {gemm_tile_fn<6, 1>, gemm_tile_fn<6, 2>, gemm_tile_fn<6, 3>, gemm_tile_fn<6, 4>},
 };
 
-// ---- exp2 -----------------------------------------------------------------------------------
-// 2^x as 2^n * p(x - n) with n = round(x) and p a degree-6 polynomial fitted on [-1/2, 1/2]
-// (relative error < 1e-7, about one float ulp). x is clamped to [-160, 128]: 2^-160 rounds to
-// exactly 0 (so masked scores give probabilities of exactly 0, never a denormal), 2^128 is inf;
-// the clamps keep NaN (max/min return their second operand when one is NaN).
-QKV_AVX512_INLINE __m512 exp2_ps(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-160.0f), x);
-  x = _mm512_min_ps(_mm512_set1_ps(128.0f), x);
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(1.5370715118478984e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3399857562035322e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618373587727547e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550329014658928e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022647738456726e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471824645996e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-
 // ---- conversions ----------------------------------------------------------------------------
-QKV_AVX512_INLINE __m512 load_bf16(const uint16_t* src, __mmask16 lanes) {
-  const __m256i bits = _mm256_maskz_loadu_epi16(lanes, src);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
-
-QKV_AVX512_INLINE __m512 load_half(const uint16_t* src, __mmask16 lanes) {
-  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, src));
-}
-
 // float -> bfloat16 bits, rounding to nearest even like c10::BFloat16 (NaN stays a quiet NaN).
 QKV_AVX512_INLINE __m256i to_bf16_bits(__m512 x) {
   const __m512i bits = _mm512_castps_si512(x);
@@ -236,83 +189,6 @@ QKV_AVX512 void Avx512Ops::gemm(int64_t M, int64_t N, int64_t K, const float* a,
   }
 }
 
-QKV_AVX512 float Avx512Ops::prepare_row(float* s, int64_t n, float scale, float bias,
-                                        int64_t valid, const MaskSegment* masks, int mask_count) {
-  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  const __m512 scale_v = _mm512_set1_ps(scale), bias_v = _mm512_set1_ps(bias);
-  __m512 row_max = neg_inf;
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 lanes = first_lanes(n - j);
-    __mmask16 attend = lanes & first_lanes(std::max<int64_t>(valid - j, 0));
-    __m512 x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes, s + j), scale_v, bias_v);
-    for (int m = 0; m < mask_count; ++m) {
-      const MaskSegment& mask = masks[m];
-      switch (mask.kind) {
-        case MaskSegmentKind::kBool: {
-          const __m128i bytes =
-              _mm_maskz_loadu_epi8(lanes, static_cast<const uint8_t*>(mask.data) + j);
-          attend &= _mm_test_epi8_mask(bytes, bytes);
-          break;
-        }
-        case MaskSegmentKind::kFloat:
-          x = _mm512_add_ps(
-              _mm512_maskz_loadu_ps(lanes, static_cast<const float*>(mask.data) + j), x);
-          break;
-        case MaskSegmentKind::kBFloat16:
-          x = _mm512_add_ps(load_bf16(static_cast<const uint16_t*>(mask.data) + j, lanes), x);
-          break;
-        case MaskSegmentKind::kHalf:
-          x = _mm512_add_ps(load_half(static_cast<const uint16_t*>(mask.data) + j, lanes), x);
-          break;
-        case MaskSegmentKind::kDouble: {
-          // Not produced for float accumulation; kept correct anyway.
-          alignas(64) float values[16] = {};
-          for (int64_t t = 0; t < std::min<int64_t>(16, n - j); ++t) {
-            values[t] = float(static_cast<const double*>(mask.data)[j + t]);
-          }
-          x = _mm512_add_ps(_mm512_load_ps(values), x);
-          break;
-        }
-      }
-    }
-    x = _mm512_mask_blend_ps(attend, neg_inf, x);
-    _mm512_mask_storeu_ps(s + j, lanes, x);
-    // A NaN x leaves row_max as it is (the second operand wins when one is NaN).
-    row_max = _mm512_mask_max_ps(row_max, lanes, x, row_max);
-  }
-  return _mm512_reduce_max_ps(row_max);
-}
-
-QKV_AVX512 float Avx512Ops::exp_row(float* s, int64_t n, float m, const uint64_t* keep) {
-  const __m512 m_v = _mm512_set1_ps(m);
-  const __m512 log2e = _mm512_set1_ps(float(kLog2e));
-  __m512 sum = _mm512_setzero_ps();
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 lanes = first_lanes(n - j);
-    // exp(s - m) = 2^((s - m) log2 e), the max subtracted first (see flash_ops.h).
-    const __m512 p =
-        exp2_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, s + j), m_v), log2e));
-    sum = _mm512_mask_add_ps(sum, lanes, sum, p);
-    const __mmask16 kept = keep ? __mmask16(keep[j >> 6] >> (j & 63)) : __mmask16(0xffff);
-    _mm512_mask_storeu_ps(s + j, lanes, _mm512_maskz_mov_ps(kept, p));
-  }
-  return _mm512_reduce_add_ps(sum);
-}
-
-QKV_AVX512 void Avx512Ops::softmax_grad_row(const float* p, const float* dp, const uint64_t* keep,
-                                            float kept_scale, float delta, int64_t n, float* w,
-                                            float* ds) {
-  const __m512 k_v = _mm512_set1_ps(kept_scale), delta_v = _mm512_set1_ps(delta);
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 lanes = first_lanes(n - j);
-    const __mmask16 kept = keep ? __mmask16(keep[j >> 6] >> (j & 63)) : __mmask16(0xffff);
-    const __m512 p_v = _mm512_maskz_loadu_ps(lanes, p + j);
-    const __m512 dp_kept = _mm512_maskz_mul_ps(kept, _mm512_maskz_loadu_ps(lanes, dp + j), k_v);
-    if (w) _mm512_mask_storeu_ps(w + j, lanes, _mm512_maskz_mul_ps(kept, p_v, k_v));
-    _mm512_mask_storeu_ps(ds + j, lanes, _mm512_mul_ps(p_v, _mm512_sub_ps(dp_kept, delta_v)));
-  }
-}
-
 QKV_AVX512 void Avx512Ops::keep_bits(const DropoutKey& key, uint64_t first, int64_t count,
                                      uint64_t* keep) {
   // Raw word r holds elements 4 * counter0 + 64 r + t; output bit j is element first + j,
@@ -332,56 +208,6 @@ QKV_AVX512 void Avx512Ops::keep_bits(const DropoutKey& key, uint64_t first, int6
   }
   // Bits past `count` in the last word are not used by the callers; clear them anyway.
   if (count % 64 != 0) keep[words - 1] &= (uint64_t(1) << (count % 64)) - 1;
-}
-
-QKV_AVX512 void Avx512Ops::to_acc(const float* src, int64_t n, float* dst) {
-  std::memcpy(dst, src, sizeof(float) * size_t(n));
-}
-
-QKV_AVX512 void Avx512Ops::to_acc(const c10::BFloat16* src, int64_t n, float* dst) {
-  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 lanes = first_lanes(n - j);
-    _mm512_mask_storeu_ps(dst + j, lanes, load_bf16(bits + j, lanes));
-  }
-}
-
-QKV_AVX512 void Avx512Ops::to_acc(const c10::Half* src, int64_t n, float* dst) {
-  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 lanes = first_lanes(n - j);
-    _mm512_mask_storeu_ps(dst + j, lanes, load_half(bits + j, lanes));
-  }
-}
-
-QKV_AVX512 void Avx512Ops::from_acc(const float* src, int64_t n, float factor, float* dst) {
-  const __m512 f = _mm512_set1_ps(factor);
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 lanes = first_lanes(n - j);
-    _mm512_mask_storeu_ps(dst + j, lanes, _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, src + j), f));
-  }
-}
-
-QKV_AVX512 void Avx512Ops::from_acc(const float* src, int64_t n, float factor,
-                                    c10::BFloat16* dst) {
-  const __m512 f = _mm512_set1_ps(factor);
-  uint16_t* bits = reinterpret_cast<uint16_t*>(dst);
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 lanes = first_lanes(n - j);
-    const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, src + j), f);
-    _mm256_mask_storeu_epi16(bits + j, lanes, to_bf16_bits(x));
-  }
-}
-
-QKV_AVX512 void Avx512Ops::from_acc(const float* src, int64_t n, float factor, c10::Half* dst) {
-  const __m512 f = _mm512_set1_ps(factor);
-  uint16_t* bits = reinterpret_cast<uint16_t*>(dst);
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 lanes = first_lanes(n - j);
-    const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, src + j), f);
-    _mm256_mask_storeu_epi16(bits + j, lanes,
-                             _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  }
 }
 
 QKV_AVX512 void Avx512Ops::pack_b(const float* src, int64_t src_row, int64_t src_col, int64_t K,
@@ -409,7 +235,9 @@ QKV_AVX512 void Avx512Ops::pack_b(const float* src, int64_t src_row, int64_t src
     }
     return;
   }
-  PortableOps<float>::pack_b(src, src_row, src_col, K, N, dst, ld);
+  for (int64_t k = 0; k < K; ++k) {  // any other layout, element by element
+    for (int64_t n = 0; n < ld; ++n) dst[k * ld + n] = n < N ? src[k * src_row + n * src_col] : 0.f;
+  }
 }
 
 // ---- bfloat16 dot products ------------------------------------------------------------------
@@ -418,13 +246,6 @@ QKV_AVX512 void Avx512Ops::pack_b(const float* src, int64_t src_row, int64_t src
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,bmi2,fma,f16c")))
 #define QKV_AVX512_BF16_INLINE QKV_AVX512_BF16 __attribute__((always_inline)) inline
 
-bool cpu_has_avx512_bf16() {
-  static const bool supported = [] {
-    __builtin_cpu_init();
-    return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
-  }();
-  return supported;
-}
 
 namespace {
 
@@ -636,57 +457,5 @@ QKV_AVX512_BF16 void Avx512Bf16Ops::gemm(int64_t M, int64_t N, int64_t K, const 
   }
 }
 
-#else  // no AVX-512 code on this compiler/architecture
-
-bool cpu_has_avx512() { return false; }
-
-// Never called (cpu_has_avx512() is false); defined so that the templates link.
-void Avx512Ops::gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row,
-                     int64_t a_col, const float* b, int64_t ldb, float* c, int64_t ldc,
-                     bool accumulate) {
-  PortableOps<float>::gemm(M, N, K, a, a_row, a_col, b, ldb, c, ldc, accumulate);
-}
-float Avx512Ops::prepare_row(float* s, int64_t n, float scale, float bias, int64_t valid,
-                             const MaskSegment* masks, int mask_count) {
-  return PortableOps<float>::prepare_row(s, n, scale, bias, valid, masks, mask_count);
-}
-float Avx512Ops::exp_row(float* s, int64_t n, float m, const uint64_t* keep) {
-  return PortableOps<float>::exp_row(s, n, m, keep);
-}
-void Avx512Ops::softmax_grad_row(const float* p, const float* dp, const uint64_t* keep,
-                                 float kept_scale, float delta, int64_t n, float* w, float* ds) {
-  PortableOps<float>::softmax_grad_row(p, dp, keep, kept_scale, delta, n, w, ds);
-}
-void Avx512Ops::keep_bits(const DropoutKey& key, uint64_t first, int64_t count, uint64_t* keep) {
-  keep_bits_reference(key, first, count, keep);
-}
-void Avx512Ops::to_acc(const float* src, int64_t n, float* dst) {
-  PortableOps<float>::to_acc(src, n, dst);
-}
-void Avx512Ops::to_acc(const c10::BFloat16* src, int64_t n, float* dst) {
-  PortableOps<float>::to_acc(src, n, dst);
-}
-void Avx512Ops::to_acc(const c10::Half* src, int64_t n, float* dst) {
-  PortableOps<float>::to_acc(src, n, dst);
-}
-void Avx512Ops::from_acc(const float* src, int64_t n, float factor, float* dst) {
-  PortableOps<float>::from_acc(src, n, factor, dst);
-}
-void Avx512Ops::from_acc(const float* src, int64_t n, float factor, c10::BFloat16* dst) {
-  PortableOps<float>::from_acc(src, n, factor, dst);
-}
-void Avx512Ops::from_acc(const float* src, int64_t n, float factor, c10::Half* dst) {
-  PortableOps<float>::from_acc(src, n, factor, dst);
-}
-void Avx512Ops::pack_b(const float* src, int64_t src_row, int64_t src_col, int64_t K, int64_t N,
-                       float* dst, int64_t ld) {
-  PortableOps<float>::pack_b(src, src_row, src_col, K, N, dst, ld);
-}
-bool cpu_has_avx512_bf16() { return false; }
-void Avx512Bf16Ops::pack_b(const float*, int64_t, int64_t, int64_t, int64_t, uint16_t*, int64_t) {}
-void Avx512Bf16Ops::gemm(int64_t, int64_t, int64_t, const float*, int64_t, int64_t,
-                         const uint16_t*, int64_t, float*, int64_t, bool) {}
-
-#endif
 
 }  // namespace qkv_attention::cpu::flash

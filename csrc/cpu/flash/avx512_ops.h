@@ -1,0 +1,47 @@
+// The avx512 level's hand-written parts (avx512_ops.cpp, x86-64 only): register-tiled GEMM
+// micro-kernels, measured faster than BLAS calls on the kernels' small blocks, the dropout keep
+// bits with Philox on 64-bit lanes, and for bfloat16 GEMMs with the vdpbf16ps dot product.
+// Nothing here is called unless cpu/flash/levels.cpp found the instructions on the CPU.
+#pragma once
+
+#include <cstdint>
+
+#include "cpu/flash/dropout_bits.h"
+
+namespace qkv_attention::cpu::flash {
+
+struct Avx512Ops {
+  using b_elem = float;
+  static constexpr bool kPlainB = true;
+  static constexpr int64_t kForwardKeys = 256;
+  static int64_t packed_ld(int64_t N) { return (N + 15) / 16 * 16; }
+  static int64_t packed_size(int64_t K, int64_t N) { return K * packed_ld(N); }
+
+  // dst = B with B[k, n] = src[k * src_row + n * src_col], ld >= packed_ld(N), zero-padded.
+  static void pack_b(const float* src, int64_t src_row, int64_t src_col, int64_t K, int64_t N,
+                     float* dst, int64_t ld);
+  // C (M x N) = [C +] A (M x K) . B (K x N); A[r, k] = a[r * a_row + k * a_col],
+  // B[k, n] = b[k * ldb + n], C[r, n] = c[r * ldc + n].
+  static void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, int64_t a_col,
+                   const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate);
+  static void keep_bits(const DropoutKey& key, uint64_t first, int64_t count, uint64_t* keep);
+};
+
+// For bfloat16 inputs on CPUs with AVX512_BF16: the GEMMs round their operands to bfloat16 and
+// multiply pairs of them with vdpbf16ps (twice the float rate), accumulating in float. Packed B
+// operands are pairs of rows interleaved (ceil(K / 2) x ld x 2 bfloat16, "VNNI" order), so
+// that one 32-bit lane holds B[2k, n] and B[2k + 1, n]. What is rounded besides the inputs
+// (P, W, dS) gets the precision torch's own bfloat16 kernels give it.
+struct Avx512Bf16Ops : Avx512Ops {
+  using b_elem = uint16_t;
+  static constexpr bool kPlainB = false;
+  static constexpr int64_t kForwardKeys = 512;
+  static int64_t packed_size(int64_t K, int64_t N) { return (K + 1) / 2 * 2 * packed_ld(N); }
+
+  static void pack_b(const float* src, int64_t src_row, int64_t src_col, int64_t K, int64_t N,
+                     uint16_t* dst, int64_t ld);
+  static void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, int64_t a_col,
+                   const uint16_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate);
+};
+
+}  // namespace qkv_attention::cpu::flash

@@ -1,0 +1,160 @@
+// The blocked ("flash") attention forward on the CPU, templated over the element type T and a
+// set of building blocks Ops (vec_ops.h, or the avx512 level's set in level_kernels.h).
+//
+// Per task = (batch*head, block of Bq queries): for each block of Bk keys, the Bq x Bk scores (a
+// GEMM against the prepacked K^T panel), masks, then an online softmax (running max m and sum l
+// per row, the output accumulator rescaled when m grows) and O += P V (a GEMM). Only Bq x Bk
+// scores exist at a time; the logsumexp m + log(l) is saved for the backward. Causal blocks past
+// the diagonal are skipped whole. With grouped-query attention the query heads of a group read
+// the same packed key/value panels.
+//
+// Dropout: element n = ((b * H + h) * L + i) * S + j of the Philox stream (cpu/philox.h), the
+// numbering _attention_dropout_mask uses.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "cpu/attention_kernel.h"
+#include "cpu/flash/blocking.h"
+#include "cpu/flash/dropout_bits.h"
+#include "cpu/flash/level_namespace.h"
+#include "cpu/flash/operands.h"
+#include "cpu/flash/row_masks.h"
+#include "cpu/flash/workspace.h"
+
+QKV_FLASH_LEVEL_BEGIN
+
+template <typename T, class Ops>
+void flash_forward(const AttentionForwardParams<T>& p) {
+  using Acc = typename Ops::acc_t;
+  constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
+  const int64_t B = p.batch, H = p.heads, L = p.q_len, S = p.kv_len;
+  const int64_t D = p.head_dim, Dv = p.value_dim, BH = B * H;
+  const int64_t Hkv = p.kv_heads, group = p.group_size();
+  Acc* logsumexp = p.logsumexp;
+  if (BH == 0 || L == 0) return;
+  if (S == 0) {  // no key at all: every row is empty
+    std::fill(p.output, p.output + BH * L * Dv, T(0));
+    std::fill(logsumexp, logsumexp + BH * L, kNegInf);
+    return;
+  }
+  const Blocking blocking = forward_blocking<Ops>(p);
+  const int64_t Bq = blocking.queries, Bk = blocking.keys;
+  const int64_t query_blocks = ceil_div(L, Bq), key_blocks = ceil_div(S, Bk);
+
+  // K^T and V per key block, as the GEMMs' B operands.
+  LargeBuffer<Acc> key_storage, value_storage;
+  const RowsView<Acc> key_rows = operand_rows<Ops>(p.key, p.key_strides, B, Hkv, S, D, key_storage);
+  const auto key_t = BOperands<Ops>::transposed_blocks(key_rows, B, Hkv, S, D, Bk);
+  key_storage.release();
+  const RowsView<Acc> value_rows =
+      operand_rows<Ops>(p.value, p.value_strides, B, Hkv, S, Dv, value_storage);
+  const auto values = BOperands<Ops>::row_blocks(value_rows, B, Hkv, S, Dv, Bk);
+
+  const Acc scale = static_cast<Acc>(p.scale);
+  const Acc kept_scale = static_cast<Acc>(kept_scale_of(p.dropout_p));
+  const bool dropout = p.dropout_p > 0;
+  const DropoutKey dropout_key = DropoutKey::make(p.seed, p.offset, p.dropout_p);
+  const RowMasks<T, Acc> masks(p);
+
+  // scores (Bq x Bk), output accumulator (Bq x Dv), query rows (Bq x D), row max, row sum and
+  // block max (Bq each), gathered masks (2 x Bk), keep bits.
+  const int64_t slot_size = Bq * Bk + Bq * Dv + Bq * D + 3 * Bq + 2 * Bk + keep_cells<Acc>(Bk);
+  TaskPool pool(BH * query_blocks);
+  Scratch<Acc> scratch(pool.slots(), slot_size);
+
+  pool.run([&](int64_t task, int64_t slot) {
+    // Causal: the longest tasks (last query blocks) first, so the tail of the run is short.
+    const int64_t qb = query_blocks - 1 - task / BH, bh = task % BH;
+    const int64_t b = bh / H, h = bh % H;
+    const int64_t kv_bh = b * Hkv + h / group;  // the key/value head this query head reads
+    const int64_t i0 = qb * Bq, nq = std::min(Bq, L - i0);
+    Acc* scores = scratch.slot(slot);
+    Acc* out_acc = scores + Bq * Bk;
+    Acc* q_buf = out_acc + Bq * Dv;
+    Acc* row_max = q_buf + Bq * D;
+    Acc* row_sum = row_max + Bq;
+    Acc* block_max = row_sum + Bq;
+    Acc* gathered = block_max + Bq;
+    uint64_t* keep = keep_bits_at(gathered + 2 * Bk);
+
+    int64_t ldq = 0;
+    const Acc* q = rows_as_acc<Ops>(p.query, p.query_strides, b, h, i0, nq, D, q_buf, ldq);
+    std::fill(row_max, row_max + nq, kNegInf);
+    std::fill(row_sum, row_sum + nq, Acc(0));
+    std::fill(out_acc, out_acc + nq * Dv, Acc(0));
+    const int64_t visible_blocks = key_blocks_for(p.is_causal, p.kv_len, i0, nq, Bk);
+
+    // Scores of the first nc keys of block kb for every row, masked; row
+    // maxima to block_max. Returns nc (keys past it are hidden from all rows by causality).
+    auto block_scores = [&](int64_t kb) {
+      const int64_t j0 = kb * Bk, nc = columns_for(p.is_causal, i0, nq, j0, std::min(Bk, S - j0));
+      Ops::gemm(nq, nc, D, q, ldq, 1, key_t.at(kv_bh, kb), key_t.ld(), scores, Bk, false);
+      for (int64_t r = 0; r < nq; ++r) {
+        MaskSegment<T, Acc> segments[AttentionInputs<T>::kMasks];
+        Acc bias = 0;
+        int64_t valid = visible_in_block(p.is_causal, i0 + r, j0, nc);
+        const int count = masks.segments(b, h, i0 + r, j0, nc, segments, gathered, bias, valid);
+        block_max[r] = Ops::prepare_row(scores + r * Bk, nc, scale, bias, valid, segments, count);
+      }
+      return nc;
+    };
+
+    for (int64_t kb = 0; kb < visible_blocks; ++kb) {
+      const int64_t j0 = kb * Bk, nk = block_scores(kb);
+      for (int64_t r = 0; r < nq; ++r) {
+        const Acc m_old = row_max[r];
+        const Acc m_new = block_max[r] > m_old ? block_max[r] : m_old;
+        // exp is taken relative to a finite value, 0 while the row has seen only -inf.
+        const Acc m_use = m_new == kNegInf ? Acc(0) : m_new;
+        const Acc alpha = m_old == kNegInf ? Acc(0) : std::exp(m_old - m_use);
+        if (dropout) Ops::keep_bits(dropout_key, uint64_t((bh * L + i0 + r) * S + j0), nk, keep);
+        const Acc sum = Ops::exp_row(scores + r * Bk, nk, m_use, dropout ? keep : nullptr);
+        row_sum[r] = row_sum[r] * alpha + sum;
+        row_max[r] = m_new;
+        if (alpha != Acc(1)) {
+          Acc* o = out_acc + r * Dv;
+          for (int64_t d = 0; d < Dv; ++d) o[d] *= alpha;
+        }
+      }
+      Ops::gemm(nq, Dv, nk, scores, Bk, 1, values.at(kv_bh, kb), values.ld(), out_acc, Dv, true);
+    }
+
+    // out = acc / l (times the dropout scale); logsumexp = m + log(l). A row with l = 0 saw no
+    // key: zeros and -inf. NaN in l (a NaN score) gives NaN out.
+    for (int64_t r = 0; r < nq; ++r) {
+      const int64_t row = bh * L + i0 + r;
+      const Acc l = row_sum[r];
+      T* out_row = p.output + row * Dv;
+      if (l == Acc(0)) {
+        std::fill(out_row, out_row + Dv, T(0));
+        logsumexp[row] = kNegInf;
+        row_max[r] = std::numeric_limits<Acc>::infinity();  // the logsumexp, for the weights
+        continue;
+      }
+      const Acc m_use = row_max[r] == kNegInf ? Acc(0) : row_max[r];
+      Ops::from_acc(out_acc + r * Dv, Dv, kept_scale / l, out_row);
+      row_max[r] = m_use + std::log(l);
+      logsumexp[row] = row_max[r];
+    }
+
+    // The weights on request: recomputed from q, k and the logsumexp, with the same dropout.
+    if (p.weights) {
+      for (int64_t kb = 0; kb < key_blocks; ++kb) {
+        const int64_t j0 = kb * Bk, nk = std::min(Bk, S - j0);
+        const int64_t nc = kb < visible_blocks ? block_scores(kb) : 0;
+        for (int64_t r = 0; r < nq; ++r) {
+          T* w_row = p.weights + (bh * L + i0 + r) * S + j0;
+          std::fill(w_row + nc, w_row + nk, T(0));
+          if (nc == 0) continue;
+          if (dropout) Ops::keep_bits(dropout_key, uint64_t((bh * L + i0 + r) * S + j0), nc, keep);
+          Ops::exp_row(scores + r * Bk, nc, row_max[r], dropout ? keep : nullptr);
+          Ops::from_acc(scores + r * Bk, nc, kept_scale, w_row);
+        }
+      }
+    }
+  });
+}
+QKV_FLASH_LEVEL_END

@@ -1,0 +1,72 @@
+// The body of one CPU level's kernels (level_default.cpp, level_avx2.cpp, level_avx512.cpp):
+// the forward and backward templates instantiated with that level's building blocks, as the
+// entry points cpu/flash/levels.h declares. Included once per level source, which the build
+// compiles with the level's instruction flags and CPU_CAPABILITY macros.
+#pragma once
+
+#include <type_traits>
+
+#include "cpu/attention_kernel.h"
+#include "cpu/flash/backward.h"
+#include "cpu/flash/forward.h"
+#include "cpu/flash/level_namespace.h"
+#include "cpu/flash/vec_ops.h"
+#if defined(CPU_CAPABILITY_AVX512)
+#include "cpu/flash/avx512_ops.h"
+#include "cpu/flash/levels.h"
+#endif
+
+QKV_FLASH_LEVEL_BEGIN
+
+#if defined(CPU_CAPABILITY_AVX512)
+// Float accumulation on AVX-512: at::vec element-wise code, the hand-written GEMMs and
+// vectorised dropout bits (measured faster here than BLAS calls on the small blocks).
+struct FloatOps : VecElementwise<float>, Avx512Ops {
+  using Avx512Ops::keep_bits;
+};
+// bfloat16 where the CPU has the bf16 dot product.
+struct Bf16DotOps : VecElementwise<float>, Avx512Bf16Ops {
+  using Avx512Bf16Ops::keep_bits;
+};
+#else
+using FloatOps = VecOps<float>;
+#endif
+
+template <typename T>
+void attention_forward(const AttentionForwardParams<T>& params) {
+  if constexpr (std::is_same_v<T, double>) {
+    flash_forward<T, VecOps<double>>(params);
+  } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (cpu_has_avx512_bf16()) return flash_forward<T, Bf16DotOps>(params);
+    }
+#endif
+    flash_forward<T, FloatOps>(params);
+  }
+}
+
+template <typename T>
+void attention_backward(const AttentionBackwardParams<T>& params) {
+  if constexpr (std::is_same_v<T, double>) {
+    flash_backward<T, VecOps<double>>(params);
+  } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (cpu_has_avx512_bf16()) return flash_backward<T, Bf16DotOps>(params);
+    }
+#endif
+    flash_backward<T, FloatOps>(params);
+  }
+}
+
+#define QKV_INSTANTIATE(T)                                                      \
+  template void attention_forward<T>(const AttentionForwardParams<T>&);        \
+  template void attention_backward<T>(const AttentionBackwardParams<T>&);
+QKV_INSTANTIATE(double)
+QKV_INSTANTIATE(float)
+QKV_INSTANTIATE(c10::BFloat16)
+QKV_INSTANTIATE(c10::Half)
+#undef QKV_INSTANTIATE
+
+QKV_FLASH_LEVEL_END

@@ -1,0 +1,220 @@
+// The building blocks of the blocked kernels for one CPU level: the element-wise steps of the
+// online softmax and its backward, written with at::vec::Vectorized (AVX-512, AVX2, NEON or
+// ATen's generic vectors, whichever this level's build selects), and the block GEMMs through
+// BLAS (cpu/flash/blas.h). The kernels (forward.h, backward.h) are templates over such a set;
+// avx512_ops.h swaps in hand-written AVX-512 GEMMs and dropout bits for the avx512 level.
+//
+// Scores stay in natural units (scale * q.k + masks); exp(s - m) is taken only after the row
+// maximum is subtracted, so its rounding is relative to s - m, not to s (logits of 1e4 keep
+// their precision).
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "cpu/flash/blas.h"
+#include "cpu/flash/dropout_bits.h"
+#include "cpu/flash/level_namespace.h"
+#include "cpu/flash/row_masks.h"
+
+QKV_FLASH_LEVEL_BEGIN
+
+template <typename Acc>
+struct VecElementwise {
+  using acc_t = Acc;
+  using Vec = at::vec::Vectorized<Acc>;
+  static constexpr int64_t kWidth = Vec::size();
+
+  // Lanes [0, count) of a vector as a blend mask (all bits set where true).
+  static Vec first_lanes(int64_t count) {
+    return Vec::arange(Acc(0), Acc(1)) < Vec(static_cast<Acc>(count));
+  }
+
+  // 1 where bit j0 + t of `keep` is set, else 0, for the lanes of one vector.
+  static Vec keep_factors(const uint64_t* keep, int64_t j0, int64_t count) {
+    __at_align__ Acc factors[kWidth];
+    for (int64_t t = 0; t < kWidth; ++t) {
+      factors[t] = t < count && keep_bit(keep, j0 + t) ? Acc(1) : Acc(0);
+    }
+    return Vec::loadu(factors);
+  }
+
+  // Turns raw dot products s[0, n) into scores: s * scale + bias + the masks (additive masks
+  // added, a false bool gives -inf) for j < valid, -inf for j >= valid. Returns the largest
+  // score, ignoring NaN (-inf when every score is -inf); NaN scores stay NaN.
+  template <typename T>
+  static Acc prepare_row(Acc* s, int64_t n, Acc scale, Acc bias, int64_t valid,
+                         const MaskSegment<T, Acc>* masks, int mask_count) {
+    constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
+    const Vec neg_inf(kNegInf), scale_v(scale), bias_v(bias);
+    Vec row_max = neg_inf;
+    for (int64_t j = 0; j < n; j += kWidth) {
+      const int64_t count = std::min<int64_t>(kWidth, n - j);
+      Vec x = at::vec::fmadd(Vec::loadu(s + j, count), scale_v, bias_v);
+      bool any_bool = false;
+      __at_align__ Acc blocked[kWidth] = {};
+      __at_align__ Acc added[kWidth];
+      for (int m = 0; m < mask_count; ++m) {
+        const MaskSegment<T, Acc>& mask = masks[m];
+        if (mask.bools) {
+          any_bool = true;
+          for (int64_t t = 0; t < count; ++t) {
+            if (!mask.bools[j + t]) blocked[t] = Acc(1);
+          }
+        } else if (mask.gathered) {
+          x = x + Vec::loadu(mask.gathered + j, count);
+        } else if constexpr (std::is_same_v<T, Acc>) {
+          x = x + Vec::loadu(mask.values + j, count);
+        } else {
+          for (int64_t t = 0; t < count; ++t) added[t] = static_cast<Acc>(mask.values[j + t]);
+          x = x + Vec::loadu(added, count);
+        }
+      }
+      if (valid - j < count) x = Vec::blendv(neg_inf, x, first_lanes(valid - j));
+      if (any_bool) x = Vec::blendv(x, neg_inf, Vec::loadu(blocked) != Vec(Acc(0)));
+      x.store(s + j, count);
+      if (count < kWidth) x = Vec::blendv(neg_inf, x, first_lanes(count));
+      // x > row_max is false for NaN, which leaves row_max as it is.
+      row_max = Vec::blendv(row_max, x, x > row_max);
+    }
+    __at_align__ Acc lanes[kWidth];
+    row_max.store(lanes);
+    Acc result = kNegInf;
+    for (int64_t t = 0; t < kWidth; ++t) result = lanes[t] > result ? lanes[t] : result;
+    return result;
+  }
+
+  static Vec exp(const Vec& x) {
+    if constexpr (std::is_same_v<Acc, float>) {
+      return x.exp_u20();
+    } else {
+      return x.exp();
+    }
+  }
+
+  // p = exp(s - m) for s[0, n); returns sum(p) and stores p (times the keep bit when `keep`
+  // is given) back into s. `m` must be finite or +inf.
+  static Acc exp_row(Acc* s, int64_t n, Acc m, const uint64_t* keep) {
+    const Vec m_v(m);
+    Vec sum(Acc(0));
+    for (int64_t j = 0; j < n; j += kWidth) {
+      const int64_t count = std::min<int64_t>(kWidth, n - j);
+      Vec p = exp(Vec::loadu(s + j, count) - m_v);
+      if (count < kWidth) p = Vec::blendv(Vec(Acc(0)), p, first_lanes(count));
+      sum = sum + p;
+      if (keep) p = p * keep_factors(keep, j, count);
+      p.store(s + j, count);
+    }
+    return at::vec::vec_reduce_all<Acc>([](Vec& a, Vec& b) { return a + b; }, sum);
+  }
+
+  // The backward of softmax and dropout for one row: with k_j = keep_j * kept_scale,
+  // w = p * k (the weights, for dV; skipped when w is null) and ds = p * (dp * k - delta).
+  // ds may alias dp.
+  static void softmax_grad_row(const Acc* p, const Acc* dp, const uint64_t* keep,
+                               Acc kept_scale, Acc delta, int64_t n, Acc* w, Acc* ds) {
+    const Vec delta_v(delta), scale_v(kept_scale);
+    for (int64_t j = 0; j < n; j += kWidth) {
+      const int64_t count = std::min<int64_t>(kWidth, n - j);
+      const Vec k = keep ? keep_factors(keep, j, count) * scale_v : scale_v;
+      const Vec p_v = Vec::loadu(p + j, count);
+      if (w) (p_v * k).store(w + j, count);
+      (p_v * (Vec::loadu(dp + j, count) * k - delta_v)).store(ds + j, count);
+    }
+  }
+
+  static void keep_bits(const DropoutKey& key, uint64_t first, int64_t count, uint64_t* keep) {
+    keep_bits_reference(key, first, count, keep);
+  }
+
+  // dst[0, n) = src[0, n) converted.
+  template <typename T>
+  static void to_acc(const T* src, int64_t n, Acc* dst) {
+    if constexpr (std::is_same_v<T, Acc>) {
+      std::memcpy(dst, src, sizeof(Acc) * size_t(n));
+    } else {
+      at::vec::convert(src, dst, n);
+    }
+  }
+
+  // dst[0, n) = src[0, n) * factor, converted.
+  template <typename T>
+  static void from_acc(const Acc* src, int64_t n, Acc factor, T* dst) {
+    const Vec f(factor);
+    for (int64_t j = 0; j < n; j += kWidth) {
+      const int64_t count = std::min<int64_t>(kWidth, n - j);
+      const Vec x = Vec::loadu(src + j, count) * f;
+      if constexpr (std::is_same_v<T, Acc>) {
+        x.store(dst + j, count);
+      } else {
+        __at_align__ Acc scaled[kWidth];
+        x.store(scaled);
+        at::vec::convert(scaled, dst + j, count);
+      }
+    }
+  }
+};
+
+// Block GEMMs through BLAS, with B operands as plain row-major matrices.
+template <typename Acc>
+struct BlasGemm {
+  using b_elem = Acc;
+  static constexpr bool kPlainB = true;
+  static constexpr int64_t kForwardKeys = 256;
+
+  static int64_t packed_ld(int64_t N) { return (N + 15) / 16 * 16; }
+  static int64_t packed_size(int64_t K, int64_t N) { return K * packed_ld(N); }
+
+  // dst = B with B[k, n] = src[k * src_row + n * src_col] (a transpose when src_row is 1),
+  // ld >= packed_ld(N) elements per row, zero-padded.
+  static void pack_b(const Acc* src, int64_t src_row, int64_t src_col, int64_t K, int64_t N,
+                     Acc* dst, int64_t ld) {
+    for (int64_t k = 0; k < K; ++k) {
+      Acc* row = dst + k * ld;
+      if (src_col == 1) {
+        std::memcpy(row, src + k * src_row, sizeof(Acc) * size_t(N));
+      } else {
+        for (int64_t n = 0; n < N; ++n) row[n] = src[k * src_row + n * src_col];
+      }
+      std::fill(row + N, row + ld, Acc(0));
+    }
+  }
+
+  // C (M x N) = [C +] A (M x K) . B (K x N); A[r, k] = a[r * a_row + k * a_col],
+  // B[k, n] = b[k * ldb + n], C[r, n] = c[r * ldc + n].
+  static void gemm(int64_t M, int64_t N, int64_t K, const Acc* a, int64_t a_row, int64_t a_col,
+                   const Acc* b, int64_t ldb, Acc* c, int64_t ldc, bool accumulate) {
+    if (blas_gemm(M, N, K, a, a_row, a_col, b, ldb, c, ldc, accumulate)) return;
+    // Strides no BLAS takes (a broadcast operand): rows of C as vectorised sums of B's rows.
+    using Vec = at::vec::Vectorized<Acc>;
+    for (int64_t r = 0; r < M; ++r) {
+      Acc* c_row = c + r * ldc;
+      if (!accumulate) std::fill(c_row, c_row + N, Acc(0));
+      for (int64_t k = 0; k < K; ++k) {
+        const Vec a_rk(a[r * a_row + k * a_col]);
+        const Acc* b_row = b + k * ldb;
+        int64_t n = 0;
+        for (; n + Vec::size() <= N; n += Vec::size()) {
+          at::vec::fmadd(a_rk, Vec::loadu(b_row + n), Vec::loadu(c_row + n)).store(c_row + n);
+        }
+        const int64_t rest = N - n;
+        if (rest > 0) {
+          at::vec::fmadd(a_rk, Vec::loadu(b_row + n, rest), Vec::loadu(c_row + n, rest))
+              .store(c_row + n, rest);
+        }
+      }
+    }
+  }
+};
+
+// The set for the default and AVX2 levels, and for float64 on every level.
+template <typename Acc>
+struct VecOps : VecElementwise<Acc>, BlasGemm<Acc> {};
+
+QKV_FLASH_LEVEL_END
