@@ -13,6 +13,7 @@ namespace qkv_attention::cpu::flash {
 struct Avx512Ops {
   using b_elem = float;
   static constexpr bool kPlainB = true;
+  static constexpr int64_t kForwardQueries = 48;  // 8 register tiles of 6 rows
   static constexpr int64_t kForwardKeys = 256;
   static int64_t packed_ld(int64_t N) { return (N + 15) / 16 * 16; }
   static int64_t packed_size(int64_t K, int64_t N) { return K * packed_ld(N); }

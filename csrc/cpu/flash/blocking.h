@@ -21,12 +21,13 @@ struct Blocking {
   int64_t queries, keys;
 };
 
-// Forward: Bq = 48 query rows against Ops::kForwardKeys keys (256 floats, 512 bfloat16 with
-// the bf16 dot product: about 48 KiB of scores, so the GEMM's K^T panel and the scores share L2
-// and the rows being streamed stay in L1). Measured on Zen 4 against 24..96 x 64..512.
+// Forward: Ops::kForwardQueries query rows against Ops::kForwardKeys keys. With the AVX-512
+// micro-kernels 48 x 256 (512 for the bf16 dot product): about 48 KiB of scores, so the K^T panel
+// and the scores share L2 and the rows being streamed stay in L1 (measured on Zen 4 against
+// 24..96 x 64..512). Through BLAS, larger blocks (vec_ops.h) amortise each call's overhead.
 template <class Ops, typename T>
 Blocking forward_blocking(const AttentionInputs<T>& shape) {
-  return Blocking{std::min<int64_t>(48, std::max<int64_t>(shape.q_len, 1)),
+  return Blocking{std::min<int64_t>(Ops::kForwardQueries, std::max<int64_t>(shape.q_len, 1)),
                   std::min<int64_t>(Ops::kForwardKeys,
                                     round_up(std::max<int64_t>(shape.kv_len, 1), 16))};
 }

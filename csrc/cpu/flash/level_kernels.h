@@ -28,6 +28,8 @@ struct FloatOps : VecElementwise<float>, Avx512Ops {
 struct Bf16DotOps : VecElementwise<float>, Avx512Bf16Ops {
   using Avx512Bf16Ops::keep_bits;
 };
+#elif defined(CPU_CAPABILITY_AVX2)
+using FloatOps = VecTiledOps<float>;
 #else
 using FloatOps = VecOps<float>;
 #endif

@@ -30,6 +30,13 @@ struct VecElementwise {
   using acc_t = Acc;
   using Vec = at::vec::Vectorized<Acc>;
   static constexpr int64_t kWidth = Vec::size();
+#if defined(CPU_CAPABILITY_DEFAULT) && !defined(__aarch64__)
+  // ATen's generic vectors (x86 default level): arrays with a loop per operation. Their blendv
+  // and fmadd are out-of-line calls here, so the hot loops avoid them (measured with perf).
+  static constexpr bool kGenericVectors = true;
+#else
+  static constexpr bool kGenericVectors = false;
+#endif
 
   // Lanes [0, count) of a vector as a blend mask (all bits set where true).
   static Vec first_lanes(int64_t count) {
@@ -54,12 +61,14 @@ struct VecElementwise {
     constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
     const Vec neg_inf(kNegInf), scale_v(scale), bias_v(bias);
     Vec row_max = neg_inf;
+    Acc scalar_max = kNegInf;
     for (int64_t j = 0; j < n; j += kWidth) {
       const int64_t count = std::min<int64_t>(kWidth, n - j);
-      Vec x = at::vec::fmadd(Vec::loadu(s + j, count), scale_v, bias_v);
+      Vec x = Vec::loadu(s + j, count) * scale_v + bias_v;
       bool any_bool = false;
-      __at_align__ Acc blocked[kWidth] = {};
+      __at_align__ Acc blocked[kWidth];
       __at_align__ Acc added[kWidth];
+      if (mask_count > 0) std::fill(blocked, blocked + kWidth, Acc(0));
       for (int m = 0; m < mask_count; ++m) {
         const MaskSegment<T, Acc>& mask = masks[m];
         if (mask.bools) {
@@ -79,15 +88,19 @@ struct VecElementwise {
       if (valid - j < count) x = Vec::blendv(neg_inf, x, first_lanes(valid - j));
       if (any_bool) x = Vec::blendv(x, neg_inf, Vec::loadu(blocked) != Vec(Acc(0)));
       x.store(s + j, count);
-      if (count < kWidth) x = Vec::blendv(neg_inf, x, first_lanes(count));
-      // x > row_max is false for NaN, which leaves row_max as it is.
-      row_max = Vec::blendv(row_max, x, x > row_max);
+      if constexpr (kGenericVectors) {
+        for (int64_t t = 0; t < count; ++t) scalar_max = s[j + t] > scalar_max ? s[j + t] : scalar_max;
+      } else {
+        if (count < kWidth) x = Vec::blendv(neg_inf, x, first_lanes(count));
+        // x > row_max is false for NaN, which leaves row_max as it is.
+        row_max = Vec::blendv(row_max, x, x > row_max);
+      }
     }
     __at_align__ Acc lanes[kWidth];
     row_max.store(lanes);
-    Acc result = kNegInf;
-    for (int64_t t = 0; t < kWidth; ++t) result = lanes[t] > result ? lanes[t] : result;
-    return result;
+    // Comparisons are false for NaN: NaN scores never become the maximum.
+    for (int64_t t = 0; t < kWidth; ++t) scalar_max = lanes[t] > scalar_max ? lanes[t] : scalar_max;
+    return scalar_max;
   }
 
   static Vec exp(const Vec& x) {
@@ -166,7 +179,9 @@ template <typename Acc>
 struct BlasGemm {
   using b_elem = Acc;
   static constexpr bool kPlainB = true;
-  static constexpr int64_t kForwardKeys = 256;
+  // 128 x 512 scores (256 KiB in float) per block: fewer, larger BLAS calls.
+  static constexpr int64_t kForwardQueries = 128;
+  static constexpr int64_t kForwardKeys = 512;
 
   static int64_t packed_ld(int64_t N) { return (N + 15) / 16 * 16; }
   static int64_t packed_size(int64_t K, int64_t N) { return K * packed_ld(N); }
@@ -213,8 +228,93 @@ struct BlasGemm {
   }
 };
 
-// The set for the default and AVX2 levels, and for float64 on every level.
+// Block GEMMs as register-tiled micro-kernels written with at::vec (for the AVX2 level, where
+// they beat single-threaded BLAS calls on these small blocks): a tile of MR rows of C times NV
+// vectors of columns stays in registers over the whole K loop. B operands are always packed
+// (zero-padded rows whose length is a multiple of 16), so every vector load of B is in bounds.
+template <typename Acc>
+struct VecGemm {
+  using Vec = at::vec::Vectorized<Acc>;
+  using b_elem = Acc;
+  static constexpr bool kPlainB = false;
+  static constexpr int64_t kForwardQueries = 48;
+  static constexpr int64_t kForwardKeys = 256;
+  static constexpr int kRows = 4, kVectors = 3;  // 12 accumulators of 16 registers (AVX2)
+
+  static int64_t packed_ld(int64_t N) { return BlasGemm<Acc>::packed_ld(N); }
+  static int64_t packed_size(int64_t K, int64_t N) { return K * packed_ld(N); }
+  static void pack_b(const Acc* src, int64_t src_row, int64_t src_col, int64_t K, int64_t N,
+                     Acc* dst, int64_t ld) {
+    BlasGemm<Acc>::pack_b(src, src_row, src_col, K, N, dst, ld);
+  }
+
+  // C[0, rows) x [0, width) (+)= A . B over the whole K; NV vectors cover `width` columns.
+  template <int MR, int NV>
+  static void tile(int64_t K, const Acc* a, int64_t a_row, int64_t a_col, const Acc* b,
+                   int64_t ldb, Acc* c, int64_t ldc, int64_t width, bool accumulate) {
+    constexpr int64_t W = Vec::size();
+    const int64_t last = width - (NV - 1) * W;  // columns in the last vector
+    Vec acc[MR][NV];
+    for (int r = 0; r < MR; ++r) {
+      for (int v = 0; v < NV; ++v) {
+        const int64_t count = v == NV - 1 ? last : W;
+        acc[r][v] = accumulate ? Vec::loadu(c + r * ldc + v * W, count) : Vec(Acc(0));
+      }
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      Vec b_v[NV];
+      for (int v = 0; v < NV; ++v) b_v[v] = Vec::loadu(b + k * ldb + v * W);
+      for (int r = 0; r < MR; ++r) {
+        const Vec a_rk(a[r * a_row + k * a_col]);
+        for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(a_rk, b_v[v], acc[r][v]);
+      }
+    }
+    for (int r = 0; r < MR; ++r) {
+      for (int v = 0; v < NV; ++v) {
+        acc[r][v].store(c + r * ldc + v * W, v == NV - 1 ? last : W);
+      }
+    }
+  }
+
+  template <int MR>
+  static void row_tile(int vectors, int64_t K, const Acc* a, int64_t a_row, int64_t a_col,
+                       const Acc* b, int64_t ldb, Acc* c, int64_t ldc, int64_t width,
+                       bool accumulate) {
+    switch (vectors) {
+      case 1: return tile<MR, 1>(K, a, a_row, a_col, b, ldb, c, ldc, width, accumulate);
+      case 2: return tile<MR, 2>(K, a, a_row, a_col, b, ldb, c, ldc, width, accumulate);
+      default: return tile<MR, 3>(K, a, a_row, a_col, b, ldb, c, ldc, width, accumulate);
+    }
+  }
+
+  // C (M x N) = [C +] A (M x K) . B (K x N); A[r, k] = a[r * a_row + k * a_col],
+  // B[k, n] = b[k * ldb + n] (packed), C[r, n] = c[r * ldc + n].
+  static void gemm(int64_t M, int64_t N, int64_t K, const Acc* a, int64_t a_row, int64_t a_col,
+                   const Acc* b, int64_t ldb, Acc* c, int64_t ldc, bool accumulate) {
+    constexpr int64_t W = Vec::size(), kPanel = kVectors * W;
+    for (int64_t n0 = 0; n0 < N; n0 += kPanel) {
+      const int64_t width = std::min(kPanel, N - n0);
+      const int vectors = int((width + W - 1) / W);
+      for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+        const Acc* a_tile = a + m0 * a_row;
+        Acc* c_tile = c + m0 * ldc + n0;
+        switch (std::min<int64_t>(kRows, M - m0)) {
+          case 1: row_tile<1>(vectors, K, a_tile, a_row, a_col, b + n0, ldb, c_tile, ldc, width, accumulate); break;
+          case 2: row_tile<2>(vectors, K, a_tile, a_row, a_col, b + n0, ldb, c_tile, ldc, width, accumulate); break;
+          case 3: row_tile<3>(vectors, K, a_tile, a_row, a_col, b + n0, ldb, c_tile, ldc, width, accumulate); break;
+          default: row_tile<4>(vectors, K, a_tile, a_row, a_col, b + n0, ldb, c_tile, ldc, width, accumulate); break;
+        }
+      }
+    }
+  }
+};
+
+// The set for the default level, and for float64 on every level.
 template <typename Acc>
 struct VecOps : VecElementwise<Acc>, BlasGemm<Acc> {};
+
+// float on the AVX2 level: the at::vec micro-kernels.
+template <typename Acc>
+struct VecTiledOps : VecElementwise<Acc>, VecGemm<Acc> {};
 
 QKV_FLASH_LEVEL_END
