@@ -110,7 +110,14 @@ AttentionGrads attention_backward_differentiable(
   const c10::SymInt S = key.sym_size(2);
   const double scale_value =
       attention_scale(scale, query.sym_size(3).guard_int(__FILE__, __LINE__));
-  const at::Tensor q = query.to(acc), k = key.to(acc), v = value.to(acc);
+  // Grouped-query attention: each key/value head serves `group` query heads; repeated here
+  // (B, Hkv, S, D) -> (B, H, S, D), so autograd sums their gradients over each group.
+  const c10::SymInt kv_heads = key.sym_size(1);
+  const c10::SymInt group = kv_heads != 0 ? H / kv_heads : c10::SymInt(1);
+  const bool grouped = group != 1;
+  const at::Tensor q = query.to(acc);
+  const at::Tensor k = grouped ? key.to(acc).repeat_interleave_symint(group, 1) : key.to(acc);
+  const at::Tensor v = grouped ? value.to(acc).repeat_interleave_symint(group, 1) : value.to(acc);
   const at::Tensor grad_out = grad_output.to(acc);
 
   at::Tensor scores = at::matmul(q, k.transpose(-2, -1)) * scale_value;  // (B, H, L, S)
@@ -147,13 +154,18 @@ AttentionGrads attention_backward_differentiable(
   if (grad_weights.has_value() && grad_weights->defined()) {
     grad_weights_total = grad_weights_total + grad_weights->to(acc);
   }
-  const at::Tensor grad_value = at::matmul(weights.transpose(-2, -1), grad_out);
+  // (B, H, S, Dv) -> (B, Hkv, S, Dv): summed over each group of query heads.
+  auto per_kv_head = [&](const at::Tensor& grad) {
+    return grouped ? grad.unflatten_symint(1, {kv_heads, group}).sum(2) : grad;
+  };
+  const at::Tensor grad_value = per_kv_head(at::matmul(weights.transpose(-2, -1), grad_out));
   const at::Tensor grad_prob =
       grad_prob_factor.defined() ? grad_weights_total * grad_prob_factor : grad_weights_total;
   const at::Tensor delta = (prob * grad_prob).sum(-1, /*keepdim=*/true);
   const at::Tensor grad_scores = prob * (grad_prob - delta);
   const at::Tensor grad_query = at::matmul(grad_scores, k) * scale_value;
-  const at::Tensor grad_key = at::matmul(grad_scores.transpose(-2, -1), q) * scale_value;
+  const at::Tensor grad_key =
+      per_kv_head(at::matmul(grad_scores.transpose(-2, -1), q) * scale_value);
   const at::Tensor grad_mask =
       attn_mask_grad
           ? grad_scores.sum_to_size_symint(attn_mask->sym_sizes()).to(attn_mask->scalar_type())

@@ -156,15 +156,20 @@ void check_attention_inputs(const char* op, const at::Tensor& query, const at::T
                             const std::optional<at::Tensor>& key_padding_mask, double dropout_p,
                             std::optional<double> scale) {
   check_input(op, "query", query, 4, "(B, H, L, D)");
-  check_input(op, "key", key, 4, "(B, H, S, D)");
-  check_input(op, "value", value, 4, "(B, H, S, Dv)");
+  check_input(op, "key", key, 4, "(B, Hkv, S, D)");
+  check_input(op, "value", value, 4, "(B, Hkv, S, Dv)");
   check_same_dtype_and_device(op, "key", key, "query", query);
   check_same_dtype_and_device(op, "value", value, "query", query);
   check_size(op, "key", key, 0, query.sym_size(0), "batch entries", "query");
-  check_size(op, "key", key, 1, query.sym_size(1), "heads", "query");
+  // Grouped-query attention: key/value may have fewer heads, a divisor of query's.
+  const c10::SymInt& kv_heads = key.sym_size(1);
+  TORCH_CHECK(kv_heads != 0 ? query.sym_size(1) % kv_heads == 0 : query.sym_size(1) == 0, op,
+              ": key has ", kv_heads, " heads and query has ", query.sym_size(1),
+              "; query's heads must be a multiple of key's (grouped-query attention: query head "
+              "h reads key/value head h / (query heads / key heads))");
   check_size(op, "key", key, 3, query.sym_size(3), "features per head", "query");
   check_size(op, "value", value, 0, query.sym_size(0), "batch entries", "query");
-  check_size(op, "value", value, 1, query.sym_size(1), "heads", "query");
+  check_size(op, "value", value, 1, key.sym_size(1), "heads", "key");
   check_size(op, "value", value, 2, key.sym_size(2), "positions", "key");
   TORCH_CHECK(std::isfinite(dropout_p) && dropout_p >= 0.0 && dropout_p <= 1.0, op,
               ": dropout_p must be in [0, 1], but is ", dropout_p);

@@ -72,18 +72,27 @@ def scaled_dot_product_attention(
                 f"scaled_dot_product_attention: {name} must have at least 2 dims (..., N, F), "
                 f"but has shape {tuple(t.shape)}"
             )
-    if enable_gqa and query.dim() >= 3 and key.size(-3) != query.size(-3):
+    grouped = enable_gqa and query.dim() >= 3 and key.size(-3) != query.size(-3)
+    if grouped:
         heads, kv_heads = query.size(-3), key.size(-3)
         if kv_heads == 0 or heads % kv_heads != 0:
             raise RuntimeError(
                 "scaled_dot_product_attention: with enable_gqa, query's heads "
                 f"({heads}) must be a multiple of key's heads ({kv_heads})"
             )
-        key = key.repeat_interleave(heads // kv_heads, dim=-3)
-        value = value.repeat_interleave(heads // kv_heads, dim=-3)
-
+    # With grouped heads the batch dims broadcast except the head dim, which the op reads
+    # grouped (query head h uses key/value head h // (heads // kv_heads)): no copy of key/value.
     try:
-        batch_shape = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+        if grouped:
+            outer = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
+            if value.size(-3) != key.size(-3):
+                raise RuntimeError("value's heads differ from key's")
+            batch_shape = torch.Size((*outer, query.size(-3)))
+            kv_batch_shape = torch.Size((*outer, key.size(-3)))
+        else:
+            batch_shape = torch.broadcast_shapes(
+                query.shape[:-2], key.shape[:-2], value.shape[:-2])
+            kv_batch_shape = batch_shape
     except RuntimeError as error:
         raise RuntimeError(
             "scaled_dot_product_attention: the batch dims of query "
@@ -103,8 +112,8 @@ def scaled_dot_product_attention(
         mask4 = _to_4d(mask_full, batch_shape)
     out = ops.attention(
         _to_4d(query, batch_shape),
-        _to_4d(key, batch_shape),
-        _to_4d(value, batch_shape),
+        _to_4d(key, kv_batch_shape),
+        _to_4d(value, kv_batch_shape),
         mask4,
         dropout_p,
         is_causal,
