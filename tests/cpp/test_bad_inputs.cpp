@@ -73,14 +73,20 @@ TEST_CASE("attention rejects query, key and value of the wrong rank or sizes, na
                     Contains("key has shape [2, 3, 5, 7]"));
   CHECK_REJECTS(op::attention(q, at::zeros({3, 3, 5, 8}, options), v), c10::Error,
                 Contains("key has 3 batch entries but query has 2"));
+  // Grouped-query attention: key/value may have fewer heads than query, a divisor of them.
+  CHECK_REJECTS(op::attention(q, at::zeros({2, 2, 5, 8}, options),
+                              at::zeros({2, 2, 5, 6}, options)),
+                c10::Error,
+                Contains("key has 2 heads and query has 3") &&
+                    Contains("query's heads must be a multiple of key's"));
   CHECK_REJECTS(op::attention(q, at::zeros({2, 1, 5, 8}, options), v), c10::Error,
-                Contains("key has 1 heads but query has 3"));
+                Contains("value has 3 heads but key has 1"));
   CHECK_REJECTS(op::attention(q, k, at::zeros({2, 3, 4, 6}, options)), c10::Error,
                 Contains("value has 4 positions but key has 5"));
   CHECK_REJECTS(op::attention(q, k, at::zeros({1, 3, 5, 6}, options)), c10::Error,
                 Contains("value has 1 batch entries but query has 2"));
   CHECK_REJECTS(op::attention(q, k, at::zeros({2, 2, 5, 6}, options)), c10::Error,
-                Contains("value has 2 heads but query has 3"));
+                Contains("value has 2 heads but key has 3"));
 }
 
 TEST_CASE("attention rejects unsupported and mixed dtypes with a c10::TypeError naming the "
