@@ -8,6 +8,8 @@
 // the diagonal are skipped whole. With grouped-query attention the query heads of a group read
 // the same packed key/value panels.
 //
+// Few queries against many keys take the split-KV path of decode.h instead.
+//
 // Dropout: element n = ((b * H + h) * L + i) * S + j of the Philox stream (cpu/philox.h), the
 // numbering _attention_dropout_mask uses.
 #pragma once
@@ -18,6 +20,7 @@
 
 #include "cpu/attention_kernel.h"
 #include "cpu/flash/blocking.h"
+#include "cpu/flash/decode.h"
 #include "cpu/flash/dropout_bits.h"
 #include "cpu/flash/level_namespace.h"
 #include "cpu/flash/operands.h"
@@ -40,6 +43,7 @@ void flash_forward(const AttentionForwardParams<T>& p) {
     std::fill(logsumexp, logsumexp + BH * L, kNegInf);
     return;
   }
+  if (use_split_kv(p)) return flash_decode<T, Ops>(p);  // few queries, many keys
   const Blocking blocking = forward_blocking<Ops>(p);
   const int64_t Bq = blocking.queries, Bk = blocking.keys;
   const int64_t query_blocks = ceil_div(L, Bq), key_blocks = ceil_div(S, Bk);

@@ -146,6 +146,31 @@ struct VecElementwise {
     keep_bits_reference(key, first, count, keep);
   }
 
+  // out[r * ld_out + j] = q_r . k_j for r < M, j < n: q rows contiguous (M x D), k_j = k + j * ldk
+  // with unit stride. Each key row is read from memory once for all M query rows (the decoding
+  // path, where the keys are many and the queries few).
+  static void dot_scores(int64_t M, int64_t n, int64_t D, const Acc* q, const Acc* k, int64_t ldk,
+                         Acc* out, int64_t ld_out) {
+    for (int64_t j = 0; j < n; ++j) {
+      const Acc* k_j = k + j * ldk;
+      for (int64_t r = 0; r < M; ++r) {
+        const Acc* q_r = q + r * D;
+        Vec sum0(Acc(0)), sum1(Acc(0));
+        int64_t d = 0;
+        for (; d + 2 * kWidth <= D; d += 2 * kWidth) {
+          sum0 = sum0 + Vec::loadu(q_r + d) * Vec::loadu(k_j + d);
+          sum1 = sum1 + Vec::loadu(q_r + d + kWidth) * Vec::loadu(k_j + d + kWidth);
+        }
+        for (; d < D; d += kWidth) {
+          const int64_t count = std::min<int64_t>(kWidth, D - d);
+          sum0 = sum0 + Vec::loadu(q_r + d, count) * Vec::loadu(k_j + d, count);
+        }
+        out[r * ld_out + j] =
+            at::vec::vec_reduce_all<Acc>([](Vec& a, Vec& b) { return a + b; }, sum0 + sum1);
+      }
+    }
+  }
+
   // dst[0, n) = src[0, n) converted.
   template <typename T>
   static void to_acc(const T* src, int64_t n, Acc* dst) {
