@@ -35,9 +35,13 @@ def test_same_seed_gives_bitwise_identical_results(dtype):
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     for a, b in zip(first[2], second[2]):
         assert torch.equal(a, b)
-    # and the plain attention op draws the same mask as attention_with_weights
+    # and the plain attention op draws the same mask as attention_with_weights. Not bitwise: with
+    # weights requested the output is multiplied from the normalised weights (one pass), without
+    # them from the online softmax; a different mask would differ by O(1), not by rounding.
     torch.manual_seed(5)
-    assert torch.equal(ops.attention(query, key, value, mask, 0.3, True), first[0])
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(ops.attention(query, key, value, mask, 0.3, True), first[0],
+                               atol=tolerance, rtol=tolerance)
 
 
 def test_different_seeds_give_different_masks():

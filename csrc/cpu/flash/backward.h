@@ -162,11 +162,13 @@ void flash_backward(const AttentionBackwardParams<T>& p) {
 
   // A second look at delta, per query block, recomputing P:
   //  - when the weights have a gradient of their own, delta also carries sum_j W_ij gW_ij;
-  //  - when a mask gradient (dS itself, summed over broadcast dimensions) is asked for a half
-  //    type, delta is recomputed as sum_j W_ij dP_ij instead of dO . O: the output was rounded
-  //    to the half type, and the rows of dS would then no longer sum to 0 (for a scalar mask,
-  //    an error of 2^-9 |delta| per row, summed over every row).
-  const bool exact_delta = grad_scores != nullptr && !std::is_same_v<T, Acc>;
+  //  - when a mask gradient (dS itself, summed over broadcast dimensions) is asked for, delta
+  //    is recomputed as sum_j W_ij dP_ij instead of dO . O, with dP from the same GEMM as the
+  //    main pass, so that the rows of dS sum to 0 up to that GEMM's rounding alone: for a half
+  //    type the output was rounded (an error of 2^-9 |delta| per row for a scalar mask, summed
+  //    over every row), and in any dtype dO . O and dO V^T sum in different orders (a
+  //    one-key row, whose dS is exactly 0, would otherwise get a few ulps).
+  const bool exact_delta = grad_scores != nullptr;
   if (p.grad_weights || exact_delta) {
     run_with_panels(BH * query_blocks, [&](int64_t task, Block& blk, Elem* kt, Elem* vt) {
       const int64_t bh = task / query_blocks, qb = task % query_blocks;

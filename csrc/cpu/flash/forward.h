@@ -5,7 +5,8 @@
 // GEMM against the prepacked K^T panel), masks, then an online softmax (running max m and sum l
 // per row, the output accumulator rescaled when m grows) and O += P V (a GEMM). Only Bq x Bk
 // scores exist at a time; the logsumexp m + log(l) is saved for the backward. Causal blocks past
-// the diagonal are skipped whole. With grouped-query attention the query heads of a group read
+// the diagonal are skipped whole. When the weights are requested, the whole (Bq x S) rows of
+// scores are computed once into them, and the output is multiplied from the weights. With grouped-query attention the query heads of a group read
 // the same packed key/value panels.
 //
 // Few queries against many keys take the split-KV path of decode.h instead.
@@ -65,7 +66,11 @@ void flash_forward(const AttentionForwardParams<T>& p) {
 
   // scores (Bq x Bk), output accumulator (Bq x Dv), query rows (Bq x D), row max, row sum and
   // block max (Bq each), gathered masks (2 x Bk), keep bits.
-  const int64_t slot_size = Bq * Bk + Bq * Dv + Bq * D + 3 * Bq + 2 * Bk + keep_cells<Acc>(Bk);
+  // With weights requested and T != Acc, also the rows' scores as Acc (Bq x S).
+  constexpr bool kWeightsInPlace = std::is_same_v<T, Acc>;
+  const int64_t weights_rows = p.weights != nullptr && !kWeightsInPlace ? Bq * S : 0;
+  const int64_t slot_size =
+      Bq * Bk + Bq * Dv + Bq * D + 3 * Bq + 2 * Bk + keep_cells<Acc>(Bk) + weights_rows;
   TaskPool pool(BH * query_blocks);
   Scratch<Acc> scratch(pool.slots(), slot_size);
 
@@ -83,6 +88,7 @@ void flash_forward(const AttentionForwardParams<T>& p) {
     Acc* block_max = row_sum + Bq;
     Acc* gathered = block_max + Bq;
     uint64_t* keep = keep_bits_at(gathered + 2 * Bk);
+    Acc* weights_scratch = gathered + 2 * Bk + keep_cells<Acc>(Bk);
 
     int64_t ldq = 0;
     const Acc* q = rows_as_acc<Ops>(p.query, p.query_strides, b, h, i0, nq, D, q_buf, ldq);
@@ -91,23 +97,66 @@ void flash_forward(const AttentionForwardParams<T>& p) {
     std::fill(out_acc, out_acc + nq * Dv, Acc(0));
     const int64_t visible_blocks = key_blocks_for(p.is_causal, p.kv_len, i0, nq, Bk);
 
-    // Scores of the first nc keys of block kb for every row, masked; row
-    // maxima to block_max. Returns nc (keys past it are hidden from all rows by causality).
-    auto block_scores = [&](int64_t kb) {
+    // Scores of the first nc keys of block kb for every row, masked, into dst (row stride ld);
+    // row maxima to block_max. Returns nc (keys past it are hidden from all rows by causality).
+    auto block_scores = [&](int64_t kb, Acc* dst, int64_t ld) {
       const int64_t j0 = kb * Bk, nc = columns_for(p.is_causal, i0, nq, j0, std::min(Bk, S - j0));
-      Ops::gemm(nq, nc, D, q, ldq, 1, key_t.at(kv_bh, kb), key_t.ld(), scores, Bk, false);
+      Ops::gemm(nq, nc, D, q, ldq, 1, key_t.at(kv_bh, kb), key_t.ld(), dst, ld, false);
       for (int64_t r = 0; r < nq; ++r) {
         MaskSegment<T, Acc> segments[AttentionInputs<T>::kMasks];
         Acc bias = 0;
         int64_t valid = visible_in_block(p.is_causal, i0 + r, j0, nc);
         const int count = masks.segments(b, h, i0 + r, j0, nc, segments, gathered, bias, valid);
-        block_max[r] = Ops::prepare_row(scores + r * Bk, nc, scale, bias, valid, segments, count);
+        block_max[r] = Ops::prepare_row(dst + r * ld, nc, scale, bias, valid, segments, count);
       }
       return nc;
     };
 
+    // Weights requested: the (nq x S) rows exist anyway (in the weights output itself for float
+    // types), so the scores are computed once, into them: softmax over whole rows, then
+    // out = W V from there, instead of an online softmax and a second pass for the weights.
+    if (p.weights != nullptr) {
+      Acc* rows = weights_scratch;
+      if constexpr (kWeightsInPlace) rows = reinterpret_cast<Acc*>(p.weights + (bh * L + i0) * S);
+      for (int64_t kb = 0; kb < key_blocks; ++kb) {
+        const int64_t j0 = kb * Bk, nk = std::min(Bk, S - j0);
+        const int64_t nc = kb < visible_blocks ? block_scores(kb, rows + j0, S) : 0;
+        for (int64_t r = 0; r < nq; ++r) {
+          Acc* hidden = rows + r * S + j0;
+          std::fill(hidden + nc, hidden + nk, kNegInf);
+          if (nc > 0 && block_max[r] > row_max[r]) row_max[r] = block_max[r];
+        }
+      }
+      for (int64_t r = 0; r < nq; ++r) {
+        const int64_t row = bh * L + i0 + r;
+        Acc* w = rows + r * S;
+        const Acc m_use = row_max[r] == kNegInf ? Acc(0) : row_max[r];
+        Acc l = 0;
+        for (int64_t j0 = 0; j0 < S; j0 += Bk) {  // block by block: the keep bits of Bk keys
+          const int64_t nk = std::min(Bk, S - j0);
+          if (dropout) Ops::keep_bits(dropout_key, uint64_t(row * S + j0), nk, keep);
+          l += Ops::exp_row(w + j0, nk, m_use, dropout ? keep : nullptr);
+        }
+        // A row with l = 0 saw no key: zero weights (exp of -inf), zero output, lse -inf.
+        logsumexp[row] = l == Acc(0) ? kNegInf : m_use + std::log(l);
+        Ops::from_acc(w, S, l == Acc(0) ? Acc(0) : kept_scale / l, w);
+      }
+      for (int64_t kb = 0; kb < visible_blocks; ++kb) {
+        const int64_t j0 = kb * Bk, nk = std::min(Bk, S - j0);
+        Ops::gemm(nq, Dv, nk, rows + j0, S, 1, values.at(kv_bh, kb), values.ld(), out_acc, Dv,
+                  true);
+      }
+      for (int64_t r = 0; r < nq; ++r) {
+        Ops::from_acc(out_acc + r * Dv, Dv, Acc(1), p.output + (bh * L + i0 + r) * Dv);
+        if constexpr (!kWeightsInPlace) {
+          Ops::from_acc(rows + r * S, S, Acc(1), p.weights + (bh * L + i0 + r) * S);
+        }
+      }
+      return;
+    }
+
     for (int64_t kb = 0; kb < visible_blocks; ++kb) {
-      const int64_t j0 = kb * Bk, nk = block_scores(kb);
+      const int64_t j0 = kb * Bk, nk = block_scores(kb, scores, Bk);
       for (int64_t r = 0; r < nq; ++r) {
         const Acc m_old = row_max[r];
         const Acc m_new = block_max[r] > m_old ? block_max[r] : m_old;
@@ -135,30 +184,13 @@ void flash_forward(const AttentionForwardParams<T>& p) {
       if (l == Acc(0)) {
         std::fill(out_row, out_row + Dv, T(0));
         logsumexp[row] = kNegInf;
-        row_max[r] = std::numeric_limits<Acc>::infinity();  // the logsumexp, for the weights
         continue;
       }
       const Acc m_use = row_max[r] == kNegInf ? Acc(0) : row_max[r];
       Ops::from_acc(out_acc + r * Dv, Dv, kept_scale / l, out_row);
-      row_max[r] = m_use + std::log(l);
-      logsumexp[row] = row_max[r];
+      logsumexp[row] = m_use + std::log(l);
     }
 
-    // The weights on request: recomputed from q, k and the logsumexp, with the same dropout.
-    if (p.weights) {
-      for (int64_t kb = 0; kb < key_blocks; ++kb) {
-        const int64_t j0 = kb * Bk, nk = std::min(Bk, S - j0);
-        const int64_t nc = kb < visible_blocks ? block_scores(kb) : 0;
-        for (int64_t r = 0; r < nq; ++r) {
-          T* w_row = p.weights + (bh * L + i0 + r) * S + j0;
-          std::fill(w_row + nc, w_row + nk, T(0));
-          if (nc == 0) continue;
-          if (dropout) Ops::keep_bits(dropout_key, uint64_t((bh * L + i0 + r) * S + j0), nc, keep);
-          Ops::exp_row(scores + r * Bk, nc, row_max[r], dropout ? keep : nullptr);
-          Ops::from_acc(scores + r * Bk, nc, kept_scale, w_row);
-        }
-      }
-    }
   });
 }
 QKV_FLASH_LEVEL_END
