@@ -370,7 +370,10 @@ class MultiheadAttention(nn.Module):
         is called with fewer than all eight arguments, fail to match the hook's input to
         forward's full signature; and a scripted ``TransformerEncoderLayer`` cannot see hooks,
         so it would serve no purpose there. The copy shares parameters, buffers and
-        submodules with this module; other hooks stay.
+        submodules with this module; other hooks stay. Scripting a model that holds this
+        module puts the copy in the model's place for it, in the eager model too (torch's
+        protocol); layers prepared by ``replace_attention`` stay off torch's fused path
+        without the hook.
         """
         scriptable = copy.copy(self)
         scriptable._forward_pre_hooks = OrderedDict(
