@@ -14,9 +14,16 @@ The one deliberate difference from torch: a query row whose keys are all masked 
 attention weights, so its output row is ``out_proj.bias``, and finite gradients, always. torch's
 module (2.13) does the same only on its SDPA path (need_weights=False, training or grad) and
 gives NaN with need_weights=True and on its inference fast path.
+
+The module runs inside ``torch.autocast("cpu", ...)`` as torch's does (the operators have
+AutocastCPU kernels: lower precision, as torch's linear and attention), and compiles with
+``torch.jit.script``: the forward and its helpers are typed and use only what TorchScript
+supports; what it cannot compile (naming a non-tensor's type) runs in eager mode only.
 """
+import copy
 import operator
 import warnings
+from collections import OrderedDict
 from typing import List, Optional, Tuple
 
 import torch
@@ -35,7 +42,9 @@ def _keep_torch_fast_paths_off(module, args):
     ``nn.TransformerEncoderLayer`` in eval mode without grad skips ``self.self_attn(...)``
     and runs ``torch._transformer_encoder_layer_fwd`` on ``self_attn.in_proj_weight`` directly,
     unless some submodule has a forward hook. Holding this hook keeps such a layer on its
-    regular path, so our forward really runs wherever the module is placed.
+    regular path, so our forward really runs wherever the module is placed. Scripted code
+    cannot see hooks, so ``__prepare_scriptable__`` leaves this one out (see
+    ``replace_attention`` for scripted layers).
     """
     return None
 
@@ -53,18 +62,22 @@ def _int_argument(value, name: str) -> int:
         ) from None
 
 
-def _check_tensor_argument(value, name: str, optional: bool) -> None:
+def _check_tensor_argument(value: Optional[Tensor], name: str, optional: bool) -> None:
     """A dense (strided) tensor, or None where ``optional``: a message naming the argument
     before anything reads an attribute of a non-tensor (AttributeError, in torch's module) or
     an aten op fails on a sparse, mkldnn or nested tensor without naming it. Attribute reads
     only: cheap, and traceable by Dynamo."""
-    if value is None and optional:
-        return
-    if not isinstance(value, Tensor):
-        raise TypeError(
-            f"MultiheadAttention: {name} must be a Tensor{' or None' if optional else ''}, "
-            f"but got {type(value).__name__}"
-        )
+    if value is None:
+        if optional:
+            return
+        raise TypeError(f"MultiheadAttention: {name} must be a Tensor, but got NoneType")
+    if not torch.jit.is_scripting():
+        # TorchScript has checked the types already (and cannot name a Python type).
+        if not isinstance(value, Tensor):
+            raise TypeError(
+                f"MultiheadAttention: {name} must be a Tensor{' or None' if optional else ''}, "
+                f"but got {type(value).__name__}"
+            )
     if value.is_nested:
         if not optional:
             # query/key/value: torch's module raises AssertionError outside its fast path.
@@ -84,7 +97,7 @@ def _check_tensor_argument(value, name: str, optional: bool) -> None:
         # NotImplementedError is.
         raise NotImplementedError(
             f"MultiheadAttention: {name} must be a dense tensor (layout torch.strided), but "
-            f"has layout {value.layout}"
+            f"has layout {_layout_name(value)}"
         )
 
 
@@ -97,30 +110,139 @@ def _check_mask_dtype(mask: Optional[Tensor], name: str) -> None:
         )
 
 
-def _shape(t: Tensor) -> Tuple[int, ...]:
-    return tuple(t.shape)
+def _dtype_name(dtype: Optional[torch.dtype]) -> str:
+    """A dtype for messages: TorchScript formats a dtype as its number, so this spells it out
+    the same way in eager and scripted code."""
+    if dtype is None:
+        return "None"
+    if not torch.jit.is_scripting():
+        return str(dtype)
+    known = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.bool,
+             torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.complex64,
+             torch.complex128]
+    names = ["float64", "float32", "float16", "bfloat16", "bool", "uint8", "int8", "int16",
+             "int32", "int64", "complex64", "complex128"]
+    for i in range(len(known)):
+        if dtype == known[i]:
+            return "torch." + names[i]
+    return f"dtype number {dtype}"
 
 
-class _GivenShapes:
-    """The shapes of query, key and value as the caller passed them, and their layout;
-    formatted into error messages only when one is raised."""
+def _layout_name(t: Tensor) -> str:
+    """A layout for messages, as _dtype_name a dtype."""
+    if not torch.jit.is_scripting():
+        return str(t.layout)
+    if t.is_sparse:
+        return "torch.sparse_coo"
+    if t.is_mkldnn:
+        return "torch._mkldnn"
+    return "not torch.strided"
 
-    def __init__(self, query: Tensor, key: Tensor, value: Tensor, is_batched: bool,
-                 batch_first: bool):
-        self.shapes = (_shape(query), _shape(key), _shape(value))
-        self.layout = ("(N, seq, features)" if is_batched and batch_first else
-                       "(seq, N, features)" if is_batched else "(seq, features)")
 
-    def __str__(self) -> str:
-        query, key, value = self.shapes
-        return f"query {query}, key {key}, value {value} in {self.layout} layout"
+def _format_shape(shape: List[int]) -> str:
+    """A shape as Python prints a tuple: (3, 2, 8), (5,), ()."""
+    if len(shape) == 1:
+        return f"({shape[0]},)"
+    return "(" + ", ".join([str(size) for size in shape]) + ")"
+
+
+def _given_layout(is_batched: bool, batch_first: bool) -> str:
+    if not is_batched:
+        return "(seq, features)"
+    return "(N, seq, features)" if batch_first else "(seq, N, features)"
+
+
+def _describe_given(shapes: List[List[int]], layout: str) -> str:
+    """The shapes of query, key and value as the caller passed them, and their layout; formatted
+    into error messages only when one is raised."""
+    return (f"query {_format_shape(shapes[0])}, key {_format_shape(shapes[1])}, "
+            f"value {_format_shape(shapes[2])} in {layout} layout")
+
+
+def _autocast_dtype(tensor: Tensor) -> Optional[torch.dtype]:
+    """The dtype torch's CPU autocast casts ``tensor`` to in the current region (the dtype our
+    operators' AutocastCPU kernels compute in), or None outside a region or for a tensor it
+    leaves alone: float64, non-floating, not on the CPU."""
+    if torch.jit.is_scripting():
+        enabled = torch.is_autocast_cpu_enabled()
+    else:
+        enabled = torch.is_autocast_enabled("cpu")
+    if not enabled or tensor.device.type != "cpu":
+        return None
+    if tensor.dtype == torch.float32 or tensor.dtype == torch.float16 or (
+        tensor.dtype == torch.bfloat16
+    ):
+        return torch.get_autocast_dtype("cpu")
+    return None
+
+
+def _dtype_in_ops(tensor: Tensor) -> torch.dtype:
+    """The dtype ``tensor`` reaches the operators in: the autocast dtype inside a CPU autocast
+    region (for the dtypes autocast casts), its own otherwise."""
+    cast = _autocast_dtype(tensor)
+    return tensor.dtype if cast is None else cast
+
+
+def _masks_for_op(
+    attn_mask: Optional[Tensor],
+    key_padding_mask: Optional[Tensor],
+    dtype: torch.dtype,
+    compute_dtype: torch.dtype,
+    need_weights: bool,
+) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """torch's module masks (bool True = masked out) to the operator's (True = may attend).
+
+    Float masks pass through. torch turns bool masks into float masks of the query's dtype
+    and adds the two; when the sum's dtype is not the query's, its matmul path
+    (need_weights=True) raises and its SDPA path accepts float32 only. The same rule here,
+    then each float mask is cast to the dtype the operator computes in, as it requires.
+    Inside a CPU autocast region (``compute_dtype`` differs from the query's ``dtype``)
+    torch's autocast casts the sum to the lower precision, so any sum but float64 is accepted.
+    """
+    merged: Optional[torch.dtype] = None
+    any_float = False
+    for mask in [attn_mask, key_padding_mask]:
+        if mask is not None:
+            # The dtype of torch's merged mask: bool masks count as the query's dtype.
+            mask_dtype = dtype
+            if mask.dtype != torch.bool:
+                mask_dtype = mask.dtype
+                any_float = True
+            merged = mask_dtype if merged is None else torch.promote_types(merged, mask_dtype)
+    if any_float and merged is not None:
+        if compute_dtype != dtype:
+            allowed = merged != torch.float64
+            wanted = "any floating dtype but float64 (inside a CPU autocast region)"
+        else:
+            allowed = merged == dtype or (not need_weights and merged == torch.float32)
+            wanted = f"the query's dtype {_dtype_name(dtype)}" + (
+                "" if need_weights or dtype == torch.float32 else
+                " (or float32 with need_weights=False)")
+        if not allowed:
+            raise RuntimeError(
+                f"MultiheadAttention: float masks must have {wanted}, but the masks add up "
+                f"to dtype {_dtype_name(merged)} (attn_mask: "
+                f"{_dtype_name(None if attn_mask is None else attn_mask.dtype)}, "
+                "key_padding_mask: "
+                f"{_dtype_name(None if key_padding_mask is None else key_padding_mask.dtype)})"
+            )
+    return (_mask_for_op(attn_mask, compute_dtype),
+            _mask_for_op(key_padding_mask, compute_dtype))
+
+
+def _mask_for_op(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return mask.logical_not()
+    return mask.to(dtype)
 
 
 def _append_columns(mask: Tensor, count: int) -> Tensor:
     """Appends ``count`` columns that let every query see the extra keys (add_bias_kv and
     add_zero_attn): True for a bool mask in our convention (may attend), 0 for a float one."""
-    fill = True if mask.dtype == torch.bool else 0.0
-    extra = mask.new_full((*mask.shape[:-1], count), fill)
+    shape = list(mask.shape[:-1]) + [count]
+    extra = mask.new_ones(shape) if mask.dtype == torch.bool else mask.new_zeros(shape)
     return torch.cat([mask, extra], dim=-1)
 
 
@@ -241,6 +363,25 @@ class MultiheadAttention(nn.Module):
         if self.bias_v is not None:
             xavier_normal_(self.bias_v)
 
+    def __prepare_scriptable__(self) -> "MultiheadAttention":
+        """What ``torch.jit.script`` compiles: this module without our forward pre-hook.
+
+        TorchScript would compile the hook with forward and then, when the scripted module
+        is called with fewer than all eight arguments, fail to match the hook's input to
+        forward's full signature; and a scripted ``TransformerEncoderLayer`` cannot see hooks,
+        so it would serve no purpose there. The copy shares parameters, buffers and
+        submodules with this module; other hooks stay. Scripting a model that holds this
+        module puts the copy in the model's place for it, in the eager model too (torch's
+        protocol); layers prepared by ``replace_attention`` stay off torch's fused path
+        without the hook.
+        """
+        scriptable = copy.copy(self)
+        scriptable._forward_pre_hooks = OrderedDict(
+            (key, hook) for key, hook in self._forward_pre_hooks.items()
+            if hook is not _keep_torch_fast_paths_off
+        )
+        return scriptable
+
     def __setstate__(self, state):
         # Pickles of torch's module from v1.1.0 lack this flag; they always had packed weights.
         state.setdefault("_qkv_same_embed_dim", True)
@@ -283,6 +424,13 @@ class MultiheadAttention(nn.Module):
             ``out_proj.bias``, with finite gradients, in every mode (torch's module does so
             only on its SDPA path, need_weights=False with grad or in training; it gives NaN
             with need_weights=True and on its inference fast path).
+
+        Dtypes: query, key, value and the parameters share one floating dtype, which the
+        output and weights have; ``in_proj_bias`` (and ``bias_k``/``bias_v``) may have another
+        floating dtype and are cast to it, as torch's module accepts. Inside
+        ``torch.autocast("cpu", dtype=...)`` float32, float16 and bfloat16 inputs and
+        parameters all count as the autocast dtype, the computation runs in it and output and
+        weights come back in it, as from torch's module (float64 is left alone, as by autocast).
         """
         # -- what each argument is (a dense tensor), then mask types, as torch's module
         # checks them first.
@@ -307,7 +455,8 @@ class MultiheadAttention(nn.Module):
 
         is_batched = self._check_input_dims(query, key, value, key_padding_mask, attn_mask)
         # The caller's shapes, for error messages (formatted only when one is raised).
-        given = _GivenShapes(query, key, value, is_batched, self.batch_first)
+        given_shapes = [list(query.shape), list(key.shape), list(value.shape)]
+        given_layout = _given_layout(is_batched, self.batch_first)
         if is_causal and attn_mask is None:
             raise RuntimeError(
                 "Need attn_mask if specifying the is_causal hint. You may use the Transformer "
@@ -323,7 +472,7 @@ class MultiheadAttention(nn.Module):
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         batch, q_len, _ = query.shape
         kv_len = key.size(1)
-        self._check_input_sizes(query, key, value, given)
+        self._check_input_sizes(query, key, value, given_shapes, given_layout)
 
         # torch 2.13's reading of the hint: with no padding mask and no weights to return the
         # causal mask itself is used (attn_mask is ignored); otherwise attn_mask is used.
@@ -335,30 +484,38 @@ class MultiheadAttention(nn.Module):
         if key.size(0) != batch:
             raise RuntimeError(
                 f"MultiheadAttention: key and value have batch size {key.size(0)} but query "
-                f"has {batch} ({given})"
+                f"has {batch} ({_describe_given(given_shapes, given_layout)})"
             )
-        if key_padding_mask is not None and _shape(key_padding_mask) != (batch, kv_len):
-            expected = f"(N, S) = {(batch, kv_len)}" if is_batched else f"(S,) = {(kv_len,)}"
-            found = _shape(key_padding_mask) if is_batched else _shape(key_padding_mask)[1:]
+        if key_padding_mask is not None and list(key_padding_mask.shape) != [batch, kv_len]:
+            if is_batched:
+                expected = f"(N, S) = {_format_shape([batch, kv_len])}"
+                found = _format_shape(list(key_padding_mask.shape))
+            else:
+                expected = f"(S,) = {_format_shape([kv_len])}"
+                found = _format_shape(list(key_padding_mask.shape)[1:])
             raise AssertionError(
                 f"MultiheadAttention: key_padding_mask must have shape {expected}, but has "
-                f"shape {found} ({given})"
+                f"shape {found} ({_describe_given(given_shapes, given_layout)})"
             )
-        self._check_dtypes(query, key, value)
-        attn_mask, key_padding_mask = self._masks_for_op(
-            attn_mask, key_padding_mask, query.dtype, need_weights
+        compute_dtype = self._check_dtypes(query, key, value)
+        attn_mask, key_padding_mask = _masks_for_op(
+            attn_mask, key_padding_mask, query.dtype, compute_dtype, need_weights
         )
 
         # -- projection into heads: (B, H, L, D), (B, H, S, D), (B, H, S, D).
-        if self._qkv_same_embed_dim:
-            # Row blocks of the packed weight: views, no copies.
-            q_weight, k_weight, v_weight = self.in_proj_weight.chunk(3)
-        else:
-            q_weight, k_weight, v_weight = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
-        if self.in_proj_bias is not None:
-            q_bias, k_bias, v_bias = self.in_proj_bias.chunk(3)
-        else:
-            q_bias = k_bias = v_bias = None
+        q_weight, k_weight, v_weight = self._projection_weights()
+        q_bias: Optional[Tensor] = None
+        k_bias: Optional[Tensor] = None
+        v_bias: Optional[Tensor] = None
+        in_proj_bias = self.in_proj_bias
+        if in_proj_bias is not None:
+            if in_proj_bias.dtype != query.dtype and torch.is_floating_point(in_proj_bias):
+                # torch's module accepts a bias of another floating dtype (adding it to the
+                # projection in the query's dtype) and returns the query's dtype; so do we,
+                # in every layout (torch's only where its linear takes the matmul path).
+                in_proj_bias = in_proj_bias.to(compute_dtype)
+            biases = in_proj_bias.chunk(3)
+            q_bias, k_bias, v_bias = biases[0], biases[1], biases[2]
         q, k, v = ops.qkv_projection(
             query, key, value, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias,
             self.num_heads,
@@ -372,16 +529,17 @@ class MultiheadAttention(nn.Module):
             if key_padding_mask is not None:
                 key_padding_mask = _append_columns(key_padding_mask, extra)
 
-        dropout_p = self.dropout if self.training else 0.0
-        weights = None
+        dropout_p = float(self.dropout) if self.training else 0.0
+        weights: Optional[Tensor] = None
         if need_weights:
-            heads_out, weights = ops.attention_with_weights(
+            heads_out, head_weights = ops.attention_with_weights(
                 q, k, v, attn_mask, dropout_p, False, None, key_padding_mask
             )  # (B, H, L, D), (B, H, L, S')
             if average_attn_weights:
-                weights = weights.mean(dim=1)  # (B, L, S')
+                head_weights = head_weights.mean(dim=1)  # (B, L, S')
             if not is_batched:
-                weights = weights.squeeze(0)
+                head_weights = head_weights.squeeze(0)
+            weights = head_weights
         else:
             heads_out = ops.attention(
                 q, k, v, attn_mask, dropout_p, causal, None, key_padding_mask
@@ -432,7 +590,9 @@ class MultiheadAttention(nn.Module):
 
     # -- helpers of forward -------------------------------------------------------------
 
-    def _check_input_dims(self, query, key, value, key_padding_mask, attn_mask) -> bool:
+    def _check_input_dims(self, query: Tensor, key: Tensor, value: Tensor,
+                          key_padding_mask: Optional[Tensor],
+                          attn_mask: Optional[Tensor]) -> bool:
         """Ranks of the inputs and masks, as torch's module checks them (AssertionError).
         Returns whether the input is batched."""
         if query.dim() == 3:
@@ -469,11 +629,11 @@ class MultiheadAttention(nn.Module):
                         "For unbatched (2-D) `query`, expected `attn_mask` to be `None`, 2-D or "
                         f"3-D but found {attn_mask.dim()}-D tensor instead"
                     )
-                expected = (self.num_heads, query.size(0), key.size(0))
-                if attn_mask.dim() == 3 and _shape(attn_mask) != expected:
+                expected = [self.num_heads, query.size(0), key.size(0)]
+                if attn_mask.dim() == 3 and list(attn_mask.shape) != expected:
                     raise AssertionError(
-                        f"Expected `attn_mask` shape to be {expected} (num_heads, L, S) but got "
-                        f"{_shape(attn_mask)}"
+                        f"Expected `attn_mask` shape to be {_format_shape(expected)} "
+                        f"(num_heads, L, S) but got {_format_shape(list(attn_mask.shape))}"
                     )
             return False
         raise AssertionError(
@@ -482,119 +642,110 @@ class MultiheadAttention(nn.Module):
         )
 
     def _check_input_sizes(self, query: Tensor, key: Tensor, value: Tensor,
-                           given: "_GivenShapes") -> None:
+                           given_shapes: List[List[int]], given_layout: str) -> None:
         """Feature and sequence sizes (inputs already viewed as (N, seq, features)): torch's
-        checks and exception types (AssertionError; RuntimeError where torch's linear fails)."""
+        checks and exception types (AssertionError; RuntimeError where torch's linear fails).
+        ``given_shapes`` and ``given_layout`` describe the caller's inputs in the messages."""
         if query.size(-1) != self.embed_dim:
             raise AssertionError(
                 f"was expecting embedding dimension of {self.embed_dim}, but got "
                 f"{query.size(-1)}: query has {query.size(-1)} features, embed_dim is "
-                f"{self.embed_dim} ({given})"
+                f"{self.embed_dim} ({_describe_given(given_shapes, given_layout)})"
             )
         if self._qkv_same_embed_dim:
             if key.shape != value.shape:
                 raise AssertionError(
                     "key shape does not match value shape: with kdim = vdim = embed_dim, key "
-                    f"and value must have the same shape ({given})"
+                    "and value must have the same shape "
+                    f"({_describe_given(given_shapes, given_layout)})"
                 )
             if key.size(-1) != self.embed_dim:
                 raise RuntimeError(
                     f"MultiheadAttention: key and value have {key.size(-1)} features but "
-                    f"kdim = vdim = embed_dim = {self.embed_dim} ({given})"
+                    f"kdim = vdim = embed_dim = {self.embed_dim} "
+                    f"({_describe_given(given_shapes, given_layout)})"
                 )
         else:
             if key.shape[:2] != value.shape[:2]:
                 raise AssertionError(
                     "key's sequence and batch dims do not match value's: key and value must "
-                    f"have the same batch size and sequence length ({given})"
+                    "have the same batch size and sequence length "
+                    f"({_describe_given(given_shapes, given_layout)})"
                 )
-            if key.size(-1) != self.kdim:
-                raise AssertionError(
-                    f"expecting key weights shape of {(self.embed_dim, key.size(-1))}, but got "
-                    f"{_shape(self.k_proj_weight)}: key has {key.size(-1)} features, kdim is "
-                    f"{self.kdim} ({given})"
-                )
-            if value.size(-1) != self.vdim:
-                raise AssertionError(
-                    f"expecting value weights shape of {(self.embed_dim, value.size(-1))}, but "
-                    f"got {_shape(self.v_proj_weight)}: value has {value.size(-1)} features, "
-                    f"vdim is {self.vdim} ({given})"
-                )
+            for name, tensor, features, weight in [
+                ("key", key, self.kdim, self.k_proj_weight),
+                ("value", value, self.vdim, self.v_proj_weight),
+            ]:
+                if tensor.size(-1) != features:
+                    weight_shape = "None" if weight is None else _format_shape(list(weight.shape))
+                    dim_name = "kdim" if name == "key" else "vdim"
+                    raise AssertionError(
+                        f"expecting {name} weights shape of "
+                        f"{_format_shape([self.embed_dim, tensor.size(-1)])}, but got "
+                        f"{weight_shape}: {name} has {tensor.size(-1)} features, {dim_name} is "
+                        f"{features} ({_describe_given(given_shapes, given_layout)})"
+                    )
 
     def _attn_mask_as_4d(self, attn_mask: Tensor, batch: int, q_len: int, kv_len: int) -> Tensor:
         """(L, S) stays as is (it broadcasts); (B*H, L, S) becomes the view (B, H, L, S)."""
         if attn_mask.dim() == 2:
-            if _shape(attn_mask) != (q_len, kv_len):
+            if list(attn_mask.shape) != [q_len, kv_len]:
                 raise RuntimeError(
-                    f"The shape of the 2D attn_mask is {attn_mask.shape}, but should be "
-                    f"{(q_len, kv_len)} (L, S)."
+                    f"The shape of the 2D attn_mask is torch.Size({list(attn_mask.shape)}), but "
+                    f"should be {_format_shape([q_len, kv_len])} (L, S)."
                 )
             return attn_mask
-        expected = (batch * self.num_heads, q_len, kv_len)
-        if _shape(attn_mask) != expected:
+        expected = [batch * self.num_heads, q_len, kv_len]
+        if list(attn_mask.shape) != expected:
             raise RuntimeError(
-                f"The shape of the 3D attn_mask is {attn_mask.shape}, but should be "
-                f"{expected} (N * num_heads, L, S)."
+                f"The shape of the 3D attn_mask is torch.Size({list(attn_mask.shape)}), but "
+                f"should be {_format_shape(expected)} (N * num_heads, L, S)."
             )
         # Row n * num_heads + h of torch's layout is batch entry n, head h.
         return attn_mask.view(batch, self.num_heads, q_len, kv_len)
 
-    @staticmethod
-    def _masks_for_op(attn_mask, key_padding_mask, dtype, need_weights):
-        """torch's module masks (bool True = masked out) to the operator's (True = may attend).
-
-        Float masks pass through. torch turns bool masks into float masks of the query's dtype
-        and adds the two; when the sum's dtype is not the query's, its matmul path
-        (need_weights=True) raises and its SDPA path accepts float32 only. The same rule here,
-        then each float mask is cast to the query's dtype, as the operator requires.
-        """
-        present = [m for m in (attn_mask, key_padding_mask) if m is not None]
-        if any(m.dtype != torch.bool for m in present):
-            # The dtype of torch's merged mask: bool masks count as the query's dtype.
-            merged = None
-            for mask in present:
-                mask_dtype = dtype if mask.dtype == torch.bool else mask.dtype
-                merged = mask_dtype if merged is None else torch.promote_types(merged, mask_dtype)
-            allowed = (dtype,) if need_weights else (dtype, torch.float32)
-            if merged not in allowed:
-                raise RuntimeError(
-                    f"MultiheadAttention: float masks must have the query's dtype {dtype}"
-                    + ("" if need_weights or dtype == torch.float32 else
-                       " (or float32 with need_weights=False)")
-                    + f", but the masks add up to dtype {merged} (attn_mask: "
-                    f"{None if attn_mask is None else attn_mask.dtype}, key_padding_mask: "
-                    f"{None if key_padding_mask is None else key_padding_mask.dtype})"
-                )
-
-        def convert(mask):
-            if mask is None:
-                return None
-            if mask.dtype == torch.bool:
-                return mask.logical_not()
-            return mask.to(dtype)
-
-        return convert(attn_mask), convert(key_padding_mask)
-
-    def _check_dtypes(self, query: Tensor, key: Tensor, value: Tensor) -> None:
-        """One floating dtype for inputs and parameters; torch's linear raises RuntimeError."""
+    def _check_dtypes(self, query: Tensor, key: Tensor, value: Tensor) -> torch.dtype:
+        """One floating dtype for inputs and parameters; torch's linear raises RuntimeError.
+        Returns the dtype the operators compute in: the query's, or inside a CPU autocast
+        region the autocast dtype, where (as torch's linear there) inputs and parameters of
+        float32, float16 and bfloat16 all count as that dtype."""
         if not torch.is_floating_point(query):
             raise RuntimeError(
                 f"MultiheadAttention: query must be a floating point tensor, but has dtype "
-                f"{query.dtype}"
+                f"{_dtype_name(query.dtype)}"
             )
-        for name, tensor in (("key", key), ("value", value)):
-            if tensor.dtype != query.dtype:
+        compute_dtype = _dtype_in_ops(query)
+        for name, tensor in [("key", key), ("value", value)]:
+            if _dtype_in_ops(tensor) != compute_dtype:
                 raise RuntimeError(
-                    f"MultiheadAttention: {name} has dtype {tensor.dtype} but query has dtype "
-                    f"{query.dtype}; query, key, value and the parameters must share one dtype"
+                    f"MultiheadAttention: {name} has dtype {_dtype_name(tensor.dtype)} but query "
+                    f"has dtype {_dtype_name(query.dtype)}; query, key, value and the parameters "
+                    "must share one dtype"
                 )
-        parameter_dtype = self.out_proj.weight.dtype
-        if query.dtype != parameter_dtype:
+        parameter = self.out_proj.weight
+        if _dtype_in_ops(parameter) != compute_dtype:
             raise RuntimeError(
-                f"MultiheadAttention: query has dtype {query.dtype} but the module's parameters "
-                f"have dtype {parameter_dtype}; convert one of them (e.g. module.to("
-                f"{query.dtype}))"
+                f"MultiheadAttention: query has dtype {_dtype_name(query.dtype)} but the "
+                f"module's parameters have dtype {_dtype_name(parameter.dtype)}; convert one of "
+                f"them (e.g. module.to({_dtype_name(query.dtype)}))"
             )
+        return compute_dtype
+
+    def _projection_weights(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """q_weight, k_weight, v_weight: row blocks of the packed weight (views, no copies) or
+        the three separate weights."""
+        if self._qkv_same_embed_dim:
+            packed = self.in_proj_weight
+            if packed is not None:
+                blocks = packed.chunk(3)
+                return blocks[0], blocks[1], blocks[2]
+            missing = "in_proj_weight"
+        else:
+            q_weight, k_weight, v_weight = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+            if q_weight is not None and k_weight is not None and v_weight is not None:
+                return q_weight, k_weight, v_weight
+            missing = "q_proj_weight, k_proj_weight and v_proj_weight"
+        raise RuntimeError(f"MultiheadAttention: {missing} must be set, but is None")
 
     def _append_extra_keys(self, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, int]:
         """Appends the add_bias_kv key/value (bias_k, bias_v are (1, 1, E)) and the
@@ -602,12 +753,16 @@ class MultiheadAttention(nn.Module):
         batch, heads, _, head_dim = k.shape
         k_parts: List[Tensor] = [k]
         v_parts: List[Tensor] = [v]
-        if self.bias_k is not None and self.bias_v is not None:
-            # (1, 1, E) -> (1, H, 1, D): head h owns features h*D .. (h+1)*D - 1.
-            k_parts.append(self.bias_k.view(1, heads, 1, head_dim).expand(batch, -1, -1, -1))
-            v_parts.append(self.bias_v.view(1, heads, 1, head_dim).expand(batch, -1, -1, -1))
-        elif self.bias_k is not None or self.bias_v is not None:
-            which = "bias_k" if self.bias_k is not None else "bias_v"
+        bias_k, bias_v = self.bias_k, self.bias_v
+        if bias_k is not None and bias_v is not None:
+            # (1, 1, E) -> (1, H, 1, D): head h owns features h*D .. (h+1)*D - 1. In the
+            # projection's dtype, as torch's concatenation promotes a bias of lower precision.
+            k_parts.append(
+                bias_k.to(k.dtype).view(1, heads, 1, head_dim).expand(batch, -1, -1, -1))
+            v_parts.append(
+                bias_v.to(v.dtype).view(1, heads, 1, head_dim).expand(batch, -1, -1, -1))
+        elif bias_k is not None or bias_v is not None:
+            which = "bias_k" if bias_k is not None else "bias_v"
             raise AssertionError(f"MultiheadAttention: {which} is set but the other is None")
         if self.add_zero_attn:
             k_parts.append(k.new_zeros(batch, heads, 1, head_dim))

@@ -61,8 +61,15 @@ def replace_attention(model: nn.Module) -> nn.Module:
     ``nn.TransformerEncoder`` turns padded input into nested tensors in eval mode without grad;
     for encoders whose layers now hold our module this is switched off
     (``use_nested_tensor = False``), so the layers receive the padded input and the mask.
-    ``nn.TransformerEncoderLayer``'s fused inference path is skipped too (our module carries a
-    forward pre-hook, which that path checks for), so our forward is what runs.
+    ``nn.TransformerEncoderLayer``'s fused inference path (``torch._transformer_encoder_layer_fwd``,
+    taken in eval mode without grad) is skipped too, so our forward is what runs: in eager mode
+    our module's forward pre-hook alone does that (the layer checks for hooks), but a layer
+    compiled with ``torch.jit.script`` cannot see hooks. So each ``nn.TransformerEncoderLayer``
+    holding our module also gets ``activation_relu_or_gelu = 0``: that attribute only records,
+    for the fused path, whether the activation is relu or gelu (the regular path calls
+    ``layer.activation``), and 0 keeps the layer off the fused path in eager and scripted
+    code alike. A layer that holds our module placed there by hand, not by this function, runs
+    the fused kernel on our module's parameters once scripted, unless that attribute is 0.
 
     If ``model`` is itself an ``nn.MultiheadAttention``, the replacement is returned.
     """
@@ -80,4 +87,9 @@ def replace_attention(model: nn.Module) -> nn.Module:
             isinstance(inner, MultiheadAttention) for inner in module.modules()
         ):
             module.use_nested_tensor = False
+        if isinstance(module, nn.TransformerEncoderLayer) and isinstance(
+            getattr(module, "self_attn", None), MultiheadAttention
+        ):
+            # Off the fused path in scripted code too (see the docstring).
+            module.activation_relu_or_gelu = 0
     return model
