@@ -87,9 +87,13 @@ def _random_state(op_name: str, info: Any, dropout_p: float) -> Tuple[Optional[T
             "mode (dropout_p > 0 draws the dropout stream's state). Please either use the "
             "'same' or 'different' randomness flags on vmap or perform the randomness "
             "operation out of vmap")
-    if info.randomness == "same":
-        return torch.randint(2**63 - 1, (2,), dtype=torch.int64), False
-    return torch.randint(2**63 - 1, (info.batch_size, 2), dtype=torch.int64), True
+    same = info.randomness == "same"
+    # Drawn as a plain tensor: vmap's mode key would batch a random op called here itself.
+    vmap_mode = torch._C.DispatchKeySet(torch._C.DispatchKey.FuncTorchVmapMode)
+    with torch._C._DisableFuncTorch(), torch._C._ExcludeDispatchKeyGuard(vmap_mode):
+        state = torch.randint(2**63 - 1, (2,) if same else (info.batch_size, 2),
+                              dtype=torch.int64)
+    return state, not same
 
 
 def _attention_forward_batched(info: Any, in_dims: Sequence[Optional[int]], query: Tensor,

@@ -14,8 +14,6 @@ same compiled graph runs). float64: the difference quotient with step 1e-6 is ex
 relative (truncation ~ step^2, rounding ~ 1e-16 / step); the tolerance 1e-6 leaves margin, and
 a gradient of another mask is off by tens of percent.
 """
-import contextlib
-
 import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -43,16 +41,17 @@ def assert_gradient_is_the_compiled_functions(fn, inputs, wrt):
     direction = torch.randn(x.shape, dtype=x.dtype, generator=generator)
 
     def evaluate(point):
+        # A leaf that requires grad, as in the gradient's run: the same compiled graph.
+        leaf = point.detach().requires_grad_()
         args = list(inputs)
-        args[wrt] = point.detach().requires_grad_()
+        args[wrt] = leaf
         torch.manual_seed(SEED)
-        return fn(*args)
+        return fn(*args), leaf
 
-    loss = evaluate(x)
-    (grad,) = torch.autograd.grad(loss, [x])  # (x itself is a leaf that requires grad)
+    loss, leaf = evaluate(x)
+    (grad,) = torch.autograd.grad(loss, [leaf])
     analytic = (grad * direction).sum()
-    with torch.enable_grad():
-        numeric = (evaluate(x + STEP * direction) - evaluate(x - STEP * direction)) / (2 * STEP)
+    numeric = (evaluate(x + STEP * direction)[0] - evaluate(x - STEP * direction)[0]) / (2 * STEP)
     torch.testing.assert_close(analytic.detach(), numeric.detach(), **TOLERANCE)
     return grad
 
@@ -152,24 +151,22 @@ def test_module_gradient_under_compile_and_checkpointing_is_the_compiled_functio
     torch.testing.assert_close((grad * direction).sum(), numeric, **TOLERANCE)
 
 
-@contextlib.contextmanager
-def recompute_everything():
-    """The partitioner free to recompute: with an activation memory budget of 0 it saves as
-    little as it can and recomputes the rest of the forward in the backward."""
-    with torch._functorch.config.patch(activation_memory_budget=0.0):
-        yield
-
+# Without checkpointing the min-cut partitioner decides on its own what to save and what to
+# recompute in the backward (it recomputes cheap ops such as the tanh and the scaling around the
+# attention). Forcing it to recompute everything with activation_memory_budget=0 is not covered:
+# with that setting torch's own F.scaled_dot_product_attention with dropout gets a gradient
+# that disagrees with the finite difference too (measured: -8.37 against -5.46 for this loss),
+# the partitioner then recomputes the random ops themselves.
 
 @pytest.mark.parametrize("fullgraph", [False, True], ids=["graph-breaks-allowed", "fullgraph"])
-def test_op_gradient_with_the_partitioner_recomputing_is_the_compiled_functions(fullgraph):
-    with recompute_everything():
-        fn = compiled(attention_loss, fullgraph)
-        inputs = op_inputs()
-        for wrt in (0, 1):
-            assert_gradient_is_the_compiled_functions(fn, inputs, wrt)
+def test_op_gradient_with_the_partitioners_own_choices_is_the_compiled_functions(fullgraph):
+    fn = compiled(attention_loss, fullgraph)
+    inputs = op_inputs()
+    for wrt in (0, 1):
+        assert_gradient_is_the_compiled_functions(fn, inputs, wrt)
 
 
-def test_module_gradient_with_the_partitioner_recomputing_is_the_compiled_functions():
+def test_module_gradient_with_the_partitioners_own_choices_is_the_compiled_functions():
     mha, inputs = module_inputs()
     mha.train()
 
@@ -177,9 +174,7 @@ def test_module_gradient_with_the_partitioner_recomputing_is_the_compiled_functi
         out, weights = mha(x, x, x, need_weights=True)
         return (out * weight).sum() + weights.sum()
 
-    with recompute_everything():
-        fn = compiled(loss, True)
-        assert_gradient_is_the_compiled_functions(fn, inputs, 0)
+    assert_gradient_is_the_compiled_functions(compiled(loss, True), inputs, 0)
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])

@@ -234,8 +234,9 @@ def test_attention_backward_vmap_matches_per_sample_calls(in_dims, dropout_p):
                                                   False, rng)
     batched = lambda t, d: t.unsqueeze(0).repeat(N, *[1] * t.dim()) + randn(  # noqa: E731
         N, *t.shape, seed=9) * 1e-3 if d == 0 else t
-    args = [randn(N, B, H, L, Dv, seed=7), randn(N, B, H, L, S, seed=8)] + [
-        batched(t, d) for t, d in zip((q, k, v, output, logsumexp, mask), in_dims[2:])]
+    grad_output, grad_weights = randn(B, H, L, Dv, seed=7), randn(B, H, L, S, seed=8)
+    args = [batched(t, d) for t, d in zip((grad_output, grad_weights, q, k, v, output,
+                                           logsumexp, mask), in_dims)]
     fn = lambda go, gw, q, k, v, o, lse, m: ops._attention_backward(  # noqa: E731
         go, gw, q, k, v, o, lse, m, None, dropout_p, True, None, rng, True, False)
     assert_all_close(torch.func.vmap(fn, in_dims=in_dims)(*args), per_sample(fn, in_dims, *args))
@@ -363,11 +364,12 @@ def test_grad_transforms_raise_an_error_naming_the_limitation_and_the_alternativ
         transform, op_name):
     q, k, v = randn(B, H, L, D, seed=1), randn(B, H, S, D, seed=2), randn(B, H, S, Dv, seed=3)
     x, w = randn(B, L, Ein, seed=4), randn(E, Ein, seed=5)
+    out_weight = randn(5, H * D, seed=6)
     functions = {
         "attention": (lambda q: ops.attention(q, k, v).sum(), q),
         "qkv_projection": (lambda x: sum(t.sum() for t in ops.qkv_projection(
             x, x, x, w, w, w, None, None, None, 2)), x),
-        "merge_heads": (lambda q: ops.merge_heads(q, randn(5, H * D), None).sum(), q),
+        "merge_heads": (lambda q: ops.merge_heads(q, out_weight, None).sum(), q),
     }
     f, arg = functions[op_name]
     with pytest.raises(NotImplementedError, match=r"torch\.func's differentiating transforms") \
