@@ -151,7 +151,11 @@ std::optional<at::Tensor> draw_dropout_rng_state(double dropout_p) {
   if (!(dropout_p > 0)) return std::nullopt;
   // (2,) int64 on the CPU, where the kernels read it: the seed and the offset of the stream,
   // each uniform in [0, 2^63 - 1), from torch's default CPU generator.
-  return at::randint(std::numeric_limits<int64_t>::max(), {2}, at::TensorOptions(at::kLong));
+  // The device is named (not left to the default): torch.compile's activation checkpointing
+  // replays random ops per device, and finds the device of one without tensor inputs only
+  // there ("Backend not supported for None" otherwise, under aot_eager).
+  return at::randint(std::numeric_limits<int64_t>::max(), {2},
+                     at::TensorOptions().dtype(at::kLong).device(at::kCPU));
 }
 
 double attention_scale(std::optional<double> scale, int64_t head_dim) {

@@ -92,7 +92,7 @@ def _random_state(op_name: str, info: Any, dropout_p: float) -> Tuple[Optional[T
     vmap_mode = torch._C.DispatchKeySet(torch._C.DispatchKey.FuncTorchVmapMode)
     with torch._C._DisableFuncTorch(), torch._C._ExcludeDispatchKeyGuard(vmap_mode):
         state = torch.randint(2**63 - 1, (2,) if same else (info.batch_size, 2),
-                              dtype=torch.int64)
+                              dtype=torch.int64, device="cpu")
     return state, not same
 
 

@@ -109,7 +109,7 @@ def _draw_dropout_rng_state(dropout_p: float) -> Optional[Tensor]:
     """
     if not dropout_p > 0:
         return None
-    return torch.randint(2**63 - 1, (2,), dtype=torch.int64)
+    return torch.randint(2**63 - 1, (2,), dtype=torch.int64, device="cpu")
 
 
 def merge_heads(x: Tensor, out_weight: Tensor, out_bias: Optional[Tensor] = None) -> Tensor:

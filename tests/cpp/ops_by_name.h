@@ -69,7 +69,8 @@ inline Tensor4 attention_forward(const at::Tensor& query, const at::Tensor& key,
                     std::optional<double>, bool, const OptionalTensor&)>(
           "qkv_attention::_attention_forward");
   const at::Tensor rng_state =
-      dropout_p > 0 ? at::randint(std::numeric_limits<int64_t>::max(), {2}, at::kLong)
+      dropout_p > 0 ? at::randint(std::numeric_limits<int64_t>::max(), {2},
+                                  at::TensorOptions().dtype(at::kLong).device(at::kCPU))
                     : at::Tensor();
   auto [output, logsumexp, weights] =
       op.call(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale,
