@@ -187,29 +187,27 @@ AttentionGrads attention_backward_autograd(
       (requires_grad(grad_output) || requires_grad(grad_weights) || requires_grad(query) ||
        requires_grad(key) || requires_grad(value) || requires_grad(attn_mask) ||
        requires_grad(key_padding_mask));
-  const bool has_grad_weights = grad_weights.has_value() && grad_weights->defined();
-  if (differentiate && value.sym_size(3) == 0 && !has_grad_weights) {
-    // An empty output and no gradient of the weights: every gradient is zero, and so are their
-    // derivatives. Returned at once (the formulation below would build (B, H, L, S) scores).
-    check_attention_backward_inputs(grad_output, grad_weights, query, key, value, output,
-                                    logsumexp, attn_mask, key_padding_mask, dropout_p, scale,
-                                    rng_state, /*scores_materialised=*/false);
-    auto zeros_like_mask = [&](const std::optional<at::Tensor>& mask, bool requires_grad) {
-      return attention_mask_gets_grad(mask, requires_grad)
-                 ? at::zeros_symint(mask->sym_sizes(), mask->options())
-                 : at::empty({0}, query.options());
-    };
-    return {at::zeros_symint(query.sym_sizes(), query.options()),
-            at::zeros_symint(key.sym_sizes(), key.options()),
-            at::zeros_symint(value.sym_sizes(), value.options()),
-            zeros_like_mask(attn_mask, attn_mask_requires_grad),
-            zeros_like_mask(key_padding_mask, key_padding_mask_requires_grad)};
-  }
   if (differentiate) {
-    // This formulation materialises the (B, H, L, S) scores.
+    // An empty output and no gradient of the weights: every gradient is zero, and so are their
+    // derivatives; returned at once. Otherwise the formulation below materialises the
+    // (B, H, L, S) scores.
+    const bool empty_output = value.defined() && value.dim() == 4 && value.sym_size(3) == 0 &&
+                              !(grad_weights.has_value() && grad_weights->defined());
     check_attention_backward_inputs(grad_output, grad_weights, query, key, value, output,
                                     logsumexp, attn_mask, key_padding_mask, dropout_p, scale,
-                                    rng_state, /*scores_materialised=*/true);
+                                    rng_state, /*scores_materialised=*/!empty_output);
+    if (empty_output) {
+      auto zeros_like_mask = [&](const std::optional<at::Tensor>& mask, bool requires_grad) {
+        return attention_mask_gets_grad(mask, requires_grad)
+                   ? at::zeros_symint(mask->sym_sizes(), mask->options())
+                   : at::empty({0}, query.options());
+      };
+      return {at::zeros_symint(query.sym_sizes(), query.options()),
+              at::zeros_symint(key.sym_sizes(), key.options()),
+              at::zeros_symint(value.sym_sizes(), value.options()),
+              zeros_like_mask(attn_mask, attn_mask_requires_grad),
+              zeros_like_mask(key_padding_mask, key_padding_mask_requires_grad)};
+    }
     return attention_backward_differentiable(
         grad_output, grad_weights, query, key, value, attn_mask, key_padding_mask, dropout_p,
         is_causal, scale, rng_state, attention_mask_gets_grad(attn_mask, attn_mask_requires_grad),

@@ -218,7 +218,9 @@ std::optional<int64_t> concrete_product(const char* op, const char* what,
   }
   uint64_t product = 1;
   bool wrapped = false;
-  for (const int64_t value : values) wrapped = wrapped || c10::mul_overflows(product, uint64_t(value), &product);
+  for (const int64_t value : values) {
+    wrapped = wrapped || c10::mul_overflows(product, uint64_t(value), &product);
+  }
   TORCH_CHECK(!wrapped && product <= uint64_t(std::numeric_limits<int64_t>::max()), op, ": ",
               what, " of shape ", sizes, " has more elements than an int64 can count");
   return int64_t(product);

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 namespace qkv_attention {
 
@@ -60,10 +61,15 @@ void check_size(const char* op, const char* name, const at::Tensor& tensor, int6
 }
 
 void check_element_count(const char* op, const char* name, c10::SymIntArrayRef sizes) {
+  // The sizes as integers (maybe_as_int: a SymInt may hold a constant as a node, whose raw
+  // bits are not the value).
+  std::vector<int64_t> values;
+  values.reserve(sizes.size());
   bool empty = false;
   for (const c10::SymInt& size : sizes) {
     const std::optional<int64_t> value = size.maybe_as_int();
     if (!value.has_value()) return;  // symbolic: checked by the kernel on the real sizes
+    values.push_back(*value);
     empty = empty || *value == 0;
   }
   uint64_t count = 1;
@@ -71,8 +77,8 @@ void check_element_count(const char* op, const char* name, c10::SymIntArrayRef s
     // Nothing is ever computed from an empty tensor; its strides still are (the products of
     // the sizes after each dimension, zeros counted as 1), and torch refuses to allocate one
     // whose strides overflow ("Storage size calculation overflowed", naming no argument).
-    for (const c10::SymInt& size : sizes) {
-      const uint64_t factor = uint64_t(std::max<int64_t>(size.as_int_unchecked(), 1));
+    for (const int64_t value : values) {
+      const uint64_t factor = uint64_t(std::max<int64_t>(value, 1));
       TORCH_CHECK(!c10::mul_overflows(count, factor, &count) &&
                       count <= uint64_t(std::numeric_limits<int64_t>::max()),
                   op, ": ", name, " of shape ", sizes,
@@ -81,8 +87,8 @@ void check_element_count(const char* op, const char* name, c10::SymIntArrayRef s
     }
     return;
   }
-  for (size_t d = 0; d < sizes.size(); ++d) {
-    const int64_t size = sizes[d].as_int_unchecked();
+  for (size_t d = 0; d < values.size(); ++d) {
+    const int64_t size = values[d];
     TORCH_CHECK(size <= kMaxSize, op, ": ", name, " has size ", size, " in dimension ", d,
                 " (shape ", sizes, "); sizes above 2^36 = ", kMaxSize,
                 " are not supported, even for expanded (stride-0) tensors");

@@ -241,9 +241,10 @@ def test_attention_matches_float64_reference(data):
         output, weights = ops.attention_with_weights(query, key, value, attn_mask, dropout_p,
                                                      is_causal, scale, key_padding_mask)
     else:
-        output, logsumexp, weights, rng_state = ops._attention_forward(
+        rng_state = qkv_attention.ops._draw_dropout_rng_state(dropout_p)
+        output, logsumexp, weights = ops._attention_forward(
             query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale,
-            need_weights)
+            need_weights, rng_state)
         if dropout_p > 0:
             keep = ops._attention_dropout_mask(rng_state, B, H, L, S, dropout_p)
         if not need_weights:
