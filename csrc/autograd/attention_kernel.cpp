@@ -12,6 +12,7 @@
 #include <limits>
 
 #include "ops/attention.h"
+#include "autograd/functorch_check.h"
 #include "ops/checks.h"
 
 namespace qkv_attention::autograd {
@@ -34,21 +35,24 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
                                const std::optional<at::Tensor>& attn_mask,
                                const std::optional<at::Tensor>& key_padding_mask,
                                double dropout_p, bool is_causal, std::optional<double> scale,
-                               bool need_weights) {
+                               bool need_weights, const std::optional<at::Tensor>& rng_state) {
     // Gradients we are not given stay undefined (no zeros of shape (B, H, L, S) for the weights).
     ctx->set_materialize_grads(false);
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [output, logsumexp, weights, rng_state] = _attention_forward(
-        query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale, need_weights);
-    ctx->save_for_backward({query, key, value, output, logsumexp, rng_state,
+    auto [output, logsumexp, weights] =
+        _attention_forward(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal,
+                           scale, need_weights, rng_state);
+    // The backward regenerates the dropout mask from the same rng_state: it is saved, never
+    // drawn again.
+    ctx->save_for_backward({query, key, value, output, logsumexp, rng_state.value_or(at::Tensor()),
                             attn_mask.value_or(at::Tensor()),
                             key_padding_mask.value_or(at::Tensor())});
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["is_causal"] = is_causal;
     ctx->saved_data["scale"] = scale;
-    ctx->mark_non_differentiable({logsumexp, rng_state});
+    ctx->mark_non_differentiable({logsumexp});
     if (!need_weights) ctx->mark_non_differentiable({weights});
-    return {output, logsumexp, weights, rng_state};
+    return {output, logsumexp, weights};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -68,7 +72,7 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
         grad_output, grad_weights, query, key, value, output, logsumexp, optional(mask),
         optional(padding), ctx->saved_data["dropout_p"].toDouble(),
         ctx->saved_data["is_causal"].toBool(), ctx->saved_data["scale"].toOptional<double>(),
-        rng_state, mask_needs_grad, padding_needs_grad);
+        optional(rng_state), mask_needs_grad, padding_needs_grad);
     return {grad_query,
             grad_key,
             grad_value,
@@ -77,23 +81,28 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
             at::Tensor(),
             at::Tensor(),
             at::Tensor(),
-            at::Tensor()};
+            at::Tensor(),
+            at::Tensor()};  // rng_state
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_autograd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_autograd(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
-    double dropout_p, bool is_causal, std::optional<double> scale, bool need_weights) {
+    double dropout_p, bool is_causal, std::optional<double> scale, bool need_weights,
+    const std::optional<at::Tensor>& rng_state) {
+  check_no_functorch_autodiff("attention");
   check_defined("attention", "query", query);
   check_defined("attention", "key", key);
   check_defined("attention", "value", value);
   // Function::apply reads the masks' sizes too (a nested mask would fail there, unnamed).
   if (attn_mask.has_value()) check_dense("attention", "attn_mask", *attn_mask);
   if (key_padding_mask.has_value()) check_dense("attention", "key_padding_mask", *key_padding_mask);
+  if (rng_state.has_value()) check_dense("attention", "rng_state", *rng_state);
   variable_list out = AttentionFunction::apply(query, key, value, attn_mask, key_padding_mask,
-                                               dropout_p, is_causal, scale, need_weights);
-  return {out[0], out[1], out[2], out[3]};
+                                               dropout_p, is_causal, scale, need_weights,
+                                               rng_state);
+  return {out[0], out[1], out[2]};
 }
 
 // The attention backward written with differentiable ATen ops, computed in the accumulation
@@ -102,8 +111,8 @@ AttentionGrads attention_backward_differentiable(
     const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_weights,
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
-    double dropout_p, bool is_causal, std::optional<double> scale, const at::Tensor& rng_state,
-    bool attn_mask_grad, bool padding_mask_grad) {
+    double dropout_p, bool is_causal, std::optional<double> scale,
+    const std::optional<at::Tensor>& rng_state, bool attn_mask_grad, bool padding_mask_grad) {
   const at::ScalarType dtype = query.scalar_type();
   const at::ScalarType acc = at::toOpMathType(dtype);
   const c10::SymInt B = query.sym_size(0), H = query.sym_size(1), L = query.sym_size(2);
@@ -147,7 +156,7 @@ AttentionGrads attention_backward_differentiable(
   if (dropout_p > 0) {
     const double kept_scale = dropout_p < 1 ? 1.0 / (1.0 - dropout_p) : 0.0;
     grad_prob_factor =
-        _attention_dropout_mask(rng_state, B, H, L, S, dropout_p).to(acc) * kept_scale;
+        _attention_dropout_mask(*rng_state, B, H, L, S, dropout_p).to(acc) * kept_scale;
     weights = prob * grad_prob_factor;
   }
   at::Tensor grad_weights_total = at::matmul(grad_out, v.transpose(-2, -1));
@@ -182,17 +191,35 @@ AttentionGrads attention_backward_autograd(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& output, const at::Tensor& logsumexp,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
-    double dropout_p, bool is_causal, std::optional<double> scale, const at::Tensor& rng_state,
-    bool attn_mask_requires_grad, bool key_padding_mask_requires_grad) {
+    double dropout_p, bool is_causal, std::optional<double> scale,
+    const std::optional<at::Tensor>& rng_state, bool attn_mask_requires_grad,
+    bool key_padding_mask_requires_grad) {
   const bool differentiate =
       at::GradMode::is_enabled() &&
       (requires_grad(grad_output) || requires_grad(grad_weights) || requires_grad(query) ||
        requires_grad(key) || requires_grad(value) || requires_grad(attn_mask) ||
        requires_grad(key_padding_mask));
   if (differentiate) {
+    // An empty output and no gradient of the weights: every gradient is zero, and so are their
+    // derivatives; returned at once. Otherwise the formulation below materialises the
+    // (B, H, L, S) scores.
+    const bool empty_output = value.defined() && value.dim() == 4 && value.sym_size(3) == 0 &&
+                              !(grad_weights.has_value() && grad_weights->defined());
     check_attention_backward_inputs(grad_output, grad_weights, query, key, value, output,
                                     logsumexp, attn_mask, key_padding_mask, dropout_p, scale,
-                                    rng_state);
+                                    rng_state, /*scores_materialised=*/!empty_output);
+    if (empty_output) {
+      auto zeros_like_mask = [&](const std::optional<at::Tensor>& mask, bool requires_grad) {
+        return attention_mask_gets_grad(mask, requires_grad)
+                   ? at::zeros_symint(mask->sym_sizes(), mask->options())
+                   : at::empty({0}, query.options());
+      };
+      return {at::zeros_symint(query.sym_sizes(), query.options()),
+              at::zeros_symint(key.sym_sizes(), key.options()),
+              at::zeros_symint(value.sym_sizes(), value.options()),
+              zeros_like_mask(attn_mask, attn_mask_requires_grad),
+              zeros_like_mask(key_padding_mask, key_padding_mask_requires_grad)};
+    }
     return attention_backward_differentiable(
         grad_output, grad_weights, query, key, value, attn_mask, key_padding_mask, dropout_p,
         is_causal, scale, rng_state, attention_mask_gets_grad(attn_mask, attn_mask_requires_grad),

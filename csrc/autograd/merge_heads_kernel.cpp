@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "cpu/merge_heads_kernel.h"
+#include "autograd/functorch_check.h"
 #include "ops/checks.h"
 #include "ops/merge_heads.h"
 
@@ -37,6 +38,7 @@ class MergeHeadsFunction : public torch::autograd::Function<MergeHeadsFunction> 
 
 at::Tensor merge_heads_autograd(const at::Tensor& x, const at::Tensor& out_weight,
                                 const std::optional<at::Tensor>& out_bias) {
+  check_no_functorch_autodiff("merge_heads");
   check_defined("merge_heads", "x", x);
   check_defined("merge_heads", "out_weight", out_weight);
   return MergeHeadsFunction::apply(x, out_weight, out_bias)[0];

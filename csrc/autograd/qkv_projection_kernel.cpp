@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "cpu/qkv_projection_kernel.h"
+#include "autograd/functorch_check.h"
 #include "ops/checks.h"
 #include "ops/qkv_projection.h"
 
@@ -73,6 +74,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_projection_autograd(
     const std::optional<at::Tensor>& q_bias, const std::optional<at::Tensor>& k_bias,
     const std::optional<at::Tensor>& v_bias, c10::SymInt num_heads) {
   constexpr const char* op = "qkv_projection";
+  check_no_functorch_autodiff(op);
   check_defined(op, "query", query);
   check_defined(op, "key", key);
   check_defined(op, "value", value);

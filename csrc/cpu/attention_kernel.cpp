@@ -1,10 +1,11 @@
-// The attention operator's CPU dispatch-key kernels: input checks, allocation, the dropout seed,
-// and the calls into the plain-pointer kernels of cpu/attention_kernel.h (parameters filled by
-// cpu/flash/params.h, kernels chosen per CPU level by cpu/flash/levels.h).
+// The attention operator's CPU dispatch-key kernels: input checks, allocation, the early return
+// of calls with nothing to compute, and the calls into the plain-pointer kernels of
+// cpu/attention_kernel.h (parameters filled by cpu/flash/params.h, kernels chosen per CPU level
+// by cpu/flash/levels.h). The dropout stream's seed and offset come in as the rng_state input
+// (drawn by the composite ops).
 #include "cpu/attention_kernel.h"
 
 #include <ATen/ATen.h>
-#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -13,36 +14,25 @@
 #include "cpu/flash/params.h"
 #include "cpu/large_tensor.h"
 
-#include <mutex>
+#include <limits>
+#include <tuple>
+#include <utility>
 
 #include "ops/attention.h"
 
 namespace qkv_attention::cpu {
 
 // ---------------------------------------------------------------------------------------------
-// Tensor glue: checks, allocation, the dropout seed, and the CPU registrations.
+// Tensor glue: checks, allocation, and the CPU registrations.
 namespace {
 
-// A seed and an offset for the dropout stream, drawn from torch's default CPU generator so that
-// torch.manual_seed reproduces a call. Nothing is drawn when there is no dropout.
-at::Tensor draw_rng_state(double dropout_p) {
-  at::Tensor state = at::zeros({2}, at::kLong);
-  if (dropout_p > 0) {
-    auto gen = at::get_generator_or_default<at::CPUGeneratorImpl>(
-        std::nullopt, at::detail::getDefaultCPUGenerator());
-    std::lock_guard<std::mutex> lock(gen->mutex_);
-    state.data_ptr<int64_t>()[0] = static_cast<int64_t>(gen->random64());
-    state.data_ptr<int64_t>()[1] = static_cast<int64_t>(gen->random64());
-  }
-  return state;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
-    double dropout_p, bool is_causal, std::optional<double> scale, bool need_weights) {
+    double dropout_p, bool is_causal, std::optional<double> scale, bool need_weights,
+    const std::optional<at::Tensor>& rng_state) {
   check_attention_inputs("attention", query, key, value, attn_mask, key_padding_mask, dropout_p,
-                         scale);
+                         scale, rng_state, /*rng_state_required=*/true, need_weights);
   const int64_t B = query.size(0), H = query.size(1), L = query.size(2);
   const int64_t S = key.size(2), Dv = value.size(3);
   at::Tensor output = empty_output({B, H, L, Dv}, query.options());
@@ -50,7 +40,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu
       at::empty({B, H, L}, query.options().dtype(at::toOpMathType(query.scalar_type())));
   at::Tensor weights = need_weights ? empty_output({B, H, L, S}, query.options())
                                     : at::empty({0}, query.options());
-  at::Tensor rng_state = draw_rng_state(dropout_p);
+  if (Dv == 0 && !need_weights) {
+    // Nothing to compute: the output is empty and nothing else is asked for. (The kernel would
+    // still compute all B*H*L*S scores for the logsumexp, which only the backward reads, and
+    // the backward of an empty output is zero without it.)
+    logsumexp.fill_(-std::numeric_limits<double>::infinity());
+    return {output, logsumexp, weights};
+  }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(),
                                   "attention_forward", [&] {
@@ -60,7 +56,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu
                                                        need_weights ? &weights : nullptr);
     attention_forward_kernel(p);
   });
-  return {output, logsumexp, weights, rng_state};
+  return {output, logsumexp, weights};
 }
 
 // The gradient of a float mask: d loss / d score summed over the dimensions it was broadcast in.
@@ -76,30 +72,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& output, const at::Tensor& logsumexp,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
-    double dropout_p, bool is_causal, std::optional<double> scale, const at::Tensor& rng_state,
-    bool attn_mask_requires_grad, bool key_padding_mask_requires_grad) {
-  check_attention_backward_inputs(grad_output, grad_weights, query, key, value, output, logsumexp,
-                                  attn_mask, key_padding_mask, dropout_p, scale, rng_state);
-  const int64_t B = query.size(0), H = query.size(1), L = query.size(2);
-  const int64_t S = key.size(2);
-  at::Tensor grad_query = empty_output(query.sizes(), query.options());
-  at::Tensor grad_key = empty_output(key.sizes(), key.options());
-  at::Tensor grad_value = empty_output(value.sizes(), value.options());
+    double dropout_p, bool is_causal, std::optional<double> scale,
+    const std::optional<at::Tensor>& rng_state, bool attn_mask_requires_grad,
+    bool key_padding_mask_requires_grad) {
   const bool has_grad_weights = grad_weights.has_value() && grad_weights->defined();
   const bool attn_mask_grad = attention_mask_gets_grad(attn_mask, attn_mask_requires_grad);
   const bool padding_mask_grad =
       attention_mask_gets_grad(key_padding_mask, key_padding_mask_requires_grad);
+  check_attention_backward_inputs(grad_output, grad_weights, query, key, value, output, logsumexp,
+                                  attn_mask, key_padding_mask, dropout_p, scale, rng_state,
+                                  has_grad_weights || attn_mask_grad || padding_mask_grad);
+  const int64_t B = query.size(0), H = query.size(1), L = query.size(2);
+  const int64_t S = key.size(2), Dv = value.size(3);
+  if (Dv == 0 && !has_grad_weights) {
+    // An empty output and no gradient of the weights: nothing depends on anything, every
+    // gradient is zero (the forward computed nothing either).
+    auto zeros_like_mask = [&](bool wanted, const std::optional<at::Tensor>& mask) {
+      return wanted ? at::zeros(mask->sizes(), mask->options()) : at::empty({0}, query.options());
+    };
+    return {at::zeros(query.sizes(), query.options()), at::zeros(key.sizes(), key.options()),
+            at::zeros(value.sizes(), value.options()), zeros_like_mask(attn_mask_grad, attn_mask),
+            zeros_like_mask(padding_mask_grad, key_padding_mask)};
+  }
+  at::Tensor grad_query = empty_output(query.sizes(), query.options());
+  at::Tensor grad_key = empty_output(key.sizes(), key.options());
+  at::Tensor grad_value = empty_output(value.sizes(), value.options());
   // d loss / d score: the gradient of an additive mask before it is summed to the mask's shape.
   at::Tensor grad_scores = attn_mask_grad || padding_mask_grad
                                ? empty_output({B, H, L, S}, logsumexp.options())
                                : at::Tensor();
   const at::Tensor lse = logsumexp.contiguous();
-  const at::Tensor rng = rng_state.contiguous();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(),
                                   "attention_backward", [&] {
     const flash::AttentionArguments args{query,     key,       value, attn_mask, key_padding_mask,
-                                         dropout_p, is_causal, scale, rng};
+                                         dropout_p, is_causal, scale, rng_state};
     const auto p = flash::set_backward_params<scalar_t>(
         args, output, grad_output, grad_weights, lse, grad_query, grad_key, grad_value,
         grad_scores.defined() ? &grad_scores : nullptr);
@@ -116,10 +123,10 @@ at::Tensor attention_dropout_mask_cpu(const at::Tensor& rng_state, int64_t batch
                                       int64_t q_len, int64_t kv_len, double dropout_p) {
   check_dropout_mask_inputs(rng_state, batch, heads, q_len, kv_len, dropout_p);
   at::Tensor keep = at::empty({batch, heads, q_len, kv_len}, at::kBool);
-  const at::Tensor rng = rng_state.contiguous();
-  attention_dropout_mask_kernel(batch, heads, q_len, kv_len,
-                                static_cast<uint64_t>(rng.data_ptr<int64_t>()[0]),
-                                static_cast<uint64_t>(rng.data_ptr<int64_t>()[1]), dropout_p,
+  // No element, no work: the kernel walks the batch*heads*q_len rows even when they are empty.
+  if (keep.numel() == 0) return keep;
+  const auto [seed, offset] = flash::seed_and_offset(rng_state);
+  attention_dropout_mask_kernel(batch, heads, q_len, kv_len, seed, offset, dropout_p,
                                 keep.data_ptr<bool>());
   return keep;
 }

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
+#include <c10/util/safe_numerics.h>
 
 #include <new>
 
@@ -49,10 +50,14 @@ class MappedAllocator final : public c10::Allocator {
 
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
 #if QKV_HAVE_MMAP
-  int64_t numel = 1;
-  for (const int64_t size : sizes) numel *= size;
-  const size_t bytes = size_t(numel) * options.dtype().itemsize();
-  if (bytes >= LargeBuffer<char>::kMapFrom) {
+  // The byte count, computed without wrapping: a product that overflows goes to at::empty,
+  // which raises for it (the ops' size checks normally reject such sizes first).
+  uint64_t bytes = options.dtype().itemsize();
+  bool overflows = false;
+  for (const int64_t size : sizes) {
+    overflows = overflows || size < 0 || c10::mul_overflows(bytes, uint64_t(size), &bytes);
+  }
+  if (!overflows && bytes >= LargeBuffer<char>::kMapFrom) {
     static MappedAllocator allocator;
     return at::detail::empty_generic(sizes, &allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
                                      c10::typeMetaToScalarType(options.dtype()),

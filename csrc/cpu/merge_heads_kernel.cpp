@@ -37,6 +37,8 @@ at::Tensor merge_heads_cpu(const at::Tensor& x, const at::Tensor& out_weight,
   check_merge_heads_inputs("merge_heads", x, out_weight, out_bias);
   const int64_t B = x.size(0), L = x.size(2), Eout = out_weight.size(0);
   at::Tensor out = empty_output({B, L, Eout}, x.options());
+  // Nothing to compute (x may still be a huge expanded view, whose rows would be gathered).
+  if (out.numel() == 0) return out;
   // (B*L, H*D) head rows @ out_weight.T (H*D, Eout) + out_bias
   gemm_heads_into_rows(HeadRows({HeadRows::with_unit_last_stride(x)}, RowOrder::kBatchMajor),
                        out_weight.t(), out_bias, out.view({B * L, Eout}));
@@ -46,6 +48,11 @@ at::Tensor merge_heads_cpu(const at::Tensor& x, const at::Tensor& out_weight,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_heads_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& x, const at::Tensor& out_weight) {
   check_merge_heads_backward_inputs(grad_output, x, out_weight);
+  if (grad_output.numel() == 0) {
+    // No output (B*L = 0 or Eout = 0): every gradient is a sum of no terms.
+    return {at::zeros(x.sizes(), x.options()), at::zeros(out_weight.sizes(), out_weight.options()),
+            at::zeros({out_weight.size(0)}, out_weight.options())};
+  }
   const RowMatrix grad = as_row_matrix(grad_output);  // (B*L, Eout)
   // grad_x (B, H, L, D) <- grad (B*L, Eout) @ out_weight (Eout, H*D)
   at::Tensor grad_x = empty_output(x.sizes(), x.options());

@@ -66,21 +66,30 @@ bool same_view(const at::Tensor& a, const at::Tensor& b) {
          a.scalar_type() == b.scalar_type();
 }
 
-// (3 rows, cols) over the storage of a, when a, b and c are contiguous and consecutive in it.
+// a, b and c stacked along dimension 0 as one strided view of their common storage, when they
+// are that already: the same sizes and strides, and b and c starting where the rows after a's
+// last one would (a's offset plus rows * stride(0), twice). Decided on the actual strides, not
+// on is_contiguous(): that ignores the stride of a size-1 dimension, so (1, Ein) weights with
+// any row stride pass it, and a view built from that stride read the wrong rows for k and v
+// (or fell outside the storage). Any strides work, the weights only have to be one view.
 std::optional<at::Tensor> stacked(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
-  if (!a.is_contiguous() || !b.is_contiguous() || !c.is_contiguous()) return std::nullopt;
   if (a.sizes() != b.sizes() || a.sizes() != c.sizes() || a.numel() == 0) return std::nullopt;
+  if (a.strides() != b.strides() || a.strides() != c.strides()) return std::nullopt;
   if (!a.storage().is_alias_of(b.storage()) || !a.storage().is_alias_of(c.storage())) {
     return std::nullopt;
   }
-  const int64_t n = a.numel();
-  if (b.storage_offset() != a.storage_offset() + n ||
-      c.storage_offset() != a.storage_offset() + 2 * n) {
+  // The step from one part to the next, in elements: a's rows times its row stride. (Sizes
+  // and strides are bounded by the input checks, so the product does not overflow.)
+  // With a row stride of 0 (an expanded weight) the step is 0: only three views of the same
+  // repeated row stack, correctly, into more of it.
+  const int64_t step = a.size(0) * a.stride(0);
+  if (b.storage_offset() != a.storage_offset() + step ||
+      c.storage_offset() != a.storage_offset() + 2 * step) {
     return std::nullopt;
   }
-  std::vector<int64_t> sizes = a.sizes().vec(), strides = a.strides().vec();
+  std::vector<int64_t> sizes = a.sizes().vec();
   sizes[0] *= 3;
-  return a.as_strided(sizes, strides);
+  return a.as_strided(sizes, a.strides());
 }
 
 bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
@@ -124,9 +133,9 @@ void project_into_heads(const at::Tensor& x, const at::Tensor& weight,
 // The three gradients of one projection: input (B, N, Ein), weight (E, Ein), bias (E).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> project_back_cpu(
     const std::optional<at::Tensor>& grad_heads, const at::Tensor& x, const at::Tensor& weight) {
-  if (!given(grad_heads)) {
-    return {at::zeros_like(x, at::MemoryFormat::Contiguous),
-            at::zeros_like(weight, at::MemoryFormat::Contiguous),
+  if (!given(grad_heads) || grad_heads->numel() == 0) {
+    // No gradient, or an empty one (B*N = 0 or E = 0): every gradient is a sum of no terms.
+    return {at::zeros(x.sizes(), x.options()), at::zeros(weight.sizes(), weight.options()),
             at::zeros({weight.size(0)}, weight.options())};
   }
   const at::Tensor grad = HeadRows::with_unit_last_stride(*grad_heads);  // (B, H, N, D)
@@ -152,13 +161,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_projection_cpu(
   at::Tensor q = empty_heads(query, q_weight.size(0), num_heads);
   at::Tensor k = empty_heads(key, k_weight.size(0), num_heads);
   at::Tensor v = empty_heads(value, v_weight.size(0), num_heads);
+  // An empty projection is skipped: its input may still be a huge expanded view, which the
+  // GEMM would copy or walk.
   if (const auto packed = packed_projection(query, key, value, q_weight, k_weight, v_weight,
                                             q_bias, k_bias, v_bias)) {
-    project_into_heads(query, packed->weight, packed->bias, {q, k, v});
+    if (q.numel() > 0) project_into_heads(query, packed->weight, packed->bias, {q, k, v});
   } else {
-    project_into_heads(query, q_weight, q_bias, {q});
-    project_into_heads(key, k_weight, k_bias, {k});
-    project_into_heads(value, v_weight, v_bias, {v});
+    if (q.numel() > 0) project_into_heads(query, q_weight, q_bias, {q});
+    if (k.numel() > 0) project_into_heads(key, k_weight, k_bias, {k});
+    if (v.numel() > 0) project_into_heads(value, v_weight, v_bias, {v});
   }
   return {q, k, v};
 }

@@ -9,12 +9,13 @@
 namespace qkv_attention::meta {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_meta(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_meta(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
-    double dropout_p, bool is_causal, std::optional<double> scale, bool need_weights) {
+    double dropout_p, bool is_causal, std::optional<double> scale, bool need_weights,
+    const std::optional<at::Tensor>& rng_state) {
   check_attention_inputs("attention", query, key, value, attn_mask, key_padding_mask, dropout_p,
-                         scale);
+                         scale, rng_state, /*rng_state_required=*/true, need_weights);
   const c10::SymInt B = query.sym_size(0), H = query.sym_size(1), L = query.sym_size(2);
   const c10::SymInt S = key.sym_size(2), Dv = value.sym_size(3);
   at::Tensor output = at::empty_symint({B, H, L, Dv}, query.options());
@@ -22,8 +23,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_met
       {B, H, L}, query.options().dtype(at::toOpMathType(query.scalar_type())));
   at::Tensor weights = need_weights ? at::empty_symint({B, H, L, S}, query.options())
                                     : at::empty({0}, query.options());
-  at::Tensor rng_state = at::empty({2}, query.options().dtype(at::kLong));
-  return {output, logsumexp, weights, rng_state};
+  return {output, logsumexp, weights};
 }
 
 AttentionGrads attention_backward_meta(
@@ -31,10 +31,15 @@ AttentionGrads attention_backward_meta(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& output, const at::Tensor& logsumexp,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
-    double dropout_p, bool is_causal, std::optional<double> scale, const at::Tensor& rng_state,
-    bool attn_mask_requires_grad, bool key_padding_mask_requires_grad) {
-  check_attention_backward_inputs(grad_output, grad_weights, query, key, value, output, logsumexp,
-                                  attn_mask, key_padding_mask, dropout_p, scale, rng_state);
+    double dropout_p, bool is_causal, std::optional<double> scale,
+    const std::optional<at::Tensor>& rng_state, bool attn_mask_requires_grad,
+    bool key_padding_mask_requires_grad) {
+  check_attention_backward_inputs(
+      grad_output, grad_weights, query, key, value, output, logsumexp, attn_mask,
+      key_padding_mask, dropout_p, scale, rng_state,
+      (grad_weights.has_value() && grad_weights->defined()) ||
+          attention_mask_gets_grad(attn_mask, attn_mask_requires_grad) ||
+          attention_mask_gets_grad(key_padding_mask, key_padding_mask_requires_grad));
   auto mask_grad = [&](const std::optional<at::Tensor>& mask, bool requires_grad) {
     return attention_mask_gets_grad(mask, requires_grad)
                ? at::empty_symint(mask->sym_sizes(), mask->options())

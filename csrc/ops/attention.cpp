@@ -4,32 +4,59 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/OpMathType.h>
+#include <ATen/ops/randint.h>
+#include <c10/util/safe_numerics.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 #include <utility>
+#include <vector>
 
 #include "ops/checks.h"
 
 namespace qkv_attention {
 namespace {
 
-// attention and attention_with_weights are compositions of _attention_forward: autograd,
-// Meta and the CPU kernel all live on that one op, and torch.compile sees it in their place.
+// attention and attention_with_weights are compositions: the dropout stream's seed and offset
+// drawn by an ATen random op, then _attention_forward. Autograd, Meta and the CPU kernel all
+// live on _attention_forward, and torch.compile sees these two ops in their place.
+//
+// The draw happens here, outside the kernel op, so that _attention_forward is a pure function
+// of its inputs: torch.compile may recompute it (activation checkpointing, the partitioner) and
+// get the same dropout mask, because the random op is one the compiler knows (it keeps the
+// drawn state for the recomputation instead of drawing again), and vmap's randomness modes
+// apply to it ("error" raises, "same" draws one state, "different" one per sample).
+std::optional<at::Tensor> draw_for(const at::Tensor& query, const at::Tensor& key,
+                                   const at::Tensor& value,
+                                   const std::optional<at::Tensor>& attn_mask, double dropout_p,
+                                   std::optional<double> scale,
+                                   const std::optional<at::Tensor>& key_padding_mask) {
+  // Bad input raises before the generator is touched.
+  check_attention_inputs("attention", query, key, value, attn_mask, key_padding_mask, dropout_p,
+                         scale, std::nullopt, /*rng_state_required=*/false);
+  return draw_dropout_rng_state(dropout_p);
+}
+
 at::Tensor attention_composite(const at::Tensor& query, const at::Tensor& key,
                                const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
                                double dropout_p, bool is_causal, std::optional<double> scale,
                                const std::optional<at::Tensor>& key_padding_mask) {
+  const std::optional<at::Tensor> rng_state =
+      draw_for(query, key, value, attn_mask, dropout_p, scale, key_padding_mask);
   return std::get<0>(_attention_forward(query, key, value, attn_mask, key_padding_mask, dropout_p,
-                                        is_causal, scale, false));
+                                        is_causal, scale, false, rng_state));
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_with_weights_composite(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
     std::optional<double> scale, const std::optional<at::Tensor>& key_padding_mask) {
-  auto [output, logsumexp, weights, rng_state] = _attention_forward(
-      query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale, true);
+  const std::optional<at::Tensor> rng_state =
+      draw_for(query, key, value, attn_mask, dropout_p, scale, key_padding_mask);
+  auto [output, logsumexp, weights] = _attention_forward(
+      query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale, true,
+      rng_state);
   return {output, weights};
 }
 
@@ -49,13 +76,13 @@ TORCH_LIBRARY_FRAGMENT(qkv_attention, m) {
   m.def(
       "_attention_forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
       "Tensor? key_padding_mask, float dropout_p, bool is_causal, float? scale, "
-      "bool need_weights) -> "
-      "(Tensor output, Tensor logsumexp, Tensor weights, Tensor rng_state)");
+      "bool need_weights, Tensor? rng_state=None) -> "
+      "(Tensor output, Tensor logsumexp, Tensor weights)");
   m.def(
       "_attention_backward(Tensor grad_output, Tensor? grad_weights, Tensor query, Tensor key, "
       "Tensor value, Tensor output, Tensor logsumexp, Tensor? attn_mask, "
       "Tensor? key_padding_mask, float dropout_p, bool is_causal, float? scale, "
-      "Tensor rng_state, bool attn_mask_requires_grad, bool key_padding_mask_requires_grad) -> "
+      "Tensor? rng_state, bool attn_mask_requires_grad, bool key_padding_mask_requires_grad) -> "
       "(Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_attn_mask, "
       "Tensor grad_key_padding_mask)");
   m.def(
@@ -83,15 +110,16 @@ std::tuple<at::Tensor, at::Tensor> attention_with_weights(
   return op.call(query, key, value, attn_mask, dropout_p, is_causal, scale, key_padding_mask);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> _attention_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> _attention_forward(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
-    double dropout_p, bool is_causal, std::optional<double> scale, bool need_weights) {
+    double dropout_p, bool is_causal, std::optional<double> scale, bool need_weights,
+    const std::optional<at::Tensor>& rng_state) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("qkv_attention::_attention_forward", "")
                        .typed<decltype(_attention_forward)>();
   return op.call(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale,
-                 need_weights);
+                 need_weights, rng_state);
 }
 
 AttentionGrads _attention_backward(
@@ -99,8 +127,9 @@ AttentionGrads _attention_backward(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& output, const at::Tensor& logsumexp,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
-    double dropout_p, bool is_causal, std::optional<double> scale, const at::Tensor& rng_state,
-    bool attn_mask_requires_grad, bool key_padding_mask_requires_grad) {
+    double dropout_p, bool is_causal, std::optional<double> scale,
+    const std::optional<at::Tensor>& rng_state, bool attn_mask_requires_grad,
+    bool key_padding_mask_requires_grad) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("qkv_attention::_attention_backward", "")
                        .typed<decltype(_attention_backward)>();
@@ -116,6 +145,17 @@ at::Tensor _attention_dropout_mask(const at::Tensor& rng_state, c10::SymInt batc
                        .findSchemaOrThrow("qkv_attention::_attention_dropout_mask", "")
                        .typed<decltype(_attention_dropout_mask)>();
   return op.call(rng_state, batch, heads, q_len, kv_len, dropout_p);
+}
+
+std::optional<at::Tensor> draw_dropout_rng_state(double dropout_p) {
+  if (!(dropout_p > 0)) return std::nullopt;
+  // (2,) int64 on the CPU, where the kernels read it: the seed and the offset of the stream,
+  // each uniform in [0, 2^63 - 1), from torch's default CPU generator.
+  // The device is named (not left to the default): torch.compile's activation checkpointing
+  // replays random ops per device, and finds the device of one without tensor inputs only
+  // there ("Backend not supported for None" otherwise, under aot_eager).
+  return at::randint(std::numeric_limits<int64_t>::max(), {2},
+                     at::TensorOptions().dtype(at::kLong).device(at::kCPU));
 }
 
 double attention_scale(std::optional<double> scale, int64_t head_dim) {
@@ -140,7 +180,7 @@ void check_mask_dtype_and_device(const char* op, const char* name, const at::Ten
               " but query is on ", query.device());
 }
 
-// The seed and offset of the dropout stream, as _attention_forward returns them.
+// The seed and offset of the dropout stream (draw_dropout_rng_state).
 void check_rng_state(const char* op, const at::Tensor& rng_state) {
   check_defined(op, "rng_state", rng_state);
   TORCH_CHECK_TYPE(rng_state.scalar_type() == at::kLong, op, ": rng_state must be int64, but is ",
@@ -149,12 +189,72 @@ void check_rng_state(const char* op, const at::Tensor& rng_state) {
               ": rng_state must have shape (2,), but has shape ", rng_state.sym_sizes());
 }
 
+// rng_state is optional in the schemas; with dropout it must be given (and is then checked),
+// without it it is ignored when absent and checked when given.
+void check_optional_rng_state(const char* op, const std::optional<at::Tensor>& rng_state,
+                              double dropout_p, bool required, const at::Tensor& query) {
+  const bool given = rng_state.has_value() && rng_state->defined();
+  TORCH_CHECK(given || !required || !(dropout_p > 0), op,
+              ": rng_state (the dropout stream's seed and offset, (2,) int64) must be given "
+              "when dropout_p > 0, but is None (dropout_p = ", dropout_p, ")");
+  if (!given) return;
+  check_rng_state(op, *rng_state);
+  // The composite ops make rng_state on the CPU, where the kernels read it.
+  TORCH_CHECK(rng_state->device() == query.device() || rng_state->device().is_cpu(), op,
+              ": rng_state is on ", rng_state->device(), " but must be on the CPU or on query's ",
+              query.device());
+}
+
+// The product of sizes that are all known, or nothing when one is symbolic; 0 when one is 0.
+// Raises (naming `what`) when it does not fit an int64.
+std::optional<int64_t> concrete_product(const char* op, const char* what,
+                                        c10::ArrayRef<c10::SymInt> sizes) {
+  std::vector<int64_t> values;
+  for (const c10::SymInt& size : sizes) {
+    const std::optional<int64_t> value = size.maybe_as_int();
+    if (value.has_value() && *value == 0) return 0;
+    if (!value.has_value()) return std::nullopt;
+    values.push_back(*value);
+  }
+  uint64_t product = 1;
+  bool wrapped = false;
+  for (const int64_t value : values) {
+    wrapped = wrapped || c10::mul_overflows(product, uint64_t(value), &product);
+  }
+  TORCH_CHECK(!wrapped && product <= uint64_t(std::numeric_limits<int64_t>::max()), op, ": ",
+              what, " of shape ", sizes, " has more elements than an int64 can count");
+  return int64_t(product);
+}
+
+// Every tensor the attention kernels read or allocate, before any count is computed from it
+// (ops/checks.h): the inputs, the output (B, H, L, Dv), the logsumexp (B, H, L), and the scores
+// (B, H, L, S) — as a tensor when they are materialised (the returned weights, the gradient of
+// a mask), otherwise only as a count of positions, which the dropout stream's counters and the
+// kernels' index arithmetic compute in 64 bits.
+void check_attention_sizes(const char* op, const at::Tensor& query, const at::Tensor& key,
+                           const at::Tensor& value, bool scores_materialised) {
+  check_tensor_elements(op, "query", query);
+  check_tensor_elements(op, "key", key);
+  check_tensor_elements(op, "value", value);
+  const c10::SymInt B = query.sym_size(0), H = query.sym_size(1), L = query.sym_size(2);
+  const c10::SymInt S = key.sym_size(2), Dv = value.sym_size(3);
+  check_element_count(op, "the output (B, H, L, Dv)", {B, H, L, Dv});
+  check_element_count(op, "the logsumexp (B, H, L)", {B, H, L});
+  if (scores_materialised) {
+    check_element_count(op, "the attention weights (B, H, L, S)", {B, H, L, S});
+  } else {
+    concrete_product(op, "the attention scores (B, H, L, S)", {B, H, L, S});
+  }
+}
+
 }  // namespace
 
 void check_attention_inputs(const char* op, const at::Tensor& query, const at::Tensor& key,
                             const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
                             const std::optional<at::Tensor>& key_padding_mask, double dropout_p,
-                            std::optional<double> scale) {
+                            std::optional<double> scale,
+                            const std::optional<at::Tensor>& rng_state, bool rng_state_required,
+                            bool scores_materialised) {
   check_input(op, "query", query, 4, "(B, H, L, D)");
   check_input(op, "key", key, 4, "(B, Hkv, S, D)");
   check_input(op, "value", value, 4, "(B, Hkv, S, Dv)");
@@ -163,7 +263,10 @@ void check_attention_inputs(const char* op, const at::Tensor& query, const at::T
   check_size(op, "key", key, 0, query.sym_size(0), "batch entries", "query");
   // Grouped-query attention: key/value may have fewer heads, a divisor of query's.
   const c10::SymInt& kv_heads = key.sym_size(1);
-  TORCH_CHECK(kv_heads != 0 ? query.sym_size(1) % kv_heads == 0 : query.sym_size(1) == 0, op,
+  TORCH_CHECK(kv_heads != 0
+                  ? query.sym_size(1) % kv_heads == 0 && query.sym_size(1) >= kv_heads
+                  : query.sym_size(1) == 0,
+              op,
               ": key has ", kv_heads, " heads and query has ", query.sym_size(1),
               "; query's heads must be a multiple of key's (grouped-query attention: query head "
               "h reads key/value head h / (query heads / key heads))");
@@ -175,6 +278,12 @@ void check_attention_inputs(const char* op, const at::Tensor& query, const at::T
               ": dropout_p must be in [0, 1], but is ", dropout_p);
   TORCH_CHECK(!scale.has_value() || std::isfinite(*scale), op,
               ": scale must be a finite number, but is ", scale.value_or(0.0));
+  if (scale.has_value()) {
+    check_representable(op, "scale", *scale, at::toOpMathType(query.scalar_type()),
+                        query.scalar_type());
+  }
+  check_optional_rng_state(op, rng_state, dropout_p, rng_state_required, query);
+  check_attention_sizes(op, query, key, value, scores_materialised);
 
   if (key_padding_mask.has_value() && key_padding_mask->defined()) {
     const at::Tensor& padding = *key_padding_mask;
@@ -183,10 +292,12 @@ void check_attention_inputs(const char* op, const at::Tensor& query, const at::T
                     padding.sym_size(1) == key.sym_size(2),
                 op, ": key_padding_mask must have shape (B, S) = (", query.sym_size(0), ", ",
                 key.sym_size(2), "), but has shape ", padding.sym_sizes());
+    check_tensor_elements(op, "key_padding_mask", padding);
   }
   if (!attn_mask.has_value() || !attn_mask->defined()) return;
   const at::Tensor& mask = *attn_mask;
   check_mask_dtype_and_device(op, "attn_mask", mask, query);
+  check_tensor_elements(op, "attn_mask", mask);
   const c10::SymInt target[4] = {query.sym_size(0), query.sym_size(1), query.sym_size(2),
                                  key.sym_size(2)};
   bool broadcastable = mask.dim() <= 4;
@@ -204,9 +315,11 @@ void check_attention_backward_inputs(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& output, const at::Tensor& logsumexp,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
-    double dropout_p, std::optional<double> scale, const at::Tensor& rng_state) {
+    double dropout_p, std::optional<double> scale, const std::optional<at::Tensor>& rng_state,
+    bool scores_materialised) {
   constexpr const char* op = "attention backward";
-  check_attention_inputs(op, query, key, value, attn_mask, key_padding_mask, dropout_p, scale);
+  check_attention_inputs(op, query, key, value, attn_mask, key_padding_mask, dropout_p, scale,
+                         rng_state, /*rng_state_required=*/true, scores_materialised);
   check_input(op, "output", output, 4, "(B, H, L, Dv)");
   check_same_dtype_and_device(op, "output", output, "query", query);
   check_size(op, "output", output, 0, query.sym_size(0), "batch entries", "query");
@@ -229,11 +342,8 @@ void check_attention_backward_inputs(
                   logsumexp.sym_size(2) == query.sym_size(2),
               op, ": logsumexp must have shape (B, H, L) = ", query.sym_sizes().slice(0, 3),
               ", but has shape ", logsumexp.sym_sizes());
-  check_rng_state(op, rng_state);
-  // The forward makes rng_state on the CPU (its Meta kernel on the query's device).
-  TORCH_CHECK(rng_state.device() == query.device() || rng_state.device().is_cpu(), op,
-              ": rng_state is on ", rng_state.device(), " but must be on the CPU or on query's ",
-              query.device());
+  check_tensor_elements(op, "output", output);
+  check_tensor_elements(op, "grad_output", grad_output);
   if (grad_weights.has_value() && grad_weights->defined()) {
     check_input(op, "grad_weights", *grad_weights, 4, "(B, H, L, S)");
     check_same_dtype_and_device(op, "grad_weights", *grad_weights, "query", query);
@@ -241,6 +351,7 @@ void check_attention_backward_inputs(
     check_size(op, "grad_weights", *grad_weights, 1, query.sym_size(1), "heads", "query");
     check_size(op, "grad_weights", *grad_weights, 2, query.sym_size(2), "positions", "query");
     check_size(op, "grad_weights", *grad_weights, 3, key.sym_size(2), "positions", "key");
+    check_tensor_elements(op, "grad_weights", *grad_weights);
   }
 }
 
@@ -256,6 +367,8 @@ void check_dropout_mask_inputs(const at::Tensor& rng_state, const c10::SymInt& b
   }
   TORCH_CHECK(std::isfinite(dropout_p) && dropout_p >= 0.0 && dropout_p <= 1.0, op,
               ": dropout_p must be in [0, 1], but is ", dropout_p);
+  check_element_count(op, "the mask (batch, heads, q_len, kv_len)",
+                      {batch, heads, q_len, kv_len});
 }
 
 }  // namespace qkv_attention

@@ -35,11 +35,15 @@ std::tuple<at::Tensor, at::Tensor> attention_with_weights(
     const std::optional<at::Tensor>& key_padding_mask = std::nullopt);
 
 // The forward behind both: (output, logsumexp (B, H, L) in the accumulation dtype, weights or
-// an empty tensor, rng_state (2,) int64 = the dropout stream's seed and offset).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> _attention_forward(
+// an empty tensor). A pure function of its inputs: the dropout mask is the one of rng_state,
+// (2,) int64 = the dropout stream's seed and offset (draw_dropout_rng_state), which must be
+// given when dropout_p > 0. When the output is empty (Dv = 0) and no weights are asked for,
+// nothing is computed: the logsumexp is then -inf (no gradient flows through an empty output).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> _attention_forward(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
-    double dropout_p, bool is_causal, std::optional<double> scale, bool need_weights);
+    double dropout_p, bool is_causal, std::optional<double> scale, bool need_weights,
+    const std::optional<at::Tensor>& rng_state);
 
 // (grad_query, grad_key, grad_value, grad_attn_mask, grad_key_padding_mask); a mask's gradient
 // has the mask's shape when it is asked for and the mask is additive, and is empty otherwise.
@@ -49,8 +53,9 @@ AttentionGrads _attention_backward(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& output, const at::Tensor& logsumexp,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
-    double dropout_p, bool is_causal, std::optional<double> scale, const at::Tensor& rng_state,
-    bool attn_mask_requires_grad, bool key_padding_mask_requires_grad);
+    double dropout_p, bool is_causal, std::optional<double> scale,
+    const std::optional<at::Tensor>& rng_state, bool attn_mask_requires_grad,
+    bool key_padding_mask_requires_grad);
 
 // The dropout keep-mask (B, H, L, S), bool, of the stream rng_state names.
 at::Tensor _attention_dropout_mask(const at::Tensor& rng_state, c10::SymInt batch,
@@ -59,23 +64,36 @@ at::Tensor _attention_dropout_mask(const at::Tensor& rng_state, c10::SymInt batc
 
 // ---- shared by the kernels of every dispatch key ----
 
+// The dropout stream's state for one call: (2,) int64 (seed, offset) drawn with at::randint
+// from torch's default CPU generator (so torch.manual_seed reproduces a call), or nothing when
+// dropout_p is 0 (no random number is drawn). The composite ops call it; Python code that
+// calls _attention_forward itself draws the same way (qkv_attention.ops).
+std::optional<at::Tensor> draw_dropout_rng_state(double dropout_p);
+
 // The scale actually used: `scale`, or 1/sqrt(head_dim) (1 when head_dim is 0).
 double attention_scale(std::optional<double> scale, int64_t head_dim);
 
 // Whether _attention_backward returns a gradient for a mask.
 bool attention_mask_gets_grad(const std::optional<at::Tensor>& mask, bool requires_grad);
 
+// rng_state_required: whether a missing rng_state with dropout_p > 0 is an error (the kernel
+// ops) or not (the composites, which check before they draw). scores_materialised: whether
+// the call allocates a (B, H, L, S) tensor (returned weights, a mask's gradient), whose size
+// is then checked like a tensor's.
 void check_attention_inputs(const char* op, const at::Tensor& query, const at::Tensor& key,
                             const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
                             const std::optional<at::Tensor>& key_padding_mask, double dropout_p,
-                            std::optional<double> scale);
+                            std::optional<double> scale,
+                            const std::optional<at::Tensor>& rng_state, bool rng_state_required,
+                            bool scores_materialised = false);
 
 void check_attention_backward_inputs(
     const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_weights,
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& output, const at::Tensor& logsumexp,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
-    double dropout_p, std::optional<double> scale, const at::Tensor& rng_state);
+    double dropout_p, std::optional<double> scale, const std::optional<at::Tensor>& rng_state,
+    bool scores_materialised);
 
 void check_dropout_mask_inputs(const at::Tensor& rng_state, const c10::SymInt& batch,
                                const c10::SymInt& heads, const c10::SymInt& q_len,

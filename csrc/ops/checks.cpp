@@ -1,6 +1,12 @@
 #include "ops/checks.h"
 
 #include <c10/util/Exception.h>
+#include <c10/util/safe_numerics.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
 
 namespace qkv_attention {
 
@@ -52,6 +58,60 @@ void check_size(const char* op, const char* name, const at::Tensor& tensor, int6
   TORCH_CHECK(found == expected, op, ": ", name, " has ", found, " ", what, " but ",
               expected_from, " has ", expected, " (", name, " has shape ", tensor.sym_sizes(),
               ")");
+}
+
+void check_element_count(const char* op, const char* name, c10::SymIntArrayRef sizes) {
+  // The sizes as integers (maybe_as_int: a SymInt may hold a constant as a node, whose raw
+  // bits are not the value).
+  std::vector<int64_t> values;
+  values.reserve(sizes.size());
+  bool empty = false;
+  for (const c10::SymInt& size : sizes) {
+    const std::optional<int64_t> value = size.maybe_as_int();
+    if (!value.has_value()) return;  // symbolic: checked by the kernel on the real sizes
+    values.push_back(*value);
+    empty = empty || *value == 0;
+  }
+  uint64_t count = 1;
+  if (empty) {
+    // Nothing is ever computed from an empty tensor; its strides still are (the products of
+    // the sizes after each dimension, zeros counted as 1), and torch refuses to allocate one
+    // whose strides overflow ("Storage size calculation overflowed", naming no argument).
+    for (const int64_t value : values) {
+      const uint64_t factor = uint64_t(std::max<int64_t>(value, 1));
+      TORCH_CHECK(!c10::mul_overflows(count, factor, &count) &&
+                      count <= uint64_t(std::numeric_limits<int64_t>::max()),
+                  op, ": ", name, " of shape ", sizes,
+                  " has no elements, but its nonzero sizes multiply to more than an int64 holds; "
+                  "torch cannot represent such a tensor");
+    }
+    return;
+  }
+  for (size_t d = 0; d < values.size(); ++d) {
+    const int64_t size = values[d];
+    TORCH_CHECK(size <= kMaxSize, op, ": ", name, " has size ", size, " in dimension ", d,
+                " (shape ", sizes, "); sizes above 2^36 = ", kMaxSize,
+                " are not supported, even for expanded (stride-0) tensors");
+    const bool wrapped = c10::mul_overflows(count, uint64_t(size), &count);
+    TORCH_CHECK(!wrapped && count <= uint64_t(kMaxElements), op, ": ", name, " of shape ", sizes,
+                " has more than 2^47 = ", kMaxElements,
+                " elements (counted as if contiguous); such a tensor cannot be computed, even "
+                "when it is an expanded (stride-0) view");
+  }
+}
+
+void check_tensor_elements(const char* op, const char* name, const at::Tensor& tensor) {
+  if (tensor.defined()) check_element_count(op, name, tensor.sym_sizes());
+}
+
+void check_representable(const char* op, const char* name, double value,
+                         at::ScalarType compute_dtype, at::ScalarType input_dtype) {
+  const double largest = compute_dtype == at::kDouble
+                             ? std::numeric_limits<double>::max()
+                             : double(std::numeric_limits<float>::max());
+  TORCH_CHECK(!(std::abs(value) > largest), op, ": ", name, " = ", value, " overflows ",
+              compute_dtype, ", in which ", input_dtype, " inputs are computed (largest finite ",
+              "value ", largest, "); it would become inf there and turn the scores into NaN");
 }
 
 }  // namespace qkv_attention

@@ -41,4 +41,35 @@ void check_same_dtype_and_device(const char* op, const char* name, const at::Ten
 void check_size(const char* op, const char* name, const at::Tensor& tensor, int64_t dim,
                 const c10::SymInt& expected, const char* what, const char* expected_from);
 
+// ---- sizes, before any element or byte count is computed from them ----
+//
+// A stride-0 (expanded) tensor may have any sizes at all, and the kernels compute element and
+// byte counts from them (outputs, packed copies of operands, per-thread blocks): a count that
+// wraps around makes a buffer too small for what is written into it. So every op checks,
+// before its kernel sizes anything, every tensor it reads, writes or allocates against two
+// limits, which keep every count the kernels derive far below 2^63:
+//   - at most kMaxElements = 2^47 elements, counted as if the tensor were contiguous (1 PiB
+//     at 8 bytes: more than any machine holds, so no call that could run is refused);
+//   - no size above kMaxSize = 2^36: the kernels allocate per-thread blocks of up to 2^10 rows
+//     of one dimension, for each of up to 2^10 threads, at up to 8 bytes an element.
+// A tensor with no elements passes whatever its other sizes (empty work returns at once), as
+// long as torch can represent it (its strides fit an int64).
+constexpr int64_t kMaxElements = int64_t(1) << 47;
+constexpr int64_t kMaxSize = int64_t(1) << 36;
+
+// Raises, naming `name` and the shape, when a tensor of `sizes` breaks either limit. `name`
+// is an argument ("query") or what the kernel would allocate ("the attention weights
+// (B, H, L, S)"). Sizes that are symbolic (torch.compile with dynamic shapes) are not checked
+// here; the kernel that runs on the real sizes checks them.
+void check_element_count(const char* op, const char* name, c10::SymIntArrayRef sizes);
+
+// check_element_count on a tensor's own sizes (a defined tensor; an undefined one passes).
+void check_tensor_elements(const char* op, const char* name, const at::Tensor& tensor);
+
+// `value` (an argument such as `scale`) must be representable in the dtype `compute_dtype`
+// that the kernels convert it to: a finite double above float32's range would become inf
+// there, and inf times a score of 0 is NaN.
+void check_representable(const char* op, const char* name, double value,
+                         at::ScalarType compute_dtype, at::ScalarType input_dtype);
+
 }  // namespace qkv_attention

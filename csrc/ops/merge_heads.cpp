@@ -42,10 +42,16 @@ void check_merge_heads_inputs(const char* op, const at::Tensor& x, const at::Ten
               out_weight.sym_size(1), " input features but x has H*D = ", x.sym_size(1), "*",
               x.sym_size(3), " = ", features, " (out_weight has shape ", out_weight.sym_sizes(),
               ", x has shape ", x.sym_sizes(), ")");
+  // Sizes, before the kernels compute any count from them (ops/checks.h).
+  check_tensor_elements(op, "x", x);
+  check_tensor_elements(op, "out_weight", out_weight);
+  check_element_count(op, "the output (B, L, Eout)",
+                      {x.sym_size(0), x.sym_size(2), out_weight.sym_size(0)});
   if (!out_bias.has_value() || !out_bias->defined()) return;
   check_input(op, "out_bias", *out_bias, 1, "(Eout,)");
   check_same_dtype_and_device(op, "out_bias", *out_bias, "x", x);
   check_size(op, "out_bias", *out_bias, 0, out_weight.sym_size(0), "features", "out_weight");
+  check_tensor_elements(op, "out_bias", *out_bias);
 }
 
 void check_merge_heads_backward_inputs(const at::Tensor& grad_output, const at::Tensor& x,
@@ -60,6 +66,7 @@ void check_merge_heads_backward_inputs(const at::Tensor& grad_output, const at::
               expected[1], ", ", expected[2], ") from x of shape ", x.sym_sizes(),
               " and out_weight of shape ", out_weight.sym_sizes(), ", but has shape ",
               grad_output.sym_sizes());
+  check_tensor_elements(op, "grad_output", grad_output);
 }
 
 }  // namespace qkv_attention

@@ -4,6 +4,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <utility>
+
 #include "ops/checks.h"
 
 namespace qkv_attention {
@@ -86,6 +88,20 @@ void check_qkv_projection_inputs(
   TORCH_CHECK(embed_dim % num_heads == 0, op, ": num_heads (", num_heads,
               ") must divide the embedding size E = ", embed_dim, " (q_weight has shape ",
               q_weight.sym_sizes(), ")");
+  // Sizes, before the kernels compute any count from them (ops/checks.h).
+  const std::pair<const char*, const at::Tensor*> tensors[] = {
+      {"query", &query},       {"key", &key},           {"value", &value},
+      {"q_weight", &q_weight}, {"k_weight", &k_weight}, {"v_weight", &v_weight}};
+  for (const auto& [name, tensor] : tensors) check_tensor_elements(op, name, *tensor);
+  const std::pair<const char*, const std::optional<at::Tensor>*> biases[] = {
+      {"q_bias", &q_bias}, {"k_bias", &k_bias}, {"v_bias", &v_bias}};
+  for (const auto& [name, bias] : biases) {
+    if (bias->has_value()) check_tensor_elements(op, name, **bias);
+  }
+  check_element_count(op, "the projected q (B, H, L, E/H)",
+                      {query.sym_size(0), query.sym_size(1), embed_dim});
+  check_element_count(op, "the projected k and v (B, H, S, E/H)",
+                      {key.sym_size(0), key.sym_size(1), embed_dim});
 }
 
 namespace {
@@ -102,6 +118,7 @@ void check_projection_grad(const char* name, const std::optional<at::Tensor>& gr
   TORCH_CHECK(grad->sym_sizes() == c10::SymIntArrayRef(expected), op, ": ", name,
               " must have the projection's shape (", expected[0], ", ", expected[1], ", ",
               expected[2], ", ", expected[3], "), but has shape ", grad->sym_sizes());
+  check_tensor_elements(op, name, *grad);
 }
 
 }  // namespace

@@ -7,12 +7,14 @@ Importing the package loads the C++ extension, which registers
 import torch  # noqa: F401  (the extension links against torch's libraries)
 
 from . import _C
-from . import ops, functional
+from . import _vmap, ops, functional
 from .modules import MultiheadAttention
 from .replace import replace_attention
 from ._C import build_info
 
 __version__ = _C.__version__
+
+_vmap.register()  # torch.func.vmap batching rules for every op
 
 __all__ = [
     "ops", "functional", "build_info", "__version__", "MultiheadAttention", "replace_attention",

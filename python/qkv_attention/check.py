@@ -111,18 +111,22 @@ def _padding_bool(g: torch.Generator) -> Tensor:
 
 def _attention_forward_outputs(q, k, v, need_weights=True, **kw):
     """_attention_forward's differentiable outputs: the output and (if asked) the weights."""
-    out, _lse, weights, _rng = torch.ops.qkv_attention._attention_forward(
-        q, k, v, kw.get("attn_mask"), kw.get("key_padding_mask"), kw.get("dropout_p", 0.0),
-        kw.get("is_causal", False), kw.get("scale"), need_weights)
+    dropout_p = kw.get("dropout_p", 0.0)
+    out, _lse, weights = torch.ops.qkv_attention._attention_forward(
+        q, k, v, kw.get("attn_mask"), kw.get("key_padding_mask"), dropout_p,
+        kw.get("is_causal", False), kw.get("scale"), need_weights,
+        ops._draw_dropout_rng_state(dropout_p))
     return (out, weights) if need_weights else out
 
 
 def _attention_backward_of(q, k, v, grad_out, grad_weights, **kw):
     """Runs the forward without autograd, then differentiates through _attention_backward."""
+    dropout_p = kw.get("dropout_p", 0.0)
+    rng = ops._draw_dropout_rng_state(dropout_p)
     with torch.no_grad():
-        out, lse, _w, rng = torch.ops.qkv_attention._attention_forward(
-            q, k, v, kw.get("attn_mask"), None, kw.get("dropout_p", 0.0),
-            kw.get("is_causal", False), None, False)
+        out, lse, _w = torch.ops.qkv_attention._attention_forward(
+            q, k, v, kw.get("attn_mask"), None, dropout_p, kw.get("is_causal", False), None,
+            False, rng)
     grads = torch.ops.qkv_attention._attention_backward(
         grad_out, grad_weights, q, k, v, out, lse, kw.get("attn_mask"), None,
         kw.get("dropout_p", 0.0), kw.get("is_causal", False), None, rng, False, False)

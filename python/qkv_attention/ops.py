@@ -98,6 +98,20 @@ def attention_with_weights(
     )
 
 
+def _draw_dropout_rng_state(dropout_p: float) -> Optional[Tensor]:
+    """The dropout stream's state for one call, drawn as ``attention`` draws it.
+
+    ``attention`` and ``attention_with_weights`` draw a (2,) int64 seed and offset with
+    ``torch.randint`` on torch's default generator (nothing when ``dropout_p`` is 0) and pass it
+    to ``_attention_forward``, which is a pure function of it. Code that calls
+    ``_attention_forward`` itself draws with this function: after the same
+    ``torch.manual_seed`` it gets the mask ``attention`` would have used.
+    """
+    if not dropout_p > 0:
+        return None
+    return torch.randint(2**63 - 1, (2,), dtype=torch.int64, device="cpu")
+
+
 def merge_heads(x: Tensor, out_weight: Tensor, out_bias: Optional[Tensor] = None) -> Tensor:
     """Concatenates the heads of ``x`` and applies the output projection.
 

@@ -6,7 +6,9 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/randint.h>
 
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -54,17 +56,26 @@ inline Tensor2 attention_with_weights(const at::Tensor& query, const at::Tensor&
   return op.call(query, key, value, attn_mask, dropout_p, is_causal, scale, key_padding_mask);
 }
 
-// (output, logsumexp, weights or empty, rng_state)
+// (output, logsumexp, weights or empty, rng_state). rng_state is drawn as the composite ops
+// draw it (at::randint on torch's default generator; undefined without dropout) and passed to
+// _attention_forward, which is a pure function of it.
 inline Tensor4 attention_forward(const at::Tensor& query, const at::Tensor& key,
                                  const at::Tensor& value, const OptionalTensor& attn_mask,
                                  const OptionalTensor& key_padding_mask, double dropout_p,
                                  bool is_causal, std::optional<double> scale, bool need_weights) {
   static const auto op =
-      typed<Tensor4(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      typed<Tensor3(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                     const OptionalTensor&, const OptionalTensor&, double, bool,
-                    std::optional<double>, bool)>("qkv_attention::_attention_forward");
-  return op.call(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale,
-                 need_weights);
+                    std::optional<double>, bool, const OptionalTensor&)>(
+          "qkv_attention::_attention_forward");
+  const at::Tensor rng_state =
+      dropout_p > 0 ? at::randint(std::numeric_limits<int64_t>::max(), {2},
+                                  at::TensorOptions().dtype(at::kLong).device(at::kCPU))
+                    : at::Tensor();
+  auto [output, logsumexp, weights] =
+      op.call(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale,
+              need_weights, rng_state.defined() ? OptionalTensor(rng_state) : std::nullopt);
+  return {output, logsumexp, weights, rng_state};
 }
 
 // (grad_query, grad_key, grad_value, grad_attn_mask or empty, grad_key_padding_mask or empty)
@@ -75,12 +86,12 @@ inline Tensor5 attention_backward(const at::Tensor& grad_output,
                                   const OptionalTensor& attn_mask,
                                   const OptionalTensor& key_padding_mask, double dropout_p,
                                   bool is_causal, std::optional<double> scale,
-                                  const at::Tensor& rng_state, bool attn_mask_requires_grad,
+                                  const OptionalTensor& rng_state, bool attn_mask_requires_grad,
                                   bool key_padding_mask_requires_grad) {
   static const auto op = typed<Tensor5(
       const at::Tensor&, const OptionalTensor&, const at::Tensor&, const at::Tensor&,
       const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptionalTensor&,
-      const OptionalTensor&, double, bool, std::optional<double>, const at::Tensor&, bool,
+      const OptionalTensor&, double, bool, std::optional<double>, const OptionalTensor&, bool,
       bool)>("qkv_attention::_attention_backward");
   return op.call(grad_output, grad_weights, query, key, value, output, logsumexp, attn_mask,
                  key_padding_mask, dropout_p, is_causal, scale, rng_state,

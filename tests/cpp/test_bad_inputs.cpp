@@ -219,15 +219,19 @@ TEST_CASE("the attention backward and dropout-mask ops reject inconsistent argum
   const at::Device device = GENERATE(at::Device(at::kCPU), at::Device(at::kMeta));
   INFO("device " << device);
   const auto [q, k, v, options] = attention_args(device);
-  const auto [out, lse, weights, rng] =
+  const auto [out, lse, weights, no_rng] =
       op::attention_forward(q, k, v, std::nullopt, std::nullopt, 0.0, false, std::nullopt, false);
+  const at::Tensor rng = at::zeros({2}, options.dtype(at::kLong));
   auto backward = [&](const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_weights,
                       const at::Tensor& output, const at::Tensor& logsumexp,
-                      const at::Tensor& rng_state) {
+                      const std::optional<at::Tensor>& rng_state, double dropout_p = 0.0) {
     return op::attention_backward(grad_output, grad_weights, q, k, v, output, logsumexp,
-                                  std::nullopt, std::nullopt, 0.0, false, std::nullopt,
+                                  std::nullopt, std::nullopt, dropout_p, false, std::nullopt,
                                   rng_state, false, false);
   };
+  CHECK_REJECTS(backward(out, std::nullopt, out, lse, std::nullopt, 0.5), c10::Error,
+                Contains("attention backward: rng_state") && Contains("must be given") &&
+                    Contains("dropout_p > 0"));
   CHECK_REJECTS(backward(out[0], std::nullopt, out, lse, rng), c10::Error,
                 Contains("attention backward: grad_output must be 4-D"));
   CHECK_REJECTS(backward(at::zeros({2, 3, 4, 5}, options), std::nullopt, out, lse, rng),

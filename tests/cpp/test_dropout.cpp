@@ -90,11 +90,34 @@ TEST_CASE("attention without dropout draws nothing from torch's default generato
   at::manual_seed(5);
   const at::Tensor expected_next = at::rand({4});
   at::manual_seed(5);
-  const auto [output, logsumexp, weights, rng_state] = op::attention_forward(
-      in.query, in.key, in.value, std::nullopt, std::nullopt, 0.0, false, std::nullopt, false);
+  op::attention(in.query, in.key, in.value, std::nullopt, 0.0, true);
+  op::attention_with_weights(in.query, in.key, in.value, std::nullopt, 0.0, false);
   CHECK(bitwise_equal(at::rand({4}), expected_next));
-  CHECK(rng_state.scalar_type() == at::kLong);
-  CHECK(rng_state.sizes().vec() == std::vector<int64_t>{2});
+  // while with dropout the composite ops draw (so the check above can fail)
+  at::manual_seed(5);
+  op::attention(in.query, in.key, in.value, std::nullopt, 0.5, true);
+  CHECK_FALSE(bitwise_equal(at::rand({4}), expected_next));
+}
+
+TEST_CASE("_attention_forward is a pure function of rng_state: the same state gives the same "
+          "mask, whatever the generator does",
+          "[dropout]") {
+  const AttentionInputs in = random_attention_inputs(35, 1, 2, 9, 11, 8, 8, at::kFloat);
+  const at::Tensor rng_state = at::tensor({int64_t(0x1234'5678'9abc), int64_t(99)}, at::kLong);
+  auto run = [&] {
+    return std::get<2>(op::handle("qkv_attention::_attention_forward")
+                           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                               const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                               double, bool, std::optional<double>, bool,
+                               const std::optional<at::Tensor>&)>()
+                           .call(in.query, in.key, in.value, std::nullopt, std::nullopt, 0.5,
+                                 false, std::nullopt, true, rng_state));
+  };
+  const at::Tensor first = run();
+  at::rand({100});
+  CHECK(bitwise_equal(run(), first));
+  CHECK(bitwise_equal(first != 0, op::attention_dropout_mask(rng_state, 1, 2, 9, 11, 0.5)));
 }
 
 TEST_CASE("dropout_p = 1 drops every weight: zero output and zero gradients", "[dropout]") {

@@ -138,12 +138,12 @@ TEST_CASE("the Meta kernels give every op's output shapes and dtypes on meta ten
   CHECK(out.is_meta());
   CHECK(out.scalar_type() == at::kBFloat16);
   CHECK(sizes(out) == Sizes{B, H, L, Dv});
-  const auto [output, logsumexp, weights, rng_state] =
+  const auto [output, logsumexp, weights, no_rng_state] =
       op::attention_forward(q, k, v, mask, std::nullopt, 0.0, false, std::nullopt, true);
   CHECK(sizes(weights) == Sizes{B, H, L, S});
   CHECK(sizes(logsumexp) == Sizes{B, H, L});
   CHECK(logsumexp.scalar_type() == at::kFloat);  // bfloat16 accumulates in float32
-  CHECK(rng_state.scalar_type() == at::kLong);
+  const at::Tensor rng_state = at::empty({2}, meta.dtype(at::kLong));
   const auto grads = op::attention_backward(output, std::nullopt, q, k, v, output, logsumexp,
                                             mask, std::nullopt, 0.0, false, std::nullopt,
                                             rng_state, true, false);

@@ -5,11 +5,20 @@ tests/python is not a package, so pytest puts this folder on sys.path and test m
 helpers with ``from conftest import ...``.
 """
 import math
+import os
+import pathlib
 
-import pytest
-import torch
+# Inductor's compiled-code cache is shared by every checkout on the machine (/tmp/
+# torchinductor_<user>), and its keys do not cover our C++ ops' schemas: code compiled by a
+# checkout whose _attention_forward had another signature was reused here and called the op
+# with the old arguments. Each checkout gets a cache of its own (build/ is ignored by git).
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(
+    pathlib.Path(__file__).resolve().parents[2] / "build" / "inductor-cache"))
 
-import qkv_attention  # noqa: F401  (registers torch.ops.qkv_attention)
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import qkv_attention  # noqa: F401,E402  (registers torch.ops.qkv_attention)
 
 ALL_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 HALF_DTYPES = (torch.bfloat16, torch.float16)

@@ -68,21 +68,21 @@ def _attention_forward_args() -> Dict[str, Any]:
     return dict(
         query=a["query"], key=a["key"], value=a["value"], attn_mask=a["attn_mask"],
         key_padding_mask=a["key_padding_mask"], dropout_p=0.25, is_causal=False, scale=0.5,
-        need_weights=True,
+        need_weights=True, rng_state=torch.tensor([123, 4], dtype=torch.long),
     )
 
 
 def _attention_backward_args() -> Dict[str, Any]:
     a = _attention_forward_args()
     with torch.no_grad():
-        output, logsumexp, weights, rng_state = _ops()._attention_forward(*a.values())
+        output, logsumexp, weights = _ops()._attention_forward(*a.values())
     return dict(
         grad_output=torch.randn_like(output),
         grad_weights=torch.randn_like(weights),
         query=a["query"], key=a["key"], value=a["value"],
         output=output, logsumexp=logsumexp,
         attn_mask=a["attn_mask"], key_padding_mask=a["key_padding_mask"],
-        dropout_p=a["dropout_p"], is_causal=False, scale=a["scale"], rng_state=rng_state,
+        dropout_p=a["dropout_p"], is_causal=False, scale=a["scale"], rng_state=a["rng_state"],
         attn_mask_requires_grad=True, key_padding_mask_requires_grad=False,
     )
 
@@ -194,7 +194,8 @@ OPS: List[OpSpec] = [
                 scale=BAD_SCALE), _ATTENTION_NAMES),
     OpSpec("_attention_forward", _attention_forward_args,
            dict(**_ATTENTION_TENSORS, dropout_p=BAD_PROBABILITY, is_causal=BAD_BOOL,
-                scale=BAD_SCALE, need_weights=BAD_BOOL), _ATTENTION_NAMES),
+                scale=BAD_SCALE, need_weights=BAD_BOOL,
+                rng_state=TensorArg(dims=(0,), kind="int64")), _ATTENTION_NAMES),
     OpSpec("_attention_backward", _attention_backward_args,
            dict(grad_output=TensorArg(dims=(0, 1, 2, 3)),
                 grad_weights=TensorArg(dims=(0, 1, 2, 3), optional=True),

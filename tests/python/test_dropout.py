@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+import qkv_attention
+
 from conftest import random_bool_mask, random_qkv, random_tensor, reference_attention
 
 ops = torch.ops.qkv_attention
@@ -160,10 +162,11 @@ def test_backward_uses_the_forward_mask(dtype, is_causal):
     grad_output = random_tensor(B, H, L, Dv, dtype=dtype)
     grad_weights = random_tensor(B, H, L, S, dtype=dtype)
 
-    # The mask this seed draws, from the forward's rng_state.
+    # The mask this seed draws: the state the composite ops draw, passed to the pure forward.
     torch.manual_seed(33)
-    _, _, weights, rng_state = ops._attention_forward(query, key, value, attn_mask, None, p,
-                                                      is_causal, None, True)
+    rng_state = qkv_attention.ops._draw_dropout_rng_state(p)
+    _, _, weights = ops._attention_forward(query, key, value, attn_mask, None, p, is_causal,
+                                           None, True, rng_state)
     keep = ops._attention_dropout_mask(rng_state, B, H, L, S, p)
     visible = torch.ones(L, S, dtype=torch.bool)
     if is_causal:

@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 
-import qkv_attention  # noqa: F401
+import qkv_attention
 from conftest import (
     HALF_GRAD_TOLERANCE_OF_MAX,
     VS_FLOAT64_TOLERANCE,
@@ -46,10 +46,8 @@ def check_against_reference(dtype, B, H, L, S, D, Dv=None, attn_mask=None, is_ca
                                               key_padding_mask)
     keep = None
     if dropout_p > 0:
-        torch.manual_seed(seed + 1)
-        _, _, _, rng_state = ops._attention_forward(q.detach(), k.detach(), v.detach(), attn_mask,
-                                                    key_padding_mask, dropout_p, is_causal, None,
-                                                    False)
+        torch.manual_seed(seed + 1)  # the state attention_with_weights drew
+        rng_state = qkv_attention.ops._draw_dropout_rng_state(dropout_p)
         keep = ops._attention_dropout_mask(rng_state, B, H, L, S, dropout_p)
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     mask64 = attn_mask.detach().double().requires_grad_() if mask_needs_grad else attn_mask
@@ -232,9 +230,8 @@ def test_weights_gradient_and_dropout_together(dtype):
     q, k, v = random_qkv(B, H, L, S, 16, dtype=dtype, requires_grad=True)
     torch.manual_seed(21)
     out, weights = ops.attention_with_weights(q, k, v, None, 0.25, False)
-    torch.manual_seed(21)
-    _, _, _, rng_state = ops._attention_forward(q.detach(), k.detach(), v.detach(), None, None,
-                                                0.25, False, None, False)
+    torch.manual_seed(21)  # the state attention_with_weights drew
+    rng_state = qkv_attention.ops._draw_dropout_rng_state(0.25)
     keep = ops._attention_dropout_mask(rng_state, B, H, L, S, 0.25)
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref_out, ref_weights = reference_attention(*leaves, dropout_keep=keep, dropout_p=0.25)

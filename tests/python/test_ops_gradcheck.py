@@ -9,6 +9,8 @@ from typing import Optional, Tuple
 
 import pytest
 import torch
+
+import qkv_attention
 from torch.autograd import gradcheck, gradgradcheck
 
 from conftest import noncontiguous, random_bool_mask, random_tensor
@@ -357,8 +359,9 @@ def test_attention_backward_gradcheck_and_gradgradcheck(options):
         grad_weights = rest.pop(0) if with_grad_weights else None
         attn_mask, padding = (rest[0], rest[1]) if with_masks else (None, None)
         torch.manual_seed(DROPOUT_SEED)
-        output, logsumexp, _, rng_state = ops._attention_forward(
-            query, key, value, attn_mask, padding, dropout_p, is_causal, scale, False
+        rng_state = qkv_attention.ops._draw_dropout_rng_state(dropout_p)
+        output, logsumexp, _ = ops._attention_forward(
+            query, key, value, attn_mask, padding, dropout_p, is_causal, scale, False, rng_state
         )
         grads = ops._attention_backward(
             grad_output, grad_weights, query, key, value, output, logsumexp, attn_mask, padding,
@@ -382,8 +385,9 @@ def test_attention_fused_backward_matches_differentiable_backward(dropout_p):
     attn_mask[1, 0, :] = float("-inf")  # head 1 attends to nothing
     padding = random_bool_mask(B, S)
     torch.manual_seed(DROPOUT_SEED)
-    output, logsumexp, _, rng_state = ops._attention_forward(
-        query, key, value, attn_mask, padding, dropout_p, True, None, False
+    rng_state = qkv_attention.ops._draw_dropout_rng_state(dropout_p)
+    output, logsumexp, _ = ops._attention_forward(
+        query, key, value, attn_mask, padding, dropout_p, True, None, False, rng_state
     )
     args = (grad_output, grad_weights, query, key, value, output, logsumexp, attn_mask, padding,
             dropout_p, True, None, rng_state, True, False)

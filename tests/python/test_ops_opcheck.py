@@ -2,9 +2,10 @@
 
 opcheck verifies the schema (no undeclared mutation or aliasing), the autograd registration,
 the Meta (fake) kernel against the real one, and AOT-dispatch tracing with dynamic shapes
-(forward and, when inputs require grad, backward). It compares repeated calls, so every case
-uses dropout_p = 0 except _attention_dropout_mask, whose output is a pure function of its
-rng_state argument.
+(forward and, when inputs require grad, backward). It compares repeated calls, so the composite
+ops (which draw the dropout state) run with dropout_p = 0; _attention_forward,
+_attention_backward and _attention_dropout_mask are pure functions of their rng_state input,
+and have dropout cases too.
 """
 import pytest
 import torch
@@ -106,35 +107,44 @@ def attention_argument_cases():
     ]
 
 
+RNG_STATE = (123456789, 42)
+
+
 def attention_forward_cases():
-    def make(need_weights, masks, is_causal):
+    def make(need_weights, masks, is_causal, dropout_p=0.0):
         q, k, v = qkv(L=4, S=5)
         attn_mask = random_tensor(2, 4, 5, dtype=torch.float32) if masks else None
         padding = random_bool_mask(2, 5) if masks else None
-        return (q, k, v, attn_mask, padding, 0.0, is_causal, None, need_weights), {}
+        rng_state = torch.tensor(RNG_STATE) if dropout_p else None
+        return (q, k, v, attn_mask, padding, dropout_p, is_causal, None, need_weights,
+                rng_state), {}
 
     return [
         ("need_weights", lambda: make(True, False, False)),
         ("masks_causal", lambda: make(False, True, True)),
+        ("dropout_need_weights", lambda: make(True, False, True, 0.3)),
+        ("dropout_masks", lambda: make(False, True, False, 0.3)),
         ("masks_need_weights", lambda: make(True, True, False)),
     ]
 
 
 def attention_backward_cases():
-    def make(masks, grad_weights, masks_need_grad, is_causal):
+    def make(masks, grad_weights, masks_need_grad, is_causal, dropout_p=0.0):
         q, k, v = qkv(L=4, S=5)
         attn_mask = random_tensor(2, 1, 5, dtype=torch.float32) if masks else None
         padding = random_tensor(2, 5, dtype=torch.float32) if masks else None
-        output, logsumexp, _, rng_state = ops._attention_forward(
-            q, k, v, attn_mask, padding, 0.0, is_causal, None, False
+        rng_state = torch.tensor(RNG_STATE) if dropout_p else None
+        output, logsumexp, _ = ops._attention_forward(
+            q, k, v, attn_mask, padding, dropout_p, is_causal, None, False, rng_state
         )
         grad_output = random_tensor(*output.shape, dtype=torch.float32)
         grad_w = random_tensor(2, 2, 4, 5, dtype=torch.float32) if grad_weights else None
-        return (grad_output, grad_w, q, k, v, output, logsumexp, attn_mask, padding, 0.0,
+        return (grad_output, grad_w, q, k, v, output, logsumexp, attn_mask, padding, dropout_p,
                 is_causal, None, rng_state, masks_need_grad, masks_need_grad), {}
 
     return [
         ("plain", lambda: make(False, False, False, False)),
+        ("dropout_grad_weights", lambda: make(False, True, False, False, 0.3)),
         ("grad_weights_causal", lambda: make(False, True, False, True)),
         ("float_masks_with_grad", lambda: make(True, True, True, False)),
         ("float_masks_without_grad", lambda: make(True, False, False, True)),
@@ -204,7 +214,8 @@ NO_FLOAT_INPUTS = {"_attention_dropout_mask"}
 # and tracing its forward and backward costs seconds per case: two of the four cases (the one
 # without and the one with mask gradients) cover that path.
 NO_GRAD_VARIANT = {("_attention_backward", "grad_weights_causal"),
-                   ("_attention_backward", "float_masks_without_grad")}
+                   ("_attention_backward", "float_masks_without_grad"),
+                   ("_attention_backward", "dropout_grad_weights")}
 
 
 def variants(name, case_id):

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-import qkv_attention  # noqa: F401
+import qkv_attention
 from conftest import ALL_DTYPES, VS_FLOAT64_TOLERANCE, reference_attention
 
 ops = torch.ops.qkv_attention
@@ -234,8 +234,9 @@ def test_concurrent_dropout_calls_draw_distinct_streams_and_match_their_masks():
     def worker(_):
         out = []
         for _ in range(3):
-            output, _, weights, rng_state = ops._attention_forward(q, k, v, None, None, p, False,
-                                                                   None, True)
+            rng_state = qkv_attention.ops._draw_dropout_rng_state(p)
+            output, _, weights = ops._attention_forward(q, k, v, None, None, p, False, None, True,
+                                                        rng_state)
             out.append((output, weights, rng_state))
         return out
 

@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 
+#include <tuple>
+
 #include "ops/attention.h"
 
 namespace qkv_attention::cpu::flash {
@@ -24,9 +26,9 @@ void set_inputs(AttentionInputs<T>& p, const AttentionArguments& args) {
   p.scale = attention_scale(args.scale, p.head_dim);
   p.is_causal = args.is_causal;
   p.dropout_p = args.dropout_p;
-  const at::Tensor rng = args.rng_state.contiguous();
-  p.seed = static_cast<uint64_t>(rng.const_data_ptr<int64_t>()[0]);
-  p.offset = static_cast<uint64_t>(rng.const_data_ptr<int64_t>()[1]);
+  if (args.rng_state.has_value() && args.rng_state->defined()) {
+    std::tie(p.seed, p.offset) = seed_and_offset(*args.rng_state);
+  }
   const std::optional<at::Tensor> masks[AttentionInputs<T>::kMasks] = {
       args.attn_mask,
       // (B, S) -> (B, 1, 1, S)
@@ -56,6 +58,11 @@ void set_inputs(AttentionInputs<T>& p, const AttentionArguments& args) {
 }
 
 }  // namespace
+
+std::pair<uint64_t, uint64_t> seed_and_offset(const at::Tensor& rng_state) {
+  const int64_t* rng = rng_state.const_data_ptr<int64_t>();
+  return {static_cast<uint64_t>(rng[0]), static_cast<uint64_t>(rng[rng_state.stride(0)])};
+}
 
 template <typename T>
 AttentionForwardParams<T> set_forward_params(const AttentionArguments& args,

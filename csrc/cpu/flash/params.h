@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <utility>
 
 #include "cpu/attention_kernel.h"
 
@@ -20,8 +21,11 @@ struct AttentionArguments {
   double dropout_p;
   bool is_causal;
   std::optional<double> scale;
-  const at::Tensor& rng_state;  // (2,) int64: the dropout stream's seed and offset
+  const std::optional<at::Tensor>& rng_state;  // (2,) int64 seed and offset; none: no dropout
 };
+
+// The seed and offset in rng_state ((2,) int64 on the CPU, any stride).
+std::pair<uint64_t, uint64_t> seed_and_offset(const at::Tensor& rng_state);
 
 template <typename T>
 AttentionForwardParams<T> set_forward_params(const AttentionArguments& args,
