@@ -1,4 +1,5 @@
-# make test   bootstrap (system packages when root, a .venv with pinned torch), build, ctest, pytest
+# make test   bootstrap (system packages when root, a .venv with pinned torch), build, ctest, pytest,
+#             the attention tests again at the lower CPU levels, the levels' instruction check
 # make demo   bootstrap, build, then the demo (see README)
 # make bench  bootstrap, build, then the benchmarks against torch
 #
@@ -11,26 +12,31 @@ CMAKE_BUILD ?= build/cmake
 ASAN_BUILD ?= build/asan
 PYTEST_ARGS ?=
 
-.PHONY: test demo bench build bootstrap system-deps test-cpp test-python test-asan clean
+.PHONY: test demo bench build bootstrap system-deps cmake-build test-cpp test-python \
+  test-levels check-isa check-aarch64 test-asan clean
 
-test: test-cpp test-python
+test: test-cpp test-python test-levels check-isa
 
-# Debian packages for the C++ tests and the build. Installed with apt-get when running as root
-# (as CI does); otherwise the missing ones are named.
+# Debian packages for the C++ tests and the build, and the aarch64 cross compiler of
+# check-aarch64. Installed with apt-get when running as root (as CI does); otherwise the missing
+# ones are named (the cross compiler only with a note: nothing but check-aarch64 needs it).
 system-deps:
 	@missing=""; \
 	[ -f /usr/include/catch2/catch.hpp ] || missing="$$missing catch2"; \
 	command -v cmake >/dev/null || missing="$$missing cmake"; \
 	command -v g++ >/dev/null || missing="$$missing g++"; \
 	command -v ninja >/dev/null || missing="$$missing ninja-build"; \
-	if [ -n "$$missing" ]; then \
-	  if [ "$$(id -u)" = 0 ]; then \
-	    echo "installing Debian packages:$$missing"; \
-	    export DEBIAN_FRONTEND=noninteractive; \
-	    apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; \
-	  else \
-	    echo "missing Debian packages:$$missing (run: sudo apt-get install$$missing)" >&2; exit 1; \
-	  fi; \
+	command -v objdump >/dev/null || missing="$$missing binutils"; \
+	optional=""; \
+	command -v aarch64-linux-gnu-g++ >/dev/null || optional="g++-aarch64-linux-gnu"; \
+	if [ -n "$$missing$$optional" ] && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing Debian packages:$$missing $$optional"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq && apt-get install -y -qq $$missing $$optional >/dev/null; \
+	elif [ -n "$$missing" ]; then \
+	  echo "missing Debian packages:$$missing (run: sudo apt-get install$$missing)" >&2; exit 1; \
+	elif [ -n "$$optional" ]; then \
+	  echo "note: make check-aarch64 needs $$optional (sudo apt-get install $$optional)"; \
 	fi
 
 $(VENV)/.bootstrapped: requirements-dev.txt
@@ -49,12 +55,58 @@ $(CMAKE_BUILD)/build.ninja: CMakeLists.txt | bootstrap
 	cmake -S . -B $(CMAKE_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release \
 	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 
-test-cpp: $(CMAKE_BUILD)/build.ninja
+cmake-build: $(CMAKE_BUILD)/build.ninja
 	cmake --build $(CMAKE_BUILD) -j $(JOBS)
+
+test-cpp: cmake-build
 	cd $(CMAKE_BUILD) && ctest --output-on-failure
 
 test-python: build
 	$(PY) -m pytest tests/python -q $(PYTEST_ARGS)
+
+# The attention kernels are compiled once per CPU level and follow torch's capability, so the
+# level test-python runs is this CPU's best. These are the attention op's tests again with torch
+# (and so our kernels) forced down to each lower level; MKL is held to AVX2 at the avx2 level,
+# as it would be on an AVX2 machine. About 3-4 minutes per level on 2 busy cores.
+LEVEL_TESTS = tests/python/test_attention_vs_sdpa.py tests/python/test_kernel_boundaries.py \
+  tests/python/test_threads_determinism.py tests/python/test_dropout.py \
+  tests/python/test_ops_gradcheck.py tests/python/test_gqa.py
+
+test-levels: build
+	ATEN_CPU_CAPABILITY=default $(PY) -m pytest $(LEVEL_TESTS) -q -p no:cacheprovider $(PYTEST_ARGS)
+	@if [ "$$(uname -m)" = x86_64 ]; then \
+	  echo "ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 pytest $(LEVEL_TESTS)"; \
+	  ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+	    $(PY) -m pytest $(LEVEL_TESTS) -q -p no:cacheprovider $(PYTEST_ARGS); \
+	else \
+	  echo "test-levels: no avx2 level on $$(uname -m)"; \
+	fi
+
+# The machine code of the avx2 and default levels' objects uses only their own instructions
+# (tools/check_isa.py): no AVX-512 in the avx2 one, no VEX/EVEX in the default one.
+check-isa: cmake-build
+	@if [ "$$(uname -m)" = x86_64 ]; then \
+	  $(PY) tools/check_isa.py $(CMAKE_BUILD); \
+	else \
+	  echo "check-isa: the levels above default are x86-64 only; nothing to check on $$(uname -m)"; \
+	fi
+
+# Every C++ source built for aarch64 (tools/sources.py --arch aarch64) compiles there:
+# syntax-only with the cross compiler against the installed torch's headers (module.cpp, which
+# needs the Python headers, is setup.py's alone and not in the list).
+AARCH64_CXX ?= aarch64-linux-gnu-g++
+check-aarch64: bootstrap
+	@command -v $(AARCH64_CXX) >/dev/null || \
+	  { echo "check-aarch64: no $(AARCH64_CXX) (Debian: g++-aarch64-linux-gnu)" >&2; exit 1; }
+	@torch_include="$$($(PY) -c 'import torch.utils.cpp_extension as e; print(e.include_paths()[0])')"; \
+	status=0; count=0; \
+	for source in $$($(PY) tools/sources.py --arch aarch64); do \
+	  count=$$((count + 1)); \
+	  $(AARCH64_CXX) -std=c++20 -fsyntax-only -fopenmp -I csrc -I "$$torch_include" \
+	    -I "$$torch_include/torch/csrc/api/include" "$$source" || { status=1; echo "FAILED: $$source"; }; \
+	done; \
+	echo "check-aarch64: $$count sources compiled for aarch64 (syntax only)"; \
+	exit $$status
 
 # The Catch2 suite built with AddressSanitizer and UndefinedBehaviorSanitizer (our sources and
 # the tests; LibTorch is not instrumented). It runs clean with the strict settings below, so
