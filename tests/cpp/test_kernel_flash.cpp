@@ -132,7 +132,8 @@ struct Problem {
   at::Tensor query, key, value, grad_output, grad_weights_tensor;
   std::optional<at::Tensor> attn_mask, key_padding_mask, grad_weights;
   bool attn_mask_grad = false, padding_grad = false;
-  at::Tensor rng_state;  // (2,) int64: seed, offset
+  // (2,) int64: seed, offset. An optional here because AttentionArguments refers to one.
+  std::optional<at::Tensor> rng_state;
   at::Tensor keep;       // (B, H, L, S) bool from DropoutStream, or undefined
 
   Problem(const Case& c_, at::ScalarType dtype_, uint64_t seed) : c(c_), dtype(dtype_) {
