@@ -33,10 +33,10 @@ system-deps:
 	  fi; \
 	fi
 
-$(VENV)/.bootstrapped: requirements-dev.txt
+$(VENV)/.bootstrapped: requirements-dev.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -r requirements-dev.txt
+	$(VENV)/bin/pip install -q -r requirements-dev.txt -c constraints.txt
 	touch $@
 
 bootstrap: system-deps $(VENV)/.bootstrapped
