@@ -1,5 +1,5 @@
 # make test   bootstrap (system packages when root, a .venv with pinned torch), build, ctest, pytest
-# make demo   bootstrap, build, then the demo (see README)
+# make demo   bootstrap, build, then the demo: twin training, then HuggingFace models (see README)
 # make bench  bootstrap, build, then the benchmarks against torch
 #
 # Everything runs in $(VENV); nothing is installed into the system Python.
@@ -75,9 +75,11 @@ test-asan: bootstrap
 demo: build
 	$(PY) -m qkv_attention.check
 	$(PY) examples/train_transformer.py
+	$(PY) examples/huggingface_demo.py
 
 bench: build
 	$(PY) benchmarks/bench_attention.py
+	$(PY) benchmarks/bench_huggingface.py
 
 clean:
 	rm -rf build $(CMAKE_BUILD) $(ASAN_BUILD) python/qkv_attention/*.so
