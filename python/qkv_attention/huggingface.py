@@ -161,8 +161,26 @@ def attention_forward(
         attention_mask = _position_bias_mask(position_bias, attention_mask, is_causal, query, key)
         is_causal = False
 
+    heads = query.shape[1]
+    if enable_gqa and q_length == 1 and not torch.compiler.is_compiling():
+        # A decoding step: the `groups` query heads that share a key/value head become that
+        # head's `groups` query positions, (B, H, 1, D) -> (B, Hkv, groups, D), a view. Each
+        # key/value head is then read once for its whole group, as sdpa does here too (never
+        # causal: L = 1). A mask over all heads (head dim 1) serves every row as it is.
+        query = _pack_heads(query, groups)
+        attention_mask = _pack_heads(attention_mask, groups)
+        enable_gqa = False
+
     output = scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=bool(is_causal),
         scale=scaling, enable_gqa=enable_gqa,
-    )  # (B, H, L, Dv); B broadcast from query, key and value as in sdpa
+    )  # (B, H, L, Dv) or, packed, (B, Hkv, groups, Dv); B broadcast from q, k, v as in sdpa
+    output = output.reshape(output.shape[0], heads, q_length, value.shape[-1])  # (B, H, L, Dv)
     return output.transpose(1, 2).contiguous(), None  # (B, L, H, Dv)
+
+
+def _pack_heads(t: Optional[Tensor], groups: int) -> Optional[Tensor]:
+    """(B, H, 1, X) -> (B, H / groups, groups, X); None and tensors with head dim 1 as they are."""
+    if t is None or t.shape[1] == 1:
+        return t
+    return t.reshape(t.shape[0], t.shape[1] // groups, groups, t.shape[-1])

@@ -153,6 +153,14 @@ CASES = {
     "GQA decode step": (dict(H=6, Hkv=2, L=1, S=7), dict(groups=3, is_causal=True), {}, None),
     "GQA with a padding mask": (dict(H=4, Hkv=1, L=3, S=6), dict(groups=4, is_causal=True), {},
                                 "bool"),
+    "GQA decode step with a padding mask": (dict(H=6, Hkv=2, L=1, S=7),
+                                            dict(groups=3, is_causal=True), {}, "bool"),
+    "GQA decode step with a per-head float mask": (dict(H=6, Hkv=2, L=1, S=7),
+                                                   dict(groups=3, is_causal=True), {},
+                                                   "per-head float"),
+    "GQA decode step with a position bias": (dict(H=4, Hkv=2, L=1, S=7),
+                                             dict(groups=2, is_causal=True), {},
+                                             "position_bias+bool"),
     "query batch 1 broadcast to the keys' batch": (dict(query_batch=1), dict(is_causal=False),
                                                    {}, None),
     "position bias, causal": (dict(), dict(is_causal=True), {}, "position_bias"),
@@ -178,7 +186,8 @@ def test_attention_forward_treats_each_argument_as_sdpa_attention_forward(case):
     if mask_kind is not None and "bool" in mask_kind:
         mask = padding_mask(B, L, S, generator)
     if mask_kind is not None and "float" in mask_kind:
-        mask = torch.randn(B, 1, L, S, generator=generator, dtype=torch.float64)
+        mask_heads = query.shape[1] if mask_kind.startswith("per-head") else 1
+        mask = torch.randn(B, mask_heads, L, S, generator=generator, dtype=torch.float64)
     if mask_kind is not None and mask_kind.startswith("position_bias"):
         kwargs["position_bias"] = torch.randn(1, query.shape[1], L, S, generator=generator,
                                               dtype=torch.float64)
