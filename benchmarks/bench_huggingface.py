@@ -147,7 +147,12 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--sentences", type=int, default=64, help="MiniLM batch size")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (default 0 = torch's default); 1 is steadier on a "
+                             "machine busy with other work")
     args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.prompt, args.repeats = 256, 2
 
