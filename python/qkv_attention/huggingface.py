@@ -180,7 +180,8 @@ def attention_forward(
 
 
 def _pack_heads(t: Optional[Tensor], groups: int) -> Optional[Tensor]:
-    """(B, H, 1, X) -> (B, H / groups, groups, X); None and tensors with head dim 1 as they are."""
-    if t is None or t.shape[1] == 1:
+    """(B, H, 1, X) -> (B, H / groups, groups, X). None, masks of fewer than 4 dims and masks
+    with head dim 1 broadcast over the packed (B, Hkv, groups, S) as they are."""
+    if t is None or t.dim() < 4 or t.shape[1] == 1:
         return t
     return t.reshape(t.shape[0], t.shape[1] // groups, groups, t.shape[-1])

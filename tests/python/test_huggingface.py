@@ -201,6 +201,19 @@ def test_attention_forward_treats_each_argument_as_sdpa_attention_forward(case):
     torch.testing.assert_close(output, expected, atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("mask_shape", [(1, 7), (1, 1, 7), (2, 6, 1, 7), (2, 1, 1, 7)])
+def test_gqa_decode_step_takes_masks_of_any_broadcastable_shape(mask_shape):
+    """A one-token step views the query heads of a group as positions; masks of fewer dims
+    (which sdpa's packing cannot take) and per-head masks must still reach the right rows."""
+    query, key, value, generator = random_inputs(H=6, Hkv=2, L=1, S=7)
+    mask = torch.rand(mask_shape, generator=generator) < 0.6
+    mask[..., 0] = True
+    output, _ = huggingface.attention_forward(module_like(groups=3), query, key, value, mask)
+    expected = scaled_dot_product_attention(query, key.repeat_interleave(3, 1),
+                                            value.repeat_interleave(3, 1), attn_mask=mask)
+    torch.testing.assert_close(output, expected.transpose(1, 2), atol=1e-12, rtol=1e-10)
+
+
 def test_attention_forward_applies_dropout_with_our_seeded_stream():
     """Dropout goes to our operator (torch's random stream differs from ours, so the
     comparison is with our functional under the same seed, and with no dropout)."""
