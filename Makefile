@@ -1,6 +1,6 @@
 # make test   bootstrap (system packages when root, a .venv with pinned torch), build, ctest, pytest,
 #             the attention tests again at the lower CPU levels, the levels' instruction check
-# make demo   bootstrap, build, then the demo (see README)
+# make demo   bootstrap, build, then the demo: twin training, then HuggingFace models (see README)
 # make bench  bootstrap, build, then the benchmarks against torch
 #
 # Everything runs in $(VENV); nothing is installed into the system Python.
@@ -39,10 +39,10 @@ system-deps:
 	  echo "note: make check-aarch64 needs $$optional (sudo apt-get install $$optional)"; \
 	fi
 
-$(VENV)/.bootstrapped: requirements-dev.txt
+$(VENV)/.bootstrapped: requirements-dev.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -r requirements-dev.txt
+	$(VENV)/bin/pip install -q -r requirements-dev.txt -c constraints.txt
 	touch $@
 
 bootstrap: system-deps $(VENV)/.bootstrapped
@@ -127,9 +127,13 @@ test-asan: bootstrap
 demo: build
 	$(PY) -m qkv_attention.check
 	$(PY) examples/train_transformer.py
+	$(PY) examples/huggingface_demo.py
 
 bench: build
 	$(PY) benchmarks/bench_attention.py
+	$(PY) benchmarks/bench_levels.py
+	$(PY) benchmarks/bench_inference.py
+	$(PY) benchmarks/bench_huggingface.py
 
 clean:
 	rm -rf build $(CMAKE_BUILD) $(ASAN_BUILD) python/qkv_attention/*.so
