@@ -510,6 +510,22 @@ TEST_CASE("grouped-query attention at every level equals attention with K/V head
   check_cases(cases);
 }
 
+TEST_CASE("few queries against many keys (split-key decoding) at every level agree with float64",
+          "[flash][attention][levels][decode]") {
+  // At most 16 queries and more than two chunks of 256 keys: the forward without weights splits
+  // the keys into chunks and merges their partial outputs (run_kernels checks that forward, and
+  // the one with weights, which keeps whole rows). Chunk seams: 513, 768, 769 keys; masks,
+  // dropout, causal, grouped heads and strided operands through that path too.
+  const std::vector<Case> cases = {
+      {2, 2, 2, 1, 513, 64, 64, false, 0.0, MaskCase::kNone},
+      {1, 4, 1, 16, 768, 32, 16, false, 0.0, MaskCase::kAdditiveFullGrad},
+      {2, 6, 2, 5, 769, 24, 40, true, 0.0, MaskCase::kPaddingBool, false, true},
+      {1, 2, 2, 3, 1100, 16, 16, false, 0.2, MaskCase::kBoolStrided},
+      {2, 4, 2, 7, 1030, 17, 9, false, 0.0, MaskCase::kAdditiveHeadBroadcast},
+  };
+  check_cases(cases);
+}
+
 TEST_CASE("a NaN in one query row gives NaN in that row only, at every level",
           "[flash][attention][levels][nan]") {
   for (CpuLevel level : runnable_levels()) {
