@@ -15,27 +15,17 @@ import os
 import statistics
 import time
 
+import sys
+
 import torch
 import torch.nn.functional as F
 
 import qkv_attention
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cases import interleaved_medians  # noqa: E402
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def time_pair(ours, theirs, reps):
-    ours()
-    theirs()
-    times = {"ours": [], "torch": []}
-    for rep in range(reps):
-        order = [("ours", ours), ("torch", theirs)]
-        if rep % 2:
-            order.reverse()
-        for who, fn in order:
-            t0 = time.perf_counter()
-            fn()
-            times[who].append(time.perf_counter() - t0)
-    return statistics.median(times["ours"]), statistics.median(times["torch"])
 
 
 def triad_bandwidth(reps=5):
@@ -60,7 +50,7 @@ def decode_rows(reps, triad):
         k, v = torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
         ours = lambda: torch.ops.qkv_attention.attention(q, k, v)  # noqa: E731
         theirs = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=Hkv != H)  # noqa: E731
-        t_ours, t_torch = time_pair(ours, theirs, reps)
+        t_ours, t_torch = interleaved_medians(ours, theirs, reps)
         moved = (k.numel() + v.numel()) * 4
         rows.append({"case": f"decode {name}", "ours_ms": 1e3 * t_ours, "torch_ms": 1e3 * t_torch,
                      "ratio": t_torch / t_ours, "bandwidth_share": moved / t_ours / triad})
@@ -80,7 +70,7 @@ def gqa_training_rows(reps):
 
     ours = step(lambda: torch.ops.qkv_attention.attention(q, k, v, None, 0.0, True))
     theirs = step(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
-    t_ours, t_torch = time_pair(ours, theirs, reps)
+    t_ours, t_torch = interleaved_medians(ours, theirs, reps)
     return [{"case": "GQA fwd+bwd B1 H32/8 L1024 D128 causal", "ours_ms": 1e3 * t_ours,
              "torch_ms": 1e3 * t_torch, "ratio": t_torch / t_ours}]
 
@@ -106,7 +96,7 @@ def module_rows(reps):
             if grad:
                 ours_mod.train()
                 theirs_mod.train()
-            t_ours, t_torch = time_pair(run(ours_mod), run(theirs_mod), reps)
+            t_ours, t_torch = interleaved_medians(run(ours_mod), run(theirs_mod), reps)
             rows.append({"case": f"module {label} need_weights B{B} L{L} E{E} H{H}",
                          "ours_ms": 1e3 * t_ours, "torch_ms": 1e3 * t_torch,
                          "ratio": t_torch / t_ours})

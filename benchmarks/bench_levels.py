@@ -12,10 +12,8 @@ warm-up; each time is the median of the repetitions, and the ratio torch / ours 
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 # (name, B, H, L, D, causal, mode)
 SHAPES = [
@@ -33,6 +31,9 @@ def child(reps: int):
     import torch.nn.functional as F
 
     import qkv_attention
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from cases import interleaved_medians
 
     rows = []
     for name, B, H, L, D, causal, mode in SHAPES:
@@ -55,18 +56,7 @@ def child(reps: int):
             ours = run(lambda q, k, v: torch.ops.qkv_attention.attention(
                 q, k, v, None, 0.0, causal))
             theirs = run(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
-            ours()
-            theirs()
-            times = {"ours": [], "torch": []}
-            for rep in range(reps):
-                order = [("ours", ours), ("torch", theirs)]
-                if rep % 2:
-                    order.reverse()
-                for who, fn in order:
-                    t0 = time.perf_counter()
-                    fn()
-                    times[who].append(time.perf_counter() - t0)
-            t_ours, t_torch = statistics.median(times["ours"]), statistics.median(times["torch"])
+            t_ours, t_torch = interleaved_medians(ours, theirs, reps)
             rows.append({"shape": name, "mode": mode, "dtype": dtype_name,
                          "ours_ms": 1e3 * t_ours, "torch_ms": 1e3 * t_torch,
                          "ratio": t_torch / t_ours})

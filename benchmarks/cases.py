@@ -5,6 +5,8 @@ case per process), so that both measure exactly the same work.
 """
 import dataclasses
 import math
+import statistics
+import time
 from typing import Callable, Tuple
 
 import torch
@@ -200,3 +202,18 @@ def describe_machine() -> dict:
     )
 
 
+def interleaved_medians(ours: Callable[[], None], theirs: Callable[[], None], reps: int):
+    """Median seconds of ours and of theirs over `reps` runs each, after one warm-up of each,
+    run interleaved with the order alternating (ours, theirs, theirs, ours, ...)."""
+    ours()
+    theirs()
+    times = {"ours": [], "theirs": []}
+    for rep in range(reps):
+        order = [("ours", ours), ("theirs", theirs)]
+        if rep % 2:
+            order.reverse()
+        for who, fn in order:
+            t0 = time.perf_counter()
+            fn()
+            times[who].append(time.perf_counter() - t0)
+    return statistics.median(times["ours"]), statistics.median(times["theirs"])
