@@ -73,14 +73,15 @@ LEVEL_TESTS = tests/python/test_attention_vs_sdpa.py tests/python/test_kernel_bo
   tests/python/test_ops_gradcheck.py tests/python/test_gqa.py
 
 test-levels: build
-	ATEN_CPU_CAPABILITY=default $(PY) -m pytest $(LEVEL_TESTS) -q -p no:cacheprovider $(PYTEST_ARGS)
-	@if [ "$$(uname -m)" = x86_64 ]; then \
-	  echo "ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 pytest $(LEVEL_TESTS)"; \
-	  ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
-	    $(PY) -m pytest $(LEVEL_TESTS) -q -p no:cacheprovider $(PYTEST_ARGS); \
-	else \
-	  echo "test-levels: no avx2 level on $$(uname -m)"; \
-	fi
+	@status=0; levels=default; \
+	if [ "$$(uname -m)" = x86_64 ]; then levels="default avx2"; fi; \
+	for level in $$levels; do \
+	  mkl=""; if [ $$level = avx2 ]; then mkl=MKL_ENABLE_INSTRUCTIONS=AVX2; fi; \
+	  echo "ATEN_CPU_CAPABILITY=$$level $$mkl pytest $(LEVEL_TESTS)"; \
+	  env ATEN_CPU_CAPABILITY=$$level $$mkl \
+	    $(PY) -m pytest $(LEVEL_TESTS) -q -p no:cacheprovider $(PYTEST_ARGS) || status=1; \
+	done; \
+	exit $$status
 
 # The machine code of the avx2 and default levels' objects uses only their own instructions
 # (tools/check_isa.py): no AVX-512 in the avx2 one, no VEX/EVEX in the default one.
