@@ -1,7 +1,8 @@
 """The blocked attention kernels at their seams.
 
-The CPU kernels (csrc/cpu/flash_attention.h) work on blocks of 48 queries against 128, 256 or
-512 keys (backward: 48 x 128), skip causal blocks and columns past the diagonal, split the keys
+The CPU kernels (csrc/cpu/flash/forward.h, backward.h) work on blocks of 48 (avx512, avx2) or
+128 (default level) queries against 256 or 512 keys (backward: 48 x 128), take a split-KV path
+for at most 16 queries (decode.h), skip causal blocks and columns past the diagonal, split the keys
 of a head into groups with partial dQ sums when B * H is small, and regenerate dropout bits
 per block. Each test here aims at one of those seams, against the float64 reference of
 conftest (plain torch ops, never torch's SDPA):
@@ -9,7 +10,8 @@ conftest (plain torch ops, never torch's SDPA):
   - causal with L != S (both ways), where whole blocks and partial columns are skipped;
   - masks read in place through stride-0 (broadcast) dimensions, and strided ones;
   - dropout bits across block edges equal _attention_dropout_mask's;
-  - the weights (computed in a second pass from the logsumexp) against the output;
+  - the weights (computed once per row block, the output multiplied from them) against the
+    output;
   - bitwise identical results for 1 and 2 threads where the key groups split a head;
   - rows that see no key: zeros and zero gradients, also in blocks skipped by causality.
 """
