@@ -33,21 +33,10 @@ from cases import describe_machine  # noqa: E402
 
 from qkv_attention.huggingface import register  # noqa: E402
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+from huggingface_demo import StepClock  # noqa: E402  (the demo's generate() timer)
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-class StepClock:
-    """A generate() streamer noting when each call arrives: the prompt comes before any
-    computation, then each new token as soon as it is chosen."""
-
-    def __init__(self):
-        self.times = []
-
-    def put(self, value):
-        self.times.append(time.perf_counter())
-
-    def end(self):
-        pass
 
 
 def interleaved(functions, repeats):
