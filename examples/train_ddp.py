@@ -112,6 +112,12 @@ def main(argv=None) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), path)
     if distributed:
+        # Each backward stashes a Python object in the thread-local state that gloo's
+        # all-reduce work captures, and a gloo worker thread frees that work (taking the GIL)
+        # a moment after it completes. A rank that exits at once can reach interpreter
+        # shutdown first, and the worker then aborts the process ("terminate called without
+        # an active exception"). Waiting here with the GIL released lets the workers finish.
+        dist.barrier()
         dist.destroy_process_group()
     return 0
 
