@@ -25,22 +25,23 @@ at::Tensor attention_autocast(const at::Tensor& query, const at::Tensor& key,
 std::tuple<at::Tensor, at::Tensor> attention_with_weights_autocast(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
-    std::optional<double> scale, const std::optional<at::Tensor>& key_padding_mask) {
+    std::optional<double> scale, const std::optional<at::Tensor>& key_padding_mask,
+    bool average_attn_weights) {
   BelowAutocast below;
   return attention_with_weights(cast(query), cast(key), cast(value), cast(attn_mask), dropout_p,
-                                is_causal, scale, cast(key_padding_mask));
+                                is_causal, scale, cast(key_padding_mask), average_attn_weights);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_autocast(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     double dropout_p, bool is_causal, std::optional<double> scale, bool need_weights,
-    const std::optional<at::Tensor>& rng_state) {
+    const std::optional<at::Tensor>& rng_state, bool average_attn_weights) {
   BelowAutocast below;
   // rng_state (int64) is not a floating tensor: passed as it is.
   return _attention_forward(cast(query), cast(key), cast(value), cast(attn_mask),
                             cast(key_padding_mask), dropout_p, is_causal, scale, need_weights,
-                            rng_state);
+                            rng_state, average_attn_weights);
 }
 
 }  // namespace

@@ -35,13 +35,14 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
                                const std::optional<at::Tensor>& attn_mask,
                                const std::optional<at::Tensor>& key_padding_mask,
                                double dropout_p, bool is_causal, std::optional<double> scale,
-                               bool need_weights, const std::optional<at::Tensor>& rng_state) {
+                               bool need_weights, const std::optional<at::Tensor>& rng_state,
+                               bool average_attn_weights) {
     // Gradients we are not given stay undefined (no zeros of shape (B, H, L, S) for the weights).
     ctx->set_materialize_grads(false);
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [output, logsumexp, weights] =
         _attention_forward(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal,
-                           scale, need_weights, rng_state);
+                           scale, need_weights, rng_state, average_attn_weights);
     // The backward regenerates the dropout mask from the same rng_state: it is saved, never
     // drawn again.
     ctx->save_for_backward({query, key, value, output, logsumexp, rng_state.value_or(at::Tensor()),
@@ -50,6 +51,7 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["is_causal"] = is_causal;
     ctx->saved_data["scale"] = scale;
+    ctx->saved_data["average_attn_weights"] = need_weights && average_attn_weights;
     ctx->mark_non_differentiable({logsumexp});
     if (!need_weights) ctx->mark_non_differentiable({weights});
     return {output, logsumexp, weights};
@@ -61,8 +63,17 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
                      &logsumexp = saved[4], &rng_state = saved[5], &mask = saved[6],
                      &padding = saved[7];
     at::Tensor grad_output = grads[0].defined() ? grads[0] : at::zeros_like(output);
-    const std::optional<at::Tensor> grad_weights =
+    std::optional<at::Tensor> grad_weights =
         grads[2].defined() ? std::optional<at::Tensor>(grads[2]) : std::nullopt;
+    if (grad_weights.has_value() && ctx->saved_data["average_attn_weights"].toBool()) {
+      // The weights were the mean over the heads: each head's weights receive 1/H of the
+      // gradient, (B, L, S) -> (B, H, L, S) as a view with a zero head stride.
+      const c10::SymInt heads = query.sym_size(1);
+      grad_weights = grad_weights->div(c10::Scalar(heads))
+                         .unsqueeze(1)
+                         .expand_symint({grad_weights->sym_size(0), heads,
+                                         grad_weights->sym_size(1), grad_weights->sym_size(2)});
+    }
     // Autograd numbers only the tensor inputs that were given: query, key, value, then the
     // masks that are not None.
     const bool mask_needs_grad = mask.defined() && ctx->needs_input_grad(3);
@@ -82,7 +93,8 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
             at::Tensor(),
             at::Tensor(),
             at::Tensor(),
-            at::Tensor()};  // rng_state
+            at::Tensor(),   // rng_state
+            at::Tensor()};  // average_attn_weights
   }
 };
 
@@ -90,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_autograd(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     double dropout_p, bool is_causal, std::optional<double> scale, bool need_weights,
-    const std::optional<at::Tensor>& rng_state) {
+    const std::optional<at::Tensor>& rng_state, bool average_attn_weights) {
   check_no_functorch_autodiff("attention");
   check_defined("attention", "query", query);
   check_defined("attention", "key", key);
@@ -101,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_autograd(
   if (rng_state.has_value()) check_dense("attention", "rng_state", *rng_state);
   variable_list out = AttentionFunction::apply(query, key, value, attn_mask, key_padding_mask,
                                                dropout_p, is_causal, scale, need_weights,
-                                               rng_state);
+                                               rng_state, average_attn_weights);
   return {out[0], out[1], out[2]};
 }
 

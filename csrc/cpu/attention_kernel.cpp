@@ -30,16 +30,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     double dropout_p, bool is_causal, std::optional<double> scale, bool need_weights,
-    const std::optional<at::Tensor>& rng_state) {
+    const std::optional<at::Tensor>& rng_state, bool average_attn_weights) {
   check_attention_inputs("attention", query, key, value, attn_mask, key_padding_mask, dropout_p,
                          scale, rng_state, /*rng_state_required=*/true, need_weights);
+  const bool average = need_weights && average_attn_weights;
   const int64_t B = query.size(0), H = query.size(1), L = query.size(2);
   const int64_t S = key.size(2), Dv = value.size(3);
   at::Tensor output = empty_output({B, H, L, Dv}, query.options());
   at::Tensor logsumexp =
       at::empty({B, H, L}, query.options().dtype(at::toOpMathType(query.scalar_type())));
-  at::Tensor weights = need_weights ? empty_output({B, H, L, S}, query.options())
-                                    : at::empty({0}, query.options());
+  at::Tensor weights = !need_weights ? at::empty({0}, query.options())
+                       : average     ? empty_output({B, L, S}, query.options())
+                                     : empty_output({B, H, L, S}, query.options());
   if (Dv == 0 && !need_weights) {
     // Nothing to compute: the output is empty and nothing else is asked for. (The kernel would
     // still compute all B*H*L*S scores for the logsumexp, which only the backward reads, and
@@ -52,8 +54,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu(
                                   "attention_forward", [&] {
     const flash::AttentionArguments args{query,     key,       value,       attn_mask, key_padding_mask,
                                          dropout_p, is_causal, scale, rng_state};
-    const auto p = flash::set_forward_params<scalar_t>(args, output, logsumexp,
-                                                       need_weights ? &weights : nullptr);
+    const auto p = flash::set_forward_params<scalar_t>(
+        args, output, logsumexp, need_weights ? &weights : nullptr, average);
     attention_forward_kernel(p);
   });
   return {output, logsumexp, weights};

@@ -72,6 +72,7 @@ struct AttentionForwardParams : AttentionInputs<T> {
   T* output = nullptr;                // (B, H, L, Dv), contiguous
   AccType<T>* logsumexp = nullptr;    // (B, H, L), contiguous; -inf for empty rows
   T* weights = nullptr;               // (B, H, L, S), contiguous, or null when not requested
+  bool average_weights = false;       // weights is (B, L, S): the mean over the heads
 };
 
 template <typename T>

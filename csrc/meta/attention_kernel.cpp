@@ -13,7 +13,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_meta(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     double dropout_p, bool is_causal, std::optional<double> scale, bool need_weights,
-    const std::optional<at::Tensor>& rng_state) {
+    const std::optional<at::Tensor>& rng_state, bool average_attn_weights) {
   check_attention_inputs("attention", query, key, value, attn_mask, key_padding_mask, dropout_p,
                          scale, rng_state, /*rng_state_required=*/true, need_weights);
   const c10::SymInt B = query.sym_size(0), H = query.sym_size(1), L = query.sym_size(2);
@@ -21,8 +21,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_meta(
   at::Tensor output = at::empty_symint({B, H, L, Dv}, query.options());
   at::Tensor logsumexp = at::empty_symint(
       {B, H, L}, query.options().dtype(at::toOpMathType(query.scalar_type())));
-  at::Tensor weights = need_weights ? at::empty_symint({B, H, L, S}, query.options())
-                                    : at::empty({0}, query.options());
+  at::Tensor weights = !need_weights        ? at::empty({0}, query.options())
+                       : average_attn_weights ? at::empty_symint({B, L, S}, query.options())
+                                              : at::empty_symint({B, H, L, S}, query.options());
   return {output, logsumexp, weights};
 }
 

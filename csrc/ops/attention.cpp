@@ -45,18 +45,19 @@ at::Tensor attention_composite(const at::Tensor& query, const at::Tensor& key,
   const std::optional<at::Tensor> rng_state =
       draw_for(query, key, value, attn_mask, dropout_p, scale, key_padding_mask);
   return std::get<0>(_attention_forward(query, key, value, attn_mask, key_padding_mask, dropout_p,
-                                        is_causal, scale, false, rng_state));
+                                        is_causal, scale, false, rng_state, false));
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_with_weights_composite(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
-    std::optional<double> scale, const std::optional<at::Tensor>& key_padding_mask) {
+    std::optional<double> scale, const std::optional<at::Tensor>& key_padding_mask,
+    bool average_attn_weights) {
   const std::optional<at::Tensor> rng_state =
       draw_for(query, key, value, attn_mask, dropout_p, scale, key_padding_mask);
   auto [output, logsumexp, weights] = _attention_forward(
       query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale, true,
-      rng_state);
+      rng_state, average_attn_weights);
   return {output, weights};
 }
 
@@ -71,12 +72,12 @@ TORCH_LIBRARY_FRAGMENT(qkv_attention, m) {
   m.def(
       "attention_with_weights(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, "
       "float dropout_p=0.0, bool is_causal=False, float? scale=None, "
-      "Tensor? key_padding_mask=None) -> (Tensor, Tensor)",
+      "Tensor? key_padding_mask=None, bool average_attn_weights=False) -> (Tensor, Tensor)",
       TORCH_FN(attention_with_weights_composite));
   m.def(
       "_attention_forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
       "Tensor? key_padding_mask, float dropout_p, bool is_causal, float? scale, "
-      "bool need_weights, Tensor? rng_state=None) -> "
+      "bool need_weights, Tensor? rng_state=None, bool average_attn_weights=False) -> "
       "(Tensor output, Tensor logsumexp, Tensor weights)");
   m.def(
       "_attention_backward(Tensor grad_output, Tensor? grad_weights, Tensor query, Tensor key, "
@@ -103,23 +104,25 @@ at::Tensor attention(const at::Tensor& query, const at::Tensor& key, const at::T
 std::tuple<at::Tensor, at::Tensor> attention_with_weights(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
-    std::optional<double> scale, const std::optional<at::Tensor>& key_padding_mask) {
+    std::optional<double> scale, const std::optional<at::Tensor>& key_padding_mask,
+    bool average_attn_weights) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("qkv_attention::attention_with_weights", "")
                        .typed<decltype(attention_with_weights)>();
-  return op.call(query, key, value, attn_mask, dropout_p, is_causal, scale, key_padding_mask);
+  return op.call(query, key, value, attn_mask, dropout_p, is_causal, scale, key_padding_mask,
+                 average_attn_weights);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> _attention_forward(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     double dropout_p, bool is_causal, std::optional<double> scale, bool need_weights,
-    const std::optional<at::Tensor>& rng_state) {
+    const std::optional<at::Tensor>& rng_state, bool average_attn_weights) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("qkv_attention::_attention_forward", "")
                        .typed<decltype(_attention_forward)>();
   return op.call(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale,
-                 need_weights, rng_state);
+                 need_weights, rng_state, average_attn_weights);
 }
 
 AttentionGrads _attention_backward(

@@ -27,23 +27,26 @@ at::Tensor attention(const at::Tensor& query, const at::Tensor& key, const at::T
                      const std::optional<at::Tensor>& key_padding_mask = std::nullopt);
 
 // The output and the attention weights (B, H, L, S) after dropout: the weights that produced
-// the output, differentiable like it.
+// the output, differentiable like it. With average_attn_weights, their mean over the heads,
+// (B, L, S), computed without a per-head (B, H, L, S) tensor.
 std::tuple<at::Tensor, at::Tensor> attention_with_weights(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask = std::nullopt, double dropout_p = 0.0,
     bool is_causal = false, std::optional<double> scale = std::nullopt,
-    const std::optional<at::Tensor>& key_padding_mask = std::nullopt);
+    const std::optional<at::Tensor>& key_padding_mask = std::nullopt,
+    bool average_attn_weights = false);
 
 // The forward behind both: (output, logsumexp (B, H, L) in the accumulation dtype, weights or
 // an empty tensor). A pure function of its inputs: the dropout mask is the one of rng_state,
 // (2,) int64 = the dropout stream's seed and offset (draw_dropout_rng_state), which must be
 // given when dropout_p > 0. When the output is empty (Dv = 0) and no weights are asked for,
 // nothing is computed: the logsumexp is then -inf (no gradient flows through an empty output).
+// average_attn_weights (with need_weights): the weights are averaged over the heads, (B, L, S).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> _attention_forward(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     double dropout_p, bool is_causal, std::optional<double> scale, bool need_weights,
-    const std::optional<at::Tensor>& rng_state);
+    const std::optional<at::Tensor>& rng_state, bool average_attn_weights = false);
 
 // (grad_query, grad_key, grad_value, grad_attn_mask, grad_key_padding_mask); a mask's gradient
 // has the mask's shape when it is asked for and the mask is additive, and is empty otherwise.

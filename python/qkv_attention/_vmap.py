@@ -100,10 +100,11 @@ def _attention_forward_batched(info: Any, in_dims: Sequence[Optional[int]], quer
                                key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
                                key_padding_mask: Optional[Tensor], dropout_p: float,
                                is_causal: bool, scale: Optional[float], need_weights: bool,
-                               rng_state: Optional[Tensor] = None):
+                               rng_state: Optional[Tensor] = None,
+                               average_attn_weights: bool = False):
     n = info.batch_size
     args = (query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale,
-            need_weights, rng_state)
+            need_weights, rng_state, average_attn_weights)
     dims = tuple(in_dims) + (None,) * (len(args) - len(in_dims))
     if dropout_p > 0:
         # One call per sample: each sample's mask is the one of its own call (see above).
@@ -114,7 +115,8 @@ def _attention_forward_batched(info: Any, in_dims: Sequence[Optional[int]], quer
         _fold(query, q_dim, n), _fold(key, k_dim, n), _fold(value, v_dim, n),
         _fold_attn_mask(attn_mask, mask_dim, n, batch),
         None if key_padding_mask is None else _fold(key_padding_mask, padding_dim, n),
-        dropout_p, is_causal, scale, need_weights, None)
+        dropout_p, is_causal, scale, need_weights, None, average_attn_weights)
+    # (n * B, ...) -> (n, B, ...): per-head (B, H, L, S) or averaged (B, L, S) weights alike.
     weights, weights_dim = (_unfold(weights, n), 0) if need_weights else (weights, None)
     return (_unfold(output, n), _unfold(logsumexp, n), weights), (0, 0, weights_dim)
 
@@ -123,13 +125,13 @@ def _composite_batched(op_name: str, with_weights: bool):
     """The rule of attention / attention_with_weights: draw the dropout state as vmap's
     randomness says, then _attention_forward's rule."""
     def rule(info, in_dims, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-             scale=None, key_padding_mask=None):
+             scale=None, key_padding_mask=None, average_attn_weights=False):
         rng_state, rng_batched = _random_state(op_name, info, dropout_p)
         dims = (*in_dims[:4], in_dims[7] if len(in_dims) > 7 else None)
-        forward_dims = (*dims, None, None, None, None, 0 if rng_batched else None)
+        forward_dims = (*dims, None, None, None, None, 0 if rng_batched else None, None)
         outputs, out_dims = _attention_forward_batched(
             info, forward_dims, query, key, value, attn_mask, key_padding_mask, dropout_p,
-            is_causal, scale, with_weights, rng_state)
+            is_causal, scale, with_weights, rng_state, average_attn_weights)
         if with_weights:
             return (outputs[0], outputs[2]), (out_dims[0], out_dims[2])
         return outputs[0], out_dims[0]

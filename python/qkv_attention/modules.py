@@ -532,11 +532,10 @@ class MultiheadAttention(nn.Module):
         dropout_p = float(self.dropout) if self.training else 0.0
         weights: Optional[Tensor] = None
         if need_weights:
+            # (B, H, L, D), and (B, L, S') averaged over the heads or (B, H, L, S')
             heads_out, head_weights = ops.attention_with_weights(
-                q, k, v, attn_mask, dropout_p, False, None, key_padding_mask
-            )  # (B, H, L, D), (B, H, L, S')
-            if average_attn_weights:
-                head_weights = head_weights.mean(dim=1)  # (B, L, S')
+                q, k, v, attn_mask, dropout_p, False, None, key_padding_mask, average_attn_weights
+            )
             if not is_batched:
                 head_weights = head_weights.squeeze(0)
             weights = head_weights

@@ -87,14 +87,18 @@ def attention_with_weights(
     is_causal: bool = False,
     scale: Optional[float] = None,
     key_padding_mask: Optional[Tensor] = None,
+    average_attn_weights: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """Like :func:`attention`, and also returns the attention weights (B, H, L, S).
 
     The weights are the ones that produced the output: after dropout (zeros where dropped,
-    the rest scaled by 1/(1-p)). Both outputs are differentiable.
+    the rest scaled by 1/(1-p)). Both outputs are differentiable. With
+    ``average_attn_weights=True`` the weights are their mean over the heads, (B, L, S),
+    computed without the per-head (B, H, L, S) tensor.
     """
     return _ops.attention_with_weights(
-        query, key, value, attn_mask, dropout_p, is_causal, scale, key_padding_mask
+        query, key, value, attn_mask, dropout_p, is_causal, scale, key_padding_mask,
+        average_attn_weights
     )
 
 

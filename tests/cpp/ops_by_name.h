@@ -48,12 +48,14 @@ inline Tensor2 attention_with_weights(const at::Tensor& query, const at::Tensor&
                                       const OptionalTensor& attn_mask = {},
                                       double dropout_p = 0.0, bool is_causal = false,
                                       std::optional<double> scale = {},
-                                      const OptionalTensor& key_padding_mask = {}) {
+                                      const OptionalTensor& key_padding_mask = {},
+                                      bool average_attn_weights = false) {
   static const auto op = typed<Tensor2(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                        const OptionalTensor&, double, bool, std::optional<double>,
-                                       const OptionalTensor&)>(
+                                       const OptionalTensor&, bool)>(
       "qkv_attention::attention_with_weights");
-  return op.call(query, key, value, attn_mask, dropout_p, is_causal, scale, key_padding_mask);
+  return op.call(query, key, value, attn_mask, dropout_p, is_causal, scale, key_padding_mask,
+                 average_attn_weights);
 }
 
 // (output, logsumexp, weights or empty, rng_state). rng_state is drawn as the composite ops
@@ -66,7 +68,7 @@ inline Tensor4 attention_forward(const at::Tensor& query, const at::Tensor& key,
   static const auto op =
       typed<Tensor3(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                     const OptionalTensor&, const OptionalTensor&, double, bool,
-                    std::optional<double>, bool, const OptionalTensor&)>(
+                    std::optional<double>, bool, const OptionalTensor&, bool)>(
           "qkv_attention::_attention_forward");
   const at::Tensor rng_state =
       dropout_p > 0 ? at::randint(std::numeric_limits<int64_t>::max(), {2},
@@ -74,7 +76,8 @@ inline Tensor4 attention_forward(const at::Tensor& query, const at::Tensor& key,
                     : at::Tensor();
   auto [output, logsumexp, weights] =
       op.call(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale,
-              need_weights, rng_state.defined() ? OptionalTensor(rng_state) : std::nullopt);
+              need_weights, rng_state.defined() ? OptionalTensor(rng_state) : std::nullopt,
+              /*average_attn_weights=*/false);
   return {output, logsumexp, weights, rng_state};
 }
 

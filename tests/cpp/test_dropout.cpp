@@ -110,9 +110,9 @@ TEST_CASE("_attention_forward is a pure function of rng_state: the same state gi
                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                                double, bool, std::optional<double>, bool,
-                               const std::optional<at::Tensor>&)>()
+                               const std::optional<at::Tensor>&, bool)>()
                            .call(in.query, in.key, in.value, std::nullopt, std::nullopt, 0.5,
-                                 false, std::nullopt, true, rng_state));
+                                 false, std::nullopt, true, rng_state, false));
   };
   const at::Tensor first = run();
   at::rand({100});

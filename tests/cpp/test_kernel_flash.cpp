@@ -212,6 +212,7 @@ struct Problem {
 // What one level's kernels return, unconverted.
 struct KernelRun {
   at::Tensor output, logsumexp, weights, output_no_weights, logsumexp_no_weights;
+  at::Tensor output_averaged, averaged_weights;  // weights averaged over the heads, (B, L, S)
   at::Tensor grad_query, grad_key, grad_value, grad_scores;
 };
 
@@ -237,6 +238,13 @@ KernelRun run_kernels(CpuLevel level, const Problem& p) {
   flash::attention_forward_at<T>(
       level, flash::set_forward_params<T>(args, run.output_no_weights, run.logsumexp_no_weights,
                                           nullptr));
+  // Weights averaged over the heads: another task layout (all heads of a block in one task).
+  run.output_averaged = empty({c.B, c.H, c.L, c.Dv}, p.dtype);
+  run.averaged_weights = empty({c.B, c.L, c.S}, p.dtype);
+  at::Tensor logsumexp_averaged = empty({c.B, c.H, c.L}, acc);
+  flash::attention_forward_at<T>(
+      level, flash::set_forward_params<T>(args, run.output_averaged, logsumexp_averaged,
+                                          &run.averaged_weights, /*average_weights=*/true));
 
   run.grad_query = empty(p.query.sizes(), p.dtype);
   run.grad_key = empty(p.key.sizes(), p.dtype);
@@ -363,6 +371,11 @@ void check_against_reference(CpuLevel level, const Problem& p, const ReferenceRu
     INFO("forward without weights");
     CHECK_THAT(run.output_no_weights, IsCloseTo(ref.output, out_tol));
     CHECK_THAT(run.logsumexp_no_weights, IsCloseTo(ref.logsumexp, logsumexp_tolerance(p.dtype)));
+  }
+  {
+    INFO("forward with the weights averaged over the heads");
+    CHECK_THAT(run.output_averaged, IsCloseTo(ref.output, out_tol));
+    CHECK_THAT(run.averaged_weights, IsCloseTo(ref.weights.mean(1), out_tol));
   }
   CHECK_THAT(run.grad_query, IsCloseTo(ref.grad_query, grad_tol));
   CHECK_THAT(run.grad_key, IsCloseTo(ref.grad_key, grad_tol));

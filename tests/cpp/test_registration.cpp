@@ -98,9 +98,14 @@ TEST_CASE("the public schemas keep DESIGN.md's argument names, order and default
   CHECK(args[6].default_value()->isNone());
   REQUIRE(args[7].default_value().has_value());
   CHECK(args[7].default_value()->isNone());
-  // attention_with_weights takes exactly attention's arguments.
-  CHECK(argument_names(op::handle("qkv_attention::attention_with_weights").schema()) ==
-        argument_names(attention));
+  // attention_with_weights takes attention's arguments, then average_attn_weights=False.
+  const c10::FunctionSchema& with_weights =
+      op::handle("qkv_attention::attention_with_weights").schema();
+  Names expected = argument_names(attention);
+  expected.push_back("average_attn_weights");
+  CHECK(argument_names(with_weights) == expected);
+  REQUIRE(with_weights.arguments()[8].default_value().has_value());
+  CHECK(with_weights.arguments()[8].default_value()->toBool() == false);
 
   const c10::FunctionSchema& projection = op::handle("qkv_attention::qkv_projection").schema();
   CHECK(argument_names(projection) == Names{"query", "key", "value", "q_weight", "k_weight",

@@ -63,12 +63,17 @@ def _attention_args() -> Dict[str, Any]:
     )
 
 
+def _attention_with_weights_args() -> Dict[str, Any]:
+    return dict(**_attention_args(), average_attn_weights=True)
+
+
 def _attention_forward_args() -> Dict[str, Any]:
     a = _attention_args()
     return dict(
         query=a["query"], key=a["key"], value=a["value"], attn_mask=a["attn_mask"],
         key_padding_mask=a["key_padding_mask"], dropout_p=0.25, is_causal=False, scale=0.5,
         need_weights=True, rng_state=torch.tensor([123, 4], dtype=torch.long),
+        average_attn_weights=False,
     )
 
 
@@ -189,13 +194,14 @@ OPS: List[OpSpec] = [
     OpSpec("attention", _attention_args,
            dict(**_ATTENTION_TENSORS, dropout_p=BAD_PROBABILITY, is_causal=BAD_BOOL,
                 scale=BAD_SCALE), _ATTENTION_NAMES),
-    OpSpec("attention_with_weights", _attention_args,
+    OpSpec("attention_with_weights", _attention_with_weights_args,
            dict(**_ATTENTION_TENSORS, dropout_p=BAD_PROBABILITY, is_causal=BAD_BOOL,
-                scale=BAD_SCALE), _ATTENTION_NAMES),
+                scale=BAD_SCALE, average_attn_weights=BAD_BOOL), _ATTENTION_NAMES),
     OpSpec("_attention_forward", _attention_forward_args,
            dict(**_ATTENTION_TENSORS, dropout_p=BAD_PROBABILITY, is_causal=BAD_BOOL,
                 scale=BAD_SCALE, need_weights=BAD_BOOL,
-                rng_state=TensorArg(dims=(0,), kind="int64")), _ATTENTION_NAMES),
+                rng_state=TensorArg(dims=(0,), kind="int64"), average_attn_weights=BAD_BOOL),
+           _ATTENTION_NAMES),
     OpSpec("_attention_backward", _attention_backward_args,
            dict(grad_output=TensorArg(dims=(0, 1, 2, 3)),
                 grad_weights=TensorArg(dims=(0, 1, 2, 3), optional=True),

@@ -111,13 +111,13 @@ RNG_STATE = (123456789, 42)
 
 
 def attention_forward_cases():
-    def make(need_weights, masks, is_causal, dropout_p=0.0):
+    def make(need_weights, masks, is_causal, dropout_p=0.0, average=False):
         q, k, v = qkv(L=4, S=5)
         attn_mask = random_tensor(2, 4, 5, dtype=torch.float32) if masks else None
         padding = random_bool_mask(2, 5) if masks else None
         rng_state = torch.tensor(RNG_STATE) if dropout_p else None
         return (q, k, v, attn_mask, padding, dropout_p, is_causal, None, need_weights,
-                rng_state), {}
+                rng_state, average), {}
 
     return [
         ("need_weights", lambda: make(True, False, False)),
@@ -125,6 +125,8 @@ def attention_forward_cases():
         ("dropout_need_weights", lambda: make(True, False, True, 0.3)),
         ("dropout_masks", lambda: make(False, True, False, 0.3)),
         ("masks_need_weights", lambda: make(True, True, False)),
+        ("averaged_weights_masks", lambda: make(True, True, False, average=True)),
+        ("averaged_weights_dropout", lambda: make(True, False, True, 0.3, average=True)),
     ]
 
 
@@ -190,6 +192,11 @@ CASES = {
     "attention_with_weights": [
         case for case in attention_argument_cases()
         if case[0] in ("plain", "float_mask_and_float_padding", "bool_padding_fully_masked")
+    ] + [
+        ("averaged_weights", lambda: (qkv(), {"average_attn_weights": True})),
+        ("averaged_weights_causal_padding", lambda: (qkv(L=4, S=4), {
+            "is_causal": True, "key_padding_mask": random_bool_mask(2, 4),
+            "average_attn_weights": True})),
     ],
     "_attention_forward": attention_forward_cases(),
     "_attention_backward": attention_backward_cases(),

@@ -6,8 +6,10 @@
 // per row, the output accumulator rescaled when m grows) and O += P V (a GEMM). Only Bq x Bk
 // scores exist at a time; the logsumexp m + log(l) is saved for the backward. Causal blocks past
 // the diagonal are skipped whole. When the weights are requested, the whole (Bq x S) rows of
-// scores are computed once into them, and the output is multiplied from the weights. With grouped-query attention the query heads of a group read
-// the same packed key/value panels.
+// scores are computed once into them, and the output is multiplied from the weights; averaged
+// over the heads, a task runs one block of queries of every head of a batch entry and sums
+// their rows, so no per-head (B, H, L, S) tensor exists. With grouped-query attention the query
+// heads of a group read the same packed key/value panels.
 //
 // Few queries against many keys take the split-KV path of decode.h instead.
 //
@@ -64,23 +66,31 @@ void flash_forward(const AttentionForwardParams<T>& p) {
   const DropoutKey dropout_key = DropoutKey::make(p.seed, p.offset, p.dropout_p);
   const RowMasks<T, Acc> masks(p);
 
-  // scores (Bq x Bk), output accumulator (Bq x Dv), query rows (Bq x D), row max, row sum and
-  // block max (Bq each), gathered masks (2 x Bk), keep bits.
-  // With weights requested and T != Acc, also the rows' scores as Acc (Bq x S).
+  // Per slot: scores (Bq x Bk), output accumulator (Bq x Dv), query rows (Bq x D), row max, row
+  // sum and block max (Bq each), gathered masks (2 x Bk), keep bits. With weights requested,
+  // also the rows' scores as Acc (Bq x S) unless they live in the weights output itself (per
+  // head and T == Acc); averaged over the heads, also the running sum over the heads (Bq x S).
   constexpr bool kWeightsInPlace = std::is_same_v<T, Acc>;
-  const int64_t weights_rows = p.weights != nullptr && !kWeightsInPlace ? Bq * S : 0;
-  const int64_t slot_size =
-      Bq * Bk + Bq * Dv + Bq * D + 3 * Bq + 2 * Bk + keep_cells<Acc>(Bk) + weights_rows;
-  TaskPool pool(BH * query_blocks);
-  Scratch<Acc> scratch(pool.slots(), slot_size);
+  const bool average = p.weights != nullptr && p.average_weights;
+  const int64_t block_size =
+      Bq * Bk + Bq * Dv + Bq * D + 3 * Bq + 2 * Bk + keep_cells<Acc>(Bk);
+  const int64_t weights_cells = p.weights == nullptr ? 0
+                                : average            ? 2 * Bq * S
+                                : kWeightsInPlace    ? 0
+                                                     : Bq * S;
+  // Tasks are (batch*head, block of queries); with averaged weights (batch, block of queries),
+  // the task running the heads in order, so that the sum over the heads has one order whatever
+  // the thread count.
+  const int64_t row_groups = average ? B : BH;
+  TaskPool pool(row_groups * query_blocks);
+  Scratch<Acc> scratch(pool.slots(), block_size + weights_cells);
 
-  pool.run([&](int64_t task, int64_t slot) {
-    // Causal: the longest tasks (last query blocks) first, so the tail of the run is short.
-    const int64_t qb = query_blocks - 1 - task / BH, bh = task % BH;
+  // One query head's block of queries i0 .. i0 + nq: its output rows and logsumexp, and with
+  // rows given, its weights (after dropout) in rows (nq x S, row stride S).
+  auto attend_block = [&](int64_t bh, int64_t i0, int64_t nq, Acc* slot, Acc* rows) {
     const int64_t b = bh / H, h = bh % H;
     const int64_t kv_bh = b * Hkv + h / group;  // the key/value head this query head reads
-    const int64_t i0 = qb * Bq, nq = std::min(Bq, L - i0);
-    Acc* scores = scratch.slot(slot);
+    Acc* scores = slot;
     Acc* out_acc = scores + Bq * Bk;
     Acc* q_buf = out_acc + Bq * Dv;
     Acc* row_max = q_buf + Bq * D;
@@ -88,7 +98,6 @@ void flash_forward(const AttentionForwardParams<T>& p) {
     Acc* block_max = row_sum + Bq;
     Acc* gathered = block_max + Bq;
     uint64_t* keep = keep_bits_at(gathered + 2 * Bk);
-    Acc* weights_scratch = gathered + 2 * Bk + keep_cells<Acc>(Bk);
 
     int64_t ldq = 0;
     const Acc* q = rows_as_acc<Ops>(p.query, p.query_strides, b, h, i0, nq, D, q_buf, ldq);
@@ -112,12 +121,10 @@ void flash_forward(const AttentionForwardParams<T>& p) {
       return nc;
     };
 
-    // Weights requested: the (nq x S) rows exist anyway (in the weights output itself for float
-    // types), so the scores are computed once, into them: softmax over whole rows, then
-    // out = W V from there, instead of an online softmax and a second pass for the weights.
-    if (p.weights != nullptr) {
-      Acc* rows = weights_scratch;
-      if constexpr (kWeightsInPlace) rows = reinterpret_cast<Acc*>(p.weights + (bh * L + i0) * S);
+    // Weights requested: the (nq x S) rows exist anyway, so the scores are computed once, into
+    // them: softmax over whole rows, then out = W V from there, instead of an online softmax
+    // and a second pass for the weights.
+    if (rows != nullptr) {
       for (int64_t kb = 0; kb < key_blocks; ++kb) {
         const int64_t j0 = kb * Bk, nk = std::min(Bk, S - j0);
         const int64_t nc = kb < visible_blocks ? block_scores(kb, rows + j0, S) : 0;
@@ -148,9 +155,6 @@ void flash_forward(const AttentionForwardParams<T>& p) {
       }
       for (int64_t r = 0; r < nq; ++r) {
         Ops::from_acc(out_acc + r * Dv, Dv, Acc(1), p.output + (bh * L + i0 + r) * Dv);
-        if constexpr (!kWeightsInPlace) {
-          Ops::from_acc(rows + r * S, S, Acc(1), p.weights + (bh * L + i0 + r) * S);
-        }
       }
       return;
     }
@@ -190,7 +194,41 @@ void flash_forward(const AttentionForwardParams<T>& p) {
       Ops::from_acc(out_acc + r * Dv, Dv, kept_scale / l, out_row);
       logsumexp[row] = m_use + std::log(l);
     }
+  };
 
+  pool.run([&](int64_t task, int64_t slot) {
+    // Causal: the longest tasks (last query blocks) first, so the tail of the run is short.
+    const int64_t qb = query_blocks - 1 - task / row_groups, group_index = task % row_groups;
+    const int64_t i0 = qb * Bq, nq = std::min(Bq, L - i0);
+    Acc* block_scratch = scratch.slot(slot);
+    Acc* rows = block_scratch + block_size;  // (nq x S), when weights are requested
+    if (!average) {
+      const int64_t bh = group_index;
+      if (p.weights == nullptr) return attend_block(bh, i0, nq, block_scratch, nullptr);
+      if constexpr (kWeightsInPlace) {
+        rows = reinterpret_cast<Acc*>(p.weights + (bh * L + i0) * S);
+      }
+      attend_block(bh, i0, nq, block_scratch, rows);
+      if constexpr (!kWeightsInPlace) {
+        for (int64_t r = 0; r < nq; ++r) {
+          Ops::from_acc(rows + r * S, S, Acc(1), p.weights + (bh * L + i0 + r) * S);
+        }
+      }
+      return;
+    }
+    // Averaged weights (B, L, S): the heads' rows summed in head order, then divided by H.
+    const int64_t b = group_index;
+    Acc* head_sum = rows + Bq * S;
+    for (int64_t h = 0; h < H; ++h) {
+      attend_block(b * H + h, i0, nq, block_scratch, h == 0 ? head_sum : rows);
+      if (h == 0) continue;
+      for (int64_t n = 0; n < nq * S; ++n) head_sum[n] += rows[n];
+    }
+    // Divided, not multiplied by 1/H: torch's mean, to the last bit where the sums agree.
+    for (int64_t n = 0; n < nq * S; ++n) head_sum[n] /= Acc(H);
+    for (int64_t r = 0; r < nq; ++r) {
+      Ops::from_acc(head_sum + r * S, S, Acc(1), p.weights + (b * L + i0 + r) * S);
+    }
   });
 }
 QKV_FLASH_LEVEL_END

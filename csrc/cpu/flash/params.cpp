@@ -68,12 +68,14 @@ template <typename T>
 AttentionForwardParams<T> set_forward_params(const AttentionArguments& args,
                                              const at::Tensor& output,
                                              const at::Tensor& logsumexp,
-                                             const at::Tensor* weights) {
+                                             const at::Tensor* weights,
+                                             bool average_weights) {
   AttentionForwardParams<T> p;
   set_inputs(p, args);
   p.output = output.mutable_data_ptr<T>();
   p.logsumexp = logsumexp.mutable_data_ptr<AccType<T>>();
   p.weights = weights != nullptr ? weights->mutable_data_ptr<T>() : nullptr;
+  p.average_weights = weights != nullptr && average_weights;
   return p;
 }
 
@@ -103,7 +105,8 @@ AttentionBackwardParams<T> set_backward_params(
 
 #define QKV_INSTANTIATE(T)                                                                     \
   template AttentionForwardParams<T> set_forward_params<T>(                                   \
-      const AttentionArguments&, const at::Tensor&, const at::Tensor&, const at::Tensor*);    \
+      const AttentionArguments&, const at::Tensor&, const at::Tensor&, const at::Tensor*,     \
+      bool);                                                                                  \
   template AttentionBackwardParams<T> set_backward_params<T>(                                 \
       const AttentionArguments&, const at::Tensor&, const at::Tensor&,                        \
       const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,                 \

@@ -31,7 +31,8 @@ template <typename T>
 AttentionForwardParams<T> set_forward_params(const AttentionArguments& args,
                                              const at::Tensor& output,
                                              const at::Tensor& logsumexp,
-                                             const at::Tensor* weights);
+                                             const at::Tensor* weights,
+                                             bool average_weights = false);
 
 template <typename T>
 AttentionBackwardParams<T> set_backward_params(
