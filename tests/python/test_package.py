@@ -16,7 +16,7 @@ PUBLIC_SCHEMAS = {
     "attention": ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
                   "key_padding_mask"],
     "attention_with_weights": ["query", "key", "value", "attn_mask", "dropout_p", "is_causal",
-                               "scale", "key_padding_mask"],
+                               "scale", "key_padding_mask", "average_attn_weights"],
     "merge_heads": ["x", "out_weight", "out_bias"],
 }
 # Operators with kernels of their own at these keys; the other two are compositions of
