@@ -452,3 +452,24 @@ def test_inference_mode_runs():
         args = _valid()
         out = ops.attention_with_kv_cache(**args)
     assert out.shape == (3, 4, 1, 6)
+
+
+@pytest.mark.parametrize("L, S_max", [(1, 1500), (20, 300)], ids=["split_kv", "blocked"])
+def test_bitwise_the_same_for_any_thread_count(L, S_max):
+    B, H, Hkv, D = 3, 4, 2, 16
+    k_cache, v_cache = nan_caches(B, Hkv, S_max, D, D, torch.float32)
+    lengths = torch.tensor([S_max - L - 3, 100, 0])
+    fill_history(k_cache, v_cache, lengths)
+    query = torch.randn(B, H, L, D)
+    key, value = torch.randn(B, Hkv, L, D), torch.randn(B, Hkv, L, D)
+    threads = torch.get_num_threads()
+    outputs = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            with torch.no_grad():
+                outputs.append(ops.attention_with_kv_cache(query, k_cache, v_cache, key, value,
+                                                           lengths, None, True, None))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outputs[0], outputs[1])

@@ -243,3 +243,17 @@ def test_kv_cache_rejects_bad_sizes():
     with pytest.raises(ValueError, match="max_len must be a non-negative int"):
         KVCache(1, 1, -1, 4)
     assert qkv_attention.KVCache is KVCache
+
+
+def test_compiled_decode_step_with_grad_mode_on_and_no_input_requiring_grad():
+    # A user who forgets no_grad: nothing requires grad, so the op runs (and compiles).
+    compiled = torch.compile(
+        lambda q, kc, vc, k, v, n: ops.attention_with_kv_cache(q, kc, vc, k, v, n),
+        fullgraph=True, backend="aot_eager")
+    inputs = decode_inputs()
+    eager_caches = [inputs[1].clone(), inputs[2].clone()]
+    eager = ops.attention_with_kv_cache(inputs[0], *eager_caches, *inputs[3:])
+    out = compiled(*inputs)
+    assert not out.requires_grad
+    torch.testing.assert_close(out, eager)
+    assert torch.equal(inputs[1], eager_caches[0]) and torch.equal(inputs[2], eager_caches[1])
