@@ -4,7 +4,8 @@
 //
 // Semantics, shared by forward and backward:
 //   score[i, j] = scale * q_i . k_j + masks[i, j]     (bool mask: -inf where it is false;
-//                                                      causal: -inf where j > i)
+//                                                      causal: -inf where j > i, or
+//                                                      j > i + causal_offset in the forward)
 //   p[i, j]     = softmax_j(score[i, :]); a row with no finite score gives p = 0
 //   w[i, j]     = p[i, j] * keep[i, j] / (1 - dropout_p)     (the returned weights)
 //   out_i       = sum_j w[i, j] v_j
@@ -69,6 +70,10 @@ struct AttentionInputs {
 
 template <typename T>
 struct AttentionForwardParams : AttentionInputs<T> {
+  // Causal: query i sees keys j <= i + causal_offset. 0 is the ops' top-left alignment;
+  // S - L aligns the last query with the last key (bottom-right, as a KV cache's new queries
+  // follow the keys already cached). Rows that see no key give zeros. Forward only.
+  int64_t causal_offset = 0;
   T* output = nullptr;                // (B, H, L, Dv), contiguous
   AccType<T>* logsumexp = nullptr;    // (B, H, L), contiguous; -inf for empty rows
   T* weights = nullptr;               // (B, H, L, S), contiguous, or null when not requested

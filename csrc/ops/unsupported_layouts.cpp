@@ -49,7 +49,7 @@ void reject_unsupported_layout(const c10::OperatorHandle& op, c10::DispatchKeySe
 constexpr const char* kOperators[] = {
     "_attention_forward", "_attention_backward",     "_attention_dropout_mask",
     "qkv_projection",     "qkv_projection_backward", "merge_heads",
-    "merge_heads_backward"};
+    "merge_heads_backward", "attention_with_kv_cache"};
 
 void register_rejections(torch::Library& m) {
   for (const char* name : kOperators) {

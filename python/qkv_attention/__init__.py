@@ -2,7 +2,8 @@
 
 Importing the package loads the C++ extension, which registers
 ``torch.ops.qkv_attention.qkv_projection``, ``.attention``, ``.attention_with_weights`` and
-``.merge_heads`` (with their backward ops) with the PyTorch dispatcher.
+``.merge_heads`` (with their backward ops), and the inference op ``.attention_with_kv_cache``
+with the PyTorch dispatcher.
 """
 import torch  # noqa: F401  (the extension links against torch's libraries)
 
@@ -10,6 +11,7 @@ from . import _C
 from . import _vmap, ops, functional
 from .modules import MultiheadAttention
 from .replace import replace_attention
+from .kv_cache import KVCache
 from ._C import build_info
 
 __version__ = _C.__version__
@@ -18,4 +20,5 @@ _vmap.register()  # torch.func.vmap batching rules for every op
 
 __all__ = [
     "ops", "functional", "build_info", "__version__", "MultiheadAttention", "replace_attention",
+    "KVCache",
 ]

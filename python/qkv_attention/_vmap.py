@@ -18,6 +18,10 @@ size; per-sample shapes are the ops' own, e.g. query (B, H, L, D).
   that differ per sample (an ensemble through ``torch.func.functional_call``) they loop.
 - The backward ops loop over the samples: their weight and mask gradients are sums over each
   sample's batch, which folding would merge across samples.
+- ``attention_with_kv_cache`` writes into its caches: the rule calls the op once per sample on
+  that sample's slice of the caches (a view, so the writes land in the caller's tensors). Caches
+  without the vmapped dimension would receive every sample's keys at the same positions: that
+  raises, as do vmapped ``cache_seqlens`` with caches shared by the samples.
 """
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
@@ -190,6 +194,29 @@ def _backward_batched(op: Callable):
     return rule
 
 
+def _attention_with_kv_cache_batched(info, in_dims, query, k_cache, v_cache, key=None,
+                                     value=None, cache_seqlens=None, attn_mask=None,
+                                     is_causal=True, scale=None):
+    args = (query, k_cache, v_cache, key, value, cache_seqlens, attn_mask, is_causal, scale)
+    dims = tuple(in_dims) + (None,) * (len(args) - len(in_dims))
+    k_dim, v_dim = dims[1], dims[2]
+    writes = key is not None
+    if (k_dim is None) != (v_dim is None) or (
+            k_dim is None and (writes or dims[5] is not None)):
+        raise RuntimeError(
+            "qkv_attention.attention_with_kv_cache: vmap: k_cache and v_cache must both be "
+            "vmapped (one cache per sample) when either is, when key/value are written, or when "
+            "cache_seqlens is vmapped; here k_cache is "
+            f"{'not ' if k_dim is None else ''}vmapped and v_cache is "
+            f"{'not ' if v_dim is None else ''}vmapped. Shared caches would receive every "
+            "sample's entries at the same positions: fold the samples into the batch "
+            "dimension B instead")
+    # One call per sample on views of its caches: the op writes through them in place.
+    outputs = [_ops.attention_with_kv_cache(*(_sample(a, d, n) for a, d in zip(args, dims)))
+               for n in range(info.batch_size)]
+    return torch.stack(outputs), 0
+
+
 def register() -> None:
     """Registers the rules; called once, when qkv_attention is imported."""
     rules = {
@@ -203,6 +230,7 @@ def register() -> None:
         "qkv_projection_backward": _backward_batched(_ops.qkv_projection_backward),
         "merge_heads": _merge_heads_batched,
         "merge_heads_backward": _backward_batched(_ops.merge_heads_backward),
+        "attention_with_kv_cache": _attention_with_kv_cache_batched,
     }
     for name, rule in rules.items():
         torch.library.register_vmap(f"qkv_attention::{name}", rule)

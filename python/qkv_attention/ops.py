@@ -10,7 +10,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["qkv_projection", "attention", "attention_with_weights", "merge_heads"]
+__all__ = [
+    "qkv_projection", "attention", "attention_with_weights", "merge_heads",
+    "attention_with_kv_cache",
+]
 
 _ops = torch.ops.qkv_attention
 
@@ -126,3 +129,48 @@ def merge_heads(x: Tensor, out_weight: Tensor, out_bias: Optional[Tensor] = None
         (B, L, Eout) = ``concat_heads(x) @ out_weight.T + out_bias``.
     """
     return _ops.merge_heads(x, out_weight, out_bias)
+
+
+def attention_with_kv_cache(
+    query: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    key: Optional[Tensor] = None,
+    value: Optional[Tensor] = None,
+    cache_seqlens: Optional[Tensor] = None,
+    attn_mask: Optional[Tensor] = None,
+    is_causal: bool = True,
+    scale: Optional[float] = None,
+) -> Tensor:
+    """One inference step against a key/value cache: writes the new keys and values into the
+    caches in place, then attends over each sequence's valid prefix.
+
+    Args:
+        query: (B, H, L, D).
+        k_cache: (B, Hkv, S_max, D), written in place.  v_cache: (B, Hkv, S_max, Dv), written
+            in place. Hkv must divide H (grouped-query attention: query head h reads cache head
+            h // (H // Hkv)).
+        key: (B, Hkv, L_new, D) and value: (B, Hkv, L_new, Dv), both or neither: the new
+            entries, written at positions ``cache_seqlens[b] .. cache_seqlens[b] + L_new - 1``
+            of each sequence b. Nothing else in the caches changes.
+        cache_seqlens: (B,) int32 or int64, each sequence's valid entries before this call.
+            Not modified: the caller advances it (see :class:`qkv_attention.KVCache`). None
+            means all S_max entries are valid (key and value must then be None).
+        attn_mask: broadcastable to (B, H, L, S_max); bool (True = may attend) or the query's
+            float dtype (added to the scores). Only the valid columns are read.
+        is_causal: aligned bottom-right: query i sees keys
+            ``j <= cache_seqlens[b] + L_new - L + i`` (new queries follow the cached keys).
+        scale: multiplies the scores; defaults to 1/sqrt(D).
+
+    Returns:
+        (B, H, L, Dv). Sequence b attends to its first ``cache_seqlens[b] + L_new`` entries
+        only; the rest of the caches is never read (it may hold garbage, NaN or inf). A query
+        row that sees no key gives zeros.
+
+    Inference only: with grad mode on, an input that requires grad raises. A call that raises
+    (a sequence that would overflow S_max, a negative length, a wrong shape or dtype) has
+    written nothing.
+    """
+    return _ops.attention_with_kv_cache(
+        query, k_cache, v_cache, key, value, cache_seqlens, attn_mask, is_causal, scale
+    )

@@ -21,6 +21,7 @@ const std::vector<std::string> kKernelOps = {
     "qkv_attention::qkv_projection",     "qkv_attention::qkv_projection_backward",
     "qkv_attention::_attention_forward", "qkv_attention::_attention_backward",
     "qkv_attention::merge_heads",        "qkv_attention::merge_heads_backward",
+    "qkv_attention::attention_with_kv_cache",
 };
 
 // Compositions of _attention_forward (CompositeImplicitAutograd): autograd, Meta and CPU come
@@ -127,6 +128,30 @@ TEST_CASE("the public schemas keep DESIGN.md's argument names, order and default
     CHECK_FALSE(schema.is_mutable());
     for (const c10::Argument& out : schema.returns()) CHECK(out.alias_info() == nullptr);
   }
+}
+
+TEST_CASE("attention_with_kv_cache declares the caches it writes and nothing else",
+          "[registration]") {
+  using Names = std::vector<std::string>;
+  const c10::FunctionSchema& schema =
+      op::handle("qkv_attention::attention_with_kv_cache").schema();
+  CHECK(argument_names(schema) == Names{"query", "k_cache", "v_cache", "key", "value",
+                                        "cache_seqlens", "attn_mask", "is_causal", "scale"});
+  CHECK(schema.is_mutable());
+  const auto& args = schema.arguments();
+  for (size_t i = 0; i < args.size(); ++i) {
+    INFO(args[i].name());
+    const bool written = args[i].name() == "k_cache" || args[i].name() == "v_cache";
+    CHECK((args[i].alias_info() != nullptr && args[i].alias_info()->isWrite()) == written);
+  }
+  for (size_t i = 3; i < 7; ++i) {
+    REQUIRE(args[i].default_value().has_value());
+    CHECK(args[i].default_value()->isNone());
+  }
+  REQUIRE(args[7].default_value().has_value());
+  CHECK(args[7].default_value()->toBool() == true);  // bottom-right causal by default
+  REQUIRE(schema.returns().size() == 1);
+  CHECK(schema.returns()[0].alias_info() == nullptr);  // a fresh output
 }
 
 TEST_CASE("the Meta kernels give every op's output shapes and dtypes on meta tensors",

@@ -127,6 +127,22 @@ def _merge_heads_backward_args() -> Dict[str, Any]:
     return dict(grad_output=_randn(2, 4, 6), x=m["x"], out_weight=m["out_weight"])
 
 
+def _kv_cache_args() -> Dict[str, Any]:
+    # Room in the caches: lengths 2 and 6 plus L_new = 5 fit S_max = 11.
+    B, H, Hkv, L, L_new, S_max, D, Dv = 2, 6, 3, 4, 5, 11, 7, 8
+    return dict(
+        query=_randn(B, H, L, D),
+        k_cache=torch.zeros(B, Hkv, S_max, D),
+        v_cache=torch.zeros(B, Hkv, S_max, Dv),
+        key=_randn(B, Hkv, L_new, D),
+        value=_randn(B, Hkv, L_new, Dv),
+        cache_seqlens=torch.tensor([2, 6]),
+        attn_mask=_randn(B, H, L, S_max),  # full size, so size + 1 cannot broadcast
+        is_causal=True,
+        scale=None,
+    )
+
+
 def _sdpa_args() -> Dict[str, Any]:
     return dict(
         query=_randn(2, 3, 4, 5), key=_randn(2, 3, 6, 5), value=_randn(2, 3, 6, 7),
@@ -146,7 +162,7 @@ class TensorArg:
     rank: str = "exact"  # "exact"; "at_most_4" (a broadcast mask); "at_least_2" (sdpa's (..., N, F))
     mask: bool = False
     optional: bool = False
-    kind: str = "float"  # "float" or "int64" (rng_state)
+    kind: str = "float"  # "float" or "int64" (rng_state, cache_seqlens)
     # The op's only tensor: then a meta tensor is a valid (shape-only) call, and None leaves the
     # dispatcher no key to dispatch on (it raises "There were no tensor arguments", naming no
     # argument, before any kernel of ours can run).
@@ -243,6 +259,18 @@ OPS: List[OpSpec] = [
            dict(grad_output=TensorArg(dims=(0, 1, 2)), x=TensorArg(dims=(0, 1, 2, 3)),
                 out_weight=TensorArg(dims=(0, 1))),
            ("merge_heads backward", "qkv_attention::merge_heads_backward")),
+    OpSpec("attention_with_kv_cache", _kv_cache_args,
+           dict(query=TensorArg(dims=(0, 1, 3)),
+                k_cache=TensorArg(dims=(0, 1, 2, 3)),
+                v_cache=TensorArg(dims=(0, 1, 2, 3)),
+                key=TensorArg(dims=(0, 1, 2, 3), optional=True),
+                value=TensorArg(dims=(0, 1, 2, 3), optional=True),
+                cache_seqlens=TensorArg(dims=(0,), kind="int64", optional=True,
+                                        valid_dtypes=(torch.int32,)),
+                attn_mask=TensorArg(dims=(0, 1, 2, 3), rank="at_most_4", mask=True,
+                                    optional=True),
+                is_causal=BAD_BOOL, scale=BAD_SCALE),
+           ("attention_with_kv_cache",)),
     OpSpec("functional.sdpa", _sdpa_args,
            dict(query=TensorArg(dims=(0, 1, 3), rank="at_least_2"),
                 # A different S no longer fits the (full-size) mask, checked first.
@@ -289,7 +317,8 @@ def tensor_mutations(arg: TensorArg, valid: torch.Tensor):
         yield f"dim{d}_size0", lambda t, d=d: _resize(t, d, 0)
     if arg.kind == "int64":
         for dtype in (torch.int32, torch.float32, torch.float64):
-            yield f"dtype_{dtype}", lambda t, dtype=dtype: t.to(dtype)
+            if dtype not in arg.valid_dtypes:
+                yield f"dtype_{dtype}", lambda t, dtype=dtype: t.to(dtype)
     else:
         bad_dtypes = [torch.int64, torch.int32, torch.uint8, torch.int8, torch.complex64,
                       other_float, torch.float16]
@@ -428,6 +457,9 @@ RESOURCE_CASES = {
     "qkv_projection/output_of_2^50_bytes": lambda ops: ops.qkv_projection(
         *(torch.zeros(1, 1, 1).expand(2**24, 2**24, 1),) * 3,
         *(torch.zeros(4, 1),) * 3, None, None, None, 2),
+    "attention_with_kv_cache/output_of_2^50_bytes": lambda ops: ops.attention_with_kv_cache(
+        torch.zeros(1, 1, 1, 1).expand(2**16, 2**16, 2**16, 1),
+        *(torch.zeros(1, 1, 1, 1).expand(2**16, 2**16, 1, 1),) * 2),
     "_attention_dropout_mask/2^62_bytes": lambda ops: ops._attention_dropout_mask(
         torch.zeros(2, dtype=torch.long), 2**31, 2**31, 1, 1, 0.5),
     "_attention_dropout_mask/size_overflows_int64": lambda ops: ops._attention_dropout_mask(

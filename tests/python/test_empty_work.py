@@ -57,6 +57,19 @@ CASES = {
         (grad_mask,) = torch.autograd.grad(out.sum(), mask, create_graph=True)
         assert torch.equal(grad_mask, torch.zeros_like(mask))
     """,
+    "attention_with_kv_cache, Dv = 0, L = S_max = 2^16: no attention, the write still done": """
+        q = torch.zeros(1, 1, 2**16, 64); k_cache = torch.zeros(1, 1, 2**16, 64)
+        v_cache = torch.zeros(1, 1, 2**16, 0)
+        key = torch.ones(1, 1, 16, 64); value = torch.zeros(1, 1, 16, 0)
+        out = ops.attention_with_kv_cache(q, k_cache, v_cache, key, value, torch.tensor([100]))
+        assert out.shape == (1, 1, 2**16, 0)
+        assert k_cache[0, 0, 100:116].eq(1).all() and k_cache[0, 0, 116:].eq(0).all()
+    """,
+    "attention_with_kv_cache, L = 0 against S_max = 2^18": """
+        caches = torch.zeros(1, 1, 2**18, 64)
+        out = ops.attention_with_kv_cache(torch.zeros(1, 1, 0, 64), caches, caches)
+        assert out.shape == (1, 1, 0, 64)
+    """,
     "_attention_forward, Dv = 0: logsumexp of no computation, backward zeros": """
         q = torch.zeros(1, 2, 2**18, 8); k = torch.zeros(1, 2, 2**18, 8)
         v = torch.zeros(1, 2, 2**18, 0)

@@ -184,6 +184,30 @@ def merge_heads_backward_cases():
     return [("plain", make)]
 
 
+def attention_with_kv_cache_cases():
+    """Caches of zeros (opcheck compares mutated inputs, and the op rewrites the same entries
+    on every repeated call: cache_seqlens is not advanced by the op)."""
+    def caches():
+        return torch.zeros(2, 2, 12, 3), torch.zeros(2, 2, 12, 2)
+
+    def decode():
+        k_cache, v_cache = caches()
+        return (random_tensor(2, 4, 1, 3, dtype=torch.float32), k_cache, v_cache,
+                random_tensor(2, 2, 1, 3, dtype=torch.float32),
+                random_tensor(2, 2, 1, 2, dtype=torch.float32),
+                torch.tensor([4, 0])), {}
+
+    def prefill_with_mask():
+        k_cache, v_cache = caches()
+        return (random_tensor(2, 2, 3, 3, dtype=torch.float32), k_cache, v_cache,
+                random_tensor(2, 2, 3, 3, dtype=torch.float32),
+                random_tensor(2, 2, 3, 2, dtype=torch.float32),
+                torch.tensor([2, 9], dtype=torch.int32)), dict(
+                    attn_mask=random_bool_mask(2, 1, 3, 12), is_causal=False, scale=0.7)
+
+    return [("decode", decode), ("prefill_with_mask", prefill_with_mask)]
+
+
 CASES = {
     "qkv_projection": qkv_projection_cases(),
     "qkv_projection_backward": qkv_projection_backward_cases(),
@@ -203,6 +227,7 @@ CASES = {
     "_attention_dropout_mask": attention_dropout_mask_cases(),
     "merge_heads": merge_heads_cases(),
     "merge_heads_backward": merge_heads_backward_cases(),
+    "attention_with_kv_cache": attention_with_kv_cache_cases(),
 }
 
 
@@ -215,8 +240,9 @@ def with_requires_grad(value):
     return value
 
 
-# _attention_dropout_mask has no floating-point input, so it has no requires_grad variant.
-NO_FLOAT_INPUTS = {"_attention_dropout_mask"}
+# _attention_dropout_mask has no floating-point input, so it has no requires_grad variant;
+# attention_with_kv_cache is an inference op, which refuses inputs that require grad.
+NO_FLOAT_INPUTS = {"_attention_dropout_mask", "attention_with_kv_cache"}
 # With inputs that require grad, _attention_backward runs its differentiable ATen formulation,
 # and tracing its forward and backward costs seconds per case: two of the four cases (the one
 # without and the one with mask gradients) cover that path.
@@ -263,5 +289,5 @@ def test_the_expected_operators_are_registered():
     assert set(registered_operators()) >= {
         "qkv_projection", "qkv_projection_backward", "attention", "attention_with_weights",
         "_attention_forward", "_attention_backward", "_attention_dropout_mask", "merge_heads",
-        "merge_heads_backward",
+        "merge_heads_backward", "attention_with_kv_cache",
     }

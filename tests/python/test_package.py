@@ -18,6 +18,8 @@ PUBLIC_SCHEMAS = {
     "attention_with_weights": ["query", "key", "value", "attn_mask", "dropout_p", "is_causal",
                                "scale", "key_padding_mask", "average_attn_weights"],
     "merge_heads": ["x", "out_weight", "out_bias"],
+    "attention_with_kv_cache": ["query", "k_cache", "v_cache", "key", "value", "cache_seqlens",
+                                "attn_mask", "is_causal", "scale"],
 }
 # Operators with kernels of their own at these keys; the other two are compositions of
 # _attention_forward (CompositeImplicitAutograd), so they inherit its CPU, Meta and autograd.
@@ -30,6 +32,8 @@ OWN_KERNELS = {
     "_attention_dropout_mask": ("CPU", "Meta"),  # returns bool: nothing to differentiate
     "merge_heads": KERNEL_KEYS,
     "merge_heads_backward": KERNEL_KEYS,
+    # Its Autograd kernel refuses inputs that require grad (an inference op).
+    "attention_with_kv_cache": KERNEL_KEYS,
 }
 COMPOSITE = ("attention", "attention_with_weights")
 

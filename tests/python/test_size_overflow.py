@@ -72,6 +72,22 @@ CASES = [
     ("_attention_dropout_mask: empty but its strides overflow",
      "ops._attention_dropout_mask(torch.tensor([1, 2]), 2**40, 2**40, 2**40, 0, 0.5)",
      "has no elements"),
+    # the KV-cache op: each operand, and what it would allocate
+    ("attention_with_kv_cache: head dim D wraps",
+     f"ops.attention_with_kv_cache(huge(1, 1, 1, {WRAPS}), huge(1, 1, 1, {WRAPS}), "
+     "huge(1, 1, 1, 2))", "query has size 4611686018435776512"),
+    ("attention_with_kv_cache: cache length S_max",
+     f"ops.attention_with_kv_cache(huge(1, 1, 1, 2), huge(1, 1, {BIG}, 2), "
+     f"huge(1, 1, {BIG}, 2))", "k_cache has size"),
+    ("attention_with_kv_cache: new keys L_new",
+     f"ops.attention_with_kv_cache(huge(1, 1, 1, 2), huge(1, 1, 4, 2), huge(1, 1, 4, 2), "
+     f"huge(1, 1, {BIG}, 2), huge(1, 1, {BIG}, 2), torch.tensor([0]))", "key has"),
+    ("attention_with_kv_cache: the output (B, H, L, Dv)",
+     "ops.attention_with_kv_cache(huge(2**20, 2**10, 2**10, 1), huge(2**20, 1, 1, 1), "
+     "huge(2**20, 1, 1, 2**10))", "the output (B, H, L, Dv)"),
+    ("attention_with_kv_cache: the scores (B, H, L, S_max)",
+     "ops.attention_with_kv_cache(huge(2**20, 2**8, 2**12, 1), huge(2**20, 1, 2**12, 1), "
+     "huge(2**20, 1, 2**12, 1))", "the attention scores (B, H, L, S_max)"),
     # the projections
     ("qkv_projection: in_features wraps",
      f"ops.qkv_projection(huge(1, 1, {WRAPS}), huge(1, 1, {WRAPS}), huge(1, 1, {WRAPS}), "

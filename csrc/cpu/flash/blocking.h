@@ -66,10 +66,11 @@ inline int64_t columns_for(bool is_causal, int64_t i0, int64_t nq, int64_t j0, i
   return is_causal ? std::clamp<int64_t>(i0 + nq - j0, 0, nk) : nk;
 }
 
-// Key blocks query rows i0 .. i0 + count see (causal: up to the last row's diagonal).
+// Key blocks query rows i0 .. i0 + count see (causal: up to the last row's diagonal; none when
+// the diagonal is shifted before the first key).
 inline int64_t key_blocks_for(bool is_causal, int64_t kv_len, int64_t i0, int64_t count,
                               int64_t Bk) {
-  const int64_t keys = is_causal ? std::min(kv_len, i0 + count) : kv_len;
+  const int64_t keys = is_causal ? std::clamp<int64_t>(i0 + count, 0, kv_len) : kv_len;
   return ceil_div(keys, Bk);
 }
 

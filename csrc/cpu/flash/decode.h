@@ -83,7 +83,7 @@ void flash_decode(const AttentionForwardParams<T>& p) {
     Acc* gathered = row_sum + M;
     uint64_t* keep = keep_bits_at(gathered + 2 * Sc);
     Elem* vp = panels.data() + slot * vp_size;
-    if (p.is_causal && j0 >= L) {  // top-left causal: no query row reaches this chunk
+    if (p.is_causal && j0 >= L + p.causal_offset) {  // no query row reaches this chunk
       for (int64_t r = 0; r < M; ++r) {
         const int64_t row = (b * H + h0 + r / L) * L + r % L;
         std::fill(part_out.data() + (row * chunks + c) * Dv,
@@ -125,7 +125,7 @@ void flash_decode(const AttentionForwardParams<T>& p) {
       Acc* s_row = scores + r * Sc;
       MaskSegment<T, Acc> segments[AttentionInputs<T>::kMasks];
       Acc bias = 0;
-      int64_t valid = visible_in_block(p.is_causal, i, j0, nk);
+      int64_t valid = visible_in_block(p.is_causal, i + p.causal_offset, j0, nk);
       const int count = masks.segments(b, h, i, j0, nk, segments, gathered, bias, valid);
       const Acc m = Ops::prepare_row(s_row, nk, scale, bias, valid, segments, count);
       row_max[r] = m == kNegInf ? Acc(0) : m;  // exp relative to a finite value

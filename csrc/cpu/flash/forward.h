@@ -104,17 +104,18 @@ void flash_forward(const AttentionForwardParams<T>& p) {
     std::fill(row_max, row_max + nq, kNegInf);
     std::fill(row_sum, row_sum + nq, Acc(0));
     std::fill(out_acc, out_acc + nq * Dv, Acc(0));
-    const int64_t visible_blocks = key_blocks_for(p.is_causal, p.kv_len, i0, nq, Bk);
+    const int64_t diagonal = i0 + p.causal_offset;  // the causal diagonal of row i0
+    const int64_t visible_blocks = key_blocks_for(p.is_causal, p.kv_len, diagonal, nq, Bk);
 
     // Scores of the first nc keys of block kb for every row, masked, into dst (row stride ld);
     // row maxima to block_max. Returns nc (keys past it are hidden from all rows by causality).
     auto block_scores = [&](int64_t kb, Acc* dst, int64_t ld) {
-      const int64_t j0 = kb * Bk, nc = columns_for(p.is_causal, i0, nq, j0, std::min(Bk, S - j0));
+      const int64_t j0 = kb * Bk, nc = columns_for(p.is_causal, diagonal, nq, j0, std::min(Bk, S - j0));
       Ops::gemm(nq, nc, D, q, ldq, 1, key_t.at(kv_bh, kb), key_t.ld(), dst, ld, false);
       for (int64_t r = 0; r < nq; ++r) {
         MaskSegment<T, Acc> segments[AttentionInputs<T>::kMasks];
         Acc bias = 0;
-        int64_t valid = visible_in_block(p.is_causal, i0 + r, j0, nc);
+        int64_t valid = visible_in_block(p.is_causal, diagonal + r, j0, nc);
         const int count = masks.segments(b, h, i0 + r, j0, nc, segments, gathered, bias, valid);
         block_max[r] = Ops::prepare_row(dst + r * ld, nc, scale, bias, valid, segments, count);
       }

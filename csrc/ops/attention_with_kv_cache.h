@@ -1,0 +1,54 @@
+// attention_with_kv_cache: one step of inference against a key/value cache, in place.
+//
+//   query (B, H, L, D), k_cache (B, Hkv, S_max, D), v_cache (B, Hkv, S_max, Dv),
+//   key (B, Hkv, L_new, D), value (B, Hkv, L_new, Dv), cache_seqlens (B,) int32 or int64
+//   -> (B, H, L, Dv)
+//
+// Sequence b holds n_b = cache_seqlens[b] valid entries before the call. key and value (both or
+// neither) are written into the caches at positions n_b .. n_b + L_new - 1 of sequence b, and
+// nothing else is written: not the rest of the caches, not cache_seqlens (the caller advances
+// it). Then sequence b's L queries attend to its first n_b + L_new entries and never read past
+// them (a cache allocated with torch.empty may hold anything there). is_causal is aligned
+// bottom-right: query i sees keys j <= n_b + L_new - L + i, so new queries follow the cached
+// keys. attn_mask is broadcastable to (B, H, L, S_max) (bool true = may attend, or added to the
+// scores; only its first n_b + L_new columns are read). Query head h reads key/value head
+// h / (H / Hkv). cache_seqlens None means every S_max entry is valid (key must then be None).
+// A query row that sees no key gives zeros.
+//
+// Inference only: no autograd. Every check, the lengths included, happens before anything is
+// written, so a call that raises leaves the caches as they were.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <vector>
+
+namespace qkv_attention {
+
+at::Tensor attention_with_kv_cache(const at::Tensor& query, const at::Tensor& k_cache,
+                                   const at::Tensor& v_cache,
+                                   const std::optional<at::Tensor>& key = std::nullopt,
+                                   const std::optional<at::Tensor>& value = std::nullopt,
+                                   const std::optional<at::Tensor>& cache_seqlens = std::nullopt,
+                                   const std::optional<at::Tensor>& attn_mask = std::nullopt,
+                                   bool is_causal = true,
+                                   std::optional<double> scale = std::nullopt);
+
+// The checks every dispatch key's kernel runs first: ranks, sizes that must agree, dtypes,
+// devices, layouts, size limits, the scale. Symbolic sizes pass where they cannot be decided;
+// the values of cache_seqlens are checked by check_kv_cache_lengths, where they can be read.
+void check_kv_cache_inputs(const at::Tensor& query, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const std::optional<at::Tensor>& key,
+                           const std::optional<at::Tensor>& value,
+                           const std::optional<at::Tensor>& cache_seqlens,
+                           const std::optional<at::Tensor>& attn_mask,
+                           std::optional<double> scale);
+
+// The valid length of each sequence before the call, read from cache_seqlens ((B,) int32 or
+// int64 on the CPU; all S_max when it is None), after checking that every one is non-negative
+// and leaves room for new_len more entries in s_max.
+std::vector<int64_t> check_kv_cache_lengths(const std::optional<at::Tensor>& cache_seqlens,
+                                            int64_t batch, int64_t new_len, int64_t s_max);
+
+}  // namespace qkv_attention
