@@ -138,6 +138,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_autogra
     check_varlen_backward_inputs(grad_output, query, key, value, output, logsumexp,
                                  cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                  dropout_p, scale, rng_state);
+    // The differentiable form loops over the sequences, so it reads the offsets' values: a
+    // tracer's tensors (FakeTensor, functional wrappers under torch.compile) have none.
+    for (const at::Tensor* offsets : {&cu_seqlens_q, &cu_seqlens_k}) {
+      const bool traced =
+          offsets->key_set().has_any(c10::DispatchKeySet(
+              {c10::DispatchKey::Python, c10::DispatchKey::Functionalize})) ||
+          offsets->sym_size(0).is_symbolic();
+      TORCH_CHECK_NOT_IMPLEMENTED(
+          !traced,
+          "attention_varlen backward: differentiating the backward (create_graph=True, double "
+          "backward) reads the offsets' values, which a traced tensor (torch.compile, "
+          "FakeTensor) does not have; take second derivatives of attention_varlen in eager "
+          "mode");
+    }
     const SequenceOffsets offsets = read_sequence_offsets(
         "attention_varlen backward", cu_seqlens_q, cu_seqlens_k, query.size(0), key.size(0),
         max_seqlen_q.guard_int(__FILE__, __LINE__), max_seqlen_k.guard_int(__FILE__, __LINE__));

@@ -359,3 +359,19 @@ def test_many_short_sequences_match_whatever_the_thread_count(threads):
     finally:
         torch.set_num_threads(previous)
     torch.testing.assert_close(out, reference, atol=0, rtol=0)
+
+
+def test_differentiating_the_backward_of_traced_offsets_raises_clearly():
+    """The double backward loops over the sequences: with FakeTensors (torch.compile's
+    tracing) there are no offset values to loop over, and it says so."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k, v, cu_q, cu_k = packed([2, 3], [4, 1])
+    with FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(t).requires_grad_() for t in (q, k, v))
+        fcu_q, fcu_k = mode.from_tensor(cu_q), mode.from_tensor(cu_k)
+        out, lse = ops._attention_varlen_forward(fq, fk, fv, fcu_q, fcu_k, 3, 4, 0.0, False,
+                                                 None)
+        with pytest.raises(NotImplementedError, match="reads the offsets' values"):
+            ops._attention_varlen_backward(torch.ones_like(out), fq, fk, fv, out.detach(), lse,
+                                           fcu_q, fcu_k, 3, 4, 0.0, False, None, None)
