@@ -18,9 +18,12 @@ PUBLIC_SCHEMAS = {
     "attention_with_weights": ["query", "key", "value", "attn_mask", "dropout_p", "is_causal",
                                "scale", "key_padding_mask"],
     "merge_heads": ["x", "out_weight", "out_bias"],
+    "attention_varlen": ["query", "key", "value", "cu_seqlens_q", "cu_seqlens_k",
+                         "max_seqlen_q", "max_seqlen_k", "dropout_p", "is_causal", "scale"],
 }
-# Operators with kernels of their own at these keys; the other two are compositions of
-# _attention_forward (CompositeImplicitAutograd), so they inherit its CPU, Meta and autograd.
+# Operators with kernels of their own at these keys; the others are compositions of
+# _attention_forward or _attention_varlen_forward (CompositeImplicitAutograd), so they inherit
+# its CPU, Meta and autograd.
 KERNEL_KEYS = ("CPU", "Meta", "Autograd")
 OWN_KERNELS = {
     "qkv_projection": KERNEL_KEYS,
@@ -30,8 +33,10 @@ OWN_KERNELS = {
     "_attention_dropout_mask": ("CPU", "Meta"),  # returns bool: nothing to differentiate
     "merge_heads": KERNEL_KEYS,
     "merge_heads_backward": KERNEL_KEYS,
+    "_attention_varlen_forward": KERNEL_KEYS,
+    "_attention_varlen_backward": KERNEL_KEYS,
 }
-COMPOSITE = ("attention", "attention_with_weights")
+COMPOSITE = ("attention", "attention_with_weights", "attention_varlen")
 
 
 def test_version_is_the_same_everywhere():
