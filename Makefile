@@ -70,7 +70,8 @@ test-python: build
 # as it would be on an AVX2 machine. About 3-4 minutes per level on 2 busy cores.
 LEVEL_TESTS = tests/python/test_attention_vs_sdpa.py tests/python/test_kernel_boundaries.py \
   tests/python/test_threads_determinism.py tests/python/test_dropout.py \
-  tests/python/test_ops_gradcheck.py tests/python/test_gqa.py tests/python/test_kv_cache.py
+  tests/python/test_ops_gradcheck.py tests/python/test_gqa.py tests/python/test_kv_cache.py \
+  tests/python/test_varlen.py
 
 test-levels: build
 	@status=0; levels=default; \
@@ -134,6 +135,7 @@ bench: build
 	$(PY) benchmarks/bench_levels.py
 	$(PY) benchmarks/bench_inference.py
 	$(PY) benchmarks/bench_kv_cache.py
+	$(PY) benchmarks/bench_varlen.py
 	$(PY) benchmarks/bench_huggingface.py
 
 clean:

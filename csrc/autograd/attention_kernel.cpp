@@ -212,11 +212,15 @@ AttentionGrads attention_backward_autograd(
        requires_grad(key) || requires_grad(value) || requires_grad(attn_mask) ||
        requires_grad(key_padding_mask));
   if (differentiate) {
-    // An empty output and no gradient of the weights: every gradient is zero, and so are their
-    // derivatives; returned at once. Otherwise the formulation below materialises the
-    // (B, H, L, S) scores.
-    const bool empty_output = value.defined() && value.dim() == 4 && value.sym_size(3) == 0 &&
-                              !(grad_weights.has_value() && grad_weights->defined());
+    // An empty output and no gradient of the weights, or no query or no key at all (the
+    // output is empty or all zeros, whatever the inputs): every gradient is zero, and so are
+    // their derivatives; returned at once (the formulation below would also take the max of
+    // empty rows). Otherwise it materialises the (B, H, L, S) scores.
+    const bool shaped = value.defined() && value.dim() == 4 && query.defined() &&
+                        query.dim() == 4 && key.defined() && key.dim() == 4;
+    const bool empty_output =
+        shaped && ((value.sym_size(3) == 0 && !(grad_weights.has_value() && grad_weights->defined())) ||
+                   query.sym_size(2) == 0 || key.sym_size(2) == 0);
     check_attention_backward_inputs(grad_output, grad_weights, query, key, value, output,
                                     logsumexp, attn_mask, key_padding_mask, dropout_p, scale,
                                     rng_state, /*scores_materialised=*/!empty_output);

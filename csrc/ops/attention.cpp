@@ -192,22 +192,6 @@ void check_rng_state(const char* op, const at::Tensor& rng_state) {
               ": rng_state must have shape (2,), but has shape ", rng_state.sym_sizes());
 }
 
-// rng_state is optional in the schemas; with dropout it must be given (and is then checked),
-// without it it is ignored when absent and checked when given.
-void check_optional_rng_state(const char* op, const std::optional<at::Tensor>& rng_state,
-                              double dropout_p, bool required, const at::Tensor& query) {
-  const bool given = rng_state.has_value() && rng_state->defined();
-  TORCH_CHECK(given || !required || !(dropout_p > 0), op,
-              ": rng_state (the dropout stream's seed and offset, (2,) int64) must be given "
-              "when dropout_p > 0, but is None (dropout_p = ", dropout_p, ")");
-  if (!given) return;
-  check_rng_state(op, *rng_state);
-  // The composite ops make rng_state on the CPU, where the kernels read it.
-  TORCH_CHECK(rng_state->device() == query.device() || rng_state->device().is_cpu(), op,
-              ": rng_state is on ", rng_state->device(), " but must be on the CPU or on query's ",
-              query.device());
-}
-
 // The product of sizes that are all known, or nothing when one is symbolic; 0 when one is 0.
 // Raises (naming `what`) when it does not fit an int64.
 std::optional<int64_t> concrete_product(const char* op, const char* what,
@@ -251,6 +235,22 @@ void check_attention_sizes(const char* op, const at::Tensor& query, const at::Te
 }
 
 }  // namespace
+
+// rng_state is optional in the schemas; with dropout it must be given (and is then checked),
+// without it it is ignored when absent and checked when given.
+void check_optional_rng_state(const char* op, const std::optional<at::Tensor>& rng_state,
+                              double dropout_p, bool required, const at::Tensor& query) {
+  const bool given = rng_state.has_value() && rng_state->defined();
+  TORCH_CHECK(given || !required || !(dropout_p > 0), op,
+              ": rng_state (the dropout stream's seed and offset, (2,) int64) must be given "
+              "when dropout_p > 0, but is None (dropout_p = ", dropout_p, ")");
+  if (!given) return;
+  check_rng_state(op, *rng_state);
+  // The composite ops make rng_state on the CPU, where the kernels read it.
+  TORCH_CHECK(rng_state->device() == query.device() || rng_state->device().is_cpu(), op,
+              ": rng_state is on ", rng_state->device(), " but must be on the CPU or on query's ",
+              query.device());
+}
 
 void check_attention_inputs(const char* op, const at::Tensor& query, const at::Tensor& key,
                             const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,

@@ -90,6 +90,12 @@ void check_attention_inputs(const char* op, const at::Tensor& query, const at::T
                             const std::optional<at::Tensor>& rng_state, bool rng_state_required,
                             bool scores_materialised = false);
 
+// rng_state is optional in the schemas: with dropout it must be given when `required` (the
+// kernel ops; the composites check before they draw), and when given it must be (2,) int64
+// on the CPU or on query's device.
+void check_optional_rng_state(const char* op, const std::optional<at::Tensor>& rng_state,
+                              double dropout_p, bool required, const at::Tensor& query);
+
 void check_attention_backward_inputs(
     const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_weights,
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,

@@ -26,6 +26,8 @@ std::string op_label(const c10::OperatorHandle& op) {
   if (name == "_attention_forward") return "attention";
   if (name == "_attention_backward") return "attention backward";
   if (name == "_attention_dropout_mask") return "attention dropout mask";
+  if (name == "_attention_varlen_forward") return "attention_varlen";
+  if (name == "_attention_varlen_backward") return "attention_varlen backward";
   if (name == "qkv_projection_backward") return "qkv_projection backward";
   if (name == "merge_heads_backward") return "merge_heads backward";
   return std::string(name);
@@ -49,7 +51,8 @@ void reject_unsupported_layout(const c10::OperatorHandle& op, c10::DispatchKeySe
 constexpr const char* kOperators[] = {
     "_attention_forward", "_attention_backward",     "_attention_dropout_mask",
     "qkv_projection",     "qkv_projection_backward", "merge_heads",
-    "merge_heads_backward", "attention_with_kv_cache"};
+    "merge_heads_backward", "attention_with_kv_cache", "_attention_varlen_forward",
+    "_attention_varlen_backward"};
 
 void register_rejections(torch::Library& m) {
   for (const char* name : kOperators) {
@@ -59,8 +62,8 @@ void register_rejections(torch::Library& m) {
 
 }  // namespace
 
-// attention and attention_with_weights are compositions of _attention_forward: they reach the
-// kernels below through it.
+// attention and attention_with_weights are compositions of _attention_forward, attention_varlen
+// of _attention_varlen_forward: they reach the kernels below through them.
 TORCH_LIBRARY_IMPL(qkv_attention, SparseCPU, m) { register_rejections(m); }
 TORCH_LIBRARY_IMPL(qkv_attention, SparseMeta, m) { register_rejections(m); }
 TORCH_LIBRARY_IMPL(qkv_attention, SparseCsrCPU, m) { register_rejections(m); }

@@ -1,9 +1,9 @@
 """qkv_attention: self-attention as custom C++ autograd operators for PyTorch.
 
 Importing the package loads the C++ extension, which registers
-``torch.ops.qkv_attention.qkv_projection``, ``.attention``, ``.attention_with_weights`` and
-``.merge_heads`` (with their backward ops), and the inference op ``.attention_with_kv_cache``
-with the PyTorch dispatcher.
+``torch.ops.qkv_attention.qkv_projection``, ``.attention``, ``.attention_with_weights``,
+``.attention_varlen`` and ``.merge_heads`` (with their backward ops), and the inference op
+``.attention_with_kv_cache`` with the PyTorch dispatcher.
 """
 import torch  # noqa: F401  (the extension links against torch's libraries)
 

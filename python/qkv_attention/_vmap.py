@@ -22,6 +22,8 @@ size; per-sample shapes are the ops' own, e.g. query (B, H, L, D).
   that sample's slice of the caches (a view, so the writes land in the caller's tensors). Caches
   without the vmapped dimension would receive every sample's keys at the same positions: that
   raises, as do vmapped ``cache_seqlens`` with caches shared by the samples.
+- The variable-length ops (``attention_varlen`` and its forward and backward) loop over the
+  samples: each sample's packed rows come with offsets of their own.
 """
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
@@ -188,6 +190,21 @@ def _merge_heads_batched(info, in_dims, x, out_weight, out_bias):
     return _unfold(_ops.merge_heads(_fold(x, in_dims[0], n), out_weight, out_bias), n), 0
 
 
+def _attention_varlen_batched(info, in_dims, query, key, value, cu_seqlens_q, cu_seqlens_k,
+                              max_seqlen_q, max_seqlen_k, dropout_p=0.0, is_causal=False,
+                              scale=None):
+    """attention_varlen: the dropout state as vmap's randomness says, then one
+    _attention_varlen_forward call per sample (a sample's packed rows and offsets are a batch
+    of their own; folding samples would need offsets rebuilt for every sample)."""
+    rng_state, rng_batched = _random_state("attention_varlen", info, dropout_p)
+    args = (query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+            dropout_p, is_causal, scale, rng_state)
+    dims = (*in_dims[:5], None, None, None, None, None, 0 if rng_batched else None)
+    outputs, out_dims = _per_sample(_ops._attention_varlen_forward, info.batch_size, dims, args,
+                                    {})
+    return outputs[0], out_dims[0]
+
+
 def _backward_batched(op: Callable):
     def rule(info, in_dims, *args):
         return _per_sample(op, info.batch_size, in_dims, args, {})
@@ -231,6 +248,9 @@ def register() -> None:
         "merge_heads": _merge_heads_batched,
         "merge_heads_backward": _backward_batched(_ops.merge_heads_backward),
         "attention_with_kv_cache": _attention_with_kv_cache_batched,
+        "attention_varlen": _attention_varlen_batched,
+        "_attention_varlen_forward": _backward_batched(_ops._attention_varlen_forward),
+        "_attention_varlen_backward": _backward_batched(_ops._attention_varlen_backward),
     }
     for name, rule in rules.items():
         torch.library.register_vmap(f"qkv_attention::{name}", rule)

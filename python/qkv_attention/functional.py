@@ -5,7 +5,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import ops
+from . import _jagged, ops
 
 __all__ = ["scaled_dot_product_attention"]
 
@@ -34,8 +34,10 @@ def _check_dense_tensor(name: str, t, optional: bool) -> None:
         )
     if t.is_nested or t.is_quantized or t.layout != torch.strided:
         kind = "nested" if t.is_nested else "quantized" if t.is_quantized else str(t.layout)
+        hint = (" (jagged nested tensors are accepted when query, key and value all are)"
+                if t.is_nested else "")
         raise NotImplementedError(
-            f"scaled_dot_product_attention: {name} must be a dense tensor, but is {kind}"
+            f"scaled_dot_product_attention: {name} must be a dense tensor, but is {kind}{hint}"
         )
 
 
@@ -61,9 +63,20 @@ def scaled_dot_product_attention(
         enable_gqa: key/value may have fewer heads (dim -3) than query, which must be a
             multiple; each key/value head serves a group of query heads.
 
+    Jagged nested tensors (``layout=torch.jagged``) are accepted as torch's function takes
+    them: query (B, H, j, D), key and value (B, Hkv, j, D) / (B, Hkv, j, Dv), each a
+    (B, j, H, D) jagged tensor transposed with ``.transpose(1, 2)``. Each sequence attends to
+    its own keys, without padding (``ops.attention_varlen``); ``is_causal`` is top-left within
+    each sequence; no ``attn_mask``. The result is jagged (B, H, j, Dv) with query's lengths,
+    differentiable through the inputs' ``values()``.
+
     Returns:
         (..., L, Ev). Rows with no key to attend to are zeros, as in torch's function.
     """
+    if _jagged.all_nested(query, key, value):
+        # Jagged (B, H, j, D) inputs: packed values and offsets, no padding.
+        return _jagged.scaled_dot_product_attention(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     for name, t in (("query", query), ("key", key), ("value", value), ("attn_mask", attn_mask)):
         _check_dense_tensor(name, t, optional=name == "attn_mask")
     for name, t in (("query", query), ("key", key), ("value", value)):

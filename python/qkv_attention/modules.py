@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from . import ops
+from . import _jagged, ops
 
 __all__ = ["MultiheadAttention"]
 
@@ -432,6 +432,12 @@ class MultiheadAttention(nn.Module):
         parameters all count as the autocast dtype, the computation runs in it and output and
         weights come back in it, as from torch's module (float64 is left alone, as by autocast).
         """
+        if not torch.jit.is_scripting():
+            if _jagged.all_nested(query, key, value):
+                # Nested (N, j, E) inputs, jagged or strided: without padding (_jagged.py).
+                return _jagged.multihead_attention(
+                    self, query, key, value, key_padding_mask, need_weights, attn_mask,
+                    average_attn_weights, is_causal)
         # -- what each argument is (a dense tensor), then mask types, as torch's module
         # checks them first.
         _check_tensor_argument(query, "query", optional=False)

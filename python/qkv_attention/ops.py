@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "qkv_projection", "attention", "attention_with_weights", "merge_heads",
+    "qkv_projection", "attention", "attention_with_weights", "attention_varlen", "merge_heads",
     "attention_with_kv_cache",
 ]
 
@@ -102,6 +102,50 @@ def attention_with_weights(
     return _ops.attention_with_weights(
         query, key, value, attn_mask, dropout_p, is_causal, scale, key_padding_mask,
         average_attn_weights
+    )
+
+
+def attention_varlen(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+) -> Tensor:
+    """:func:`attention` over B sequences of different lengths, packed without padding.
+
+    The sequences lie back to back along the first dimension (the layout of
+    ``nested.values()`` for a jagged (B, j, H, D) tensor, and of flash-attention's
+    ``cu_seqlens``): sequence b is query rows ``cu_seqlens_q[b]:cu_seqlens_q[b + 1]`` and
+    key/value rows ``cu_seqlens_k[b]:cu_seqlens_k[b + 1]``, and attends to its own keys only.
+    The work is the sum over sequences of L_b * S_b, never B times the longest.
+
+    Args:
+        query: (total_q, H, D).  key: (total_k, Hkv, D).  value: (total_k, Hkv, Dv), with
+            Hkv dividing H (grouped-query attention: query head h reads key/value head
+            h // (H // Hkv)).
+        cu_seqlens_q, cu_seqlens_k: (B + 1,) int32 or int64 on the CPU: the offsets, starting
+            at 0, non-decreasing, ending at total_q (total_k). Lengths may be 0.
+        max_seqlen_q, max_seqlen_k: at least the longest query (key) sequence; a longer one
+            raises.
+        dropout_p: as :func:`attention`; sequence b's mask is the one a dense call on it alone
+            would draw from the stream state (seed, offset + b), so every sequence has its own
+            part of the stream and ``torch.manual_seed`` reproduces a call.
+        is_causal: query i of a sequence sees that sequence's keys 0..i (top-left aligned).
+        scale: multiplies the scores; defaults to 1/sqrt(D).
+
+    Returns:
+        (total_q, H, Dv). A query of a sequence with no keys gives a row of zeros, as a fully
+        masked row of :func:`attention` does.
+    """
+    return _ops.attention_varlen(
+        query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+        is_causal, scale
     )
 
 

@@ -22,13 +22,16 @@ const std::vector<std::string> kKernelOps = {
     "qkv_attention::_attention_forward", "qkv_attention::_attention_backward",
     "qkv_attention::merge_heads",        "qkv_attention::merge_heads_backward",
     "qkv_attention::attention_with_kv_cache",
+    "qkv_attention::_attention_varlen_forward", "qkv_attention::_attention_varlen_backward",
 };
 
-// Compositions of _attention_forward (CompositeImplicitAutograd): autograd, Meta and CPU come
-// from the op they call, so torch.compile and autograd see _attention_forward in their place.
+// Compositions of _attention_forward or _attention_varlen_forward (CompositeImplicitAutograd):
+// autograd, Meta and CPU come from the op they call, so torch.compile and autograd see that op
+// in their place.
 const std::vector<std::string> kCompositeOps = {
     "qkv_attention::attention",
     "qkv_attention::attention_with_weights",
+    "qkv_attention::attention_varlen",
 };
 
 std::vector<std::string> argument_names(const c10::FunctionSchema& schema) {

@@ -216,7 +216,7 @@ def test_float64_module_ignores_autocast_as_torch_does(low):
 
 def test_autocast_kernels_are_registered_for_the_public_ops():
     for name in ("qkv_projection", "attention", "attention_with_weights", "merge_heads",
-                 "_attention_forward"):
+                 "_attention_forward", "attention_varlen", "_attention_varlen_forward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(
             f"qkv_attention::{name}", "AutocastCPU"), name
 

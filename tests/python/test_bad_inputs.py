@@ -97,6 +97,32 @@ def _dropout_mask_args() -> Dict[str, Any]:
                 kv_len=6, dropout_p=0.25)
 
 
+def _attention_varlen_args() -> Dict[str, Any]:
+    # Sequences of 2 and 3 queries against 4 and 2 keys; H 4, Hkv 2, D 5, Dv 7.
+    return dict(
+        query=_randn(5, 4, 5), key=_randn(6, 2, 5), value=_randn(6, 2, 7),
+        cu_seqlens_q=torch.tensor([0, 2, 5]), cu_seqlens_k=torch.tensor([0, 4, 6]),
+        max_seqlen_q=3, max_seqlen_k=4, dropout_p=0.25, is_causal=False, scale=None,
+    )
+
+
+def _attention_varlen_forward_args() -> Dict[str, Any]:
+    a = _attention_varlen_args()
+    a.update(scale=0.5, rng_state=torch.tensor([123, 4], dtype=torch.long))
+    return a
+
+
+def _attention_varlen_backward_args() -> Dict[str, Any]:
+    a = _attention_varlen_forward_args()
+    with torch.no_grad():
+        output, logsumexp = _ops()._attention_varlen_forward(*a.values())
+    return dict(grad_output=torch.randn_like(output), query=a["query"], key=a["key"],
+                value=a["value"], output=output, logsumexp=logsumexp,
+                cu_seqlens_q=a["cu_seqlens_q"], cu_seqlens_k=a["cu_seqlens_k"],
+                max_seqlen_q=3, max_seqlen_k=4, dropout_p=0.25, is_causal=True, scale=0.5,
+                rng_state=a["rng_state"])
+
+
 def _qkv_projection_args() -> Dict[str, Any]:
     B, L, S, Eq, Ek, Ev, E, H = 2, 3, 4, 5, 6, 7, 8, 2
     return dict(
@@ -205,6 +231,19 @@ _ATTENTION_TENSORS = dict(
     key_padding_mask=TensorArg(dims=(0, 1), mask=True, optional=True),
 )
 _ATTENTION_NAMES = ("attention", "qkv_attention::attention")
+# The packed rows of query (key) must end where cu_seqlens_q (cu_seqlens_k) does: a changed row
+# count may be reported under the offsets' name.
+_VARLEN_TENSORS = dict(
+    query=TensorArg(dims=(0, 1, 2), partners=("cu_seqlens_q",)),
+    key=TensorArg(dims=(0, 1, 2), partners=("cu_seqlens_k",)),
+    value=TensorArg(dims=(0, 1)),  # Dv is free
+    cu_seqlens_q=TensorArg(dims=(0,), kind="int64", valid_dtypes=(torch.int32,),
+                           partners=("cu_seqlens_k",)),
+    cu_seqlens_k=TensorArg(dims=(0,), kind="int64", valid_dtypes=(torch.int32,),
+                           partners=("cu_seqlens_q",)),
+)
+_VARLEN_NAMES = ("attention_varlen", "qkv_attention::attention_varlen",
+                 "qkv_attention::_attention_varlen_forward")
 
 OPS: List[OpSpec] = [
     OpSpec("attention", _attention_args,
@@ -233,6 +272,21 @@ OPS: List[OpSpec] = [
                 batch=BAD_SIZE, heads=BAD_SIZE,
                 q_len=BAD_SIZE, kv_len=BAD_SIZE, dropout_p=BAD_PROBABILITY),
            ("attention dropout mask", "qkv_attention::_attention_dropout_mask")),
+    OpSpec("attention_varlen", _attention_varlen_args,
+           dict(**_VARLEN_TENSORS, max_seqlen_q=BAD_SIZE, max_seqlen_k=BAD_SIZE,
+                dropout_p=BAD_PROBABILITY, is_causal=BAD_BOOL, scale=BAD_SCALE),
+           _VARLEN_NAMES),
+    OpSpec("_attention_varlen_forward", _attention_varlen_forward_args,
+           dict(**_VARLEN_TENSORS, max_seqlen_q=BAD_SIZE, max_seqlen_k=BAD_SIZE,
+                dropout_p=BAD_PROBABILITY, is_causal=BAD_BOOL, scale=BAD_SCALE,
+                rng_state=TensorArg(dims=(0,), kind="int64")), _VARLEN_NAMES),
+    OpSpec("_attention_varlen_backward", _attention_varlen_backward_args,
+           dict(grad_output=TensorArg(dims=(0, 1, 2)), **_VARLEN_TENSORS,
+                output=TensorArg(dims=(0, 1, 2)), logsumexp=TensorArg(dims=(0, 1)),
+                max_seqlen_q=BAD_SIZE, max_seqlen_k=BAD_SIZE, dropout_p=BAD_PROBABILITY,
+                is_causal=BAD_BOOL, scale=BAD_SCALE,
+                rng_state=TensorArg(dims=(0,), kind="int64")),
+           ("attention_varlen backward", "qkv_attention::_attention_varlen_backward")),
     OpSpec("qkv_projection", _qkv_projection_args,
            dict(query=TensorArg(dims=(0, 2)), key=TensorArg(dims=(0, 1, 2)),
                 value=TensorArg(dims=(0, 1, 2)),

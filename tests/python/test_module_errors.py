@@ -110,8 +110,11 @@ def test_bad_input_raises_like_torch(case):
 
 
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype")
-def test_nested_tensor_input_is_refused_with_a_hint():
+def test_nested_query_with_dense_key_and_value_is_refused_with_a_hint():
+    """Nested inputs are taken when query, key and value all are (test_jagged.py); a nested
+    query among dense key and value is refused, as by torch's module."""
     ours = qkv_attention.MultiheadAttention(E, H, batch_first=True)
     nested = torch.nested.nested_tensor([torch.randn(3, E), torch.randn(2, E)])
+    dense = torch.randn(2, 3, E)
     with pytest.raises(AssertionError, match="use_nested_tensor"):
-        ours(nested, nested, nested)
+        ours(nested, dense, dense)

@@ -20,9 +20,12 @@ PUBLIC_SCHEMAS = {
     "merge_heads": ["x", "out_weight", "out_bias"],
     "attention_with_kv_cache": ["query", "k_cache", "v_cache", "key", "value", "cache_seqlens",
                                 "attn_mask", "is_causal", "scale"],
+    "attention_varlen": ["query", "key", "value", "cu_seqlens_q", "cu_seqlens_k",
+                         "max_seqlen_q", "max_seqlen_k", "dropout_p", "is_causal", "scale"],
 }
-# Operators with kernels of their own at these keys; the other two are compositions of
-# _attention_forward (CompositeImplicitAutograd), so they inherit its CPU, Meta and autograd.
+# Operators with kernels of their own at these keys; the others are compositions of
+# _attention_forward or _attention_varlen_forward (CompositeImplicitAutograd), so they inherit
+# its CPU, Meta and autograd.
 KERNEL_KEYS = ("CPU", "Meta", "Autograd")
 OWN_KERNELS = {
     "qkv_projection": KERNEL_KEYS,
@@ -34,8 +37,10 @@ OWN_KERNELS = {
     "merge_heads_backward": KERNEL_KEYS,
     # Its Autograd kernel refuses inputs that require grad (an inference op).
     "attention_with_kv_cache": KERNEL_KEYS,
+    "_attention_varlen_forward": KERNEL_KEYS,
+    "_attention_varlen_backward": KERNEL_KEYS,
 }
-COMPOSITE = ("attention", "attention_with_weights")
+COMPOSITE = ("attention", "attention_with_weights", "attention_varlen")
 
 
 def test_version_is_the_same_everywhere():

@@ -114,6 +114,25 @@ CASES = [
     ("merge_heads_backward",
      f"ops.merge_heads_backward(huge(1, 4, {BIG}), huge(1, 2, 4, 3), huge({BIG}, 6))",
      "out_weight has size"),
+    # attention_varlen: the packed operands, the output, one sequence's score count
+    ("attention_varlen: head dim D wraps",
+     f"ops.attention_varlen(huge(1, 1, {WRAPS}), huge(1, 1, {WRAPS}), huge(1, 1, 2), "
+     "torch.tensor([0, 1]), torch.tensor([0, 1]), 1, 1)", "query has size"),
+    ("attention_varlen: packed rows total_k",
+     f"ops.attention_varlen(huge(2, 1, 2), huge({BIG}, 1, 2), huge({BIG}, 1, 2), "
+     f"torch.tensor([0, 2]), torch.tensor([0, {BIG}]), 2, {BIG})", "key has size"),
+    ("attention_varlen: the output (total_q, H, Dv)",
+     "ops.attention_varlen(huge(2**30, 2**10, 1), huge(2, 2**10, 1), huge(2, 2**10, 2**10), "
+     "torch.tensor([0, 2**30]), torch.tensor([0, 2]), 2**30, 2)",
+     "the output (total_q, H, Dv)"),
+    ("attention_varlen: one sequence's scores overflow int64",
+     "ops.attention_varlen(huge(2, 2**30, 1), huge(2, 2**30, 1), huge(2, 2**30, 1), "
+     "torch.tensor([0, 2]), torch.tensor([0, 2]), 2**35, 2**35)",
+     "the scores of one sequence (H, max_seqlen_q, max_seqlen_k)"),
+    ("_attention_varlen_backward: grad_output of a huge Dv",
+     f"ops._attention_varlen_backward(huge(1, 1, {WRAPS}), huge(1, 1, 2), huge(1, 1, 2), "
+     f"huge(1, 1, {WRAPS}), huge(1, 1, {WRAPS}), huge(1, 1), torch.tensor([0, 1]), "
+     "torch.tensor([0, 1]), 1, 1, 0.0, False, None, None)", "value has size"),
     # through the Python API
     ("functional.scaled_dot_product_attention",
      f"qkv_attention.functional.scaled_dot_product_attention(huge(1, 1, 1, {WRAPS}), "

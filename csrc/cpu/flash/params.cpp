@@ -57,6 +57,35 @@ void set_inputs(AttentionInputs<T>& p, const AttentionArguments& args) {
   p.value_strides = strides_of(args.value);
 }
 
+// Rows first .. of a packed (total, heads, features) tensor as a (1, heads, rows, features)
+// operand: the packed row stride becomes the row stride, the head stride stays.
+Strides4 packed_strides(const at::Tensor& t) {
+  return Strides4{0, t.stride(1), t.stride(0), t.stride(2)};
+}
+
+template <typename T>
+void set_sequence_inputs(AttentionInputs<T>& p, const PackedArguments& args,
+                         const PackedSequence& sequence) {
+  p.batch = 1;
+  p.heads = args.query.size(1);
+  p.q_len = sequence.q_len;
+  p.head_dim = args.query.size(2);
+  p.kv_heads = args.key.size(1);
+  p.kv_len = sequence.k_len;
+  p.value_dim = args.value.size(2);
+  p.scale = attention_scale(args.scale, p.head_dim);
+  p.is_causal = args.is_causal;
+  p.dropout_p = args.dropout_p;
+  p.seed = args.seed;
+  p.offset = args.offset + uint64_t(sequence.index);  // wraps as the stream's counter does
+  p.query_strides = packed_strides(args.query);
+  p.key_strides = packed_strides(args.key);
+  p.value_strides = packed_strides(args.value);
+  p.query = args.query.const_data_ptr<T>() + sequence.q_begin * p.query_strides.row;
+  p.key = args.key.const_data_ptr<T>() + sequence.k_begin * p.key_strides.row;
+  p.value = args.value.const_data_ptr<T>() + sequence.k_begin * p.value_strides.row;
+}
+
 }  // namespace
 
 std::pair<uint64_t, uint64_t> seed_and_offset(const at::Tensor& rng_state) {
@@ -103,7 +132,41 @@ AttentionBackwardParams<T> set_backward_params(
   return p;
 }
 
+template <typename T>
+AttentionForwardParams<T> set_sequence_forward_params(const PackedArguments& args,
+                                                      const PackedSequence& sequence, T* output,
+                                                      AccType<T>* logsumexp) {
+  AttentionForwardParams<T> p;
+  set_sequence_inputs(p, args, sequence);
+  p.output = output;
+  p.logsumexp = logsumexp;
+  return p;
+}
+
+template <typename T>
+AttentionBackwardParams<T> set_sequence_backward_params(
+    const PackedArguments& args, const PackedSequence& sequence, const at::Tensor& output,
+    const at::Tensor& grad_output, const AccType<T>* logsumexp, T* grad_query, T* grad_key,
+    T* grad_value) {
+  AttentionBackwardParams<T> p;
+  set_sequence_inputs(p, args, sequence);
+  p.output_strides = packed_strides(output);
+  p.grad_output_strides = packed_strides(grad_output);
+  p.output = output.const_data_ptr<T>() + sequence.q_begin * p.output_strides.row;
+  p.grad_output = grad_output.const_data_ptr<T>() + sequence.q_begin * p.grad_output_strides.row;
+  p.logsumexp = logsumexp;
+  p.grad_query = grad_query;
+  p.grad_key = grad_key;
+  p.grad_value = grad_value;
+  return p;
+}
+
 #define QKV_INSTANTIATE(T)                                                                     \
+  template AttentionForwardParams<T> set_sequence_forward_params<T>(                          \
+      const PackedArguments&, const PackedSequence&, T*, AccType<T>*);                         \
+  template AttentionBackwardParams<T> set_sequence_backward_params<T>(                        \
+      const PackedArguments&, const PackedSequence&, const at::Tensor&, const at::Tensor&,     \
+      const AccType<T>*, T*, T*, T*);                                                          \
   template AttentionForwardParams<T> set_forward_params<T>(                                   \
       const AttentionArguments&, const at::Tensor&, const at::Tensor&, const at::Tensor*,     \
       bool);                                                                                  \

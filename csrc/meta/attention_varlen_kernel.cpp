@@ -1,0 +1,48 @@
+// Shape-only kernels of the variable-length attention operators. The shapes follow from the
+// packed sizes alone, never from the offsets' values (which a FakeTensor does not have), so
+// torch.compile traces a call whatever its lengths; the CPU kernel checks the values.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include "ops/attention_varlen.h"
+
+namespace qkv_attention::meta {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_meta(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, c10::SymInt max_seqlen_q,
+    c10::SymInt max_seqlen_k, double dropout_p, bool is_causal, std::optional<double> scale,
+    const std::optional<at::Tensor>& rng_state) {
+  check_varlen_inputs("attention_varlen", query, key, value, cu_seqlens_q, cu_seqlens_k,
+                      max_seqlen_q, max_seqlen_k, dropout_p, scale, rng_state,
+                      /*rng_state_required=*/true);
+  const c10::SymInt total_q = query.sym_size(0), H = query.sym_size(1), Dv = value.sym_size(2);
+  return {at::empty_symint({total_q, H, Dv}, query.options()),
+          at::empty_symint({total_q, H},
+                           query.options().dtype(at::toOpMathType(query.scalar_type())))};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_meta(
+    const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key,
+    const at::Tensor& value, const at::Tensor& output, const at::Tensor& logsumexp,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, c10::SymInt max_seqlen_q,
+    c10::SymInt max_seqlen_k, double dropout_p, bool is_causal, std::optional<double> scale,
+    const std::optional<at::Tensor>& rng_state) {
+  check_varlen_backward_inputs(grad_output, query, key, value, output, logsumexp, cu_seqlens_q,
+                               cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale,
+                               rng_state);
+  return {at::empty_symint(query.sym_sizes(), query.options()),
+          at::empty_symint(key.sym_sizes(), key.options()),
+          at::empty_symint(value.sym_sizes(), value.options())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qkv_attention, Meta, m) {
+  m.impl("_attention_varlen_forward", TORCH_FN(attention_varlen_forward_meta));
+  m.impl("_attention_varlen_backward", TORCH_FN(attention_varlen_backward_meta));
+}
+
+}  // namespace qkv_attention::meta

@@ -1,0 +1,91 @@
+// attention_varlen: attention over a batch of sequences of different lengths, packed back to
+// back without padding (the layout of a jagged nested tensor's values(), and of
+// flash-attention's varlen functions).
+//
+//   query (total_q, H, D), key (total_k, Hkv, D), value (total_k, Hkv, Dv) -> (total_q, H, Dv)
+//
+// cu_seqlens_q and cu_seqlens_k ((B + 1,), int32 or int64, on the CPU) are the offsets of the
+// B sequences: sequence b holds query rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] and key/value
+// rows cu_seqlens_k[b] .. cu_seqlens_k[b + 1]. They start at 0, never decrease and end at
+// total_q (total_k). max_seqlen_q / max_seqlen_k bound the lengths (a longer sequence is an
+// error). Each sequence attends only to its own keys; is_causal lets query i of a sequence
+// see its keys 0..i (top-left aligned, as the dense op). A query of a sequence without keys
+// gives a row of zeros (the dense op's fully masked row). Grouped-query attention as the dense
+// op: query head h reads key/value head h / (H / Hkv).
+//
+// Dropout: sequence b draws its mask from the dense op's stream of (seed, offset + b) as a
+// (1, H, L_b, S_b) call would (rng_state = (seed, offset)), so every sequence has a part of the
+// stream of its own and the backward regenerates the same masks.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/SymInt.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace qkv_attention {
+
+at::Tensor attention_varlen(const at::Tensor& query, const at::Tensor& key,
+                            const at::Tensor& value, const at::Tensor& cu_seqlens_q,
+                            const at::Tensor& cu_seqlens_k, c10::SymInt max_seqlen_q,
+                            c10::SymInt max_seqlen_k, double dropout_p = 0.0,
+                            bool is_causal = false, std::optional<double> scale = std::nullopt);
+
+// (output (total_q, H, Dv), logsumexp (total_q, H) in the accumulation dtype, -inf for a row
+// without keys). A pure function of its inputs: rng_state as _attention_forward's.
+std::tuple<at::Tensor, at::Tensor> _attention_varlen_forward(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, c10::SymInt max_seqlen_q,
+    c10::SymInt max_seqlen_k, double dropout_p, bool is_causal, std::optional<double> scale,
+    const std::optional<at::Tensor>& rng_state);
+
+// (grad_query, grad_key, grad_value).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> _attention_varlen_backward(
+    const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key,
+    const at::Tensor& value, const at::Tensor& output, const at::Tensor& logsumexp,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, c10::SymInt max_seqlen_q,
+    c10::SymInt max_seqlen_k, double dropout_p, bool is_causal, std::optional<double> scale,
+    const std::optional<at::Tensor>& rng_state);
+
+// ---- shared by the kernels of every dispatch key ----
+
+// Shapes, dtypes and devices of the inputs (not the offsets' values, which the Meta kernels
+// cannot read): what every dispatch key checks first.
+void check_varlen_inputs(const char* op, const at::Tensor& query, const at::Tensor& key,
+                         const at::Tensor& value, const at::Tensor& cu_seqlens_q,
+                         const at::Tensor& cu_seqlens_k, const c10::SymInt& max_seqlen_q,
+                         const c10::SymInt& max_seqlen_k, double dropout_p,
+                         std::optional<double> scale, const std::optional<at::Tensor>& rng_state,
+                         bool rng_state_required);
+
+void check_varlen_backward_inputs(const at::Tensor& grad_output, const at::Tensor& query,
+                                  const at::Tensor& key, const at::Tensor& value,
+                                  const at::Tensor& output, const at::Tensor& logsumexp,
+                                  const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                  const c10::SymInt& max_seqlen_q,
+                                  const c10::SymInt& max_seqlen_k, double dropout_p,
+                                  std::optional<double> scale,
+                                  const std::optional<at::Tensor>& rng_state);
+
+// The offsets, read and checked against the packed tensors (start at 0, non-decreasing, end
+// at total_q / total_k, no sequence longer than its max_seqlen): (B + 1) entries each.
+struct SequenceOffsets {
+  std::vector<int64_t> query, key;
+  int64_t count() const { return int64_t(query.size()) - 1; }
+  int64_t q_begin(int64_t b) const { return query[size_t(b)]; }
+  int64_t q_len(int64_t b) const { return query[size_t(b) + 1] - query[size_t(b)]; }
+  int64_t k_begin(int64_t b) const { return key[size_t(b)]; }
+  int64_t k_len(int64_t b) const { return key[size_t(b) + 1] - key[size_t(b)]; }
+};
+SequenceOffsets read_sequence_offsets(const char* op, const at::Tensor& cu_seqlens_q,
+                                      const at::Tensor& cu_seqlens_k, int64_t total_q,
+                                      int64_t total_k, int64_t max_seqlen_q,
+                                      int64_t max_seqlen_k);
+
+// The rng_state of sequence b's dropout stream: (seed, offset + b), wrapping as the kernels'
+// 64-bit counters do.
+at::Tensor sequence_rng_state(const at::Tensor& rng_state, int64_t b);
+
+}  // namespace qkv_attention
