@@ -22,6 +22,7 @@
 #include "cpu/flash/dropout_bits.h"
 #include "cpu/flash/level_namespace.h"
 #include "cpu/flash/row_masks.h"
+#include "cpu/rounding.h"
 
 QKV_FLASH_LEVEL_BEGIN
 
@@ -208,7 +209,7 @@ struct BlasGemm {
   static constexpr int64_t kForwardQueries = 128;
   static constexpr int64_t kForwardKeys = 512;
 
-  static int64_t packed_ld(int64_t N) { return (N + 15) / 16 * 16; }
+  static int64_t packed_ld(int64_t N) { return round_up(N, 16); }
   static int64_t packed_size(int64_t K, int64_t N) { return K * packed_ld(N); }
 
   // dst = B with B[k, n] = src[k * src_row + n * src_col] (a transpose when src_row is 1),
