@@ -320,7 +320,7 @@ struct VecGemm {
     constexpr int64_t W = Vec::size(), kPanel = kVectors * W;
     for (int64_t n0 = 0; n0 < N; n0 += kPanel) {
       const int64_t width = std::min(kPanel, N - n0);
-      const int vectors = int((width + W - 1) / W);
+      const int vectors = int(ceil_div(width, W));
       for (int64_t m0 = 0; m0 < M; m0 += kRows) {
         const Acc* a_tile = a + m0 * a_row;
         Acc* c_tile = c + m0 * ldc + n0;
