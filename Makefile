@@ -13,7 +13,7 @@ ASAN_BUILD ?= build/asan
 PYTEST_ARGS ?=
 
 .PHONY: test demo bench build bootstrap system-deps cmake-build test-cpp test-python \
-  test-levels check-isa check-aarch64 test-asan clean
+  test-levels check-isa check-aarch64 test-asan lint format clean
 
 test: test-cpp test-python test-levels check-isa
 
@@ -27,6 +27,7 @@ system-deps:
 	command -v g++ >/dev/null || missing="$$missing g++"; \
 	command -v ninja >/dev/null || missing="$$missing ninja-build"; \
 	command -v objdump >/dev/null || missing="$$missing binutils"; \
+	command -v clang-format >/dev/null || missing="$$missing clang-format"; \
 	optional=""; \
 	command -v aarch64-linux-gnu-g++ >/dev/null || optional="g++-aarch64-linux-gnu"; \
 	if [ -n "$$missing$$optional" ] && [ "$$(id -u)" = 0 ]; then \
@@ -124,6 +125,20 @@ test-asan: bootstrap
 	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 	$(SANITIZER_ENV) cmake --build $(ASAN_BUILD) -j $(JOBS)
 	cd $(ASAN_BUILD) && $(SANITIZER_ENV) ./qkv_attention_tests
+
+# Formatting and lint as code: .clang-format for C++, ruff's settings in pyproject.toml for
+# Python. `make format` applies both; `make lint` fails on any difference or lint finding.
+CXX_SOURCES = git ls-files --cached --others --exclude-standard '*.cpp' '*.h'
+PY_SOURCES = git ls-files --cached --others --exclude-standard '*.py'
+
+lint: bootstrap
+	$(CXX_SOURCES) | xargs clang-format --dry-run -Werror
+	$(PY_SOURCES) | xargs $(VENV)/bin/ruff check
+	$(PY_SOURCES) | xargs $(VENV)/bin/ruff format --check
+
+format: bootstrap
+	$(CXX_SOURCES) | xargs clang-format -i
+	$(PY_SOURCES) | xargs $(VENV)/bin/ruff format
 
 demo: build
 	$(PY) -m qkv_attention.check

@@ -3,30 +3,23 @@
 // _attention_forward's backward calls _attention_backward through the dispatcher. That op has
 // an Autograd kernel of its own: when the backward itself is being differentiated
 // (create_graph=True), it recomputes the gradients with differentiable ATen ops so that
-// autograd can take second derivatives; otherwise it runs the fused CPU kernel.
+// autograd can take second derivatives (ops/attention_math.h); otherwise it runs the op's
+// kernel below autograd.
 #include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include <limits>
-
-#include "ops/attention.h"
 #include "autograd/functorch_check.h"
+#include "ops/attention.h"
+#include "ops/attention_math.h"
 #include "ops/checks.h"
+#include "ops/optional_tensor.h"
 
 namespace qkv_attention::autograd {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-bool requires_grad(const at::Tensor& t) { return t.defined() && t.requires_grad(); }
-bool requires_grad(const std::optional<at::Tensor>& t) { return t.has_value() && requires_grad(*t); }
-
-std::optional<at::Tensor> optional(const at::Tensor& t) {
-  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
-}
 
 class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
  public:
@@ -63,8 +56,7 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
                      &logsumexp = saved[4], &rng_state = saved[5], &mask = saved[6],
                      &padding = saved[7];
     at::Tensor grad_output = grads[0].defined() ? grads[0] : at::zeros_like(output);
-    std::optional<at::Tensor> grad_weights =
-        grads[2].defined() ? std::optional<at::Tensor>(grads[2]) : std::nullopt;
+    std::optional<at::Tensor> grad_weights = optional_if_defined(grads[2]);
     if (grad_weights.has_value() && ctx->saved_data["average_attn_weights"].toBool()) {
       // The weights were the mean over the heads: each head's weights receive 1/H of the
       // gradient, (B, L, S) -> (B, H, L, S) as a view with a zero head stride.
@@ -80,10 +72,11 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     const bool padding_needs_grad =
         padding.defined() && ctx->needs_input_grad(mask.defined() ? 4 : 3);
     auto [grad_query, grad_key, grad_value, grad_mask, grad_padding] = _attention_backward(
-        grad_output, grad_weights, query, key, value, output, logsumexp, optional(mask),
-        optional(padding), ctx->saved_data["dropout_p"].toDouble(),
-        ctx->saved_data["is_causal"].toBool(), ctx->saved_data["scale"].toOptional<double>(),
-        optional(rng_state), mask_needs_grad, padding_needs_grad);
+        grad_output, grad_weights, query, key, value, output, logsumexp,
+        optional_if_defined(mask), optional_if_defined(padding),
+        ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["is_causal"].toBool(),
+        ctx->saved_data["scale"].toOptional<double>(), optional_if_defined(rng_state),
+        mask_needs_grad, padding_needs_grad);
     return {grad_query,
             grad_key,
             grad_value,
@@ -117,87 +110,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_autograd(
   return {out[0], out[1], out[2]};
 }
 
-// The attention backward written with differentiable ATen ops, computed in the accumulation
-// dtype. Same math as the CPU kernel (cpu/attention_kernel.h), materialising (B, H, L, S).
-AttentionGrads attention_backward_differentiable(
-    const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_weights,
-    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
-    double dropout_p, bool is_causal, std::optional<double> scale,
-    const std::optional<at::Tensor>& rng_state, bool attn_mask_grad, bool padding_mask_grad) {
-  const at::ScalarType dtype = query.scalar_type();
-  const at::ScalarType acc = at::toOpMathType(dtype);
-  const c10::SymInt B = query.sym_size(0), H = query.sym_size(1), L = query.sym_size(2);
-  const c10::SymInt S = key.sym_size(2);
-  const double scale_value =
-      attention_scale(scale, query.sym_size(3).guard_int(__FILE__, __LINE__));
-  // Grouped-query attention: each key/value head serves `group` query heads; repeated here
-  // (B, Hkv, S, D) -> (B, H, S, D), so autograd sums their gradients over each group.
-  const c10::SymInt kv_heads = key.sym_size(1);
-  const c10::SymInt group = kv_heads != 0 ? H / kv_heads : c10::SymInt(1);
-  const bool grouped = group != 1;
-  const at::Tensor q = query.to(acc);
-  const at::Tensor k = grouped ? key.to(acc).repeat_interleave_symint(group, 1) : key.to(acc);
-  const at::Tensor v = grouped ? value.to(acc).repeat_interleave_symint(group, 1) : value.to(acc);
-  const at::Tensor grad_out = grad_output.to(acc);
-
-  at::Tensor scores = at::matmul(q, k.transpose(-2, -1)) * scale_value;  // (B, H, L, S)
-  auto apply_mask = [&](const at::Tensor& mask) {  // broadcastable to (B, H, L, S)
-    scores = mask.scalar_type() == at::kBool
-                 ? scores.masked_fill(mask.logical_not(), -std::numeric_limits<double>::infinity())
-                 : scores + mask.to(acc);
-  };
-  if (attn_mask.has_value() && attn_mask->defined()) apply_mask(*attn_mask);
-  if (key_padding_mask.has_value() && key_padding_mask->defined()) {
-    apply_mask(key_padding_mask->unsqueeze(1).unsqueeze(1));  // (B, S) -> (B, 1, 1, S)
-  }
-  if (is_causal) {
-    const at::Tensor future = at::ones_symint({L, S}, query.options().dtype(at::kBool)).triu(1);
-    scores = scores.masked_fill(future, -std::numeric_limits<double>::infinity());
-  }
-  // A softmax that gives zeros, not NaN, for a row with no finite score.
-  // amax, not max(dim): max also computes indices, and its CPU kernel enters an OpenMP region
-  // even for tiny inputs (milliseconds per call on a busy machine).
-  at::Tensor row_max = scores.detach().amax(-1, /*keepdim=*/true);
-  row_max = row_max.masked_fill(row_max.isneginf(), 0);
-  const at::Tensor exps = (scores - row_max).exp();
-  const at::Tensor sums = exps.sum(-1, /*keepdim=*/true);
-  const at::Tensor prob = exps / sums.masked_fill(sums == 0, 1);
-
-  at::Tensor weights = prob, grad_prob_factor;
-  if (dropout_p > 0) {
-    const double kept_scale = dropout_p < 1 ? 1.0 / (1.0 - dropout_p) : 0.0;
-    grad_prob_factor =
-        _attention_dropout_mask(*rng_state, B, H, L, S, dropout_p).to(acc) * kept_scale;
-    weights = prob * grad_prob_factor;
-  }
-  at::Tensor grad_weights_total = at::matmul(grad_out, v.transpose(-2, -1));
-  if (grad_weights.has_value() && grad_weights->defined()) {
-    grad_weights_total = grad_weights_total + grad_weights->to(acc);
-  }
-  // (B, H, S, Dv) -> (B, Hkv, S, Dv): summed over each group of query heads.
-  auto per_kv_head = [&](const at::Tensor& grad) {
-    return grouped ? grad.unflatten_symint(1, {kv_heads, group}).sum(2) : grad;
-  };
-  const at::Tensor grad_value = per_kv_head(at::matmul(weights.transpose(-2, -1), grad_out));
-  const at::Tensor grad_prob =
-      grad_prob_factor.defined() ? grad_weights_total * grad_prob_factor : grad_weights_total;
-  const at::Tensor delta = (prob * grad_prob).sum(-1, /*keepdim=*/true);
-  const at::Tensor grad_scores = prob * (grad_prob - delta);
-  const at::Tensor grad_query = at::matmul(grad_scores, k) * scale_value;
-  const at::Tensor grad_key =
-      per_kv_head(at::matmul(grad_scores.transpose(-2, -1), q) * scale_value);
-  const at::Tensor grad_mask =
-      attn_mask_grad
-          ? grad_scores.sum_to_size_symint(attn_mask->sym_sizes()).to(attn_mask->scalar_type())
-          : at::empty({0}, query.options());
-  const at::Tensor grad_padding =
-      padding_mask_grad ? grad_scores.sum({1, 2}).to(key_padding_mask->scalar_type())
-                        : at::empty({0}, query.options());
-  return {grad_query.to(dtype), grad_key.to(dtype), grad_value.to(dtype), grad_mask,
-          grad_padding};
-}
-
 AttentionGrads attention_backward_autograd(
     const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_weights,
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
@@ -219,8 +131,8 @@ AttentionGrads attention_backward_autograd(
     const bool shaped = value.defined() && value.dim() == 4 && query.defined() &&
                         query.dim() == 4 && key.defined() && key.dim() == 4;
     const bool empty_output =
-        shaped && ((value.sym_size(3) == 0 && !(grad_weights.has_value() && grad_weights->defined())) ||
-                   query.sym_size(2) == 0 || key.sym_size(2) == 0);
+        shaped && ((value.sym_size(3) == 0 && !given(grad_weights)) || query.sym_size(2) == 0 ||
+                   key.sym_size(2) == 0);
     check_attention_backward_inputs(grad_output, grad_weights, query, key, value, output,
                                     logsumexp, attn_mask, key_padding_mask, dropout_p, scale,
                                     rng_state, /*scores_materialised=*/!empty_output);
@@ -236,7 +148,7 @@ AttentionGrads attention_backward_autograd(
               zeros_like_mask(attn_mask, attn_mask_requires_grad),
               zeros_like_mask(key_padding_mask, key_padding_mask_requires_grad)};
     }
-    return attention_backward_differentiable(
+    return attention_backward_math(
         grad_output, grad_weights, query, key, value, attn_mask, key_padding_mask, dropout_p,
         is_causal, scale, rng_state, attention_mask_gets_grad(attn_mask, attn_mask_requires_grad),
         attention_mask_gets_grad(key_padding_mask, key_padding_mask_requires_grad));

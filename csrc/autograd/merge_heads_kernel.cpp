@@ -1,14 +1,15 @@
 // Autograd of merge_heads, registered at the Autograd dispatch key. The backward op's own
 // Autograd kernel makes double backward work: merge_heads is bilinear in (x, out_weight), so its
-// backward written with ATen ops (cpu/merge_heads_kernel.h) is differentiable as it stands.
+// backward written with ATen ops (ops/merge_heads_math.h) is differentiable as it stands.
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include "cpu/merge_heads_kernel.h"
 #include "autograd/functorch_check.h"
 #include "ops/checks.h"
 #include "ops/merge_heads.h"
+#include "ops/merge_heads_math.h"
+#include "ops/optional_tensor.h"
 
 namespace qkv_attention::autograd {
 namespace {
@@ -24,7 +25,7 @@ class MergeHeadsFunction : public torch::autograd::Function<MergeHeadsFunction> 
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     at::Tensor out = merge_heads(x, out_weight, out_bias);
     ctx->save_for_backward({x, out_weight});
-    ctx->saved_data["has_bias"] = out_bias.has_value() && out_bias->defined();
+    ctx->saved_data["has_bias"] = given(out_bias);
     return {out};
   }
 
@@ -51,7 +52,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_heads_backward_autograd(
                               out_weight.requires_grad());
   if (differentiate) {
     check_merge_heads_backward_inputs(grad_output, x, out_weight);
-    return cpu::merge_heads_backward_math(grad_output, x, out_weight);
+    return merge_heads_backward_math(grad_output, x, out_weight);
   }
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return merge_heads_backward(grad_output, x, out_weight);

@@ -1,28 +1,21 @@
 // Autograd of qkv_projection, registered at the Autograd dispatch key. The backward op's own
 // Autograd kernel makes double backward work: the projection is linear, so its backward written
-// with ATen ops (cpu/qkv_projection_kernel.h) is differentiable as it stands.
+// with ATen ops (ops/qkv_projection_math.h) is differentiable as it stands.
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include "cpu/qkv_projection_kernel.h"
 #include "autograd/functorch_check.h"
 #include "ops/checks.h"
+#include "ops/optional_tensor.h"
 #include "ops/qkv_projection.h"
+#include "ops/qkv_projection_math.h"
 
 namespace qkv_attention::autograd {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-std::optional<at::Tensor> optional_grad(const at::Tensor& grad) {
-  return grad.defined() ? std::optional<at::Tensor>(grad) : std::nullopt;
-}
-
-bool requires_grad(const std::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() && t->requires_grad();
-}
 
 class QKVProjectionFunction : public torch::autograd::Function<QKVProjectionFunction> {
  public:
@@ -38,9 +31,9 @@ class QKVProjectionFunction : public torch::autograd::Function<QKVProjectionFunc
                                     k_bias, v_bias, num_heads);
     ctx->save_for_backward({query, key, value, q_weight, k_weight, v_weight});
     ctx->saved_data["num_heads"] = num_heads;
-    ctx->saved_data["q_bias"] = q_bias.has_value() && q_bias->defined();
-    ctx->saved_data["k_bias"] = k_bias.has_value() && k_bias->defined();
-    ctx->saved_data["v_bias"] = v_bias.has_value() && v_bias->defined();
+    ctx->saved_data["q_bias"] = given(q_bias);
+    ctx->saved_data["k_bias"] = given(k_bias);
+    ctx->saved_data["v_bias"] = given(v_bias);
     return {q, k, v};
   }
 
@@ -48,8 +41,8 @@ class QKVProjectionFunction : public torch::autograd::Function<QKVProjectionFunc
     const variable_list saved = ctx->get_saved_variables();
     auto [grad_query, grad_key, grad_value, grad_q_weight, grad_k_weight, grad_v_weight,
           grad_q_bias, grad_k_bias, grad_v_bias] =
-        qkv_projection_backward(optional_grad(grads[0]), optional_grad(grads[1]),
-                                optional_grad(grads[2]), saved[0], saved[1], saved[2], saved[3],
+        qkv_projection_backward(optional_if_defined(grads[0]), optional_if_defined(grads[1]),
+                                optional_if_defined(grads[2]), saved[0], saved[1], saved[2], saved[3],
                                 saved[4], saved[5], ctx->saved_data["num_heads"].toSymInt());
     // An input that was None gets no gradient (autograd insists on an undefined one).
     auto if_given = [&](const char* bias, const at::Tensor& grad) {
@@ -99,8 +92,8 @@ QKVProjectionGrads qkv_projection_backward_autograd(
   if (differentiate) {
     check_qkv_projection_backward_inputs(grad_q, grad_k, grad_v, query, key, value, q_weight,
                                          k_weight, v_weight, num_heads);
-    return cpu::qkv_projection_backward_math(grad_q, grad_k, grad_v, query, key, value, q_weight,
-                                             k_weight, v_weight);
+    return qkv_projection_backward_math(grad_q, grad_k, grad_v, query, key, value, q_weight,
+                                        k_weight, v_weight);
   }
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return qkv_projection_backward(grad_q, grad_k, grad_v, query, key, value, q_weight, k_weight,

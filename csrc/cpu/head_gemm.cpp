@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include "cpu/tiled_gemm.h"
+#include "ops/optional_tensor.h"
 
 namespace qkv_attention::cpu {
 
@@ -17,7 +18,7 @@ void gemm_rows_into_heads(const at::Tensor& a, const at::Tensor& b,
       const TilePlan::Tile tile = plan.tile(t);
       const at::Tensor block = scratch.narrow(0, 0, tile.rows()).narrow(1, 0, tile.cols());
       std::optional<at::Tensor> bias_block;
-      if (bias.has_value() && bias->defined()) {
+      if (given(bias)) {
         bias_block = bias->slice(0, tile.col_begin, tile.col_end);
       }
       gemm_tile(block, a.slice(0, tile.row_begin, tile.row_end),
@@ -43,7 +44,7 @@ void gemm_heads_into_rows(const HeadRows& a, const at::Tensor& b,
         gathered = tile.row_begin;
       }
       std::optional<at::Tensor> bias_block;
-      if (bias.has_value() && bias->defined()) {
+      if (given(bias)) {
         bias_block = bias->slice(0, tile.col_begin, tile.col_end);
       }
       gemm_tile(out.slice(0, tile.row_begin, tile.row_end).slice(1, tile.col_begin, tile.col_end),

@@ -38,12 +38,17 @@ struct Philox4x32 {
 // (B, H, L, S) weights) is kept when the top 24 bits of word n % 4 of
 // Philox(key = seed, counter = (n / 4, offset)) are at least p * 2^24, so an element survives
 // with probability 1 - p (exactly, for p a multiple of 2^-24).
-class DropoutStream {
- public:
-  DropoutStream(uint64_t seed, uint64_t offset, double dropout_p)
-      : key0_(uint32_t(seed)), key1_(uint32_t(seed >> 32)),
-        offset0_(uint32_t(offset)), offset1_(uint32_t(offset >> 32)),
-        threshold_(threshold_for(dropout_p)) {}
+//
+// DropoutKey is the stream's whole state: the Philox key, the counter offset and the keep
+// threshold. The blocked kernels read its fields (cpu/flash/dropout_bits.h, and the AVX-512 keep
+// bits); DropoutStream answers element by element.
+struct DropoutKey {
+  uint32_t key0, key1, offset0, offset1, threshold;
+
+  static DropoutKey make(uint64_t seed, uint64_t offset, double dropout_p) {
+    return DropoutKey{uint32_t(seed), uint32_t(seed >> 32), uint32_t(offset),
+                      uint32_t(offset >> 32), threshold_for(dropout_p)};
+  }
 
   // Top 24 bits a word must reach to be kept: ceil(p * 2^24), so p = 0 keeps all, p = 1 none.
   static uint32_t threshold_for(double dropout_p) {
@@ -51,30 +56,40 @@ class DropoutStream {
     return t <= 0 ? 0u : (t >= 16777216.0 ? 16777216u : uint32_t(t));
   }
 
-  bool keep(uint64_t n) const {
-    const Philox4x32 r = block(n >> 2);
-    return (r.v[n & 3] >> 8) >= threshold_;
+  // The four words of Philox block `counter` (elements 4 * counter .. 4 * counter + 3).
+  Philox4x32 block(uint64_t counter) const {
+    return Philox4x32::generate(uint32_t(counter), uint32_t(counter >> 32), offset0, offset1,
+                                key0, key1);
   }
 
-  // keep[j] for elements first .. first + count - 1, one Philox block per four elements.
-  void fill_keep(uint64_t first, int64_t count, bool* keep_out) const {
+  bool kept(uint32_t word) const { return (word >> 8) >= threshold; }
+
+  // visit(j, kept) for elements first .. first + count - 1 in order, one Philox block per four.
+  template <class Visit>
+  void for_each(uint64_t first, int64_t count, Visit&& visit) const {
     int64_t j = 0;
     while (j < count) {
       const uint64_t n = first + uint64_t(j);
       const Philox4x32 r = block(n >> 2);
-      for (uint64_t lane = n & 3; lane < 4 && j < count; ++lane, ++j) {
-        keep_out[j] = (r.v[lane] >> 8) >= threshold_;
-      }
+      for (uint64_t lane = n & 3; lane < 4 && j < count; ++lane, ++j) visit(j, kept(r.v[lane]));
     }
+  }
+};
+
+class DropoutStream {
+ public:
+  DropoutStream(uint64_t seed, uint64_t offset, double dropout_p)
+      : key_(DropoutKey::make(seed, offset, dropout_p)) {}
+
+  bool keep(uint64_t n) const { return key_.kept(key_.block(n >> 2).v[n & 3]); }
+
+  // keep[j] for elements first .. first + count - 1.
+  void fill_keep(uint64_t first, int64_t count, bool* keep_out) const {
+    key_.for_each(first, count, [keep_out](int64_t j, bool kept) { keep_out[j] = kept; });
   }
 
  private:
-  Philox4x32 block(uint64_t counter) const {
-    return Philox4x32::generate(uint32_t(counter), uint32_t(counter >> 32), offset0_, offset1_,
-                                key0_, key1_);
-  }
-
-  uint32_t key0_, key1_, offset0_, offset1_, threshold_;
+  DropoutKey key_;
 };
 
 }  // namespace qkv_attention

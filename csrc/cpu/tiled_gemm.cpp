@@ -5,10 +5,10 @@
 
 #include <cmath>
 
+#include "cpu/rounding.h"
+#include "ops/optional_tensor.h"
 namespace qkv_attention::cpu {
 namespace {
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // A tile of about 4 MFLOP takes some 40 us on one core here (about 100 GFLOP/s in float32),
 // against a few us of dispatch per BLAS call.
@@ -56,7 +56,7 @@ TilePlan plan_tiles(int64_t rows, int64_t cols, int64_t depth, int64_t min_rows,
 void gemm_tile(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                const std::optional<at::Tensor>& bias) {
   at::Tensor result = out;  // the ATen out= functions take a mutable handle
-  if (bias.has_value() && bias->defined()) {
+  if (given(bias)) {
     at::addmm_out(result, *bias, a, b);
   } else {
     at::mm_out(result, a, b);

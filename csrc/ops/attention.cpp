@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "ops/checks.h"
+#include "ops/operators.h"
 
 namespace qkv_attention {
 namespace {
@@ -33,7 +34,7 @@ std::optional<at::Tensor> draw_for(const at::Tensor& query, const at::Tensor& ke
                                    std::optional<double> scale,
                                    const std::optional<at::Tensor>& key_padding_mask) {
   // Bad input raises before the generator is touched.
-  check_attention_inputs("attention", query, key, value, attn_mask, key_padding_mask, dropout_p,
+  check_attention_inputs(op_label("_attention_forward"), query, key, value, attn_mask, key_padding_mask, dropout_p,
                          scale, std::nullopt, /*rng_state_required=*/false);
   return draw_dropout_rng_state(dropout_p);
 }
@@ -320,7 +321,7 @@ void check_attention_backward_inputs(
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     double dropout_p, std::optional<double> scale, const std::optional<at::Tensor>& rng_state,
     bool scores_materialised) {
-  constexpr const char* op = "attention backward";
+  constexpr const char* op = op_label("_attention_backward");
   check_attention_inputs(op, query, key, value, attn_mask, key_padding_mask, dropout_p, scale,
                          rng_state, /*rng_state_required=*/true, scores_materialised);
   check_input(op, "output", output, 4, "(B, H, L, Dv)");
@@ -361,7 +362,7 @@ void check_attention_backward_inputs(
 void check_dropout_mask_inputs(const at::Tensor& rng_state, const c10::SymInt& batch,
                                const c10::SymInt& heads, const c10::SymInt& q_len,
                                const c10::SymInt& kv_len, double dropout_p) {
-  constexpr const char* op = "attention dropout mask";
+  constexpr const char* op = op_label("_attention_dropout_mask");
   check_rng_state(op, rng_state);
   const std::pair<const char*, const c10::SymInt*> sizes[] = {
       {"batch", &batch}, {"heads", &heads}, {"q_len", &q_len}, {"kv_len", &kv_len}};

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "ops/checks.h"
+#include "ops/operators.h"
 
 namespace qkv_attention {
 
@@ -56,7 +57,7 @@ void check_merge_heads_inputs(const char* op, const at::Tensor& x, const at::Ten
 
 void check_merge_heads_backward_inputs(const at::Tensor& grad_output, const at::Tensor& x,
                                        const at::Tensor& out_weight) {
-  constexpr const char* op = "merge_heads backward";
+  constexpr const char* op = op_label("merge_heads_backward");
   check_merge_heads_inputs(op, x, out_weight, std::nullopt);
   check_input(op, "grad_output", grad_output, 3, "(B, L, Eout)");
   check_same_dtype_and_device(op, "grad_output", grad_output, "x", x);

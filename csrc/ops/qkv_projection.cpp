@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "ops/checks.h"
+#include "ops/operators.h"
 
 namespace qkv_attention {
 
@@ -110,7 +111,7 @@ void check_projection_grad(const char* name, const std::optional<at::Tensor>& gr
                            const at::Tensor& input, const at::Tensor& weight,
                            const c10::SymInt& num_heads) {
   if (!grad.has_value() || !grad->defined()) return;
-  constexpr const char* op = "qkv_projection backward";
+  constexpr const char* op = op_label("qkv_projection_backward");
   check_input(op, name, *grad, 4, "(B, H, L, E/H)");
   check_same_dtype_and_device(op, name, *grad, "query", input);
   const c10::SymInt expected[4] = {input.sym_size(0), num_heads, input.sym_size(1),
@@ -128,7 +129,7 @@ void check_qkv_projection_backward_inputs(
     const std::optional<at::Tensor>& grad_v, const at::Tensor& query, const at::Tensor& key,
     const at::Tensor& value, const at::Tensor& q_weight, const at::Tensor& k_weight,
     const at::Tensor& v_weight, const c10::SymInt& num_heads) {
-  check_qkv_projection_inputs("qkv_projection backward", query, key, value, q_weight, k_weight,
+  check_qkv_projection_inputs(op_label("qkv_projection_backward"), query, key, value, q_weight, k_weight,
                               v_weight, std::nullopt, std::nullopt, std::nullopt, num_heads);
   check_projection_grad("grad_q", grad_q, query, q_weight, num_heads);
   check_projection_grad("grad_k", grad_k, key, k_weight, num_heads);

@@ -7,12 +7,16 @@ Importing the package loads the C++ extension, which registers
 """
 import torch  # noqa: F401  (the extension links against torch's libraries)
 
-from . import _C
-from . import _vmap, ops, functional
-from .modules import MultiheadAttention
-from .replace import replace_attention
-from .kv_cache import KVCache
-from ._C import build_info
+from ._torch_check import check_installed_torch
+
+check_installed_torch()  # before _C: another torch release could not load it
+
+from . import _C  # noqa: E402
+from . import _vmap, ops, functional  # noqa: E402
+from .modules import MultiheadAttention  # noqa: E402
+from .replace import replace_attention  # noqa: E402
+from .kv_cache import KVCache  # noqa: E402
+from ._C import build_info  # noqa: E402
 
 __version__ = _C.__version__
 

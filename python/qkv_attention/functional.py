@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from . import _jagged, ops
+from ._validation import check_dense
 
 __all__ = ["scaled_dot_product_attention"]
 
@@ -24,7 +25,7 @@ def _to_4d(t: Tensor, batch_shape) -> Tensor:
     return t.reshape(math.prod(batch_shape[:-1]), batch_shape[-1], *t.shape[-2:])
 
 
-def _check_dense_tensor(name: str, t, optional: bool) -> None:
+def _check_tensor(name: str, t, optional: bool) -> None:
     """A message naming the argument, before expand/reshape below fail on it without one."""
     if t is None and optional:
         return
@@ -32,13 +33,7 @@ def _check_dense_tensor(name: str, t, optional: bool) -> None:
         raise TypeError(
             f"scaled_dot_product_attention: {name} must be a Tensor, but is {type(t).__name__}"
         )
-    if t.is_nested or t.is_quantized or t.layout != torch.strided:
-        kind = "nested" if t.is_nested else "quantized" if t.is_quantized else str(t.layout)
-        hint = (" (jagged nested tensors are accepted when query, key and value all are)"
-                if t.is_nested else "")
-        raise NotImplementedError(
-            f"scaled_dot_product_attention: {name} must be a dense tensor, but is {kind}{hint}"
-        )
+    check_dense("scaled_dot_product_attention", name, t)
 
 
 def scaled_dot_product_attention(
@@ -78,7 +73,7 @@ def scaled_dot_product_attention(
         return _jagged.scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     for name, t in (("query", query), ("key", key), ("value", value), ("attn_mask", attn_mask)):
-        _check_dense_tensor(name, t, optional=name == "attn_mask")
+        _check_tensor(name, t, optional=name == "attn_mask")
     for name, t in (("query", query), ("key", key), ("value", value)):
         if t.dim() < 2:
             raise RuntimeError(

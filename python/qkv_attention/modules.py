@@ -22,7 +22,6 @@ supports; what it cannot compile (naming a non-tensor's type) runs in eager mode
 """
 import copy
 import operator
-import warnings
 from collections import OrderedDict
 from typing import List, Optional, Tuple
 
@@ -31,7 +30,7 @@ from torch import Tensor, nn
 from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from . import _jagged, ops
+from . import _jagged, _validation, ops
 
 __all__ = ["MultiheadAttention"]
 
@@ -60,182 +59,6 @@ def _int_argument(value, name: str) -> int:
             f"MultiheadAttention: {name} must be an int, but got {type(value).__name__} "
             f"({value!r})"
         ) from None
-
-
-def _check_tensor_argument(value: Optional[Tensor], name: str, optional: bool) -> None:
-    """A dense (strided) tensor, or None where ``optional``: a message naming the argument
-    before anything reads an attribute of a non-tensor (AttributeError, in torch's module) or
-    an aten op fails on a sparse, mkldnn or nested tensor without naming it. Attribute reads
-    only: cheap, and traceable by Dynamo."""
-    if value is None:
-        if optional:
-            return
-        raise TypeError(f"MultiheadAttention: {name} must be a Tensor, but got NoneType")
-    if not torch.jit.is_scripting():
-        # TorchScript has checked the types already (and cannot name a Python type).
-        if not isinstance(value, Tensor):
-            raise TypeError(
-                f"MultiheadAttention: {name} must be a Tensor{' or None' if optional else ''}, "
-                f"but got {type(value).__name__}"
-            )
-    if value.is_nested:
-        if not optional:
-            # query/key/value: torch's module raises AssertionError outside its fast path.
-            raise AssertionError(
-                f"MultiheadAttention: {name} is a NestedTensor; qkv_attention."
-                "MultiheadAttention does not support NestedTensor inputs. "
-                "nn.TransformerEncoder makes them in eval mode without grad when given "
-                "src_key_padding_mask; set its use_nested_tensor = False (replace_attention "
-                "does) to pass padded tensors and the mask instead."
-            )
-        # Masks: torch's module raises NotImplementedError (from masked_fill).
-        raise NotImplementedError(
-            f"MultiheadAttention: {name} must be a dense tensor, but is a NestedTensor"
-        )
-    if value.layout != torch.strided:
-        # Sparse or mkldnn: torch raises RuntimeError (NotImplementedError for masks), which
-        # NotImplementedError is.
-        raise NotImplementedError(
-            f"MultiheadAttention: {name} must be a dense tensor (layout torch.strided), but "
-            f"has layout {_layout_name(value)}"
-        )
-
-
-def _check_mask_dtype(mask: Optional[Tensor], name: str) -> None:
-    # torch's module raises AssertionError here (F._canonical_mask).
-    if mask is not None and mask.dtype != torch.bool and not torch.is_floating_point(mask):
-        raise AssertionError(
-            f"MultiheadAttention: only bool and floating types of {name} are supported, "
-            f"but {name} has dtype {mask.dtype}"
-        )
-
-
-def _dtype_name(dtype: Optional[torch.dtype]) -> str:
-    """A dtype for messages: TorchScript formats a dtype as its number, so this spells it out
-    the same way in eager and scripted code."""
-    if dtype is None:
-        return "None"
-    if not torch.jit.is_scripting():
-        return str(dtype)
-    known = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.bool,
-             torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.complex64,
-             torch.complex128]
-    names = ["float64", "float32", "float16", "bfloat16", "bool", "uint8", "int8", "int16",
-             "int32", "int64", "complex64", "complex128"]
-    for i in range(len(known)):
-        if dtype == known[i]:
-            return "torch." + names[i]
-    return f"dtype number {dtype}"
-
-
-def _layout_name(t: Tensor) -> str:
-    """A layout for messages, as _dtype_name a dtype."""
-    if not torch.jit.is_scripting():
-        return str(t.layout)
-    if t.is_sparse:
-        return "torch.sparse_coo"
-    if t.is_mkldnn:
-        return "torch._mkldnn"
-    return "not torch.strided"
-
-
-def _format_shape(shape: List[int]) -> str:
-    """A shape as Python prints a tuple: (3, 2, 8), (5,), ()."""
-    if len(shape) == 1:
-        return f"({shape[0]},)"
-    return "(" + ", ".join([str(size) for size in shape]) + ")"
-
-
-def _given_layout(is_batched: bool, batch_first: bool) -> str:
-    if not is_batched:
-        return "(seq, features)"
-    return "(N, seq, features)" if batch_first else "(seq, N, features)"
-
-
-def _describe_given(shapes: List[List[int]], layout: str) -> str:
-    """The shapes of query, key and value as the caller passed them, and their layout; formatted
-    into error messages only when one is raised."""
-    return (f"query {_format_shape(shapes[0])}, key {_format_shape(shapes[1])}, "
-            f"value {_format_shape(shapes[2])} in {layout} layout")
-
-
-def _autocast_dtype(tensor: Tensor) -> Optional[torch.dtype]:
-    """The dtype torch's CPU autocast casts ``tensor`` to in the current region (the dtype our
-    operators' AutocastCPU kernels compute in), or None outside a region or for a tensor it
-    leaves alone: float64, non-floating, not on the CPU."""
-    if torch.jit.is_scripting():
-        enabled = torch.is_autocast_cpu_enabled()
-    else:
-        enabled = torch.is_autocast_enabled("cpu")
-    if not enabled or tensor.device.type != "cpu":
-        return None
-    if tensor.dtype == torch.float32 or tensor.dtype == torch.float16 or (
-        tensor.dtype == torch.bfloat16
-    ):
-        return torch.get_autocast_dtype("cpu")
-    return None
-
-
-def _dtype_in_ops(tensor: Tensor) -> torch.dtype:
-    """The dtype ``tensor`` reaches the operators in: the autocast dtype inside a CPU autocast
-    region (for the dtypes autocast casts), its own otherwise."""
-    cast = _autocast_dtype(tensor)
-    return tensor.dtype if cast is None else cast
-
-
-def _masks_for_op(
-    attn_mask: Optional[Tensor],
-    key_padding_mask: Optional[Tensor],
-    dtype: torch.dtype,
-    compute_dtype: torch.dtype,
-    need_weights: bool,
-) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-    """torch's module masks (bool True = masked out) to the operator's (True = may attend).
-
-    Float masks pass through. torch turns bool masks into float masks of the query's dtype
-    and adds the two; when the sum's dtype is not the query's, its matmul path
-    (need_weights=True) raises and its SDPA path accepts float32 only. The same rule here,
-    then each float mask is cast to the dtype the operator computes in, as it requires.
-    Inside a CPU autocast region (``compute_dtype`` differs from the query's ``dtype``)
-    torch's autocast casts the sum to the lower precision, so any sum but float64 is accepted.
-    """
-    merged: Optional[torch.dtype] = None
-    any_float = False
-    for mask in [attn_mask, key_padding_mask]:
-        if mask is not None:
-            # The dtype of torch's merged mask: bool masks count as the query's dtype.
-            mask_dtype = dtype
-            if mask.dtype != torch.bool:
-                mask_dtype = mask.dtype
-                any_float = True
-            merged = mask_dtype if merged is None else torch.promote_types(merged, mask_dtype)
-    if any_float and merged is not None:
-        if compute_dtype != dtype:
-            allowed = merged != torch.float64
-            wanted = "any floating dtype but float64 (inside a CPU autocast region)"
-        else:
-            allowed = merged == dtype or (not need_weights and merged == torch.float32)
-            wanted = f"the query's dtype {_dtype_name(dtype)}" + (
-                "" if need_weights or dtype == torch.float32 else
-                " (or float32 with need_weights=False)")
-        if not allowed:
-            raise RuntimeError(
-                f"MultiheadAttention: float masks must have {wanted}, but the masks add up "
-                f"to dtype {_dtype_name(merged)} (attn_mask: "
-                f"{_dtype_name(None if attn_mask is None else attn_mask.dtype)}, "
-                "key_padding_mask: "
-                f"{_dtype_name(None if key_padding_mask is None else key_padding_mask.dtype)})"
-            )
-    return (_mask_for_op(attn_mask, compute_dtype),
-            _mask_for_op(key_padding_mask, compute_dtype))
-
-
-def _mask_for_op(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    if mask is None:
-        return None
-    if mask.dtype == torch.bool:
-        return mask.logical_not()
-    return mask.to(dtype)
 
 
 def _append_columns(mask: Tensor, count: int) -> Tensor:
@@ -438,75 +261,14 @@ class MultiheadAttention(nn.Module):
                 return _jagged.multihead_attention(
                     self, query, key, value, key_padding_mask, need_weights, attn_mask,
                     average_attn_weights, is_causal)
-        # -- what each argument is (a dense tensor), then mask types, as torch's module
-        # checks them first.
-        _check_tensor_argument(query, "query", optional=False)
-        _check_tensor_argument(key, "key", optional=False)
-        _check_tensor_argument(value, "value", optional=False)
-        _check_tensor_argument(key_padding_mask, "key_padding_mask", optional=True)
-        _check_tensor_argument(attn_mask, "attn_mask", optional=True)
-        _check_mask_dtype(key_padding_mask, "key_padding_mask")
-        if (
-            key_padding_mask is not None
-            and attn_mask is not None
-            and key_padding_mask.dtype != attn_mask.dtype
-            and not torch.compiler.is_compiling()  # Dynamo cannot trace warnings.warn
-        ):
-            warnings.warn(
-                "Support for mismatched key_padding_mask and attn_mask is deprecated. "
-                "Use same type for both instead.",
-                stacklevel=2,
+        query, key, value, attn_mask, key_padding_mask, is_batched, causal, compute_dtype = (
+            _validation.forward_inputs(
+                query, key, value, key_padding_mask, need_weights, attn_mask, is_causal,
+                self.embed_dim, self.kdim, self.vdim, self.num_heads, self.batch_first,
+                self._qkv_same_embed_dim, self.k_proj_weight, self.v_proj_weight,
+                self.out_proj.weight,
             )
-        _check_mask_dtype(attn_mask, "attn_mask")
-
-        is_batched = self._check_input_dims(query, key, value, key_padding_mask, attn_mask)
-        # The caller's shapes, for error messages (formatted only when one is raised).
-        given_shapes = [list(query.shape), list(key.shape), list(value.shape)]
-        given_layout = _given_layout(is_batched, self.batch_first)
-        if is_causal and attn_mask is None:
-            raise RuntimeError(
-                "Need attn_mask if specifying the is_causal hint. You may use the Transformer "
-                "module method `generate_square_subsequent_mask` to create this mask."
-            )
-
-        # -- batch-first views (B, L, E), (B, S, Ek), (B, S, Ev); no copies.
-        if not is_batched:
-            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-            if key_padding_mask is not None:
-                key_padding_mask = key_padding_mask.unsqueeze(0)  # (S,) -> (1, S)
-        elif not self.batch_first:
-            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        batch, q_len, _ = query.shape
-        kv_len = key.size(1)
-        self._check_input_sizes(query, key, value, given_shapes, given_layout)
-
-        # torch 2.13's reading of the hint: with no padding mask and no weights to return the
-        # causal mask itself is used (attn_mask is ignored); otherwise attn_mask is used.
-        causal = is_causal and key_padding_mask is None and not need_weights
-        if causal:
-            attn_mask = None
-        if attn_mask is not None:
-            attn_mask = self._attn_mask_as_4d(attn_mask, batch, q_len, kv_len)
-        if key.size(0) != batch:
-            raise RuntimeError(
-                f"MultiheadAttention: key and value have batch size {key.size(0)} but query "
-                f"has {batch} ({_describe_given(given_shapes, given_layout)})"
-            )
-        if key_padding_mask is not None and list(key_padding_mask.shape) != [batch, kv_len]:
-            if is_batched:
-                expected = f"(N, S) = {_format_shape([batch, kv_len])}"
-                found = _format_shape(list(key_padding_mask.shape))
-            else:
-                expected = f"(S,) = {_format_shape([kv_len])}"
-                found = _format_shape(list(key_padding_mask.shape)[1:])
-            raise AssertionError(
-                f"MultiheadAttention: key_padding_mask must have shape {expected}, but has "
-                f"shape {found} ({_describe_given(given_shapes, given_layout)})"
-            )
-        compute_dtype = self._check_dtypes(query, key, value)
-        attn_mask, key_padding_mask = _masks_for_op(
-            attn_mask, key_padding_mask, query.dtype, compute_dtype, need_weights
-        )
+        )  # (B, L, E), (B, S, Ek), (B, S, Ev); masks in the operators' convention
 
         # -- projection into heads: (B, H, L, D), (B, H, S, D), (B, H, S, D).
         q_weight, k_weight, v_weight = self._projection_weights()
@@ -594,147 +356,6 @@ class MultiheadAttention(nn.Module):
         return merged, mask_type
 
     # -- helpers of forward -------------------------------------------------------------
-
-    def _check_input_dims(self, query: Tensor, key: Tensor, value: Tensor,
-                          key_padding_mask: Optional[Tensor],
-                          attn_mask: Optional[Tensor]) -> bool:
-        """Ranks of the inputs and masks, as torch's module checks them (AssertionError).
-        Returns whether the input is batched."""
-        if query.dim() == 3:
-            if key.dim() != 3 or value.dim() != 3:
-                raise AssertionError(
-                    "For batched (3-D) `query`, expected `key` and `value` to be 3-D but found "
-                    f"{key.dim()}-D and {value.dim()}-D tensors respectively"
-                )
-            if key_padding_mask is not None and key_padding_mask.dim() != 2:
-                raise AssertionError(
-                    "For batched (3-D) `query`, expected `key_padding_mask` to be `None` or 2-D "
-                    f"but found {key_padding_mask.dim()}-D tensor instead"
-                )
-            if attn_mask is not None and attn_mask.dim() not in (2, 3):
-                raise AssertionError(
-                    "For batched (3-D) `query`, expected `attn_mask` to be `None`, 2-D or 3-D "
-                    f"but found {attn_mask.dim()}-D tensor instead"
-                )
-            return True
-        if query.dim() == 2:
-            if key.dim() != 2 or value.dim() != 2:
-                raise AssertionError(
-                    "For unbatched (2-D) `query`, expected `key` and `value` to be 2-D but "
-                    f"found {key.dim()}-D and {value.dim()}-D tensors respectively"
-                )
-            if key_padding_mask is not None and key_padding_mask.dim() != 1:
-                raise AssertionError(
-                    "For unbatched (2-D) `query`, expected `key_padding_mask` to be `None` or "
-                    f"1-D but found {key_padding_mask.dim()}-D tensor instead"
-                )
-            if attn_mask is not None:
-                if attn_mask.dim() not in (2, 3):
-                    raise AssertionError(
-                        "For unbatched (2-D) `query`, expected `attn_mask` to be `None`, 2-D or "
-                        f"3-D but found {attn_mask.dim()}-D tensor instead"
-                    )
-                expected = [self.num_heads, query.size(0), key.size(0)]
-                if attn_mask.dim() == 3 and list(attn_mask.shape) != expected:
-                    raise AssertionError(
-                        f"Expected `attn_mask` shape to be {_format_shape(expected)} "
-                        f"(num_heads, L, S) but got {_format_shape(list(attn_mask.shape))}"
-                    )
-            return False
-        raise AssertionError(
-            "query should be unbatched 2D or batched 3D tensor but received "
-            f"{query.dim()}-D query tensor"
-        )
-
-    def _check_input_sizes(self, query: Tensor, key: Tensor, value: Tensor,
-                           given_shapes: List[List[int]], given_layout: str) -> None:
-        """Feature and sequence sizes (inputs already viewed as (N, seq, features)): torch's
-        checks and exception types (AssertionError; RuntimeError where torch's linear fails).
-        ``given_shapes`` and ``given_layout`` describe the caller's inputs in the messages."""
-        if query.size(-1) != self.embed_dim:
-            raise AssertionError(
-                f"was expecting embedding dimension of {self.embed_dim}, but got "
-                f"{query.size(-1)}: query has {query.size(-1)} features, embed_dim is "
-                f"{self.embed_dim} ({_describe_given(given_shapes, given_layout)})"
-            )
-        if self._qkv_same_embed_dim:
-            if key.shape != value.shape:
-                raise AssertionError(
-                    "key shape does not match value shape: with kdim = vdim = embed_dim, key "
-                    "and value must have the same shape "
-                    f"({_describe_given(given_shapes, given_layout)})"
-                )
-            if key.size(-1) != self.embed_dim:
-                raise RuntimeError(
-                    f"MultiheadAttention: key and value have {key.size(-1)} features but "
-                    f"kdim = vdim = embed_dim = {self.embed_dim} "
-                    f"({_describe_given(given_shapes, given_layout)})"
-                )
-        else:
-            if key.shape[:2] != value.shape[:2]:
-                raise AssertionError(
-                    "key's sequence and batch dims do not match value's: key and value must "
-                    "have the same batch size and sequence length "
-                    f"({_describe_given(given_shapes, given_layout)})"
-                )
-            for name, tensor, features, weight in [
-                ("key", key, self.kdim, self.k_proj_weight),
-                ("value", value, self.vdim, self.v_proj_weight),
-            ]:
-                if tensor.size(-1) != features:
-                    weight_shape = "None" if weight is None else _format_shape(list(weight.shape))
-                    dim_name = "kdim" if name == "key" else "vdim"
-                    raise AssertionError(
-                        f"expecting {name} weights shape of "
-                        f"{_format_shape([self.embed_dim, tensor.size(-1)])}, but got "
-                        f"{weight_shape}: {name} has {tensor.size(-1)} features, {dim_name} is "
-                        f"{features} ({_describe_given(given_shapes, given_layout)})"
-                    )
-
-    def _attn_mask_as_4d(self, attn_mask: Tensor, batch: int, q_len: int, kv_len: int) -> Tensor:
-        """(L, S) stays as is (it broadcasts); (B*H, L, S) becomes the view (B, H, L, S)."""
-        if attn_mask.dim() == 2:
-            if list(attn_mask.shape) != [q_len, kv_len]:
-                raise RuntimeError(
-                    f"The shape of the 2D attn_mask is torch.Size({list(attn_mask.shape)}), but "
-                    f"should be {_format_shape([q_len, kv_len])} (L, S)."
-                )
-            return attn_mask
-        expected = [batch * self.num_heads, q_len, kv_len]
-        if list(attn_mask.shape) != expected:
-            raise RuntimeError(
-                f"The shape of the 3D attn_mask is torch.Size({list(attn_mask.shape)}), but "
-                f"should be {_format_shape(expected)} (N * num_heads, L, S)."
-            )
-        # Row n * num_heads + h of torch's layout is batch entry n, head h.
-        return attn_mask.view(batch, self.num_heads, q_len, kv_len)
-
-    def _check_dtypes(self, query: Tensor, key: Tensor, value: Tensor) -> torch.dtype:
-        """One floating dtype for inputs and parameters; torch's linear raises RuntimeError.
-        Returns the dtype the operators compute in: the query's, or inside a CPU autocast
-        region the autocast dtype, where (as torch's linear there) inputs and parameters of
-        float32, float16 and bfloat16 all count as that dtype."""
-        if not torch.is_floating_point(query):
-            raise RuntimeError(
-                f"MultiheadAttention: query must be a floating point tensor, but has dtype "
-                f"{_dtype_name(query.dtype)}"
-            )
-        compute_dtype = _dtype_in_ops(query)
-        for name, tensor in [("key", key), ("value", value)]:
-            if _dtype_in_ops(tensor) != compute_dtype:
-                raise RuntimeError(
-                    f"MultiheadAttention: {name} has dtype {_dtype_name(tensor.dtype)} but query "
-                    f"has dtype {_dtype_name(query.dtype)}; query, key, value and the parameters "
-                    "must share one dtype"
-                )
-        parameter = self.out_proj.weight
-        if _dtype_in_ops(parameter) != compute_dtype:
-            raise RuntimeError(
-                f"MultiheadAttention: query has dtype {_dtype_name(query.dtype)} but the "
-                f"module's parameters have dtype {_dtype_name(parameter.dtype)}; convert one of "
-                f"them (e.g. module.to({_dtype_name(query.dtype)}))"
-            )
-        return compute_dtype
 
     def _projection_weights(self) -> Tuple[Tensor, Tensor, Tensor]:
         """q_weight, k_weight, v_weight: row blocks of the packed weight (views, no copies) or

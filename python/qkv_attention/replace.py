@@ -1,7 +1,6 @@
 """``replace_attention``: swap torch's ``nn.MultiheadAttention`` modules in a model for ours."""
 from typing import Dict
 
-import torch
 from torch import nn
 
 from .modules import MultiheadAttention

@@ -18,7 +18,7 @@ struct AttentionResult {
   at::Tensor weights;  // (B, H, L, S), after dropout
 };
 
-// softmax(query keyᵀ · scale + masks) value, with the conventions of DESIGN.md section 2:
+// softmax(query keyᵀ · scale + masks) value, with the conventions of docs/design.md section 2:
 // a bool mask is true where a query may attend, a float mask is added to the scores, masks
 // broadcast to (B, H, L, S), key_padding_mask (B, S) applies to every head and query, causal is
 // top-left aligned, and a query row with no key to attend to gives zero weights (so a zero

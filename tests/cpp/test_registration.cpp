@@ -1,5 +1,5 @@
 // The operators as the dispatcher knows them: every name registered, with the kernels each
-// dispatch key needs, the public schemas of DESIGN.md section 2, and Meta kernels that give
+// dispatch key needs, the public schemas of docs/design.md section 2, and Meta kernels that give
 // the output shapes without touching data.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -83,7 +83,7 @@ TEST_CASE("each operator has CPU, Meta and Autograd kernels, or is a CompositeIm
   CHECK(mask.hasKernelForDispatchKey(c10::DispatchKey::Meta));
 }
 
-TEST_CASE("the public schemas keep DESIGN.md's argument names, order and defaults",
+TEST_CASE("the public schemas keep docs/design.md's argument names, order and defaults",
           "[registration]") {
   using Names = std::vector<std::string>;
   const c10::FunctionSchema& attention = op::handle("qkv_attention::attention").schema();
@@ -122,7 +122,7 @@ TEST_CASE("the public schemas keep DESIGN.md's argument names, order and default
   CHECK(argument_names(merge) == Names{"x", "out_weight", "out_bias"});
   CHECK(merge.returns().size() == 1);
 
-  // None of the ops writes to or aliases its inputs (DESIGN.md: outputs are fresh tensors).
+  // None of the ops writes to or aliases its inputs (docs/design.md section 2: outputs are fresh tensors).
   for (const char* name : {"qkv_attention::attention", "qkv_attention::qkv_projection",
                            "qkv_attention::merge_heads", "qkv_attention::_attention_forward",
                            "qkv_attention::_attention_backward"}) {

@@ -108,7 +108,7 @@ def reference_attention(query, key, value, attn_mask=None, is_causal=False, scal
                         key_padding_mask=None, dropout_keep=None, dropout_p=0.0):
     """Attention in float64 with plain, differentiable torch ops (never torch's SDPA).
 
-    Follows the contract of DESIGN.md section 2: masks broadcast to (B, H, L, S), bool True
+    Follows the contract of docs/design.md section 2: masks broadcast to (B, H, L, S), bool True
     = may attend, float masks are added; top-left causal; a query row with no key to attend to
     gives zero weights; ``dropout_keep`` (bool, (B, H, L, S)) zeroes weights, the kept ones are
     scaled by 1/(1 - dropout_p). Returns (output (B, H, L, Dv), weights (B, H, L, S)) in float64.

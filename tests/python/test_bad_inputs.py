@@ -30,7 +30,7 @@ MODES = ("grad", "no_grad", "inference_mode")
 
 # Exception types a bad input may raise. NotImplementedError (a RuntimeError subclass) is what
 # an unsupported layout raises; AssertionError is what torch.nn.MultiheadAttention raises for
-# many bad shapes, and our module keeps torch's types (DESIGN.md section 4).
+# many bad shapes, and our module keeps torch's types (docs/design.md section 2).
 ALLOWED_EXCEPTIONS = ("RuntimeError", "TypeError", "ValueError", "IndexError", "AssertionError")
 
 
@@ -726,7 +726,8 @@ def test_bad_input_raises_an_exception_naming_the_argument(case_id):
             f"the message does not name the op ({case.names_op}): {message}")
     if case.mutation.startswith("dtype_") and case.op != "functional.sdpa" and \
             not case.op.startswith("MultiheadAttention"):
-        # DESIGN.md: a wrong dtype raises TypeError (torch's convention for dtype errors).
+        # docs/design.md section 2: a wrong dtype raises TypeError (torch's convention for
+        # dtype errors).
         assert "TypeError" in result["bases"], f"{result['raised']} for a dtype error: {message}"
 
 

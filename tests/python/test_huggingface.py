@@ -15,12 +15,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import transformers
 from transformers import (AutoModel, AutoTokenizer, BertConfig, BertModel, LlamaConfig,
                           LlamaForCausalLM)
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-import qkv_attention
 from qkv_attention import huggingface
 from qkv_attention.functional import scaled_dot_product_attention
 

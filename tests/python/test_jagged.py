@@ -84,7 +84,7 @@ def test_functional_jagged_refuses_attn_mask_and_mixed_inputs():
     q = jagged_bhjd(leaf_parts([2, 3], 2, 4, 5))
     with pytest.raises(RuntimeError, match="attn_mask is not supported with jagged"):
         sdpa(q, q, q, attn_mask=torch.ones(1, dtype=torch.bool))
-    with pytest.raises(NotImplementedError, match="key must be a dense tensor, but is nested"):
+    with pytest.raises(NotImplementedError, match="key must be a dense tensor, but is a NestedTensor"):
         sdpa(torch.randn(2, 2, 3, 4, dtype=torch.float64), q, q)
     kv = jagged_bhjd(leaf_parts([2, 3], 1, 4, 6))
     with pytest.raises(RuntimeError, match="pass enable_gqa=True"):

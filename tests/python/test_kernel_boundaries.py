@@ -15,7 +15,6 @@ conftest (plain torch ops, never torch's SDPA):
   - bitwise identical results for 1 and 2 threads where the key groups split a head;
   - rows that see no key: zeros and zero gradients, also in blocks skipped by causality.
 """
-import math
 
 import pytest
 import torch

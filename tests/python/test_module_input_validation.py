@@ -176,7 +176,7 @@ def test_functional_refuses_a_jagged_nested_tensor_in_every_grad_mode(argument, 
         args[argument] = jagged(args[argument])
         with pytest.raises(NotImplementedError,
                            match=rf"scaled_dot_product_attention: {argument} must be a dense "
-                                 r"tensor, but is nested"):
+                                 r"tensor, but is a NestedTensor"):
             scaled_dot_product_attention(**args)
 
 

@@ -14,6 +14,7 @@ import qkv_attention
 from torch.autograd import gradcheck, gradgradcheck
 
 from conftest import noncontiguous, random_bool_mask, random_tensor
+from qkv_attention._cases import gradient_cases
 
 ops = torch.ops.qkv_attention
 pytestmark = pytest.mark.usefixtures("seed_torch")
@@ -282,22 +283,18 @@ def test_merge_heads_gradcheck_and_gradgradcheck(dims, bias, make_noncontiguous,
 # The backward ops themselves: their gradients are what double backward uses.
 
 
-def test_qkv_projection_backward_gradcheck_and_gradgradcheck():
-    B, L, S, Eq, Ek, Ev, E, H = 2, 3, 2, 4, 3, 5, 6, 3
-    inputs = (
-        random_tensor(B, H, L, E // H, requires_grad=True),  # grad_q
-        random_tensor(B, H, S, E // H, requires_grad=True),  # grad_k
-        random_tensor(B, H, S, E // H, requires_grad=True),  # grad_v
-        random_tensor(B, L, Eq, requires_grad=True),
-        random_tensor(B, S, Ek, requires_grad=True),
-        random_tensor(B, S, Ev, requires_grad=True),
-        random_tensor(E, Eq, requires_grad=True),
-        random_tensor(E, Ek, requires_grad=True),
-        random_tensor(E, Ev, requires_grad=True),
-    )
-    assert gradcheck(lambda *args: ops.qkv_projection_backward(*args, H), inputs)
-    assert gradgradcheck(lambda *args: ops.qkv_projection_backward(*args, H), inputs,
-                         fast_mode=True)
+# The backward ops' own cases are those of `python -m qkv_attention.check`
+# (python/qkv_attention/_cases.py), written once for the tool and this file.
+SHARED_BACKWARD_CASES = {case.name: case for case in gradient_cases()
+                         if case.name in ("qkv_projection_backward", "merge_heads_backward")}
+
+
+@pytest.mark.parametrize("name", ["qkv_projection_backward", "merge_heads_backward"])
+def test_backward_op_gradcheck_and_gradgradcheck(name):
+    case = SHARED_BACKWARD_CASES[name]
+    inputs = case.make_inputs(torch.Generator().manual_seed(0))
+    assert gradcheck(case.function, inputs)
+    assert gradgradcheck(case.function, inputs, fast_mode=True)
 
 
 def test_qkv_projection_backward_gradcheck_with_missing_output_grads():
@@ -310,17 +307,6 @@ def test_qkv_projection_backward_gradcheck_with_missing_output_grads():
         return ops.qkv_projection_backward(None, grad_k, None, *rest, H)
 
     assert gradcheck(fn, (grad_k, *inputs))
-
-
-def test_merge_heads_backward_gradcheck_and_gradgradcheck():
-    B, H, L, D, Eout = 2, 3, 2, 2, 4
-    inputs = (
-        random_tensor(B, L, Eout, requires_grad=True),  # grad_output
-        random_tensor(B, H, L, D, requires_grad=True),
-        random_tensor(Eout, H * D, requires_grad=True),
-    )
-    assert gradcheck(ops.merge_heads_backward, inputs)
-    assert gradgradcheck(ops.merge_heads_backward, inputs, fast_mode=True)
 
 
 ATTENTION_BACKWARD_CASES = {

@@ -10,7 +10,7 @@ from qkv_attention import _C
 ops = torch.ops.qkv_attention
 
 PUBLIC_SCHEMAS = {
-    # argument names in order: public API (DESIGN.md section 2), new ones only go at the end
+    # argument names in order: public API (docs/design.md section 2), new ones only go at the end
     "qkv_projection": ["query", "key", "value", "q_weight", "k_weight", "v_weight", "q_bias",
                        "k_bias", "v_bias", "num_heads"],
     "attention": ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",

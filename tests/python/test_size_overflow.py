@@ -47,8 +47,8 @@ CASES = [
     ("attention: the scores count overflows int64 (no weights materialised)",
      "ops.attention(huge(2**10, 2**10, 2**25, 1), huge(2**10, 2**10, 2**25, 1), "
      "huge(2**10, 2**10, 2**25, 1))", "the attention scores (B, H, L, S)"),
-    ("attention: attn_mask", f"ops.attention(huge(1, 1, 4, 2), huge(1, 1, 4, 2), "
-     f"huge(1, 1, 4, 2), huge(1, 1, 4, 4).expand(1, 1, 4, 4))", None),  # fine: small
+    ("attention: attn_mask", "ops.attention(huge(1, 1, 4, 2), huge(1, 1, 4, 2), "
+     "huge(1, 1, 4, 2), huge(1, 1, 4, 4).expand(1, 1, 4, 4))", None),  # fine: small
     ("attention: key_padding_mask of a huge key length",
      f"ops.attention(huge(1, 1, 4, 2), huge(1, 1, {BIG}, 2), huge(1, 1, {BIG}, 2), None, 0.0, "
      f"False, None, huge(1, {BIG}))", "key has size"),

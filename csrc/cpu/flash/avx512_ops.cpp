@@ -179,7 +179,7 @@ QKV_AVX512 void Avx512Ops::gemm(int64_t M, int64_t N, int64_t K, const float* a,
   constexpr int64_t kPanel = 16 * kTileVectors;
   for (int64_t n0 = 0; n0 < N; n0 += kPanel) {
     const int64_t width = std::min(kPanel, N - n0);
-    const int64_t vectors = (width + 15) / 16;
+    const int64_t vectors = ceil_div(width, 16);
     const __mmask16 last = first_lanes(width - 16 * (vectors - 1));
     for (int64_t m0 = 0; m0 < M; m0 += kTileRows) {
       const int64_t rows = std::min<int64_t>(kTileRows, M - m0);
@@ -195,7 +195,7 @@ QKV_AVX512 void Avx512Ops::keep_bits(const DropoutKey& key, uint64_t first, int6
   // i.e. raw bit j + shift.
   const uint64_t counter0 = first >> 2;
   const unsigned shift = unsigned(first & 3);
-  const int64_t words = (count + 63) / 64;
+  const int64_t words = ceil_div(count, 64);
   uint64_t raw = keep_word(key, counter0);
   for (int64_t w = 0; w < words; ++w) {
     uint64_t out = raw >> shift;
@@ -338,7 +338,7 @@ QKV_AVX512_BF16 PairedA pair_a(int64_t M, int64_t K, const float* a, int64_t a_r
                                std::vector<uint32_t>& buffer) {
   const int64_t K2 = (K + 1) / 2;
   if (a_col == 1) {  // rows of A contiguous: row-major pairs
-    const int64_t ld = (K2 + 15) / 16 * 16;
+    const int64_t ld = round_up(K2, 16);
     if (int64_t(buffer.size()) < M * ld) buffer.resize(size_t(M * ld));
     for (int64_t r = 0; r < M; ++r) {
       const float* row = a + r * a_row;
@@ -352,7 +352,7 @@ QKV_AVX512_BF16 PairedA pair_a(int64_t M, int64_t K, const float* a, int64_t a_r
     return PairedA{buffer.data(), ld, 1};
   }
   if (a_row == 1) {  // columns of A contiguous: column-major pairs
-    const int64_t ld = (M + 15) / 16 * 16;
+    const int64_t ld = round_up(M, 16);
     if (int64_t(buffer.size()) < K2 * ld) buffer.resize(size_t(K2 * ld));
     for (int64_t k2 = 0; k2 < K2; ++k2) {
       const float* col0 = a + 2 * k2 * a_col;
@@ -446,7 +446,7 @@ QKV_AVX512_BF16 void Avx512Bf16Ops::gemm(int64_t M, int64_t N, int64_t K, const 
   constexpr int64_t kPanel = 16 * kTileVectors;
   for (int64_t n0 = 0; n0 < N; n0 += kPanel) {
     const int64_t width = std::min(kPanel, N - n0);
-    const int64_t vectors = (width + 15) / 16;
+    const int64_t vectors = ceil_div(width, 16);
     const __mmask16 last = first_lanes(width - 16 * (vectors - 1));
     for (int64_t m0 = 0; m0 < M; m0 += kTileRows) {
       const int64_t rows = std::min<int64_t>(kTileRows, M - m0);

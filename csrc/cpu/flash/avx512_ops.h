@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "cpu/flash/dropout_bits.h"
+#include "cpu/rounding.h"
 
 namespace qkv_attention::cpu::flash {
 
@@ -15,7 +16,7 @@ struct Avx512Ops {
   static constexpr bool kPlainB = true;
   static constexpr int64_t kForwardQueries = 48;  // 8 register tiles of 6 rows
   static constexpr int64_t kForwardKeys = 256;
-  static int64_t packed_ld(int64_t N) { return (N + 15) / 16 * 16; }
+  static int64_t packed_ld(int64_t N) { return round_up(N, 16); }
   static int64_t packed_size(int64_t K, int64_t N) { return K * packed_ld(N); }
 
   // dst = B with B[k, n] = src[k * src_row + n * src_col], ld >= packed_ld(N), zero-padded.

@@ -8,13 +8,9 @@
 
 #include "cpu/attention_kernel.h"
 #include "cpu/flash/level_namespace.h"
+#include "cpu/rounding.h"
 
 QKV_FLASH_LEVEL_BEGIN
-
-inline int64_t round_up(int64_t x, int64_t multiple) {
-  return (x + multiple - 1) / multiple * multiple;
-}
-inline int64_t ceil_div(int64_t x, int64_t y) { return (x + y - 1) / y; }
 
 // Block sizes. keys is a multiple of 16 (one AVX-512 vector of floats).
 struct Blocking {

@@ -9,15 +9,8 @@
 
 namespace qkv_attention::cpu::flash {
 
-// Philox key, counter offset and keep threshold of one call's dropout stream.
-struct DropoutKey {
-  uint32_t key0, key1, offset0, offset1, threshold;
-
-  static DropoutKey make(uint64_t seed, uint64_t offset, double dropout_p) {
-    return DropoutKey{uint32_t(seed), uint32_t(seed >> 32), uint32_t(offset),
-                      uint32_t(offset >> 32), DropoutStream::threshold_for(dropout_p)};
-  }
-};
+// The stream's key, offset and threshold (cpu/philox.h).
+using ::qkv_attention::DropoutKey;
 
 // keep[0, ceil(count / 64)): bit j = whether element first + j is kept.
 void keep_bits_reference(const DropoutKey& key, uint64_t first, int64_t count, uint64_t* keep);

@@ -22,6 +22,7 @@
 #include "cpu/flash/dropout_bits.h"
 #include "cpu/flash/level_namespace.h"
 #include "cpu/flash/row_masks.h"
+#include "cpu/rounding.h"
 
 QKV_FLASH_LEVEL_BEGIN
 
@@ -208,7 +209,7 @@ struct BlasGemm {
   static constexpr int64_t kForwardQueries = 128;
   static constexpr int64_t kForwardKeys = 512;
 
-  static int64_t packed_ld(int64_t N) { return (N + 15) / 16 * 16; }
+  static int64_t packed_ld(int64_t N) { return round_up(N, 16); }
   static int64_t packed_size(int64_t K, int64_t N) { return K * packed_ld(N); }
 
   // dst = B with B[k, n] = src[k * src_row + n * src_col] (a transpose when src_row is 1),
@@ -319,7 +320,7 @@ struct VecGemm {
     constexpr int64_t W = Vec::size(), kPanel = kVectors * W;
     for (int64_t n0 = 0; n0 < N; n0 += kPanel) {
       const int64_t width = std::min(kPanel, N - n0);
-      const int vectors = int((width + W - 1) / W);
+      const int vectors = int(ceil_div(width, W));
       for (int64_t m0 = 0; m0 < M; m0 += kRows) {
         const Acc* a_tile = a + m0 * a_row;
         Acc* c_tile = c + m0 * ldc + n0;

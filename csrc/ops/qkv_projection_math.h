@@ -1,6 +1,8 @@
-// The qkv_projection backward written with ATen ops (GEMMs through at::mm). The CPU kernels use
-// tiled GEMMs of their own (cpu/head_gemm.h); the backward's Autograd kernel runs this math with
-// autograd recording when the backward itself is differentiated (create_graph=True).
+// The qkv_projection backward written with differentiable ATen ops (GEMMs through at::mm), for
+// any device. The Autograd kernel of qkv_projection_backward runs it with autograd recording
+// when the backward itself is differentiated (create_graph=True): the projection is linear, so
+// this math is differentiable as it stands. The CPU kernels compute the same gradients with
+// GEMM tiles of their own (cpu/head_gemm.h).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -9,7 +11,7 @@
 
 #include "ops/qkv_projection.h"
 
-namespace qkv_attention::cpu {
+namespace qkv_attention {
 
 // All nine gradients of qkv_projection (see ops/qkv_projection.h).
 QKVProjectionGrads qkv_projection_backward_math(
@@ -18,4 +20,4 @@ QKVProjectionGrads qkv_projection_backward_math(
     const at::Tensor& value, const at::Tensor& q_weight, const at::Tensor& k_weight,
     const at::Tensor& v_weight);
 
-}  // namespace qkv_attention::cpu
+}  // namespace qkv_attention
