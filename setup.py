@@ -3,6 +3,7 @@
 Always build with `pip install --no-build-isolation .`: an isolated build environment would fetch
 a different torch (a CUDA build of several GB) and the extension would not match the one you run.
 """
+
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -29,8 +30,15 @@ SOURCES = read_sources()
 
 def compile_args():
     # The language standard and warnings CMakeLists.txt uses too.
-    args = ["-O3", "-std=c++20", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter",
-            f'-DQKV_ATTENTION_VERSION="{VERSION}"']
+    args = [
+        "-O3",
+        "-std=c++20",
+        "-fopenmp",
+        "-Wall",
+        "-Wextra",
+        "-Wno-unused-parameter",
+        f'-DQKV_ATTENTION_VERSION="{VERSION}"',
+    ]
     if os.environ.get("QKV_ATTENTION_DEBUG") == "1":
         args = ["-O0", "-g"] + args[1:]
     return args
@@ -48,9 +56,12 @@ class BuildWithCpuLevels(BuildExtension):
 
             def compile_one(source):
                 return self.compiler.compile(
-                    [source.path], output_dir=self.build_temp,
+                    [source.path],
+                    output_dir=self.build_temp,
                     include_dirs=list(ext.include_dirs) + include_paths(),
-                    extra_postargs=compile_args() + [abi] + source.flags, depends=headers)
+                    extra_postargs=compile_args() + [abi] + source.flags,
+                    depends=headers,
+                )
 
             with ThreadPoolExecutor(max_workers=int(os.environ.get("MAX_JOBS", "2"))) as pool:
                 objects = [obj for objs in pool.map(compile_one, leveled) for obj in objs]

@@ -21,6 +21,7 @@ forward+backward, and over three in a row (a training loop's steady state).
 Writes benchmarks/results/bench-<time>.json and .png, and copies them to latest.json and
 latest.png.
 """
+
 import argparse
 import datetime
 import json
@@ -80,7 +81,9 @@ def measure_memory(case: Case, which: str):
     child = os.path.join(os.path.dirname(os.path.abspath(__file__)), "memory_child.py")
     proc = subprocess.run(
         [sys.executable, child, json.dumps(case.to_json()), which],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     if proc.returncode != 0:
         return dict(error=proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed")
@@ -89,17 +92,29 @@ def measure_memory(case: Case, which: str):
 
 def select_cases(args):
     if args.quick:
-        timing = op_cases([512, 1024], modes=("fwd", "fwd+bwd"), dropouts=(0.0, 0.1),
-                          causals=(False,), dtypes=("float32", "bfloat16"))
+        timing = op_cases(
+            [512, 1024],
+            modes=("fwd", "fwd+bwd"),
+            dropouts=(0.0, 0.1),
+            causals=(False,),
+            dtypes=("float32", "bfloat16"),
+        )
         timing += module_cases(modes=("fwd+bwd",))
-        memory = [Case("module", "fwd+bwd", "float32", 1, 8, 2048, 64, False, p) for p in (0.0, 0.1)]
+        memory = [
+            Case("module", "fwd+bwd", "float32", 1, 8, 2048, 64, False, p) for p in (0.0, 0.1)
+        ]
     else:
         timing = op_cases([128, 512, 1024, 4096])
         timing += module_cases(dtypes=("float32",))
         timing += module_cases(dtypes=("bfloat16",), modes=("fwd+bwd",), weights=(False,))
-        memory = [Case("module", "fwd+bwd", "float32", 1, 8, 8192, 64, False, p) for p in (0.0, 0.1)]
-        memory += [Case("module", "fwd+bwd", "float32", 4, 8, 512, 64, False, p, w)
-                   for p in (0.0, 0.1) for w in (False, True)]
+        memory = [
+            Case("module", "fwd+bwd", "float32", 1, 8, 8192, 64, False, p) for p in (0.0, 0.1)
+        ]
+        memory += [
+            Case("module", "fwd+bwd", "float32", 4, 8, 512, 64, False, p, w)
+            for p in (0.0, 0.1)
+            for w in (False, True)
+        ]
         memory += [Case("op", "fwd+bwd", "float32", 1, 4, 4096, 64, False, p) for p in (0.0, 0.1)]
     if args.filter:
         timing = [c for c in timing if args.filter in c.name]
@@ -110,8 +125,9 @@ def select_cases(args):
 
 
 def format_table(rows, columns):
-    widths = [max([len(str(col))] + [len(str(r.get(key, ""))) for r in rows])
-              for col, key in columns]
+    widths = [
+        max([len(str(col))] + [len(str(r.get(key, ""))) for r in rows]) for col, key in columns
+    ]
     line = "  ".join(str(col).ljust(w) for (col, _), w in zip(columns, widths))
     out = [line, "  ".join("-" * w for w in widths)]
     for r in rows:
@@ -126,9 +142,12 @@ def plot(timing_rows, memory_rows, path):
     import matplotlib.pyplot as plt
 
     panels = 2 if memory_rows else 1
-    fig, axes = plt.subplots(1, panels, figsize=(16 if panels == 2 else 10,
-                                                 max(4, 0.22 * len(timing_rows) + 1.5)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1,
+        panels,
+        figsize=(16 if panels == 2 else 10, max(4, 0.22 * len(timing_rows) + 1.5)),
+        squeeze=False,
+    )
     ax = axes[0][0]
     names = [r["case"] for r in timing_rows]
     speedups = [r["speedup_value"] for r in timing_rows]
@@ -166,8 +185,12 @@ def main():
     parser.add_argument("--quick", action="store_true", help="a few cases, for development")
     parser.add_argument("--filter", help="only the cases whose name contains this text")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory cases")
-    parser.add_argument("--budget", type=float, default=1.5,
-                        help="seconds of repetitions per implementation and case (default 1.5)")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=1.5,
+        help="seconds of repetitions per implementation and case (default 1.5)",
+    )
     parser.add_argument("--min-reps", type=int, default=3)
     parser.add_argument("--max-reps", type=int, default=9)
     args = parser.parse_args()
@@ -176,9 +199,11 @@ def main():
 
     timing_cases, memory_cases = select_cases(args)
     machine = describe_machine()
-    print(f"machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs, torch "
-          f"{machine['torch']} with {machine['torch_threads']} threads, load average "
-          f"{machine['load_average'][0]:.2f}")
+    print(
+        f"machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs, torch "
+        f"{machine['torch']} with {machine['torch_threads']} threads, load average "
+        f"{machine['load_average'][0]:.2f}"
+    )
     started = time.time()
 
     gemm = {"float32": [], "bfloat16": []}
@@ -196,15 +221,24 @@ def main():
         ours, theirs = runners(case)
         ours_s, torch_s, reps = time_pair(ours, theirs, args.budget, args.min_reps, args.max_reps)
         del ours, theirs
-        row = dict(case=case.name, spec=case.to_json(), ours_ms=round(ours_s * 1e3, 2),
-                   torch_ms=round(torch_s * 1e3, 2), speedup_value=torch_s / ours_s,
-                   speedup=f"{torch_s / ours_s:.2f}x", reps=reps)
+        row = dict(
+            case=case.name,
+            spec=case.to_json(),
+            ours_ms=round(ours_s * 1e3, 2),
+            torch_ms=round(torch_s * 1e3, 2),
+            speedup_value=torch_s / ours_s,
+            speedup=f"{torch_s / ours_s:.2f}x",
+            reps=reps,
+        )
         if case.kind == "op":
             row["ours_gflops_value"] = case.attention_flops() / ours_s / 1e9
             row["ours_gflops"] = f"{row['ours_gflops_value']:.0f}"
         timing_rows.append(row)
-        print(f"[{index + 1}/{len(timing_cases)}] {case.name}: ours {row['ours_ms']} ms, "
-              f"torch {row['torch_ms']} ms, {row['speedup']}", flush=True)
+        print(
+            f"[{index + 1}/{len(timing_cases)}] {case.name}: ours {row['ours_ms']} ms, "
+            f"torch {row['torch_ms']} ms, {row['speedup']}",
+            flush=True,
+        )
     measure_gemm()
     gemm_median = {name: statistics.median(v) for name, v in gemm.items()}
     for row in timing_rows:
@@ -217,7 +251,11 @@ def main():
     for case in memory_cases:
         row = dict(case=case.name, spec=case.to_json())
         for which in ("ours", "torch"):
-            if which == "torch" and case.dropout > 0 and available_mib() < 1.5 * torch_math_path_mib(case):
+            if (
+                which == "torch"
+                and case.dropout > 0
+                and available_mib() < 1.5 * torch_math_path_mib(case)
+            ):
                 row[f"{which}_peak"] = "skipped (not enough free memory)"
                 continue
             result = measure_memory(case, which)
@@ -233,42 +271,72 @@ def main():
         if row.get("torch_added_value") and "ours_added_value" in row:
             row["added_ratio"] = f"{row['ours_added_value'] / row['torch_added_value']:.2f}"
             row["added_steps_ratio"] = (
-                f"{row['ours_added_steps_value'] / row['torch_added_steps_value']:.2f}")
+                f"{row['ours_added_steps_value'] / row['torch_added_steps_value']:.2f}"
+            )
         memory_rows.append(row)
-        print(f"memory {case.name}: added by 1 step / 3 steps: ours +{row.get('ours_added')} / "
-              f"+{row.get('ours_added_steps')} MiB, torch +{row.get('torch_added')} / "
-              f"+{row.get('torch_added_steps')} MiB", flush=True)
+        print(
+            f"memory {case.name}: added by 1 step / 3 steps: ours +{row.get('ours_added')} / "
+            f"+{row.get('ours_added_steps')} MiB, torch +{row.get('torch_added')} / "
+            f"+{row.get('torch_added_steps')} MiB",
+            flush=True,
+        )
 
     elapsed = time.time() - started
     machine["load_average_end"] = os.getloadavg()
     print()
-    print(f"GEMM rate (torch.mm 2048^3, median of {len(gemm['float32'])}): "
-          f"float32 {gemm_median['float32']:.0f} GFLOP/s, "
-          f"bfloat16 {gemm_median['bfloat16']:.0f} GFLOP/s")
+    print(
+        f"GEMM rate (torch.mm 2048^3, median of {len(gemm['float32'])}): "
+        f"float32 {gemm_median['float32']:.0f} GFLOP/s, "
+        f"bfloat16 {gemm_median['bfloat16']:.0f} GFLOP/s"
+    )
     print()
-    print(format_table(timing_rows, [("case", "case"), ("ours ms", "ours_ms"),
-                                     ("torch ms", "torch_ms"), ("speedup", "speedup"),
-                                     ("ours GFLOP/s", "ours_gflops"),
-                                     ("of GEMM rate", "gemm_share")]))
+    print(
+        format_table(
+            timing_rows,
+            [
+                ("case", "case"),
+                ("ours ms", "ours_ms"),
+                ("torch ms", "torch_ms"),
+                ("speedup", "speedup"),
+                ("ours GFLOP/s", "ours_gflops"),
+                ("of GEMM rate", "gemm_share"),
+            ],
+        )
+    )
     if memory_rows:
         print()
-        print(format_table(memory_rows, [("case (MiB added to peak RSS)", "case"),
-                                         ("ours 1 step", "ours_added"),
-                                         ("torch 1 step", "torch_added"),
-                                         ("ratio", "added_ratio"),
-                                         ("ours 3 steps", "ours_added_steps"),
-                                         ("torch 3 steps", "torch_added_steps"),
-                                         ("ratio ", "added_steps_ratio")]))
-    print(f"\n{len(timing_rows)} timing and {len(memory_rows)} memory cases in {elapsed:.0f} s; "
-          f"load average {machine['load_average'][0]:.2f} at the start, "
-          f"{machine['load_average_end'][0]:.2f} at the end")
+        print(
+            format_table(
+                memory_rows,
+                [
+                    ("case (MiB added to peak RSS)", "case"),
+                    ("ours 1 step", "ours_added"),
+                    ("torch 1 step", "torch_added"),
+                    ("ratio", "added_ratio"),
+                    ("ours 3 steps", "ours_added_steps"),
+                    ("torch 3 steps", "torch_added_steps"),
+                    ("ratio ", "added_steps_ratio"),
+                ],
+            )
+        )
+    print(
+        f"\n{len(timing_rows)} timing and {len(memory_rows)} memory cases in {elapsed:.0f} s; "
+        f"load average {machine['load_average'][0]:.2f} at the start, "
+        f"{machine['load_average_end'][0]:.2f} at the end"
+    )
 
     os.makedirs(RESULTS, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = os.path.join(RESULTS, f"bench-{stamp}")
-    record = dict(command=" ".join([os.path.basename(sys.executable)] + sys.argv), machine=machine,
-                  gemm_gflops=gemm, gemm_gflops_median=gemm_median, seconds=elapsed,
-                  timing=timing_rows, memory=memory_rows)
+    record = dict(
+        command=" ".join([os.path.basename(sys.executable)] + sys.argv),
+        machine=machine,
+        gemm_gflops=gemm,
+        gemm_gflops_median=gemm_median,
+        seconds=elapsed,
+        timing=timing_rows,
+        memory=memory_rows,
+    )
     with open(base + ".json", "w") as f:
         json.dump(record, f, indent=1)
     plot(timing_rows, memory_rows, base + ".png")

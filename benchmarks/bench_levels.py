@@ -9,6 +9,7 @@ AVX2-only CPU). Inside a child both sides run interleaved (ours, torch, torch, o
 warm-up; each time is the median of the repetitions, and the ratio torch / ours is reported
 (> 1: ours is faster). Writes benchmarks/results/levels-latest.json.
 """
+
 import argparse
 import json
 import os
@@ -51,19 +52,35 @@ def child(reps: int):
                     else:
                         with torch.no_grad():
                             fn(q, k, v)
+
                 return step
 
-            ours = run(lambda q, k, v: torch.ops.qkv_attention.attention(
-                q, k, v, None, 0.0, causal))
+            ours = run(
+                lambda q, k, v: torch.ops.qkv_attention.attention(q, k, v, None, 0.0, causal)
+            )
             theirs = run(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
             t_ours, t_torch = interleaved_medians(ours, theirs, reps)
-            rows.append({"shape": name, "mode": mode, "dtype": dtype_name,
-                         "ours_ms": 1e3 * t_ours, "torch_ms": 1e3 * t_torch,
-                         "ratio": t_torch / t_ours})
+            rows.append(
+                {
+                    "shape": name,
+                    "mode": mode,
+                    "dtype": dtype_name,
+                    "ours_ms": 1e3 * t_ours,
+                    "torch_ms": 1e3 * t_torch,
+                    "ratio": t_torch / t_ours,
+                }
+            )
     info = qkv_attention.build_info()
-    print(json.dumps({"kernel_isa": info["kernel_isa"],
-                      "torch_level": torch.backends.cpu.get_cpu_capability(),
-                      "threads": torch.get_num_threads(), "rows": rows}))
+    print(
+        json.dumps(
+            {
+                "kernel_isa": info["kernel_isa"],
+                "torch_level": torch.backends.cpu.get_cpu_capability(),
+                "threads": torch.get_num_threads(),
+                "rows": rows,
+            }
+        )
+    )
 
 
 def main():
@@ -71,16 +88,21 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--reps", type=int, default=None)
-    parser.add_argument("--levels", default="default,avx2,native",
-                        help="comma-separated subset of default, avx2, native")
+    parser.add_argument(
+        "--levels",
+        default="default,avx2,native",
+        help="comma-separated subset of default, avx2, native",
+    )
     args = parser.parse_args()
     reps = args.reps or (5 if args.quick else 15)
     if args.child:
         child(reps)
         return
-    levels = [("default", {"ATEN_CPU_CAPABILITY": "default"}),
-              ("avx2", {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}),
-              ("native", {})]
+    levels = [
+        ("default", {"ATEN_CPU_CAPABILITY": "default"}),
+        ("avx2", {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}),
+        ("native", {}),
+    ]
     wanted = args.levels.split(",")
     levels = [(label, env) for label, env in levels if label in wanted]
     report = {}
@@ -88,17 +110,28 @@ def main():
         child_env = dict(os.environ)
         child_env.pop("ATEN_CPU_CAPABILITY", None)
         child_env.update(env)
-        out = subprocess.run([sys.executable, __file__, "--child", "--reps", str(reps)],
-                             env=child_env, check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", "--reps", str(reps)],
+            env=child_env,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         result = json.loads(out.strip().splitlines()[-1])
         report[label] = result
-        print(f"\n## level {label}: kernel_isa={result['kernel_isa']} "
-              f"torch={result['torch_level']} threads={result['threads']}")
-        print(f"| {'shape':<26} | {'mode':<7} | {'dtype':<8} | {'ours ms':>8} | {'torch ms':>8} | "
-              f"{'torch/ours':>10} |")
+        print(
+            f"\n## level {label}: kernel_isa={result['kernel_isa']} "
+            f"torch={result['torch_level']} threads={result['threads']}"
+        )
+        print(
+            f"| {'shape':<26} | {'mode':<7} | {'dtype':<8} | {'ours ms':>8} | {'torch ms':>8} | "
+            f"{'torch/ours':>10} |"
+        )
         for row in result["rows"]:
-            print(f"| {row['shape']:<26} | {row['mode']:<7} | {row['dtype']:<8} | "
-                  f"{row['ours_ms']:8.2f} | {row['torch_ms']:8.2f} | {row['ratio']:10.2f} |")
+            print(
+                f"| {row['shape']:<26} | {row['mode']:<7} | {row['dtype']:<8} | "
+                f"{row['ours_ms']:8.2f} | {row['torch_ms']:8.2f} | {row['ratio']:10.2f} |"
+            )
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "levels-latest.json"), "w") as f:
         json.dump(report, f, indent=1)

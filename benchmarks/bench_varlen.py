@@ -15,6 +15,7 @@ against one GEMM's rate measured in the same run.
 
 Run: python benchmarks/bench_varlen.py [--batch 32] [--reps 7] [--causal]
 """
+
 import argparse
 import os
 import statistics
@@ -38,7 +39,7 @@ def median_times(fns, reps):
     times = {name: [] for name in fns}
     names = list(fns)
     for rep in range(reps):
-        order = names[rep % len(names):] + names[:rep % len(names)]
+        order = names[rep % len(names) :] + names[: rep % len(names)]
         for name in order:
             start = time.perf_counter()
             fns[name]()
@@ -68,7 +69,7 @@ def main():
     def padded(t):
         out = t.new_zeros(B, L_max, H, D)
         for b in range(B):
-            out[b, :lengths[b]] = t[cu[b]:cu[b + 1]]
+            out[b, : lengths[b]] = t[cu[b] : cu[b + 1]]
         return out.transpose(1, 2).contiguous()
 
     qp, kp, vp = padded(q), padded(k), padded(v)
@@ -83,8 +84,11 @@ def main():
         return ops.attention(q, k, v, is_causal=args.causal, key_padding_mask=valid)
 
     def torch_padded(q, k, v):
-        mask = torch_mask & torch.ones(L_max, L_max, dtype=torch.bool).tril() \
-            if args.causal else torch_mask
+        mask = (
+            torch_mask & torch.ones(L_max, L_max, dtype=torch.bool).tril()
+            if args.causal
+            else torch_mask
+        )
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     def torch_jagged(q, k, v):
@@ -93,10 +97,18 @@ def main():
     def values_of(out):
         return out.transpose(1, 2).values() if out.is_nested else out
 
-    inputs = {"varlen": (q, k, v), "ours padded": (qp, kp, vp),
-              "torch padded": (qp, kp, vp), "torch jagged": tuple(jagged)}
-    functions = {"varlen": varlen, "ours padded": ours_padded, "torch padded": torch_padded,
-                 "torch jagged": torch_jagged}
+    inputs = {
+        "varlen": (q, k, v),
+        "ours padded": (qp, kp, vp),
+        "torch padded": (qp, kp, vp),
+        "torch jagged": tuple(jagged),
+    }
+    functions = {
+        "varlen": varlen,
+        "ours padded": ours_padded,
+        "torch padded": torch_padded,
+        "torch jagged": torch_jagged,
+    }
 
     def forward(name):
         return lambda: functions[name](*inputs[name])
@@ -104,37 +116,45 @@ def main():
     def forward_backward(name):
         if name == "torch jagged":
             leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-            nested = [torch.nested.nested_tensor_from_jagged(t, cu).transpose(1, 2)
-                      for t in leaves]
+            nested = [torch.nested.nested_tensor_from_jagged(t, cu).transpose(1, 2) for t in leaves]
 
             def run():
                 values_of(torch_jagged(*nested)).sum().backward(retain_graph=True)
+
             return run
         leaves = [t.clone().requires_grad_() for t in inputs[name]]
         return lambda: functions[name](*leaves).sum().backward()
 
     work = 4.0 * H * D * float((lengths.double() ** 2).sum()) / (2 if args.causal else 1)
     rate = gemm_rate(torch.float32)
-    print(f"qkv_attention {qkv_attention.__version__}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, kernel level "
-          f"{qkv_attention.build_info().get('kernel_isa')}, GEMM {rate:.0f} GFLOP/s (float32)")
-    print(f"B {B}, H {H}, D {D}, lengths {args.min_len}..{args.max_len} (seed 0): "
-          f"sum {total}, max {L_max}; padding makes {B * L_max ** 2 / float((lengths.double() ** 2).sum()):.2f}x "
-          f"the scores; causal {args.causal}; median of {args.reps}")
+    print(
+        f"qkv_attention {qkv_attention.__version__}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, kernel level "
+        f"{qkv_attention.build_info().get('kernel_isa')}, GEMM {rate:.0f} GFLOP/s (float32)"
+    )
+    print(
+        f"B {B}, H {H}, D {D}, lengths {args.min_len}..{args.max_len} (seed 0): "
+        f"sum {total}, max {L_max}; padding makes {B * L_max**2 / float((lengths.double() ** 2).sum()):.2f}x "
+        f"the scores; causal {args.causal}; median of {args.reps}"
+    )
     for mode, make in (("fwd", forward), ("fwd+bwd", forward_backward)):
         times = median_times({name: make(name) for name in functions}, args.reps)
         flops = work * (3.5 if mode == "fwd+bwd" else 1.0)
         base = times["varlen"]
-        print(f"{mode:8s} varlen {base * 1e3:8.2f} ms ({flops / base / 1e9:6.1f} GFLOP/s, "
-              f"{100 * flops / base / 1e9 / rate:4.1f}% of GEMM)")
+        print(
+            f"{mode:8s} varlen {base * 1e3:8.2f} ms ({flops / base / 1e9:6.1f} GFLOP/s, "
+            f"{100 * flops / base / 1e9 / rate:4.1f}% of GEMM)"
+        )
         for name in ("ours padded", "torch padded", "torch jagged"):
-            print(f"{'':8s} {name:13s} {times[name] * 1e3:8.2f} ms  "
-                  f"-> varlen {times[name] / base:5.2f}x faster")
+            print(
+                f"{'':8s} {name:13s} {times[name] * 1e3:8.2f} ms  "
+                f"-> varlen {times[name] / base:5.2f}x faster"
+            )
 
     # The numbers compared are the same computation: check it once.
     out = varlen(q, k, v)
     ref = ours_padded(qp, kp, vp).transpose(1, 2)  # (B, L_max, H, D)
-    ref = torch.cat([ref[b, :lengths[b]] for b in range(B)])
+    ref = torch.cat([ref[b, : lengths[b]] for b in range(B)])
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 

@@ -3,6 +3,7 @@
 Shared by bench_attention.py (timings, in one process) and memory_child.py (peak memory, one
 case per process), so that both measure exactly the same work.
 """
+
 import dataclasses
 import math
 import statistics
@@ -36,8 +37,14 @@ class Case:
 
     @property
     def name(self) -> str:
-        parts = [self.kind, self.mode, self.dtype, f"B{self.batch}", f"H{self.heads}",
-                 f"L{self.length}"]
+        parts = [
+            self.kind,
+            self.mode,
+            self.dtype,
+            f"B{self.batch}",
+            f"H{self.heads}",
+            f"L{self.length}",
+        ]
         if self.kind == "op":
             parts.append(f"D{self.head_dim}")
         else:
@@ -89,10 +96,12 @@ def _module_runners(case: Case) -> Tuple[Callable[[], None], Callable[[], None]]
     dtype = DTYPES[case.dtype]
     E = case.embed_dim
     torch.manual_seed(0)
-    theirs_module = torch.nn.MultiheadAttention(E, case.heads, dropout=case.dropout,
-                                                batch_first=True, dtype=dtype)
-    ours_module = qkv_attention.MultiheadAttention(E, case.heads, dropout=case.dropout,
-                                                   batch_first=True, dtype=dtype)
+    theirs_module = torch.nn.MultiheadAttention(
+        E, case.heads, dropout=case.dropout, batch_first=True, dtype=dtype
+    )
+    ours_module = qkv_attention.MultiheadAttention(
+        E, case.heads, dropout=case.dropout, batch_first=True, dtype=dtype
+    )
     ours_module.load_state_dict(theirs_module.state_dict())
     theirs_module.train(), ours_module.train()
     grad = case.mode == "fwd+bwd"
@@ -104,14 +113,16 @@ def _module_runners(case: Case) -> Tuple[Callable[[], None], Callable[[], None]]
     def run(module):
         def step():
             with torch.set_grad_enabled(grad):
-                out, weights = module(x, x, x, need_weights=case.need_weights, attn_mask=mask,
-                                      is_causal=case.causal)
+                out, weights = module(
+                    x, x, x, need_weights=case.need_weights, attn_mask=mask, is_causal=case.causal
+                )
                 if grad:
                     loss = out.float().sum()
                     if weights is not None:
                         # The weights take part in the loss, as when a model uses them.
                         loss = loss + weights.float().sum()
                     loss.backward()
+
         return step
 
     return run(ours_module), run(theirs_module)
@@ -139,11 +150,23 @@ def gemm_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> float:
     return 2.0 * n**3 / best / 1e9
 
 
-def op_cases(lengths, dtypes=("float32", "bfloat16"), modes=("fwd", "fwd+bwd"),
-             dropouts=(0.0, 0.1), causals=(False, True)):
+def op_cases(
+    lengths,
+    dtypes=("float32", "bfloat16"),
+    modes=("fwd", "fwd+bwd"),
+    dropouts=(0.0, 0.1),
+    causals=(False, True),
+):
     """Op cases; B·H shrinks as L grows so that every case is a comparable amount of work."""
-    batch_heads = {128: (16, 8), 256: (8, 8), 512: (4, 8), 1024: (2, 8), 2048: (1, 8),
-                   4096: (1, 4), 8192: (1, 2)}
+    batch_heads = {
+        128: (16, 8),
+        256: (8, 8),
+        512: (4, 8),
+        1024: (2, 8),
+        2048: (1, 8),
+        4096: (1, 4),
+        8192: (1, 2),
+    }
     cases = []
     for length in lengths:
         batch, heads = batch_heads.get(length, (1, 4))
@@ -151,20 +174,41 @@ def op_cases(lengths, dtypes=("float32", "bfloat16"), modes=("fwd", "fwd+bwd"),
             for mode in modes:
                 for causal in causals:
                     for dropout in dropouts:
-                        cases.append(Case("op", mode, dtype, batch, heads, length, 64, causal,
-                                          dropout))
+                        cases.append(
+                            Case("op", mode, dtype, batch, heads, length, 64, causal, dropout)
+                        )
     return cases
 
 
-def module_cases(dtypes=("float32",), modes=("fwd", "fwd+bwd"), dropouts=(0.0, 0.1),
-                 weights=(False, True), batch=4, length=512, heads=8, head_dim=64):
+def module_cases(
+    dtypes=("float32",),
+    modes=("fwd", "fwd+bwd"),
+    dropouts=(0.0, 0.1),
+    weights=(False, True),
+    batch=4,
+    length=512,
+    heads=8,
+    head_dim=64,
+):
     cases = []
     for dtype in dtypes:
         for mode in modes:
             for dropout in dropouts:
                 for need_weights in weights:
-                    cases.append(Case("module", mode, dtype, batch, heads, length, head_dim,
-                                      False, dropout, need_weights))
+                    cases.append(
+                        Case(
+                            "module",
+                            mode,
+                            dtype,
+                            batch,
+                            heads,
+                            length,
+                            head_dim,
+                            False,
+                            dropout,
+                            need_weights,
+                        )
+                    )
     return cases
 
 

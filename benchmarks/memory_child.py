@@ -12,6 +12,7 @@ Both peaks count what malloc keeps resident, not only live tensors: glibc's heap
 freed blocks, and how much depends on the order of allocations, so the first step and the
 steady state can rank two implementations differently.
 """
+
 import json
 import resource
 import sys
@@ -55,9 +56,18 @@ def main() -> None:
     for _ in range(steps - 1):
         run()
     peak_steps = status_mib("VmHWM")
-    print(json.dumps(dict(before_mib=before, peak_mib=peak, added_mib=peak - before,
-                          steps=steps, peak_steps_mib=peak_steps,
-                          added_steps_mib=peak_steps - before)))
+    print(
+        json.dumps(
+            dict(
+                before_mib=before,
+                peak_mib=peak,
+                added_mib=peak - before,
+                steps=steps,
+                peak_steps_mib=peak_steps,
+                added_steps_mib=peak_steps - before,
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ Appends a section to --out/report.md (replacing an earlier one of this script, s
 report of `make demo` holds the twin training and this part once each) and writes
 --out/huggingface.png.
 """
+
 import argparse
 import copy
 import statistics
@@ -55,16 +56,19 @@ QUERIES = [
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder")
-    parser.add_argument("--quick", action="store_true",
-                        help="fewer repetitions and a smaller decoder (for tests)")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer repetitions and a smaller decoder (for tests)"
+    )
     # One thread by default, as the twin training: on a machine busy with other work each op's
     # thread hand-off can cost more than these small ops, and it would favour neither side.
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1; 0 = torch's default)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1; 0 = torch's default)"
+    )
     parser.add_argument("--prompt", type=int, default=512, help="decoder prompt length")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens to generate")
-    parser.add_argument("--repeats", type=int, default=5,
-                        help="timed repetitions of each side, interleaved")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed repetitions of each side, interleaved"
+    )
     return parser.parse_args(argv)
 
 
@@ -85,6 +89,7 @@ def interleaved_seconds(functions, repeats):
 
 
 # --- part 1: MiniLM --------------------------------------------------------------------------
+
 
 def embed(model, batch):
     """Sentence embeddings as all-MiniLM-L6-v2 defines them: the mean of the last hidden states
@@ -113,9 +118,12 @@ def minilm_part(args):
 
     search = {}
     for name, e in embeddings.items():
-        similarity = e[len(CORPUS):] @ e[:len(CORPUS)].T  # (queries, corpus) cosine
-        search[name] = dict(similarity=similarity, best=similarity.argmax(1).tolist(),
-                            ranking=similarity.argsort(1, descending=True).tolist())
+        similarity = e[len(CORPUS) :] @ e[: len(CORPUS)].T  # (queries, corpus) cosine
+        search[name] = dict(
+            similarity=similarity,
+            best=similarity.argmax(1).tolist(),
+            ranking=similarity.argsort(1, descending=True).tolist(),
+        )
 
     # Speed: a larger batch of the same sentences (padded to the longest), as an indexing job
     # would encode them.
@@ -123,14 +131,20 @@ def minilm_part(args):
     big = tokenizer(sentences * copies, padding=True, return_tensors="pt")
     seconds = interleaved_seconds(
         {name: (lambda m=model: embed(m, big)) for name, model in models.items()},
-        2 if args.quick else args.repeats)
-    return dict(difference=difference, search=search, seconds=seconds,
-                batch=(big["input_ids"].shape[0], big["input_ids"].shape[1]),
-                layers=models["ours"].config.num_hidden_layers,
-                heads=models["ours"].config.num_attention_heads)
+        2 if args.quick else args.repeats,
+    )
+    return dict(
+        difference=difference,
+        search=search,
+        seconds=seconds,
+        batch=(big["input_ids"].shape[0], big["input_ids"].shape[1]),
+        layers=models["ours"].config.num_hidden_layers,
+        heads=models["ours"].config.num_attention_heads,
+    )
 
 
 # --- part 2: a Llama-style decoder -------------------------------------------------------------
+
 
 class StepClock:
     """A generate() streamer that notes when each call arrives: generate() hands it the prompt
@@ -152,23 +166,38 @@ def llama_part(args):
 
     layers, hidden, heads, kv_heads = (2, 128, 4, 2) if args.quick else (4, 512, 8, 2)
     prompt, new_tokens = (64, 8) if args.quick else (args.prompt, args.new_tokens)
-    config = LlamaConfig(vocab_size=4096, hidden_size=hidden, intermediate_size=4 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=kv_heads, max_position_embeddings=4096,
-                         # Wider initial weights than the default 0.02: with near-flat logits
-                         # greedy decoding would pick among near ties, a test of rounding
-                         # rather than of attention.
-                         initializer_range=0.1, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=4096,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=4096,
+        # Wider initial weights than the default 0.02: with near-flat logits
+        # greedy decoding would pick among near ties, a test of rounding
+        # rather than of attention.
+        initializer_range=0.1,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(0)
     sdpa = LlamaForCausalLM(config).eval()
     sdpa.set_attn_implementation("sdpa")
     ours = copy.deepcopy(sdpa)
     ours.set_attn_implementation(register())
     models = {"sdpa": sdpa, "ours": ours}
-    prompt_ids = torch.randint(3, config.vocab_size, (1, prompt),
-                               generator=torch.Generator().manual_seed(1))
-    settings = dict(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
-                    pad_token_id=0, attention_mask=torch.ones_like(prompt_ids))
+    prompt_ids = torch.randint(
+        3, config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(1)
+    )
+    settings = dict(
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        attention_mask=torch.ones_like(prompt_ids),
+    )
 
     tokens, clocks = {}, {name: [] for name in models}
 
@@ -180,21 +209,32 @@ def llama_part(args):
         clocks[name].append((start, clock.times))
         tokens[name] = out[0, prompt:].tolist()
 
-    seconds = interleaved_seconds({name: (lambda n=name: run(n)) for name in models},
-                                  2 if args.quick else max(3, args.repeats))
+    seconds = interleaved_seconds(
+        {name: (lambda n=name: run(n)) for name in models},
+        2 if args.quick else max(3, args.repeats),
+    )
     step_ms = {}
     for name, runs in clocks.items():
         # Per step: the median over the timed runs (the first run is the warm-up). Step 0 is
         # the prefill with the first token; the time before the prompt's call is set-up.
-        per_run = [[1000 * (b - a) for a, b in zip(times[:-1], times[1:])]
-                   for _, times in runs[1:]]
+        per_run = [[1000 * (b - a) for a, b in zip(times[:-1], times[1:])] for _, times in runs[1:]]
         step_ms[name] = [statistics.median(values) for values in zip(*per_run)]
-    return dict(tokens=tokens, seconds=seconds, step_ms=step_ms, prompt=prompt,
-                new_tokens=new_tokens, layers=layers, hidden=hidden, heads=heads,
-                kv_heads=kv_heads, vocab=config.vocab_size)
+    return dict(
+        tokens=tokens,
+        seconds=seconds,
+        step_ms=step_ms,
+        prompt=prompt,
+        new_tokens=new_tokens,
+        layers=layers,
+        hidden=hidden,
+        heads=heads,
+        kv_heads=kv_heads,
+        vocab=config.vocab_size,
+    )
 
 
 # --- output ------------------------------------------------------------------------------------
+
 
 def plot(minilm, llama, path: Path) -> None:
     import matplotlib
@@ -209,32 +249,51 @@ def plot(minilm, llama, path: Path) -> None:
     image = heat.imshow(similarity, cmap="viridis", aspect="auto")
     for row, best in enumerate(minilm["search"]["ours"]["best"]):
         same = best == minilm["search"]["sdpa"]["best"][row]
-        heat.add_patch(plt.Rectangle((best - 0.5, row - 0.5), 1, 1, fill=False,
-                                     edgecolor="white" if same else "red", linewidth=2.5))
+        heat.add_patch(
+            plt.Rectangle(
+                (best - 0.5, row - 0.5),
+                1,
+                1,
+                fill=False,
+                edgecolor="white" if same else "red",
+                linewidth=2.5,
+            )
+        )
     heat.set_yticks(range(len(QUERIES)), QUERIES, fontsize=9)
-    heat.set_xticks(range(len(CORPUS)), [s[:38] + ("..." if len(s) > 38 else "") for s in CORPUS],
-                    rotation=60, ha="right", fontsize=8)
+    heat.set_xticks(
+        range(len(CORPUS)),
+        [s[:38] + ("..." if len(s) > 38 else "") for s in CORPUS],
+        rotation=60,
+        ha="right",
+        fontsize=8,
+    )
     fig.colorbar(image, ax=heat, shrink=0.6, pad=0.01, label="cosine similarity")
     agree = minilm["search"]["ours"]["ranking"] == minilm["search"]["sdpa"]["ranking"]
-    heat.set_title("all-MiniLM-L6-v2 semantic search with qkv_attention\n"
-                   f"boxed: best match ({'identical' if agree else 'DIFFERENT'} rankings under "
-                   f"sdpa); largest embedding difference {minilm['difference']:.1e}",
-                   fontsize=10)
+    heat.set_title(
+        "all-MiniLM-L6-v2 semantic search with qkv_attention\n"
+        f"boxed: best match ({'identical' if agree else 'DIFFERENT'} rankings under "
+        f"sdpa); largest embedding difference {minilm['difference']:.1e}",
+        fontsize=10,
+    )
 
     bars = fig.add_subplot(grid[0, 1])
     labels = ["MiniLM encoding", "Llama generation"]
     units = ["sentences/s", "tokens/s"]
     sentences = minilm["batch"][0]
-    rates = {name: [sentences / minilm["seconds"][name],
-                    llama["new_tokens"] / llama["seconds"][name]] for name in ("sdpa", "ours")}
+    rates = {
+        name: [sentences / minilm["seconds"][name], llama["new_tokens"] / llama["seconds"][name]]
+        for name in ("sdpa", "ours")
+    }
     # Relative to sdpa, so both tasks share an axis; the bars are labelled with the rates.
     for offset, (name, color, label) in enumerate(
-            (("sdpa", "tab:orange", "transformers sdpa"), ("ours", "tab:blue", "qkv_attention"))):
+        (("sdpa", "tab:orange", "transformers sdpa"), ("ours", "tab:blue", "qkv_attention"))
+    ):
         positions = [i + (offset - 0.5) * 0.38 for i in range(len(labels))]
         relative = [r / base for r, base in zip(rates[name], rates["sdpa"])]
         drawn = bars.bar(positions, relative, width=0.38, color=color, label=label)
-        bars.bar_label(drawn, labels=[f"{r:.0f}\n{u}" for r, u in zip(rates[name], units)],
-                       fontsize=8)
+        bars.bar_label(
+            drawn, labels=[f"{r:.0f}\n{u}" for r, u in zip(rates[name], units)], fontsize=8
+        )
     bars.set_xticks(range(len(labels)), labels)
     bars.set_ylabel("throughput relative to sdpa")
     bars.set_ylim(0, 1.35 * max(1.0, *(r / b for r, b in zip(rates["ours"], rates["sdpa"]))))
@@ -242,17 +301,22 @@ def plot(minilm, llama, path: Path) -> None:
     bars.legend(fontsize=8, loc="upper center", ncols=2)
 
     steps = fig.add_subplot(grid[1, 1])
-    for name, color, label in (("sdpa", "tab:orange", "transformers sdpa"),
-                               ("ours", "tab:blue", "qkv_attention")):
+    for name, color, label in (
+        ("sdpa", "tab:orange", "transformers sdpa"),
+        ("ours", "tab:blue", "qkv_attention"),
+    ):
         values = llama["step_ms"][name]
         steps.plot(range(1, len(values)), values[1:], marker=".", color=color, label=label)
     steps.set_ylim(bottom=0)
     steps.set_xlabel("decoding step")
     steps.set_ylabel("ms per step")
-    steps.set_title(f"Llama-style decoder ({llama['layers']} layers, {llama['heads']} / "
-                    f"{llama['kv_heads']} KV heads), prompt {llama['prompt']}:\ntime per "
-                    f"generated token (prefill: ours {llama['step_ms']['ours'][0]:.0f} ms, "
-                    f"sdpa {llama['step_ms']['sdpa'][0]:.0f} ms)", fontsize=10)
+    steps.set_title(
+        f"Llama-style decoder ({llama['layers']} layers, {llama['heads']} / "
+        f"{llama['kv_heads']} KV heads), prompt {llama['prompt']}:\ntime per "
+        f"generated token (prefill: ours {llama['step_ms']['ours'][0]:.0f} ms, "
+        f"sdpa {llama['step_ms']['sdpa'][0]:.0f} ms)",
+        fontsize=10,
+    )
     steps.grid(True, alpha=0.3)
     steps.legend(fontsize=8)
     fig.savefig(path, dpi=100)
@@ -324,7 +388,7 @@ def append_section(path: Path, lines) -> None:
     """Appends our section to report.md, replacing one that an earlier run appended."""
     text = path.read_text() if path.exists() else ""
     if SECTION in text:
-        text = text[:text.index(SECTION)]
+        text = text[: text.index(SECTION)]
     if text and not text.endswith("\n\n"):
         text = text.rstrip("\n") + "\n\n"
     path.write_text(text + "\n".join(lines))
@@ -338,28 +402,37 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     minilm = minilm_part(args)
     agree = minilm["search"]["ours"]["ranking"] == minilm["search"]["sdpa"]["ranking"]
-    print(f"all-MiniLM-L6-v2: largest embedding difference ours vs sdpa "
-          f"{minilm['difference']:.3g}; semantic search rankings "
-          f"{'identical' if agree else 'DIFFERENT'}")
+    print(
+        f"all-MiniLM-L6-v2: largest embedding difference ours vs sdpa "
+        f"{minilm['difference']:.3g}; semantic search rankings "
+        f"{'identical' if agree else 'DIFFERENT'}"
+    )
     for row, query in enumerate(QUERIES):
         best = minilm["search"]["ours"]["best"][row]
-        print(f"  {query!r} -> {CORPUS[best]!r} "
-              f"({minilm['search']['ours']['similarity'][row, best]:.4f})")
-    print(f"  encoding {minilm['batch'][0]} sentences: ours "
-          f"{1000 * minilm['seconds']['ours']:.1f} ms, sdpa {1000 * minilm['seconds']['sdpa']:.1f}"
-          f" ms, speed ratio sdpa/ours {minilm['seconds']['sdpa'] / minilm['seconds']['ours']:.2f}")
+        print(
+            f"  {query!r} -> {CORPUS[best]!r} "
+            f"({minilm['search']['ours']['similarity'][row, best]:.4f})"
+        )
+    print(
+        f"  encoding {minilm['batch'][0]} sentences: ours "
+        f"{1000 * minilm['seconds']['ours']:.1f} ms, sdpa {1000 * minilm['seconds']['sdpa']:.1f}"
+        f" ms, speed ratio sdpa/ours {minilm['seconds']['sdpa'] / minilm['seconds']['ours']:.2f}"
+    )
 
     llama = llama_part(args)
     same = llama["tokens"]["ours"] == llama["tokens"]["sdpa"]
     rate = {name: llama["new_tokens"] / llama["seconds"][name] for name in ("ours", "sdpa")}
-    print(f"Llama-style decoder ({llama['layers']} layers, {llama['heads']}/{llama['kv_heads']} "
-          f"heads, prompt {llama['prompt']}): {llama['new_tokens']} greedy tokens "
-          f"{'identical' if same else 'DIFFERENT'}; ours {rate['ours']:.1f} tokens/s, sdpa "
-          f"{rate['sdpa']:.1f} tokens/s (ratio {rate['ours'] / rate['sdpa']:.2f})")
+    print(
+        f"Llama-style decoder ({llama['layers']} layers, {llama['heads']}/{llama['kv_heads']} "
+        f"heads, prompt {llama['prompt']}): {llama['new_tokens']} greedy tokens "
+        f"{'identical' if same else 'DIFFERENT'}; ours {rate['ours']:.1f} tokens/s, sdpa "
+        f"{rate['sdpa']:.1f} tokens/s (ratio {rate['ours'] / rate['sdpa']:.2f})"
+    )
 
     plot(minilm, llama, args.out / "huggingface.png")
-    append_section(args.out / "report.md",
-                   report_lines(minilm, llama, time.perf_counter() - started))
+    append_section(
+        args.out / "report.md", report_lines(minilm, llama, time.perf_counter() - started)
+    )
     print(f"wrote {args.out / 'huggingface.png'} and a section of {args.out / 'report.md'}")
     # Different results are a failure of the demo, not a number to read past.
     return 0 if same and agree else 1

@@ -11,6 +11,7 @@ the same model is built with ``torch.nn.MultiheadAttention`` or
 ``qkv_attention.MultiheadAttention``; both have the same parameter names, so one's state_dict
 loads into the other.
 """
+
 import string
 from typing import List, Optional, Tuple, Type
 
@@ -36,14 +37,21 @@ def token_names(tokens: Tensor) -> List[str]:
 class TransformerBlock(nn.Module):
     """Pre-norm block: x + attention(norm(x)), then x + feed_forward(norm(x))."""
 
-    def __init__(self, attention_class: Type[nn.Module], d_model: int, num_heads: int,
-                 ff_dim: int, dtype: Optional[torch.dtype] = None):
+    def __init__(
+        self,
+        attention_class: Type[nn.Module],
+        d_model: int,
+        num_heads: int,
+        ff_dim: int,
+        dtype: Optional[torch.dtype] = None,
+    ):
         super().__init__()
         self.attention_norm = nn.LayerNorm(d_model, dtype=dtype)
         # dropout=0: the twins must see the same computation (the two modules draw dropout masks
         # from different random streams, so any dropout would make them diverge).
-        self.attention = attention_class(d_model, num_heads, dropout=0.0, batch_first=True,
-                                         dtype=dtype)
+        self.attention = attention_class(
+            d_model, num_heads, dropout=0.0, batch_first=True, dtype=dtype
+        )
         self.feed_forward_norm = nn.LayerNorm(d_model, dtype=dtype)
         self.feed_forward = nn.Sequential(
             nn.Linear(d_model, ff_dim, dtype=dtype),
@@ -61,9 +69,17 @@ class TransformerBlock(nn.Module):
 
 
 class ReversalTransformer(nn.Module):
-    def __init__(self, attention_class: Type[nn.Module] = nn.MultiheadAttention,
-                 vocab_size: int = 16, length: int = 12, d_model: int = 64, num_heads: int = 4,
-                 num_layers: int = 2, ff_dim: int = 128, dtype: Optional[torch.dtype] = None):
+    def __init__(
+        self,
+        attention_class: Type[nn.Module] = nn.MultiheadAttention,
+        vocab_size: int = 16,
+        length: int = 12,
+        d_model: int = 64,
+        num_heads: int = 4,
+        num_layers: int = 2,
+        ff_dim: int = 128,
+        dtype: Optional[torch.dtype] = None,
+    ):
         super().__init__()
         if vocab_size > len(ALPHABET):
             raise ValueError(f"vocab_size must be at most {len(ALPHABET)}, got {vocab_size}")

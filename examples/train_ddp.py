@@ -12,6 +12,7 @@ throughout. tests/python/test_ddp.py checks exactly that, in float64, with --sav
 Under torchrun each process runs one torch thread (torchrun sets OMP_NUM_THREADS=1), so two
 processes share a 2-core machine without oversubscribing it.
 """
+
 import argparse
 import os
 import sys
@@ -34,8 +35,12 @@ except ImportError:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--global-batch", type=int, default=64,
-                        help="sequences per step over all ranks (a multiple of the world size)")
+    parser.add_argument(
+        "--global-batch",
+        type=int,
+        default=64,
+        help="sequences per step over all ranks (a multiple of the world size)",
+    )
     parser.add_argument("--length", type=int, default=12)
     parser.add_argument("--vocab", type=int, default=16)
     parser.add_argument("--d-model", type=int, default=64)
@@ -46,9 +51,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--save", type=Path, default=None,
-                        help="write the final state_dict here; '{rank}' in the name is replaced "
-                        "by the rank (otherwise only rank 0 writes)")
+    parser.add_argument(
+        "--save",
+        type=Path,
+        default=None,
+        help="write the final state_dict here; '{rank}' in the name is replaced "
+        "by the rank (otherwise only rank 0 writes)",
+    )
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
@@ -62,24 +71,33 @@ def main(argv=None) -> int:
     else:
         rank, world_size = 0, 1
     if args.global_batch % world_size != 0:
-        raise SystemExit(f"--global-batch {args.global_batch} is not a multiple of the "
-                         f"world size {world_size}")
+        raise SystemExit(
+            f"--global-batch {args.global_batch} is not a multiple of the world size {world_size}"
+        )
     shard = args.global_batch // world_size
 
     # Same seed on every rank: identical initial weights (DDP would broadcast rank 0's anyway).
     torch.manual_seed(args.seed)
     model = ReversalTransformer(
-        qkv_attention.MultiheadAttention, vocab_size=args.vocab, length=args.length,
-        d_model=args.d_model, num_heads=args.heads, num_layers=args.layers, ff_dim=args.ff_dim,
-        dtype=getattr(torch, args.dtype))
+        qkv_attention.MultiheadAttention,
+        vocab_size=args.vocab,
+        length=args.length,
+        d_model=args.d_model,
+        num_heads=args.heads,
+        num_layers=args.layers,
+        ff_dim=args.ff_dim,
+        dtype=getattr(torch, args.dtype),
+    )
     trained = DistributedDataParallel(model) if distributed else model
     optimizer = torch.optim.SGD(trained.parameters(), lr=args.lr, momentum=args.momentum)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(args.steps, 1))
     generator = torch.Generator().manual_seed(args.seed + 1)  # the global batch stream
 
     if rank == 0:
-        print(f"training on {world_size} process(es), {shard} of {args.global_batch} sequences "
-              f"each per step, {torch.get_num_threads()} thread(s) per process")
+        print(
+            f"training on {world_size} process(es), {shard} of {args.global_batch} sequences "
+            f"each per step, {torch.get_num_threads()} thread(s) per process"
+        )
     steps = range(args.steps)
     show_progress = rank == 0 and tqdm is not None and not args.no_progress
     if show_progress:
@@ -101,12 +119,15 @@ def main(argv=None) -> int:
     if rank == 0:
         model.eval()
         with torch.no_grad():
-            inputs, targets = make_batch(torch.Generator().manual_seed(args.seed + 2), 1024,
-                                         args.length, args.vocab)
+            inputs, targets = make_batch(
+                torch.Generator().manual_seed(args.seed + 2), 1024, args.length, args.vocab
+            )
             loss, accuracy, sequence_accuracy = loss_and_accuracy(model(inputs), targets)
-        print(f"done in {elapsed:.1f} s ({1000 * elapsed / max(args.steps, 1):.1f} ms/step): "
-              f"held-out loss {loss.item():.4g}, token accuracy {100 * accuracy.item():.2f}%, "
-              f"sequence accuracy {100 * sequence_accuracy.item():.2f}%")
+        print(
+            f"done in {elapsed:.1f} s ({1000 * elapsed / max(args.steps, 1):.1f} ms/step): "
+            f"held-out loss {loss.item():.4g}, token accuracy {100 * accuracy.item():.2f}%, "
+            f"sequence accuracy {100 * sequence_accuracy.item():.2f}%"
+        )
     if args.save is not None and ("{rank}" in str(args.save) or rank == 0):
         path = Path(str(args.save).replace("{rank}", str(rank)))
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ other processes affects both alike.
 Writes to --out (default demo_out/): attention.png (per-head attention weights for a sample
 input), loss.png (both loss curves) and report.md (the numbers printed at the end).
 """
+
 import argparse
 import statistics
 import sys
@@ -25,8 +26,13 @@ import torch
 from torch import nn
 
 import qkv_attention
-from reversal_transformer import (ReversalTransformer, loss_and_accuracy, make_batch,
-                                  max_parameter_difference, token_names)
+from reversal_transformer import (
+    ReversalTransformer,
+    loss_and_accuracy,
+    make_batch,
+    max_parameter_difference,
+    token_names,
+)
 
 try:
     from tqdm import tqdm
@@ -52,8 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     # One thread by default: this model's matrices are tiny (64 x 64), so a second thread gains
     # little, and on a machine busy with other work each op's thread hand-off can cost more
     # than the op (we measured 25 ms/step on 1 thread against 200 ms/step on 2 under load).
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1; 0 = torch's default)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1; 0 = torch's default)"
+    )
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
@@ -74,8 +81,15 @@ class TwinHistory:
 
 def build_twins(args) -> Dict[str, nn.Module]:
     dtype = getattr(torch, args.dtype)
-    shape = dict(vocab_size=args.vocab, length=args.length, d_model=args.d_model,
-                 num_heads=args.heads, num_layers=args.layers, ff_dim=args.ff_dim, dtype=dtype)
+    shape = dict(
+        vocab_size=args.vocab,
+        length=args.length,
+        d_model=args.d_model,
+        num_heads=args.heads,
+        num_layers=args.layers,
+        ff_dim=args.ff_dim,
+        dtype=dtype,
+    )
     torch.manual_seed(args.seed)
     theirs = ReversalTransformer(nn.MultiheadAttention, **shape)
     ours = ReversalTransformer(qkv_attention.MultiheadAttention, **shape)
@@ -84,11 +98,15 @@ def build_twins(args) -> Dict[str, nn.Module]:
 
 
 def train(twins: Dict[str, nn.Module], args) -> TwinHistory:
-    optimizers = {name: torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
-                  for name, model in twins.items()}
+    optimizers = {
+        name: torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+        for name, model in twins.items()
+    }
     # One learning rate schedule for both: cosine decay to 0 settles the final weights.
-    schedulers = {name: torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(args.steps, 1))
-                  for name, opt in optimizers.items()}
+    schedulers = {
+        name: torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(args.steps, 1))
+        for name, opt in optimizers.items()
+    }
     generator = torch.Generator().manual_seed(args.seed + 1)
     history = TwinHistory()
     steps = range(args.steps)
@@ -111,9 +129,12 @@ def train(twins: Dict[str, nn.Module], args) -> TwinHistory:
         history.parameter_difference.append(max_parameter_difference(twins["ours"], twins["torch"]))
         if bar is not None and (step % 10 == 0 or step == args.steps - 1):
             recent = lambda name: 1000 * statistics.median(history.seconds[name][-50:])
-            bar.set_postfix(loss=f"{history.loss['ours'][-1]:.4f}",
-                            torch_loss=f"{history.loss['torch'][-1]:.4f}",
-                            ms_ours=f"{recent('ours'):.1f}", ms_torch=f"{recent('torch'):.1f}")
+            bar.set_postfix(
+                loss=f"{history.loss['ours'][-1]:.4f}",
+                torch_loss=f"{history.loss['torch'][-1]:.4f}",
+                ms_ours=f"{recent('ours'):.1f}",
+                ms_torch=f"{recent('torch'):.1f}",
+            )
     return history
 
 
@@ -126,9 +147,12 @@ def evaluate(twins: Dict[str, nn.Module], args) -> Dict[str, Dict[str, float]]:
         model.eval()
         logits, weights = model(inputs, need_weights=True)
         loss, token_accuracy, sequence_accuracy = loss_and_accuracy(logits, targets)
-        results[name] = {"loss": loss.item(), "token_accuracy": token_accuracy.item(),
-                         "sequence_accuracy": sequence_accuracy.item(),
-                         "reversal_attention": [reversal_attention(w) for w in weights]}
+        results[name] = {
+            "loss": loss.item(),
+            "token_accuracy": token_accuracy.item(),
+            "sequence_accuracy": sequence_accuracy.item(),
+            "reversal_attention": [reversal_attention(w) for w in weights],
+        }
     return results
 
 
@@ -160,8 +184,13 @@ def plot_attention(tokens, predicted, weights, path: Path) -> None:
     outputs = token_names(predicted)
     cell = 0.26  # inches per token: keeps the letters legible at any length
     size = max(2.6, cell * length + 1.0)
-    fig, axes = plt.subplots(layers, heads, figsize=(size * heads + 1.2, size * layers + 1.3),
-                             squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(
+        layers,
+        heads,
+        figsize=(size * heads + 1.2, size * layers + 1.3),
+        squeeze=False,
+        constrained_layout=True,
+    )
     image = None
     for layer in range(layers):
         for head in range(heads):
@@ -178,7 +207,9 @@ def plot_attention(tokens, predicted, weights, path: Path) -> None:
     fig.suptitle(
         f"qkv_attention.MultiheadAttention after training on reversal of \"{''.join(inputs)}\"\n"
         f"(model output \"{''.join(outputs)}\"; output i must read input {length - 1}-i: "
-        "the anti-diagonal)", fontsize=12)
+        "the anti-diagonal)",
+        fontsize=12,
+    )
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -190,13 +221,30 @@ def plot_losses(history: TwinHistory, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     steps = range(1, len(history.loss["ours"]) + 1)
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True,
-                                      gridspec_kw={"height_ratios": [2, 1]},
-                                      constrained_layout=True)
-    top.plot(steps, history.loss["torch"], color="tab:orange", linewidth=3, alpha=0.6,
-             label="torch.nn.MultiheadAttention")
-    top.plot(steps, history.loss["ours"], color="tab:blue", linewidth=1.2, linestyle="--",
-             label="qkv_attention.MultiheadAttention")
+    fig, (top, bottom) = plt.subplots(
+        2,
+        1,
+        figsize=(8, 6.5),
+        sharex=True,
+        gridspec_kw={"height_ratios": [2, 1]},
+        constrained_layout=True,
+    )
+    top.plot(
+        steps,
+        history.loss["torch"],
+        color="tab:orange",
+        linewidth=3,
+        alpha=0.6,
+        label="torch.nn.MultiheadAttention",
+    )
+    top.plot(
+        steps,
+        history.loss["ours"],
+        color="tab:blue",
+        linewidth=1.2,
+        linestyle="--",
+        label="qkv_attention.MultiheadAttention",
+    )
     top.set_yscale("log")
     top.set_ylabel("training loss (cross-entropy)")
     top.set_title("Sequence reversal: the two twins, same initial weights, same batches")
@@ -205,10 +253,21 @@ def plot_losses(history: TwinHistory, path: Path) -> None:
     # Exact zeros have no place on a log axis: they are left out (NaN) rather than faked.
     nonzero = lambda values: [v if v > 0 else float("nan") for v in values]
     loss_difference = [abs(a - b) for a, b in zip(history.loss["ours"], history.loss["torch"])]
-    bottom.plot(steps, nonzero(history.parameter_difference), color="black", linewidth=1.5,
-                label="largest parameter difference")
-    bottom.plot(steps, nonzero(loss_difference), ".", color="tab:gray", markersize=2.5,
-                label="|loss ours - loss torch|")
+    bottom.plot(
+        steps,
+        nonzero(history.parameter_difference),
+        color="black",
+        linewidth=1.5,
+        label="largest parameter difference",
+    )
+    bottom.plot(
+        steps,
+        nonzero(loss_difference),
+        ".",
+        color="tab:gray",
+        markersize=2.5,
+        label="|loss ours - loss torch|",
+    )
     bottom.set_yscale("log")
     bottom.set_xlabel("training step")
     bottom.set_ylabel("twin difference")
@@ -242,9 +301,10 @@ def write_report(path: Path, args, results, history, parameter_difference, total
         "",
         "- attention on the expected key (query i on input L-1-i), mean over the held-out "
         "sequences, per head (qkv_attention twin):",
-        *[f"  - layer {layer + 1}: "
-          + ", ".join(f"{100 * share:.1f}%" for share in shares)
-          for layer, shares in enumerate(results["ours"]["reversal_attention"])],
+        *[
+            f"  - layer {layer + 1}: " + ", ".join(f"{100 * share:.1f}%" for share in shares)
+            for layer, shares in enumerate(results["ours"]["reversal_attention"])
+        ],
         f"- largest parameter difference between the twins: {parameter_difference:.3g}",
         f"- step time ratio ours / torch: {ours_ms / torch_ms:.3f} "
         f"(torch / ours: {torch_ms / ours_ms:.3f})",
@@ -267,8 +327,10 @@ def main(argv=None) -> int:
     started = time.perf_counter()
 
     twins = build_twins(args)
-    print(f"twins built: {sum(p.numel() for p in twins['ours'].parameters())} parameters each, "
-          f"largest initial difference {max_parameter_difference(twins['ours'], twins['torch'])}")
+    print(
+        f"twins built: {sum(p.numel() for p in twins['ours'].parameters())} parameters each, "
+        f"largest initial difference {max_parameter_difference(twins['ours'], twins['torch'])}"
+    )
     history = train(twins, args)
     results = evaluate(twins, args)
     parameter_difference = max_parameter_difference(twins["ours"], twins["torch"])
@@ -277,24 +339,32 @@ def main(argv=None) -> int:
     plot_attention(tokens, predicted, weights, args.out / "attention.png")
     plot_losses(history, args.out / "loss.png")
     total_seconds = time.perf_counter() - started
-    write_report(args.out / "report.md", args, results, history, parameter_difference,
-                 total_seconds)
+    write_report(
+        args.out / "report.md", args, results, history, parameter_difference, total_seconds
+    )
 
     ours_ms, torch_ms = history.ms_per_step("ours"), history.ms_per_step("torch")
-    print(f"sample: input {''.join(token_names(tokens))} -> output "
-          f"{''.join(token_names(predicted))}")
+    print(
+        f"sample: input {''.join(token_names(tokens))} -> output {''.join(token_names(predicted))}"
+    )
     for name, label in (("ours", "qkv_attention"), ("torch", "torch        ")):
         r = results[name]
-        print(f"{label}: loss {r['loss']:.4g}, token accuracy {100 * r['token_accuracy']:.2f}%, "
-              f"sequence accuracy {100 * r['sequence_accuracy']:.2f}%, "
-              f"{history.ms_per_step(name):.2f} ms/step")
+        print(
+            f"{label}: loss {r['loss']:.4g}, token accuracy {100 * r['token_accuracy']:.2f}%, "
+            f"sequence accuracy {100 * r['sequence_accuracy']:.2f}%, "
+            f"{history.ms_per_step(name):.2f} ms/step"
+        )
     best = [max(shares) for shares in results["ours"]["reversal_attention"]]
-    print("attention on the expected key (input L-1-i), best head per layer: "
-          + ", ".join(f"{100 * share:.1f}%" for share in best))
+    print(
+        "attention on the expected key (input L-1-i), best head per layer: "
+        + ", ".join(f"{100 * share:.1f}%" for share in best)
+    )
     print(f"largest parameter difference between the twins: {parameter_difference:.3g}")
     print(f"ms/step ratio ours/torch: {ours_ms / torch_ms:.3f}")
-    print(f"wrote {args.out / 'attention.png'}, {args.out / 'loss.png'}, "
-          f"{args.out / 'report.md'} ({total_seconds:.0f} s)")
+    print(
+        f"wrote {args.out / 'attention.png'}, {args.out / 'loss.png'}, "
+        f"{args.out / 'report.md'} ({total_seconds:.0f} s)"
+    )
     return 0
 
 

@@ -16,6 +16,7 @@ As evidence that the flags reached the compiler, the avx2 object must also use y
 and FMA, and the avx512 object (when built) zmm registers. One summary line per object.
 Only x86-64 objects are checked (the levels above default exist there alone).
 """
+
 import argparse
 import re
 import subprocess
@@ -36,7 +37,7 @@ _EVEX_DECORATION = re.compile(r"\{(%k[0-7]|z|1to\d+|r[nduz]-sae|sae|evex)\}")
 # Mnemonics that exist only in AVX-512 (EVEX) encodings, by prefix; their VEX relatives
 # (vpand, vmovdqu, vextracti128, vpermd, vpdpbusd of AVX-VNNI...) do not match.
 _AVX512_MNEMONIC = re.compile(
-    r"^(k[a-z]+[bwdq]?"                                  # mask-register instructions
+    r"^(k[a-z]+[bwdq]?"  # mask-register instructions
     r"|vp?ternlog|vperm[it]2|valign[dq]|v(p?compress|p?expand)"
     r"|vpmov[bwdq]2m|vpmovm2|vpmov(u?s)?[qdw][bwd]\b|vpmovwb"
     r"|vfixupimm|vgetexp|vgetmant|vrndscale|vreduce|vrange|vscalef|vfpclass"
@@ -62,8 +63,12 @@ class Report:
 
 
 def disassemble(path):
-    result = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(path)],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if result.returncode != 0:
         raise SystemExit(f"check_isa: objdump failed on {path}: {result.stderr.strip()}")
     return result.stdout
@@ -90,7 +95,7 @@ def check_object(path, level):
         # A pseudo-prefix ({vex}, {vex3}, {evex}) names the encoding; the mnemonic follows it.
         pseudo = words[0] if words[0] in ("{vex}", "{vex3}", "{evex}") else None
         mnemonic = words[1] if pseudo and len(words) > 1 else words[0]
-        body = text[len(pseudo):].lstrip() if pseudo else text
+        body = text[len(pseudo) :].lstrip() if pseudo else text
         zmm, ymm = bool(_ZMM.search(text)), bool(_YMM.search(text))
         mask = bool(_MASK_REGISTER.search(text))
         report.counts["zmm"] += zmm
@@ -123,11 +128,16 @@ def check_object(path, level):
             report.problems.append((what, f"... {count} instructions in all"))
     # The flags must have reached the compiler: the level's own instructions are there.
     if level == "avx2" and (report.counts["ymm"] == 0 or report.counts["fma"] == 0):
-        report.problems.append(("no ymm register or FMA instruction at all",
-                                "was the object compiled with the avx2 flags?"))
+        report.problems.append(
+            (
+                "no ymm register or FMA instruction at all",
+                "was the object compiled with the avx2 flags?",
+            )
+        )
     if level == "avx512" and report.counts["zmm"] == 0:
-        report.problems.append(("no zmm register at all",
-                                "was the object compiled with the avx512 flags?"))
+        report.problems.append(
+            ("no zmm register at all", "was the object compiled with the avx512 flags?")
+        )
     return report
 
 
@@ -140,8 +150,9 @@ def find_objects(build_dir, level):
 
 
 def is_x86_64(path):
-    result = subprocess.run(["objdump", "-f", str(path)], capture_output=True, text=True,
-                            check=False)
+    result = subprocess.run(
+        ["objdump", "-f", str(path)], capture_output=True, text=True, check=False
+    )
     return "x86-64" in result.stdout
 
 
@@ -157,8 +168,11 @@ def main(argv=None):
         for level in ("avx2", "default", "avx512"):
             objects = [o for o in find_objects(build_dir, level) if is_x86_64(o)]
             if not objects and level in ("avx2", "default"):
-                print(f"check_isa: no x86-64 object of cpu/flash/level_{level}.cpp under "
-                      f"{build_dir} (build it first)", file=sys.stderr)
+                print(
+                    f"check_isa: no x86-64 object of cpu/flash/level_{level}.cpp under "
+                    f"{build_dir} (build it first)",
+                    file=sys.stderr,
+                )
                 failed = True
             for path in objects:
                 report = check_object(path, level)
@@ -167,9 +181,11 @@ def main(argv=None):
                 except ValueError:
                     shown = path
                 verdict = "FAIL" if report.problems else "ok"
-                print(f"{verdict:4} {level:7} {shown}: {report.instructions} instructions, "
-                      f"{report.counts['v']} VEX/EVEX, {report.counts['ymm']} ymm, "
-                      f"{report.counts['zmm']} zmm, {report.counts['mask']} mask-register")
+                print(
+                    f"{verdict:4} {level:7} {shown}: {report.instructions} instructions, "
+                    f"{report.counts['v']} VEX/EVEX, {report.counts['ymm']} ymm, "
+                    f"{report.counts['zmm']} zmm, {report.counts['mask']} mask-register"
+                )
                 for what, line in report.problems:
                     print(f"       {what}: {line}")
                 failed |= bool(report.problems)

@@ -1,7 +1,8 @@
 """Reads csrc/sources.txt, the one list of the operators' C++ sources (CMakeLists.txt reads it too).
 
-    python tools/sources.py [--arch ARCH]   prints the sources built for ARCH (default: this machine)
+python tools/sources.py [--arch ARCH]   prints the sources built for ARCH (default: this machine)
 """
+
 import argparse
 import platform
 import re
@@ -14,8 +15,8 @@ _SECTION = re.compile(r"^\[(\w+)(?:\s+(\w+))?\]\s*(.*)$")
 
 @dataclass
 class Source:
-    path: str                 # relative to the repository root
-    level: str = ""           # the CPU level of a per-level source, "" for the others
+    path: str  # relative to the repository root
+    level: str = ""  # the CPU level of a per-level source, "" for the others
     flags: list = field(default_factory=list)  # the level's instruction flags
 
 

@@ -27,10 +27,9 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_autocast(
     c10::SymInt max_seqlen_k, double dropout_p, bool is_causal, std::optional<double> scale,
     const std::optional<at::Tensor>& rng_state) {
   BelowAutocast below;
-  return _attention_varlen_forward(cast(query), cast(key), cast(value), cu_seqlens_q,
-                                   cu_seqlens_k, std::move(max_seqlen_q),
-                                   std::move(max_seqlen_k), dropout_p, is_causal, scale,
-                                   rng_state);
+  return _attention_varlen_forward(cast(query), cast(key), cast(value), cu_seqlens_q, cu_seqlens_k,
+                                   std::move(max_seqlen_q), std::move(max_seqlen_k), dropout_p,
+                                   is_causal, scale, rng_state);
 }
 
 }  // namespace

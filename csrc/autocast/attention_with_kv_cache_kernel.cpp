@@ -30,16 +30,18 @@ std::optional<at::Tensor> to_dtype(const std::optional<at::Tensor>& t, at::Scala
   return to_dtype(*t, dtype);
 }
 
-at::Tensor attention_with_kv_cache_autocast(
-    const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
-    const std::optional<at::Tensor>& key, const std::optional<at::Tensor>& value,
-    const std::optional<at::Tensor>& cache_seqlens, const std::optional<at::Tensor>& attn_mask,
-    bool is_causal, std::optional<double> scale) {
+at::Tensor attention_with_kv_cache_autocast(const at::Tensor& query, const at::Tensor& k_cache,
+                                            const at::Tensor& v_cache,
+                                            const std::optional<at::Tensor>& key,
+                                            const std::optional<at::Tensor>& value,
+                                            const std::optional<at::Tensor>& cache_seqlens,
+                                            const std::optional<at::Tensor>& attn_mask,
+                                            bool is_causal, std::optional<double> scale) {
   BelowAutocast below;
   // A cache of a dtype the op does not compute in: nothing is cast, the checks name it.
   if (!is_dense(k_cache) || !is_supported_dtype(k_cache.scalar_type())) {
-    return attention_with_kv_cache(query, k_cache, v_cache, key, value, cache_seqlens,
-                                   attn_mask, is_causal, scale);
+    return attention_with_kv_cache(query, k_cache, v_cache, key, value, cache_seqlens, attn_mask,
+                                   is_causal, scale);
   }
   const at::ScalarType dtype = k_cache.scalar_type();
   return attention_with_kv_cache(to_dtype(query, dtype), k_cache, v_cache, to_dtype(key, dtype),

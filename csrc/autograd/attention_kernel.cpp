@@ -23,12 +23,11 @@ using torch::autograd::variable_list;
 
 class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& query,
-                               const at::Tensor& key, const at::Tensor& value,
-                               const std::optional<at::Tensor>& attn_mask,
-                               const std::optional<at::Tensor>& key_padding_mask,
-                               double dropout_p, bool is_causal, std::optional<double> scale,
-                               bool need_weights, const std::optional<at::Tensor>& rng_state,
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& query, const at::Tensor& key,
+                               const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
+                               const std::optional<at::Tensor>& key_padding_mask, double dropout_p,
+                               bool is_causal, std::optional<double> scale, bool need_weights,
+                               const std::optional<at::Tensor>& rng_state,
                                bool average_attn_weights) {
     // Gradients we are not given stay undefined (no zeros of shape (B, H, L, S) for the weights).
     ctx->set_materialize_grads(false);
@@ -72,11 +71,10 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     const bool padding_needs_grad =
         padding.defined() && ctx->needs_input_grad(mask.defined() ? 4 : 3);
     auto [grad_query, grad_key, grad_value, grad_mask, grad_padding] = _attention_backward(
-        grad_output, grad_weights, query, key, value, output, logsumexp,
-        optional_if_defined(mask), optional_if_defined(padding),
-        ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["is_causal"].toBool(),
-        ctx->saved_data["scale"].toOptional<double>(), optional_if_defined(rng_state),
-        mask_needs_grad, padding_needs_grad);
+        grad_output, grad_weights, query, key, value, output, logsumexp, optional_if_defined(mask),
+        optional_if_defined(padding), ctx->saved_data["dropout_p"].toDouble(),
+        ctx->saved_data["is_causal"].toBool(), ctx->saved_data["scale"].toOptional<double>(),
+        optional_if_defined(rng_state), mask_needs_grad, padding_needs_grad);
     return {grad_query,
             grad_key,
             grad_value,
@@ -104,9 +102,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_autograd(
   if (attn_mask.has_value()) check_dense("attention", "attn_mask", *attn_mask);
   if (key_padding_mask.has_value()) check_dense("attention", "key_padding_mask", *key_padding_mask);
   if (rng_state.has_value()) check_dense("attention", "rng_state", *rng_state);
-  variable_list out = AttentionFunction::apply(query, key, value, attn_mask, key_padding_mask,
-                                               dropout_p, is_causal, scale, need_weights,
-                                               rng_state, average_attn_weights);
+  variable_list out =
+      AttentionFunction::apply(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal,
+                               scale, need_weights, rng_state, average_attn_weights);
   return {out[0], out[1], out[2]};
 }
 
@@ -118,11 +116,10 @@ AttentionGrads attention_backward_autograd(
     double dropout_p, bool is_causal, std::optional<double> scale,
     const std::optional<at::Tensor>& rng_state, bool attn_mask_requires_grad,
     bool key_padding_mask_requires_grad) {
-  const bool differentiate =
-      at::GradMode::is_enabled() &&
-      (requires_grad(grad_output) || requires_grad(grad_weights) || requires_grad(query) ||
-       requires_grad(key) || requires_grad(value) || requires_grad(attn_mask) ||
-       requires_grad(key_padding_mask));
+  const bool differentiate = at::GradMode::is_enabled() &&
+                             (requires_grad(grad_output) || requires_grad(grad_weights) ||
+                              requires_grad(query) || requires_grad(key) || requires_grad(value) ||
+                              requires_grad(attn_mask) || requires_grad(key_padding_mask));
   if (differentiate) {
     // An empty output and no gradient of the weights, or no query or no key at all (the
     // output is empty or all zeros, whatever the inputs): every gradient is zero, and so are
@@ -130,12 +127,11 @@ AttentionGrads attention_backward_autograd(
     // empty rows). Otherwise it materialises the (B, H, L, S) scores.
     const bool shaped = value.defined() && value.dim() == 4 && query.defined() &&
                         query.dim() == 4 && key.defined() && key.dim() == 4;
-    const bool empty_output =
-        shaped && ((value.sym_size(3) == 0 && !given(grad_weights)) || query.sym_size(2) == 0 ||
-                   key.sym_size(2) == 0);
-    check_attention_backward_inputs(grad_output, grad_weights, query, key, value, output,
-                                    logsumexp, attn_mask, key_padding_mask, dropout_p, scale,
-                                    rng_state, /*scores_materialised=*/!empty_output);
+    const bool empty_output = shaped && ((value.sym_size(3) == 0 && !given(grad_weights)) ||
+                                         query.sym_size(2) == 0 || key.sym_size(2) == 0);
+    check_attention_backward_inputs(grad_output, grad_weights, query, key, value, output, logsumexp,
+                                    attn_mask, key_padding_mask, dropout_p, scale, rng_state,
+                                    /*scores_materialised=*/!empty_output);
     if (empty_output) {
       auto zeros_like_mask = [&](const std::optional<at::Tensor>& mask, bool requires_grad) {
         return attention_mask_gets_grad(mask, requires_grad)

@@ -27,11 +27,11 @@ bool requires_grad(const at::Tensor& t) { return t.defined() && t.requires_grad(
 
 class AttentionVarlenFunction : public torch::autograd::Function<AttentionVarlenFunction> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& query,
-                               const at::Tensor& key, const at::Tensor& value,
-                               const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-                               c10::SymInt max_seqlen_q, c10::SymInt max_seqlen_k,
-                               double dropout_p, bool is_causal, std::optional<double> scale,
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& query, const at::Tensor& key,
+                               const at::Tensor& value, const at::Tensor& cu_seqlens_q,
+                               const at::Tensor& cu_seqlens_k, c10::SymInt max_seqlen_q,
+                               c10::SymInt max_seqlen_k, double dropout_p, bool is_causal,
+                               std::optional<double> scale,
                                const std::optional<at::Tensor>& rng_state) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [output, logsumexp] =
@@ -106,8 +106,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_differe
     const int64_t q0 = offsets.q_begin(b), L = offsets.q_len(b);
     const int64_t k0 = offsets.k_begin(b), S = offsets.k_len(b);
     const std::optional<at::Tensor> sequence_state =
-        dropout_p > 0 ? std::optional<at::Tensor>(sequence_rng_state(*rng_state, b))
-                      : std::nullopt;
+        dropout_p > 0 ? std::optional<at::Tensor>(sequence_rng_state(*rng_state, b)) : std::nullopt;
     // The dense backward of the sequence as a batch of one; its Autograd kernel takes the
     // differentiable path (grad mode is on and an input requires grad).
     auto [grad_q, grad_k, grad_v, grad_mask, grad_padding] = _attention_backward(
@@ -135,16 +134,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_autogra
       at::GradMode::is_enabled() && (requires_grad(grad_output) || requires_grad(query) ||
                                      requires_grad(key) || requires_grad(value));
   if (differentiate) {
-    check_varlen_backward_inputs(grad_output, query, key, value, output, logsumexp,
-                                 cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                 dropout_p, scale, rng_state);
+    check_varlen_backward_inputs(grad_output, query, key, value, output, logsumexp, cu_seqlens_q,
+                                 cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale,
+                                 rng_state);
     // The differentiable form loops over the sequences, so it reads the offsets' values: a
     // tracer's tensors (FakeTensor, functional wrappers under torch.compile) have none.
     for (const at::Tensor* offsets : {&cu_seqlens_q, &cu_seqlens_k}) {
-      const bool traced =
-          offsets->key_set().has_any(c10::DispatchKeySet(
-              {c10::DispatchKey::Python, c10::DispatchKey::Functionalize})) ||
-          offsets->sym_size(0).is_symbolic();
+      const bool traced = offsets->key_set().has_any(c10::DispatchKeySet(
+                              {c10::DispatchKey::Python, c10::DispatchKey::Functionalize})) ||
+                          offsets->sym_size(0).is_symbolic();
       TORCH_CHECK_NOT_IMPLEMENTED(
           !traced,
           "attention_varlen backward: differentiating the backward (create_graph=True, double "
@@ -156,14 +154,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_autogra
         "attention_varlen backward", cu_seqlens_q, cu_seqlens_k, query.size(0), key.size(0),
         max_seqlen_q.guard_int(__FILE__, __LINE__), max_seqlen_k.guard_int(__FILE__, __LINE__));
     return attention_varlen_backward_differentiable(grad_output, query, key, value, output,
-                                                    logsumexp, offsets, dropout_p, is_causal,
-                                                    scale, rng_state);
+                                                    logsumexp, offsets, dropout_p, is_causal, scale,
+                                                    rng_state);
   }
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return _attention_varlen_backward(grad_output, query, key, value, output, logsumexp,
-                                    cu_seqlens_q, cu_seqlens_k, std::move(max_seqlen_q),
-                                    std::move(max_seqlen_k), dropout_p, is_causal, scale,
-                                    rng_state);
+  return _attention_varlen_backward(grad_output, query, key, value, output, logsumexp, cu_seqlens_q,
+                                    cu_seqlens_k, std::move(max_seqlen_q), std::move(max_seqlen_k),
+                                    dropout_p, is_causal, scale, rng_state);
 }
 
 }  // namespace

@@ -31,16 +31,17 @@ const char* first_requiring_grad(const at::Tensor& query, const at::Tensor& k_ca
   return nullptr;
 }
 
-at::Tensor attention_with_kv_cache_autograd(
-    const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
-    const std::optional<at::Tensor>& key, const std::optional<at::Tensor>& value,
-    const std::optional<at::Tensor>& cache_seqlens, const std::optional<at::Tensor>& attn_mask,
-    bool is_causal, std::optional<double> scale) {
+at::Tensor attention_with_kv_cache_autograd(const at::Tensor& query, const at::Tensor& k_cache,
+                                            const at::Tensor& v_cache,
+                                            const std::optional<at::Tensor>& key,
+                                            const std::optional<at::Tensor>& value,
+                                            const std::optional<at::Tensor>& cache_seqlens,
+                                            const std::optional<at::Tensor>& attn_mask,
+                                            bool is_causal, std::optional<double> scale) {
   if (at::GradMode::is_enabled()) {
     const char* name = first_requiring_grad(query, k_cache, v_cache, key, value, attn_mask);
     if (name != nullptr) {
-      check_kv_cache_inputs(query, k_cache, v_cache, key, value, cache_seqlens, attn_mask,
-                            scale);
+      check_kv_cache_inputs(query, k_cache, v_cache, key, value, cache_seqlens, attn_mask, scale);
       TORCH_CHECK(false, "attention_with_kv_cache: ", name,
                   " requires grad, but this op is for inference and has no derivative. Call it "
                   "under torch.no_grad() or torch.inference_mode(), or pass detached tensors "
@@ -50,8 +51,8 @@ at::Tensor attention_with_kv_cache_autograd(
   at::Tensor output;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    output = attention_with_kv_cache(query, k_cache, v_cache, key, value, cache_seqlens,
-                                     attn_mask, is_causal, scale);
+    output = attention_with_kv_cache(query, k_cache, v_cache, key, value, cache_seqlens, attn_mask,
+                                     is_causal, scale);
   }
   if (key.has_value() && key->defined()) {
     torch::autograd::impl::bump_version(k_cache);

@@ -47,9 +47,9 @@ at::Tensor merge_heads_autograd(const at::Tensor& x, const at::Tensor& out_weigh
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_heads_backward_autograd(
     const at::Tensor& grad_output, const at::Tensor& x, const at::Tensor& out_weight) {
-  const bool differentiate = at::GradMode::is_enabled() &&
-                             (grad_output.requires_grad() || x.requires_grad() ||
-                              out_weight.requires_grad());
+  const bool differentiate =
+      at::GradMode::is_enabled() &&
+      (grad_output.requires_grad() || x.requires_grad() || out_weight.requires_grad());
   if (differentiate) {
     check_merge_heads_backward_inputs(grad_output, x, out_weight);
     return merge_heads_backward_math(grad_output, x, out_weight);

@@ -19,16 +19,16 @@ using torch::autograd::variable_list;
 
 class QKVProjectionFunction : public torch::autograd::Function<QKVProjectionFunction> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& query,
-                               const at::Tensor& key, const at::Tensor& value,
-                               const at::Tensor& q_weight, const at::Tensor& k_weight,
-                               const at::Tensor& v_weight, const std::optional<at::Tensor>& q_bias,
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& query, const at::Tensor& key,
+                               const at::Tensor& value, const at::Tensor& q_weight,
+                               const at::Tensor& k_weight, const at::Tensor& v_weight,
+                               const std::optional<at::Tensor>& q_bias,
                                const std::optional<at::Tensor>& k_bias,
                                const std::optional<at::Tensor>& v_bias, c10::SymInt num_heads) {
     ctx->set_materialize_grads(false);  // a missing grad_q (k, v) is skipped, not zero-filled
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [q, k, v] = qkv_projection(query, key, value, q_weight, k_weight, v_weight, q_bias,
-                                    k_bias, v_bias, num_heads);
+    auto [q, k, v] = qkv_projection(query, key, value, q_weight, k_weight, v_weight, q_bias, k_bias,
+                                    v_bias, num_heads);
     ctx->save_for_backward({query, key, value, q_weight, k_weight, v_weight});
     ctx->saved_data["num_heads"] = num_heads;
     ctx->saved_data["q_bias"] = given(q_bias);
@@ -42,8 +42,9 @@ class QKVProjectionFunction : public torch::autograd::Function<QKVProjectionFunc
     auto [grad_query, grad_key, grad_value, grad_q_weight, grad_k_weight, grad_v_weight,
           grad_q_bias, grad_k_bias, grad_v_bias] =
         qkv_projection_backward(optional_if_defined(grads[0]), optional_if_defined(grads[1]),
-                                optional_if_defined(grads[2]), saved[0], saved[1], saved[2], saved[3],
-                                saved[4], saved[5], ctx->saved_data["num_heads"].toSymInt());
+                                optional_if_defined(grads[2]), saved[0], saved[1], saved[2],
+                                saved[3], saved[4], saved[5],
+                                ctx->saved_data["num_heads"].toSymInt());
     // An input that was None gets no gradient (autograd insists on an undefined one).
     auto if_given = [&](const char* bias, const at::Tensor& grad) {
       return ctx->saved_data[bias].toBool() ? grad : at::Tensor();
@@ -74,8 +75,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_projection_autograd(
   check_defined(op, "q_weight", q_weight);
   check_defined(op, "k_weight", k_weight);
   check_defined(op, "v_weight", v_weight);
-  variable_list out = QKVProjectionFunction::apply(query, key, value, q_weight, k_weight,
-                                                   v_weight, q_bias, k_bias, v_bias, num_heads);
+  variable_list out = QKVProjectionFunction::apply(query, key, value, q_weight, k_weight, v_weight,
+                                                   q_bias, k_bias, v_bias, num_heads);
   return {out[0], out[1], out[2]};
 }
 

@@ -50,14 +50,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu(
     return {output, logsumexp, weights};
   }
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(),
-                                  "attention_forward", [&] {
-    const flash::AttentionArguments args{query,     key,       value,       attn_mask, key_padding_mask,
-                                         dropout_p, is_causal, scale, rng_state};
-    const auto p = flash::set_forward_params<scalar_t>(
-        args, output, logsumexp, need_weights ? &weights : nullptr, average);
-    attention_forward_kernel(p);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, query.scalar_type(), "attention_forward", [&] {
+        const flash::AttentionArguments args{
+            query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale, rng_state};
+        const auto p = flash::set_forward_params<scalar_t>(
+            args, output, logsumexp, need_weights ? &weights : nullptr, average);
+        attention_forward_kernel(p);
+      });
   return {output, logsumexp, weights};
 }
 
@@ -105,15 +105,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
                                : at::Tensor();
   const at::Tensor lse = logsumexp.contiguous();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(),
-                                  "attention_backward", [&] {
-    const flash::AttentionArguments args{query,     key,       value, attn_mask, key_padding_mask,
-                                         dropout_p, is_causal, scale, rng_state};
-    const auto p = flash::set_backward_params<scalar_t>(
-        args, output, grad_output, grad_weights, lse, grad_query, grad_key, grad_value,
-        grad_scores.defined() ? &grad_scores : nullptr);
-    attention_backward_kernel(p);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, query.scalar_type(), "attention_backward", [&] {
+        const flash::AttentionArguments args{
+            query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale, rng_state};
+        const auto p = flash::set_backward_params<scalar_t>(
+            args, output, grad_output, grad_weights, lse, grad_query, grad_key, grad_value,
+            grad_scores.defined() ? &grad_scores : nullptr);
+        attention_backward_kernel(p);
+      });
   return {grad_query, grad_key, grad_value,
           attn_mask_grad ? reduce_grad_scores(grad_scores, *attn_mask, false)
                          : at::empty({0}, query.options()),

@@ -40,7 +40,7 @@ struct Strides4 {
 template <typename T>
 struct MaskOperand {
   MaskKind kind = MaskKind::kNone;
-  const bool* bool_data = nullptr;  // kind == kBool
+  const bool* bool_data = nullptr;   // kind == kBool
   const T* additive_data = nullptr;  // kind == kAdditive
   Strides4 strides;
 };
@@ -48,8 +48,7 @@ struct MaskOperand {
 // What forward and backward share: sizes, scale, causality, dropout stream, masks and inputs.
 template <typename T>
 struct AttentionInputs {
-  int64_t batch = 0, heads = 0, kv_heads = 0, q_len = 0, kv_len = 0, head_dim = 0,
-          value_dim = 0;
+  int64_t batch = 0, heads = 0, kv_heads = 0, q_len = 0, kv_len = 0, head_dim = 0, value_dim = 0;
   double scale = 1.0;
   bool is_causal = false;
   double dropout_p = 0.0;
@@ -74,10 +73,10 @@ struct AttentionForwardParams : AttentionInputs<T> {
   // S - L aligns the last query with the last key (bottom-right, as a KV cache's new queries
   // follow the keys already cached). Rows that see no key give zeros. Forward only.
   int64_t causal_offset = 0;
-  T* output = nullptr;                // (B, H, L, Dv), contiguous
-  AccType<T>* logsumexp = nullptr;    // (B, H, L), contiguous; -inf for empty rows
-  T* weights = nullptr;               // (B, H, L, S), contiguous, or null when not requested
-  bool average_weights = false;       // weights is (B, L, S): the mean over the heads
+  T* output = nullptr;              // (B, H, L, Dv), contiguous
+  AccType<T>* logsumexp = nullptr;  // (B, H, L), contiguous; -inf for empty rows
+  T* weights = nullptr;             // (B, H, L, S), contiguous, or null when not requested
+  bool average_weights = false;     // weights is (B, L, S): the mean over the heads
 };
 
 template <typename T>

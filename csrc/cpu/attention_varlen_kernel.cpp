@@ -62,11 +62,11 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_cpu(
     int64_t max_seqlen_k, double dropout_p, bool is_causal, std::optional<double> scale,
     const std::optional<at::Tensor>& rng_state) {
   constexpr const char* op = "attention_varlen";
-  check_varlen_inputs(op, query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                      max_seqlen_k, dropout_p, scale, rng_state, /*rng_state_required=*/true);
+  check_varlen_inputs(op, query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                      dropout_p, scale, rng_state, /*rng_state_required=*/true);
   const int64_t total_q = query.size(0), H = query.size(1), Dv = value.size(2);
-  const SequenceOffsets offsets = read_sequence_offsets(
-      op, cu_seqlens_q, cu_seqlens_k, total_q, key.size(0), max_seqlen_q, max_seqlen_k);
+  const SequenceOffsets offsets = read_sequence_offsets(op, cu_seqlens_q, cu_seqlens_k, total_q,
+                                                        key.size(0), max_seqlen_q, max_seqlen_k);
   const at::ScalarType acc = at::toOpMathType(query.scalar_type());
   at::Tensor output = empty_output({total_q, H, Dv}, query.options());
   at::Tensor logsumexp = at::empty({total_q, H}, query.options().dtype(acc));
@@ -78,28 +78,28 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_cpu(
   }
   const auto [seed, offset] = stream_of(rng_state);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(),
-                                  "attention_varlen_forward", [&] {
-    using Acc = AccType<scalar_t>;
-    const flash::PackedArguments args{query,     key,   value, dropout_p,
-                                      is_causal, scale, seed,  offset};
-    // The kernels' head-major outputs, sequence b's (H, L_b, ...) block at row q_begin(b).
-    LargeBuffer<scalar_t> head_major_output(size_t(total_q * H * Dv));
-    LargeBuffer<Acc> head_major_lse(size_t(total_q * H));
-    scalar_t* out = output.mutable_data_ptr<scalar_t>();
-    Acc* lse = logsumexp.mutable_data_ptr<Acc>();
-    run_sequences(sequence_work(offsets, H), [&](int64_t b) {
-      const flash::PackedSequence sequence{b, offsets.q_begin(b), offsets.q_len(b),
-                                           offsets.k_begin(b), offsets.k_len(b)};
-      const int64_t q0 = sequence.q_begin, L = sequence.q_len;
-      scalar_t* seq_out = head_major_output.data() + q0 * H * Dv;
-      Acc* seq_lse = head_major_lse.data() + q0 * H;
-      attention_forward_kernel(
-          flash::set_sequence_forward_params<scalar_t>(args, sequence, seq_out, seq_lse));
-      heads_to_packed(seq_out, H, L, Dv, out + q0 * H * Dv);
-      heads_to_packed(seq_lse, H, L, int64_t(1), lse + q0 * H);
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, query.scalar_type(), "attention_varlen_forward", [&] {
+        using Acc = AccType<scalar_t>;
+        const flash::PackedArguments args{query,     key,   value, dropout_p,
+                                          is_causal, scale, seed,  offset};
+        // The kernels' head-major outputs, sequence b's (H, L_b, ...) block at row q_begin(b).
+        LargeBuffer<scalar_t> head_major_output(size_t(total_q * H * Dv));
+        LargeBuffer<Acc> head_major_lse(size_t(total_q * H));
+        scalar_t* out = output.mutable_data_ptr<scalar_t>();
+        Acc* lse = logsumexp.mutable_data_ptr<Acc>();
+        run_sequences(sequence_work(offsets, H), [&](int64_t b) {
+          const flash::PackedSequence sequence{b, offsets.q_begin(b), offsets.q_len(b),
+                                               offsets.k_begin(b), offsets.k_len(b)};
+          const int64_t q0 = sequence.q_begin, L = sequence.q_len;
+          scalar_t* seq_out = head_major_output.data() + q0 * H * Dv;
+          Acc* seq_lse = head_major_lse.data() + q0 * H;
+          attention_forward_kernel(
+              flash::set_sequence_forward_params<scalar_t>(args, sequence, seq_out, seq_lse));
+          heads_to_packed(seq_out, H, L, Dv, out + q0 * H * Dv);
+          heads_to_packed(seq_lse, H, L, int64_t(1), lse + q0 * H);
+        });
+      });
   return {output, logsumexp};
 }
 
@@ -115,8 +115,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_cpu(
                                rng_state);
   const int64_t total_q = query.size(0), H = query.size(1), D = query.size(2);
   const int64_t total_k = key.size(0), Hkv = key.size(1), Dv = value.size(2);
-  const SequenceOffsets offsets = read_sequence_offsets(
-      op, cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q, max_seqlen_k);
+  const SequenceOffsets offsets = read_sequence_offsets(op, cu_seqlens_q, cu_seqlens_k, total_q,
+                                                        total_k, max_seqlen_q, max_seqlen_k);
   if (output.numel() == 0) {
     // An empty output: nothing depends on anything, every gradient is zero.
     return {at::zeros(query.sizes(), query.options()), at::zeros(key.sizes(), key.options()),
@@ -129,41 +129,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_cpu(
   const auto [seed, offset] = stream_of(rng_state);
   const at::Tensor lse_packed = logsumexp.contiguous();  // (total_q, H)
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(),
-                                  "attention_varlen_backward", [&] {
-    using Acc = AccType<scalar_t>;
-    const flash::PackedArguments args{query,     key,   value, dropout_p,
-                                      is_causal, scale, seed,  offset};
-    // Head-major buffers, sequence b's blocks at its first query / key row.
-    LargeBuffer<Acc> head_major_lse(size_t(total_q * H));
-    LargeBuffer<scalar_t> head_major_dq(size_t(total_q * H * D));
-    LargeBuffer<scalar_t> head_major_dk(size_t(total_k * Hkv * D));
-    LargeBuffer<scalar_t> head_major_dv(size_t(total_k * Hkv * Dv));
-    const Acc* lse_in = lse_packed.const_data_ptr<Acc>();
-    scalar_t* dq_out = grad_query.mutable_data_ptr<scalar_t>();
-    scalar_t* dk_out = grad_key.mutable_data_ptr<scalar_t>();
-    scalar_t* dv_out = grad_value.mutable_data_ptr<scalar_t>();
-    // Query rows of a sequence without work (no queries) do not exist; every query row
-    // belongs to a sequence with work, which writes its grad_query rows.
-    run_sequences(sequence_work(offsets, H), [&](int64_t b) {
-      const flash::PackedSequence sequence{b, offsets.q_begin(b), offsets.q_len(b),
-                                           offsets.k_begin(b), offsets.k_len(b)};
-      const int64_t q0 = sequence.q_begin, L = sequence.q_len;
-      const int64_t k0 = sequence.k_begin, S = sequence.k_len;
-      Acc* seq_lse = head_major_lse.data() + q0 * H;
-      for (int64_t i = 0; i < L; ++i) {  // (L, H) -> (H, L)
-        for (int64_t h = 0; h < H; ++h) seq_lse[h * L + i] = lse_in[(q0 + i) * H + h];
-      }
-      scalar_t* seq_dq = head_major_dq.data() + q0 * H * D;
-      scalar_t* seq_dk = head_major_dk.data() + k0 * Hkv * D;
-      scalar_t* seq_dv = head_major_dv.data() + k0 * Hkv * Dv;
-      attention_backward_kernel(flash::set_sequence_backward_params<scalar_t>(
-          args, sequence, output, grad_output, seq_lse, seq_dq, seq_dk, seq_dv));
-      heads_to_packed(seq_dq, H, L, D, dq_out + q0 * H * D);
-      heads_to_packed(seq_dk, Hkv, S, D, dk_out + k0 * Hkv * D);
-      heads_to_packed(seq_dv, Hkv, S, Dv, dv_out + k0 * Hkv * Dv);
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, query.scalar_type(), "attention_varlen_backward", [&] {
+        using Acc = AccType<scalar_t>;
+        const flash::PackedArguments args{query,     key,   value, dropout_p,
+                                          is_causal, scale, seed,  offset};
+        // Head-major buffers, sequence b's blocks at its first query / key row.
+        LargeBuffer<Acc> head_major_lse(size_t(total_q * H));
+        LargeBuffer<scalar_t> head_major_dq(size_t(total_q * H * D));
+        LargeBuffer<scalar_t> head_major_dk(size_t(total_k * Hkv * D));
+        LargeBuffer<scalar_t> head_major_dv(size_t(total_k * Hkv * Dv));
+        const Acc* lse_in = lse_packed.const_data_ptr<Acc>();
+        scalar_t* dq_out = grad_query.mutable_data_ptr<scalar_t>();
+        scalar_t* dk_out = grad_key.mutable_data_ptr<scalar_t>();
+        scalar_t* dv_out = grad_value.mutable_data_ptr<scalar_t>();
+        // Query rows of a sequence without work (no queries) do not exist; every query row
+        // belongs to a sequence with work, which writes its grad_query rows.
+        run_sequences(sequence_work(offsets, H), [&](int64_t b) {
+          const flash::PackedSequence sequence{b, offsets.q_begin(b), offsets.q_len(b),
+                                               offsets.k_begin(b), offsets.k_len(b)};
+          const int64_t q0 = sequence.q_begin, L = sequence.q_len;
+          const int64_t k0 = sequence.k_begin, S = sequence.k_len;
+          Acc* seq_lse = head_major_lse.data() + q0 * H;
+          for (int64_t i = 0; i < L; ++i) {  // (L, H) -> (H, L)
+            for (int64_t h = 0; h < H; ++h) seq_lse[h * L + i] = lse_in[(q0 + i) * H + h];
+          }
+          scalar_t* seq_dq = head_major_dq.data() + q0 * H * D;
+          scalar_t* seq_dk = head_major_dk.data() + k0 * Hkv * D;
+          scalar_t* seq_dv = head_major_dv.data() + k0 * Hkv * Dv;
+          attention_backward_kernel(flash::set_sequence_backward_params<scalar_t>(
+              args, sequence, output, grad_output, seq_lse, seq_dq, seq_dk, seq_dv));
+          heads_to_packed(seq_dq, H, L, D, dq_out + q0 * H * D);
+          heads_to_packed(seq_dk, Hkv, S, D, dk_out + k0 * Hkv * D);
+          heads_to_packed(seq_dv, Hkv, S, Dv, dv_out + k0 * Hkv * Dv);
+        });
+      });
   return {grad_query, grad_key, grad_value};
 }
 

@@ -33,14 +33,15 @@ constexpr const char* kOp = "attention_with_kv_cache";
 void check_writable_caches(const at::Tensor& k_cache, const at::Tensor& v_cache) {
   TORCH_CHECK(at::has_internal_overlap(k_cache) != at::MemOverlap::Yes, kOp,
               ": k_cache is written in place, but several of its elements share memory "
-              "(strides ", k_cache.strides(), "); allocate the cache with its full size");
+              "(strides ",
+              k_cache.strides(), "); allocate the cache with its full size");
   TORCH_CHECK(at::has_internal_overlap(v_cache) != at::MemOverlap::Yes, kOp,
               ": v_cache is written in place, but several of its elements share memory "
-              "(strides ", v_cache.strides(), "); allocate the cache with its full size");
+              "(strides ",
+              v_cache.strides(), "); allocate the cache with its full size");
   const at::MemOverlapStatus shared = at::get_overlap_status(k_cache, v_cache);
   TORCH_CHECK(k_cache.numel() == 0 || v_cache.numel() == 0 ||
-                  (shared != at::MemOverlapStatus::Full &&
-                   shared != at::MemOverlapStatus::Partial),
+                  (shared != at::MemOverlapStatus::Full && shared != at::MemOverlapStatus::Partial),
               kOp, ": k_cache and v_cache share memory; writing one would overwrite the other");
 }
 
@@ -49,8 +50,8 @@ at::Tensor attention_with_kv_cache_cpu(const at::Tensor& query, const at::Tensor
                                        const std::optional<at::Tensor>& key,
                                        const std::optional<at::Tensor>& value,
                                        const std::optional<at::Tensor>& cache_seqlens,
-                                       const std::optional<at::Tensor>& attn_mask,
-                                       bool is_causal, std::optional<double> scale) {
+                                       const std::optional<at::Tensor>& attn_mask, bool is_causal,
+                                       std::optional<double> scale) {
   check_kv_cache_inputs(query, k_cache, v_cache, key, value, cache_seqlens, attn_mask, scale);
   const bool writes = key.has_value() && key->defined();
   const int64_t B = query.size(0), H = query.size(1), L = query.size(2);
@@ -79,25 +80,25 @@ at::Tensor attention_with_kv_cache_cpu(const at::Tensor& query, const at::Tensor
           : std::nullopt;
   const std::optional<at::Tensor> no_tensor;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(),
-                                  "attention_with_kv_cache", [&] {
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t n = cached[size_t(b)] + L_new;  // sequence b's valid entries
-      const at::Tensor q = query.narrow(0, b, 1);                      // (1, H, L, D)
-      const at::Tensor k = k_cache.narrow(0, b, 1).narrow(2, 0, n);    // (1, Hkv, n, D)
-      const at::Tensor v = v_cache.narrow(0, b, 1).narrow(2, 0, n);    // (1, Hkv, n, Dv)
-      const std::optional<at::Tensor> mask =
-          full_mask.has_value()
-              ? std::optional<at::Tensor>(full_mask->narrow(0, b, 1).narrow(3, 0, n))
-              : std::nullopt;  // (1, H, L, n)
-      const flash::AttentionArguments args{q,   k,         v,     mask,     no_tensor,
-                                           0.0, is_causal, scale, no_tensor};
-      const at::Tensor out = output.narrow(0, b, 1);  // contiguous: b is the outer dimension
-      auto p = flash::set_forward_params<scalar_t>(args, out, logsumexp, nullptr);
-      p.causal_offset = n - L;  // bottom-right: the last query sees the last key
-      attention_forward_kernel(p);
-    }
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, query.scalar_type(), "attention_with_kv_cache", [&] {
+        for (int64_t b = 0; b < B; ++b) {
+          const int64_t n = cached[size_t(b)] + L_new;  // sequence b's valid entries
+          const at::Tensor q = query.narrow(0, b, 1);   // (1, H, L, D)
+          const at::Tensor k = k_cache.narrow(0, b, 1).narrow(2, 0, n);  // (1, Hkv, n, D)
+          const at::Tensor v = v_cache.narrow(0, b, 1).narrow(2, 0, n);  // (1, Hkv, n, Dv)
+          const std::optional<at::Tensor> mask =
+              full_mask.has_value()
+                  ? std::optional<at::Tensor>(full_mask->narrow(0, b, 1).narrow(3, 0, n))
+                  : std::nullopt;  // (1, H, L, n)
+          const flash::AttentionArguments args{q,   k,         v,     mask,     no_tensor,
+                                               0.0, is_causal, scale, no_tensor};
+          const at::Tensor out = output.narrow(0, b, 1);  // contiguous: b is the outer dimension
+          auto p = flash::set_forward_params<scalar_t>(args, out, logsumexp, nullptr);
+          p.causal_offset = n - L;  // bottom-right: the last query sees the last key
+          attention_forward_kernel(p);
+        }
+      });
   return output;
 }
 

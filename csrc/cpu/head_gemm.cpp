@@ -23,8 +23,8 @@ void gemm_rows_into_heads(const at::Tensor& a, const at::Tensor& b,
       }
       gemm_tile(block, a.slice(0, tile.row_begin, tile.row_end),
                 b.slice(1, tile.col_begin, tile.col_end), bias_block);
-      out.scatter(scratch.data_ptr(), plan.col_block, tile.row_begin, tile.row_end,
-                  tile.col_begin, tile.col_end);
+      out.scatter(scratch.data_ptr(), plan.col_block, tile.row_begin, tile.row_end, tile.col_begin,
+                  tile.col_end);
     }
   });
 }

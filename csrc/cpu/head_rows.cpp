@@ -10,9 +10,8 @@ namespace qkv_attention::cpu {
 RowMatrix as_row_matrix(const at::Tensor& t) {
   const int64_t B = t.size(0), N = t.size(1), F = t.size(2);
   const auto view = [&](const at::Tensor& base, int64_t row_stride, RowOrder order) {
-    return RowMatrix{base.as_strided({B * N, F}, {row_stride, base.stride(2)},
-                                     base.storage_offset()),
-                     order};
+    return RowMatrix{
+        base.as_strided({B * N, F}, {row_stride, base.stride(2)}, base.storage_offset()), order};
   };
   if (N <= 1) return view(t, t.stride(0), RowOrder::kBatchMajor);  // rows are the batch entries
   if (B <= 1 || t.stride(0) == N * t.stride(1)) return view(t, t.stride(1), RowOrder::kBatchMajor);
@@ -42,8 +41,8 @@ at::Tensor HeadRows::with_unit_last_stride(const at::Tensor& t) {
 }
 
 template <bool kGather>
-void HeadRows::copy(void* matrix, int64_t ld, int64_t row_begin, int64_t row_end,
-                    int64_t col_begin, int64_t col_end) const {
+void HeadRows::copy(void* matrix, int64_t ld, int64_t row_begin, int64_t row_end, int64_t col_begin,
+                    int64_t col_end) const {
   if (row_begin >= row_end || col_begin >= col_end) return;
   const int64_t part_cols = H_ * D_;
   for (int64_t r = row_begin; r < row_end; ++r) {
@@ -56,9 +55,9 @@ void HeadRows::copy(void* matrix, int64_t ld, int64_t row_begin, int64_t row_end
       const int64_t p = c / part_cols, h = (c % part_cols) / D_, d = c % D_;
       const int64_t len = std::min(D_ - d, col_end - c);
       const at::Tensor& part = parts_[size_t(p)];
-      char* element = static_cast<char*>(part.data_ptr()) +
-                      (b * part.stride(0) + h * part.stride(1) + n * part.stride(2) + d) *
-                          item_size_;
+      char* element =
+          static_cast<char*>(part.data_ptr()) +
+          (b * part.stride(0) + h * part.stride(1) + n * part.stride(2) + d) * item_size_;
       char* slot = row + (c - col_begin) * item_size_;
       if constexpr (kGather) {
         std::memcpy(slot, element, size_t(len * item_size_));

@@ -29,7 +29,8 @@ RowMatrix as_row_matrix(const at::Tensor& t);
 
 // Head-layout tensors (B, H, N, D), `parts` of them side by side: the (B*N, parts*H*D) matrix
 // whose row r = (b, n) (in `order`) is [part 0: heads 0..H-1 | part 1 | ...]. The tensors must
-// stay alive; only their last dimension needs unit stride (with_unit_last_stride gives such a tensor).
+// stay alive; only their last dimension needs unit stride (with_unit_last_stride gives such a
+// tensor).
 class HeadRows {
  public:
   HeadRows(std::vector<at::Tensor> parts, RowOrder order);
@@ -41,8 +42,8 @@ class HeadRows {
   void gather(int64_t row_begin, int64_t row_end, int64_t col_begin, int64_t col_end, void* dst,
               int64_t ld) const;
   // This matrix <- src, laid out as gather's dst.
-  void scatter(const void* src, int64_t ld, int64_t row_begin, int64_t row_end,
-               int64_t col_begin, int64_t col_end) const;
+  void scatter(const void* src, int64_t ld, int64_t row_begin, int64_t row_end, int64_t col_begin,
+               int64_t col_end) const;
 
   // t itself when its last dimension has unit stride, else a contiguous copy.
   static at::Tensor with_unit_last_stride(const at::Tensor& t);

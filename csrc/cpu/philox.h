@@ -16,8 +16,8 @@ struct Philox4x32 {
   uint32_t v[4];
 
   // Ten rounds of Philox4x32 over `counter` with the 64-bit `key`.
-  static inline Philox4x32 generate(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
-                                    uint32_t k0, uint32_t k1) {
+  static inline Philox4x32 generate(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
+                                    uint32_t k1) {
     constexpr uint32_t kMul0 = 0xD2511F53u, kMul1 = 0xCD9E8D57u;
     constexpr uint32_t kWeyl0 = 0x9E3779B9u, kWeyl1 = 0xBB67AE85u;
     for (int round = 0; round < 10; ++round) {
@@ -58,8 +58,8 @@ struct DropoutKey {
 
   // The four words of Philox block `counter` (elements 4 * counter .. 4 * counter + 3).
   Philox4x32 block(uint64_t counter) const {
-    return Philox4x32::generate(uint32_t(counter), uint32_t(counter >> 32), offset0, offset1,
-                                key0, key1);
+    return Philox4x32::generate(uint32_t(counter), uint32_t(counter >> 32), offset0, offset1, key0,
+                                key1);
   }
 
   bool kept(uint32_t word) const { return (word >> 8) >= threshold; }

@@ -1,9 +1,9 @@
 // CPU kernels of qkv_projection: tiled GEMMs straight into and out of the head layout.
 #include <ATen/ATen.h>
 
+#include <torch/library.h>
 #include <optional>
 #include <vector>
-#include <torch/library.h>
 
 #include "cpu/large_tensor.h"
 
@@ -88,8 +88,7 @@ at::Tensor empty_heads(const at::Tensor& x, int64_t E, int64_t num_heads) {
 void project_into_heads(const at::Tensor& x, const at::Tensor& weight,
                         const std::optional<at::Tensor>& bias, std::vector<at::Tensor> heads) {
   const RowMatrix rows = as_row_matrix(x);  // (B*N, Ein)
-  gemm_rows_into_heads(rows.matrix, weight.t(), bias,
-                       HeadRows(std::move(heads), rows.order));
+  gemm_rows_into_heads(rows.matrix, weight.t(), bias, HeadRows(std::move(heads), rows.order));
 }
 
 // The three gradients of one projection: input (B, N, Ein), weight (E, Ein), bias (E).
@@ -103,8 +102,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> project_back_cpu(
   const at::Tensor grad = HeadRows::with_unit_last_stride(*grad_heads);  // (B, H, N, D)
   const int64_t B = x.size(0), N = x.size(1), Ein = x.size(2);
   at::Tensor grad_x = empty_output({B, N, Ein}, x.options());
-  gemm_heads_into_rows(HeadRows({grad}, RowOrder::kBatchMajor), weight,
-                       std::nullopt, grad_x.view({B * N, Ein}));
+  gemm_heads_into_rows(HeadRows({grad}, RowOrder::kBatchMajor), weight, std::nullopt,
+                       grad_x.view({B * N, Ein}));
   // grad_weight (E, Ein) = grad_rowsᵀ x_rows, a sum over the B*N positions in x's row order.
   const RowMatrix rows = as_row_matrix(x);
   at::Tensor grad_weight = at::empty(weight.sizes(), weight.options());
@@ -125,8 +124,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_projection_cpu(
   at::Tensor v = empty_heads(value, v_weight.size(0), num_heads);
   // An empty projection is skipped: its input may still be a huge expanded view, which the
   // GEMM would copy or walk.
-  if (const auto packed = packed_projection(query, key, value, q_weight, k_weight, v_weight,
-                                            q_bias, k_bias, v_bias)) {
+  if (const auto packed = packed_projection(query, key, value, q_weight, k_weight, v_weight, q_bias,
+                                            k_bias, v_bias)) {
     if (q.numel() > 0) project_into_heads(query, packed->weight, packed->bias, {q, k, v});
   } else {
     if (q.numel() > 0) project_into_heads(query, q_weight, q_bias, {q});
@@ -136,11 +135,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_projection_cpu(
   return {q, k, v};
 }
 
-QKVProjectionGrads qkv_projection_backward_cpu(
-    const std::optional<at::Tensor>& grad_q, const std::optional<at::Tensor>& grad_k,
-    const std::optional<at::Tensor>& grad_v, const at::Tensor& query, const at::Tensor& key,
-    const at::Tensor& value, const at::Tensor& q_weight, const at::Tensor& k_weight,
-    const at::Tensor& v_weight, int64_t num_heads) {
+QKVProjectionGrads qkv_projection_backward_cpu(const std::optional<at::Tensor>& grad_q,
+                                               const std::optional<at::Tensor>& grad_k,
+                                               const std::optional<at::Tensor>& grad_v,
+                                               const at::Tensor& query, const at::Tensor& key,
+                                               const at::Tensor& value, const at::Tensor& q_weight,
+                                               const at::Tensor& k_weight,
+                                               const at::Tensor& v_weight, int64_t num_heads) {
   check_qkv_projection_backward_inputs(grad_q, grad_k, grad_v, query, key, value, q_weight,
                                        k_weight, v_weight, num_heads);
   auto [grad_query, grad_q_weight, grad_q_bias] = project_back_cpu(grad_q, query, q_weight);

@@ -20,8 +20,8 @@ void run_sequences(const std::vector<int64_t>& work,
   std::vector<int64_t> alone, shared;
   for (int64_t b = 0; b < count; ++b) {
     if (work[size_t(b)] == 0) continue;
-    const bool large = threads == 1 || double(work[size_t(b)]) * 4.0 * double(threads) >=
-                                           double(total);
+    const bool large =
+        threads == 1 || double(work[size_t(b)]) * 4.0 * double(threads) >= double(total);
     (large ? alone : shared).push_back(b);
   }
   for (const int64_t b : alone) run_sequence(b);

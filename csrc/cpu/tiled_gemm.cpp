@@ -33,8 +33,7 @@ TilePlan::Tile TilePlan::tile(int64_t index) const {
           std::min(cols, col_begin + col_block)};
 }
 
-TilePlan plan_tiles(int64_t rows, int64_t cols, int64_t depth, int64_t min_rows,
-                    int64_t min_cols) {
+TilePlan plan_tiles(int64_t rows, int64_t cols, int64_t depth, int64_t min_rows, int64_t min_cols) {
   TilePlan plan;
   plan.rows = rows;
   plan.cols = cols;

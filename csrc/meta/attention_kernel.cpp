@@ -19,9 +19,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_meta(
   const c10::SymInt B = query.sym_size(0), H = query.sym_size(1), L = query.sym_size(2);
   const c10::SymInt S = key.sym_size(2), Dv = value.sym_size(3);
   at::Tensor output = at::empty_symint({B, H, L, Dv}, query.options());
-  at::Tensor logsumexp = at::empty_symint(
-      {B, H, L}, query.options().dtype(at::toOpMathType(query.scalar_type())));
-  at::Tensor weights = !need_weights        ? at::empty({0}, query.options())
+  at::Tensor logsumexp =
+      at::empty_symint({B, H, L}, query.options().dtype(at::toOpMathType(query.scalar_type())));
+  at::Tensor weights = !need_weights          ? at::empty({0}, query.options())
                        : average_attn_weights ? at::empty_symint({B, L, S}, query.options())
                                               : at::empty_symint({B, H, L, S}, query.options());
   return {output, logsumexp, weights};
@@ -36,8 +36,8 @@ AttentionGrads attention_backward_meta(
     const std::optional<at::Tensor>& rng_state, bool attn_mask_requires_grad,
     bool key_padding_mask_requires_grad) {
   check_attention_backward_inputs(
-      grad_output, grad_weights, query, key, value, output, logsumexp, attn_mask,
-      key_padding_mask, dropout_p, scale, rng_state,
+      grad_output, grad_weights, query, key, value, output, logsumexp, attn_mask, key_padding_mask,
+      dropout_p, scale, rng_state,
       (grad_weights.has_value() && grad_weights->defined()) ||
           attention_mask_gets_grad(attn_mask, attn_mask_requires_grad) ||
           attention_mask_gets_grad(key_padding_mask, key_padding_mask_requires_grad));

@@ -19,9 +19,9 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_meta(
                       max_seqlen_q, max_seqlen_k, dropout_p, scale, rng_state,
                       /*rng_state_required=*/true);
   const c10::SymInt total_q = query.sym_size(0), H = query.sym_size(1), Dv = value.sym_size(2);
-  return {at::empty_symint({total_q, H, Dv}, query.options()),
-          at::empty_symint({total_q, H},
-                           query.options().dtype(at::toOpMathType(query.scalar_type())))};
+  return {
+      at::empty_symint({total_q, H, Dv}, query.options()),
+      at::empty_symint({total_q, H}, query.options().dtype(at::toOpMathType(query.scalar_type())))};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_meta(

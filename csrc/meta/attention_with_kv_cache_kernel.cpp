@@ -15,13 +15,13 @@ at::Tensor attention_with_kv_cache_meta(const at::Tensor& query, const at::Tenso
                                         const std::optional<at::Tensor>& key,
                                         const std::optional<at::Tensor>& value,
                                         const std::optional<at::Tensor>& cache_seqlens,
-                                        const std::optional<at::Tensor>& attn_mask,
-                                        bool is_causal, std::optional<double> scale) {
+                                        const std::optional<at::Tensor>& attn_mask, bool is_causal,
+                                        std::optional<double> scale) {
   check_kv_cache_inputs(query, k_cache, v_cache, key, value, cache_seqlens, attn_mask, scale);
   // (B, H, L, Dv)
-  return at::empty_symint({query.sym_size(0), query.sym_size(1), query.sym_size(2),
-                           v_cache.sym_size(3)},
-                          query.options());
+  return at::empty_symint(
+      {query.sym_size(0), query.sym_size(1), query.sym_size(2), v_cache.sym_size(3)},
+      query.options());
 }
 
 }  // namespace

@@ -24,20 +24,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_projection_meta(
           heads_like(value, v_weight, num_heads)};
 }
 
-QKVProjectionGrads qkv_projection_backward_meta(
-    const std::optional<at::Tensor>& grad_q, const std::optional<at::Tensor>& grad_k,
-    const std::optional<at::Tensor>& grad_v, const at::Tensor& query, const at::Tensor& key,
-    const at::Tensor& value, const at::Tensor& q_weight, const at::Tensor& k_weight,
-    const at::Tensor& v_weight, c10::SymInt num_heads) {
+QKVProjectionGrads qkv_projection_backward_meta(const std::optional<at::Tensor>& grad_q,
+                                                const std::optional<at::Tensor>& grad_k,
+                                                const std::optional<at::Tensor>& grad_v,
+                                                const at::Tensor& query, const at::Tensor& key,
+                                                const at::Tensor& value, const at::Tensor& q_weight,
+                                                const at::Tensor& k_weight,
+                                                const at::Tensor& v_weight, c10::SymInt num_heads) {
   check_qkv_projection_backward_inputs(grad_q, grad_k, grad_v, query, key, value, q_weight,
                                        k_weight, v_weight, num_heads);
   auto like = [](const at::Tensor& t) { return at::empty_symint(t.sym_sizes(), t.options()); };
   auto bias_like = [](const at::Tensor& w) {
     return at::empty_symint({w.sym_size(0)}, w.options());
   };
-  return {like(query),          like(key),          like(value),
-          like(q_weight),       like(k_weight),     like(v_weight),
-          bias_like(q_weight),  bias_like(k_weight), bias_like(v_weight)};
+  return {like(query),         like(key),           like(value),
+          like(q_weight),      like(k_weight),      like(v_weight),
+          bias_like(q_weight), bias_like(k_weight), bias_like(v_weight)};
 }
 
 }  // namespace

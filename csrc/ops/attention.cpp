@@ -2,8 +2,8 @@
 // dispatch key's kernel runs first.
 #include "ops/attention.h"
 
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/randint.h>
 #include <c10/util/safe_numerics.h>
 #include <torch/library.h>
@@ -34,8 +34,9 @@ std::optional<at::Tensor> draw_for(const at::Tensor& query, const at::Tensor& ke
                                    std::optional<double> scale,
                                    const std::optional<at::Tensor>& key_padding_mask) {
   // Bad input raises before the generator is touched.
-  check_attention_inputs(op_label("_attention_forward"), query, key, value, attn_mask, key_padding_mask, dropout_p,
-                         scale, std::nullopt, /*rng_state_required=*/false);
+  check_attention_inputs(op_label("_attention_forward"), query, key, value, attn_mask,
+                         key_padding_mask, dropout_p, scale, std::nullopt,
+                         /*rng_state_required=*/false);
   return draw_dropout_rng_state(dropout_p);
 }
 
@@ -56,9 +57,9 @@ std::tuple<at::Tensor, at::Tensor> attention_with_weights_composite(
     bool average_attn_weights) {
   const std::optional<at::Tensor> rng_state =
       draw_for(query, key, value, attn_mask, dropout_p, scale, key_padding_mask);
-  auto [output, logsumexp, weights] = _attention_forward(
-      query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale, true,
-      rng_state, average_attn_weights);
+  auto [output, logsumexp, weights] =
+      _attention_forward(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal,
+                         scale, true, rng_state, average_attn_weights);
   return {output, weights};
 }
 
@@ -93,8 +94,8 @@ TORCH_LIBRARY_FRAGMENT(qkv_attention, m) {
 }
 
 at::Tensor attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                     const std::optional<at::Tensor>& attn_mask, double dropout_p,
-                     bool is_causal, std::optional<double> scale,
+                     const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
+                     std::optional<double> scale,
                      const std::optional<at::Tensor>& key_padding_mask) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("qkv_attention::attention", "")
@@ -138,8 +139,8 @@ AttentionGrads _attention_backward(
                        .findSchemaOrThrow("qkv_attention::_attention_backward", "")
                        .typed<decltype(_attention_backward)>();
   return op.call(grad_output, grad_weights, query, key, value, output, logsumexp, attn_mask,
-                 key_padding_mask, dropout_p, is_causal, scale, rng_state,
-                 attn_mask_requires_grad, key_padding_mask_requires_grad);
+                 key_padding_mask, dropout_p, is_causal, scale, rng_state, attn_mask_requires_grad,
+                 key_padding_mask_requires_grad);
 }
 
 at::Tensor _attention_dropout_mask(const at::Tensor& rng_state, c10::SymInt batch,
@@ -168,8 +169,7 @@ double attention_scale(std::optional<double> scale, int64_t head_dim) {
 }
 
 bool attention_mask_gets_grad(const std::optional<at::Tensor>& mask, bool requires_grad) {
-  return requires_grad && mask.has_value() && mask->defined() &&
-         mask->scalar_type() != at::kBool;
+  return requires_grad && mask.has_value() && mask->defined() && mask->scalar_type() != at::kBool;
 }
 
 namespace {
@@ -177,9 +177,9 @@ namespace {
 void check_mask_dtype_and_device(const char* op, const char* name, const at::Tensor& mask,
                                  const at::Tensor& query) {
   check_dense(op, name, mask);
-  TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool || mask.scalar_type() == query.scalar_type(),
-                   op, ": ", name, " must be bool or have the query's dtype ",
-                   query.scalar_type(), ", but has dtype ", mask.scalar_type());
+  TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool || mask.scalar_type() == query.scalar_type(), op,
+                   ": ", name, " must be bool or have the query's dtype ", query.scalar_type(),
+                   ", but has dtype ", mask.scalar_type());
   TORCH_CHECK(mask.device() == query.device(), op, ": ", name, " is on ", mask.device(),
               " but query is on ", query.device());
 }
@@ -209,8 +209,8 @@ std::optional<int64_t> concrete_product(const char* op, const char* what,
   for (const int64_t value : values) {
     wrapped = wrapped || c10::mul_overflows(product, uint64_t(value), &product);
   }
-  TORCH_CHECK(!wrapped && product <= uint64_t(std::numeric_limits<int64_t>::max()), op, ": ",
-              what, " of shape ", sizes, " has more elements than an int64 can count");
+  TORCH_CHECK(!wrapped && product <= uint64_t(std::numeric_limits<int64_t>::max()), op, ": ", what,
+              " of shape ", sizes, " has more elements than an int64 can count");
   return int64_t(product);
 }
 
@@ -244,7 +244,8 @@ void check_optional_rng_state(const char* op, const std::optional<at::Tensor>& r
   const bool given = rng_state.has_value() && rng_state->defined();
   TORCH_CHECK(given || !required || !(dropout_p > 0), op,
               ": rng_state (the dropout stream's seed and offset, (2,) int64) must be given "
-              "when dropout_p > 0, but is None (dropout_p = ", dropout_p, ")");
+              "when dropout_p > 0, but is None (dropout_p = ",
+              dropout_p, ")");
   if (!given) return;
   check_rng_state(op, *rng_state);
   // The composite ops make rng_state on the CPU, where the kernels read it.
@@ -256,9 +257,8 @@ void check_optional_rng_state(const char* op, const std::optional<at::Tensor>& r
 void check_attention_inputs(const char* op, const at::Tensor& query, const at::Tensor& key,
                             const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
                             const std::optional<at::Tensor>& key_padding_mask, double dropout_p,
-                            std::optional<double> scale,
-                            const std::optional<at::Tensor>& rng_state, bool rng_state_required,
-                            bool scores_materialised) {
+                            std::optional<double> scale, const std::optional<at::Tensor>& rng_state,
+                            bool rng_state_required, bool scores_materialised) {
   check_input(op, "query", query, 4, "(B, H, L, D)");
   check_input(op, "key", key, 4, "(B, Hkv, S, D)");
   check_input(op, "value", value, 4, "(B, Hkv, S, Dv)");
@@ -267,11 +267,9 @@ void check_attention_inputs(const char* op, const at::Tensor& query, const at::T
   check_size(op, "key", key, 0, query.sym_size(0), "batch entries", "query");
   // Grouped-query attention: key/value may have fewer heads, a divisor of query's.
   const c10::SymInt& kv_heads = key.sym_size(1);
-  TORCH_CHECK(kv_heads != 0
-                  ? query.sym_size(1) % kv_heads == 0 && query.sym_size(1) >= kv_heads
-                  : query.sym_size(1) == 0,
-              op,
-              ": key has ", kv_heads, " heads and query has ", query.sym_size(1),
+  TORCH_CHECK(kv_heads != 0 ? query.sym_size(1) % kv_heads == 0 && query.sym_size(1) >= kv_heads
+                            : query.sym_size(1) == 0,
+              op, ": key has ", kv_heads, " heads and query has ", query.sym_size(1),
               "; query's heads must be a multiple of key's (grouped-query attention: query head "
               "h reads key/value head h / (query heads / key heads))");
   check_size(op, "key", key, 3, query.sym_size(3), "features per head", "query");
@@ -310,8 +308,8 @@ void check_attention_inputs(const char* op, const at::Tensor& query, const at::T
     broadcastable = size == 1 || size == target[3 - d];
   }
   TORCH_CHECK(broadcastable, op, ": attn_mask of shape ", mask.sym_sizes(),
-              " cannot be broadcast to the attention scores' shape (B, H, L, S) = (",
-              target[0], ", ", target[1], ", ", target[2], ", ", target[3], ")");
+              " cannot be broadcast to the attention scores' shape (B, H, L, S) = (", target[0],
+              ", ", target[1], ", ", target[2], ", ", target[3], ")");
 }
 
 void check_attention_backward_inputs(
@@ -371,8 +369,7 @@ void check_dropout_mask_inputs(const at::Tensor& rng_state, const c10::SymInt& b
   }
   TORCH_CHECK(std::isfinite(dropout_p) && dropout_p >= 0.0 && dropout_p <= 1.0, op,
               ": dropout_p must be in [0, 1], but is ", dropout_p);
-  check_element_count(op, "the mask (batch, heads, q_len, kv_len)",
-                      {batch, heads, q_len, kv_len});
+  check_element_count(op, "the mask (batch, heads, q_len, kv_len)", {batch, heads, q_len, kv_len});
 }
 
 }  // namespace qkv_attention

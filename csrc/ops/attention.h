@@ -86,9 +86,8 @@ bool attention_mask_gets_grad(const std::optional<at::Tensor>& mask, bool requir
 void check_attention_inputs(const char* op, const at::Tensor& query, const at::Tensor& key,
                             const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
                             const std::optional<at::Tensor>& key_padding_mask, double dropout_p,
-                            std::optional<double> scale,
-                            const std::optional<at::Tensor>& rng_state, bool rng_state_required,
-                            bool scores_materialised = false);
+                            std::optional<double> scale, const std::optional<at::Tensor>& rng_state,
+                            bool rng_state_required, bool scores_materialised = false);
 
 // rng_state is optional in the schemas: with dropout it must be given when `required` (the
 // kernel ops; the composites check before they draw), and when given it must be (2,) int64

@@ -82,11 +82,10 @@ AttentionGrads attention_backward_math(
       attn_mask_grad
           ? grad_scores.sum_to_size_symint(attn_mask->sym_sizes()).to(attn_mask->scalar_type())
           : at::empty({0}, query.options());
-  const at::Tensor grad_padding =
-      padding_mask_grad ? grad_scores.sum({1, 2}).to(key_padding_mask->scalar_type())
-                        : at::empty({0}, query.options());
-  return {grad_query.to(dtype), grad_key.to(dtype), grad_value.to(dtype), grad_mask,
-          grad_padding};
+  const at::Tensor grad_padding = padding_mask_grad
+                                      ? grad_scores.sum({1, 2}).to(key_padding_mask->scalar_type())
+                                      : at::empty({0}, query.options());
+  return {grad_query.to(dtype), grad_key.to(dtype), grad_value.to(dtype), grad_mask, grad_padding};
 }
 
 }  // namespace qkv_attention

@@ -3,8 +3,8 @@
 #include "ops/attention_varlen.h"
 
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/safe_numerics.h>
 #include <torch/library.h>
 
@@ -42,8 +42,7 @@ void check_offsets_tensor(const char* op, const char* name, const at::Tensor& of
   check_defined(op, name, offsets);
   check_dense(op, name, offsets);
   TORCH_CHECK_TYPE(offsets.scalar_type() == at::kInt || offsets.scalar_type() == at::kLong, op,
-                   ": ", name, " must be int32 or int64, but has dtype ",
-                   offsets.scalar_type());
+                   ": ", name, " must be int32 or int64, but has dtype ", offsets.scalar_type());
   // The kernels read the offsets on the CPU (shape-only kernels: on query's device, e.g.
   // meta, where FakeTensor puts them).
   TORCH_CHECK(offsets.device().is_cpu() || offsets.device() == query.device(), op, ": ", name,
@@ -66,8 +65,8 @@ void check_product_fits(const char* op, const char* what, c10::ArrayRef<c10::Sym
     if (*value == 0) return;
     wrapped = wrapped || c10::mul_overflows(product, uint64_t(*value), &product);
   }
-  TORCH_CHECK(!wrapped && product <= uint64_t(std::numeric_limits<int64_t>::max()), op, ": ",
-              what, " of shape ", sizes, " has more elements than an int64 can count");
+  TORCH_CHECK(!wrapped && product <= uint64_t(std::numeric_limits<int64_t>::max()), op, ": ", what,
+              " of shape ", sizes, " has more elements than an int64 can count");
 }
 
 }  // namespace
@@ -91,11 +90,10 @@ TORCH_LIBRARY_FRAGMENT(qkv_attention, m) {
       "(Tensor grad_query, Tensor grad_key, Tensor grad_value)");
 }
 
-at::Tensor attention_varlen(const at::Tensor& query, const at::Tensor& key,
-                            const at::Tensor& value, const at::Tensor& cu_seqlens_q,
-                            const at::Tensor& cu_seqlens_k, c10::SymInt max_seqlen_q,
-                            c10::SymInt max_seqlen_k, double dropout_p, bool is_causal,
-                            std::optional<double> scale) {
+at::Tensor attention_varlen(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                            const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                            c10::SymInt max_seqlen_q, c10::SymInt max_seqlen_k, double dropout_p,
+                            bool is_causal, std::optional<double> scale) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("qkv_attention::attention_varlen", "")
                        .typed<decltype(attention_varlen)>();
@@ -141,9 +139,8 @@ void check_varlen_inputs(const char* op, const at::Tensor& query, const at::Tens
   check_same_dtype_and_device(op, "key", key, "query", query);
   check_same_dtype_and_device(op, "value", value, "query", query);
   const c10::SymInt& kv_heads = key.sym_size(1);
-  TORCH_CHECK(kv_heads != 0
-                  ? query.sym_size(1) % kv_heads == 0 && query.sym_size(1) >= kv_heads
-                  : query.sym_size(1) == 0,
+  TORCH_CHECK(kv_heads != 0 ? query.sym_size(1) % kv_heads == 0 && query.sym_size(1) >= kv_heads
+                            : query.sym_size(1) == 0,
               op, ": key has ", kv_heads, " heads and query has ", query.sym_size(1),
               "; query's heads must be a multiple of key's (grouped-query attention: query head "
               "h reads key/value head h / (query heads / key heads))");
@@ -156,10 +153,8 @@ void check_varlen_inputs(const char* op, const at::Tensor& query, const at::Tens
               cu_seqlens_k.sym_size(0), " entries (", cu_seqlens_k.sym_size(0) - 1,
               " sequences) but cu_seqlens_q has ", cu_seqlens_q.sym_size(0), " (",
               cu_seqlens_q.sym_size(0) - 1, " sequences); both must have B + 1 entries");
-  TORCH_CHECK(max_seqlen_q >= 0, op, ": max_seqlen_q must be non-negative, but is ",
-              max_seqlen_q);
-  TORCH_CHECK(max_seqlen_k >= 0, op, ": max_seqlen_k must be non-negative, but is ",
-              max_seqlen_k);
+  TORCH_CHECK(max_seqlen_q >= 0, op, ": max_seqlen_q must be non-negative, but is ", max_seqlen_q);
+  TORCH_CHECK(max_seqlen_k >= 0, op, ": max_seqlen_k must be non-negative, but is ", max_seqlen_k);
   TORCH_CHECK(std::isfinite(dropout_p) && dropout_p >= 0.0 && dropout_p <= 1.0, op,
               ": dropout_p must be in [0, 1], but is ", dropout_p);
   TORCH_CHECK(!scale.has_value() || std::isfinite(*scale), op,
@@ -183,13 +178,12 @@ void check_varlen_backward_inputs(const at::Tensor& grad_output, const at::Tenso
                                   const at::Tensor& key, const at::Tensor& value,
                                   const at::Tensor& output, const at::Tensor& logsumexp,
                                   const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-                                  const c10::SymInt& max_seqlen_q,
-                                  const c10::SymInt& max_seqlen_k, double dropout_p,
-                                  std::optional<double> scale,
+                                  const c10::SymInt& max_seqlen_q, const c10::SymInt& max_seqlen_k,
+                                  double dropout_p, std::optional<double> scale,
                                   const std::optional<at::Tensor>& rng_state) {
   constexpr const char* op = "attention_varlen backward";
-  check_varlen_inputs(op, query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                      max_seqlen_k, dropout_p, scale, rng_state, /*rng_state_required=*/true);
+  check_varlen_inputs(op, query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                      dropout_p, scale, rng_state, /*rng_state_required=*/true);
   check_input(op, "output", output, 3, "(total_q, H, Dv)");
   check_same_dtype_and_device(op, "output", output, "query", query);
   check_size(op, "output", output, 0, query.sym_size(0), "rows (total_q)", "query");
@@ -217,8 +211,7 @@ void check_varlen_backward_inputs(const at::Tensor& grad_output, const at::Tenso
 
 SequenceOffsets read_sequence_offsets(const char* op, const at::Tensor& cu_seqlens_q,
                                       const at::Tensor& cu_seqlens_k, int64_t total_q,
-                                      int64_t total_k, int64_t max_seqlen_q,
-                                      int64_t max_seqlen_k) {
+                                      int64_t total_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
   SequenceOffsets offsets;
   auto read = [&](const char* name, const at::Tensor& cu, int64_t total, int64_t max_len,
                   const char* rows, std::vector<int64_t>& out) {
@@ -227,8 +220,8 @@ SequenceOffsets read_sequence_offsets(const char* op, const at::Tensor& cu_seqle
     out.assign(data, data + values.numel());
     TORCH_CHECK(out[0] == 0, op, ": ", name, " must start at 0, but ", name, "[0] = ", out[0]);
     for (size_t b = 1; b < out.size(); ++b) {
-      TORCH_CHECK(out[b] >= out[b - 1], op, ": ", name, " must be non-decreasing, but ", name,
-                  "[", b, "] = ", out[b], " < ", name, "[", b - 1, "] = ", out[b - 1]);
+      TORCH_CHECK(out[b] >= out[b - 1], op, ": ", name, " must be non-decreasing, but ", name, "[",
+                  b, "] = ", out[b], " < ", name, "[", b - 1, "] = ", out[b - 1]);
       TORCH_CHECK(out[b] - out[b - 1] <= max_len, op, ": sequence ", b - 1, " has ",
                   out[b] - out[b - 1], " ", rows, " (", name, "[", b, "] - ", name, "[", b - 1,
                   "]), more than max_seqlen_", name[11], " = ", max_len);
@@ -245,8 +238,7 @@ at::Tensor sequence_rng_state(const at::Tensor& rng_state, int64_t b) {
   const at::Tensor state = rng_state.to(at::kCPU).contiguous();
   const int64_t* data = state.const_data_ptr<int64_t>();
   const uint64_t offset = static_cast<uint64_t>(data[1]) + static_cast<uint64_t>(b);
-  return at::tensor({data[0], static_cast<int64_t>(offset)},
-                    at::TensorOptions().dtype(at::kLong));
+  return at::tensor({data[0], static_cast<int64_t>(offset)}, at::TensorOptions().dtype(at::kLong));
 }
 
 }  // namespace qkv_attention

@@ -27,11 +27,11 @@
 
 namespace qkv_attention {
 
-at::Tensor attention_varlen(const at::Tensor& query, const at::Tensor& key,
-                            const at::Tensor& value, const at::Tensor& cu_seqlens_q,
-                            const at::Tensor& cu_seqlens_k, c10::SymInt max_seqlen_q,
-                            c10::SymInt max_seqlen_k, double dropout_p = 0.0,
-                            bool is_causal = false, std::optional<double> scale = std::nullopt);
+at::Tensor attention_varlen(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                            const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                            c10::SymInt max_seqlen_q, c10::SymInt max_seqlen_k,
+                            double dropout_p = 0.0, bool is_causal = false,
+                            std::optional<double> scale = std::nullopt);
 
 // (output (total_q, H, Dv), logsumexp (total_q, H) in the accumulation dtype, -inf for a row
 // without keys). A pure function of its inputs: rng_state as _attention_forward's.
@@ -64,9 +64,8 @@ void check_varlen_backward_inputs(const at::Tensor& grad_output, const at::Tenso
                                   const at::Tensor& key, const at::Tensor& value,
                                   const at::Tensor& output, const at::Tensor& logsumexp,
                                   const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-                                  const c10::SymInt& max_seqlen_q,
-                                  const c10::SymInt& max_seqlen_k, double dropout_p,
-                                  std::optional<double> scale,
+                                  const c10::SymInt& max_seqlen_q, const c10::SymInt& max_seqlen_k,
+                                  double dropout_p, std::optional<double> scale,
                                   const std::optional<at::Tensor>& rng_state);
 
 // The offsets, read and checked against the packed tensors (start at 0, non-decreasing, end
@@ -81,8 +80,7 @@ struct SequenceOffsets {
 };
 SequenceOffsets read_sequence_offsets(const char* op, const at::Tensor& cu_seqlens_q,
                                       const at::Tensor& cu_seqlens_k, int64_t total_q,
-                                      int64_t total_k, int64_t max_seqlen_q,
-                                      int64_t max_seqlen_k);
+                                      int64_t total_k, int64_t max_seqlen_q, int64_t max_seqlen_k);
 
 // The rng_state of sequence b's dropout stream: (seed, offset + b), wrapping as the kernels'
 // 64-bit counters do.

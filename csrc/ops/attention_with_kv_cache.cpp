@@ -2,8 +2,8 @@
 // dispatch key's kernel runs first.
 #include "ops/attention_with_kv_cache.h"
 
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -39,8 +39,9 @@ void check_new_entries(const at::Tensor& query, const at::Tensor& k_cache,
   check_size(kOp, "value", value, 2, key.sym_size(2), "positions", "key");
   check_size(kOp, "value", value, 3, v_cache.sym_size(3), "features per head", "v_cache");
   TORCH_CHECK(!known_to_exceed(key.sym_size(2), k_cache.sym_size(2)), kOp, ": key has ",
-              key.sym_size(2), " new positions but the caches hold at most S_max = ",
-              k_cache.sym_size(2), " (k_cache has shape ", k_cache.sym_sizes(), ")");
+              key.sym_size(2),
+              " new positions but the caches hold at most S_max = ", k_cache.sym_size(2),
+              " (k_cache has shape ", k_cache.sym_sizes(), ")");
   TORCH_CHECK(given(cache_seqlens), kOp,
               ": key and value are given but cache_seqlens is None; the positions where they "
               "are written (after each sequence's cache_seqlens[b] valid entries) are then "
@@ -52,8 +53,8 @@ void check_new_entries(const at::Tensor& query, const at::Tensor& k_cache,
 void check_mask(const at::Tensor& mask, const at::Tensor& query, const at::Tensor& k_cache) {
   check_dense(kOp, "attn_mask", mask);
   TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool || mask.scalar_type() == query.scalar_type(),
-                   kOp, ": attn_mask must be bool or have the query's dtype ",
-                   query.scalar_type(), ", but has dtype ", mask.scalar_type());
+                   kOp, ": attn_mask must be bool or have the query's dtype ", query.scalar_type(),
+                   ", but has dtype ", mask.scalar_type());
   TORCH_CHECK(mask.device() == query.device(), kOp, ": attn_mask is on ", mask.device(),
               " but query is on ", query.device());
   check_tensor_elements(kOp, "attn_mask", mask);
@@ -79,8 +80,7 @@ TORCH_LIBRARY_FRAGMENT(qkv_attention, m) {
 }
 
 at::Tensor attention_with_kv_cache(const at::Tensor& query, const at::Tensor& k_cache,
-                                   const at::Tensor& v_cache,
-                                   const std::optional<at::Tensor>& key,
+                                   const at::Tensor& v_cache, const std::optional<at::Tensor>& key,
                                    const std::optional<at::Tensor>& value,
                                    const std::optional<at::Tensor>& cache_seqlens,
                                    const std::optional<at::Tensor>& attn_mask, bool is_causal,
@@ -89,8 +89,7 @@ at::Tensor attention_with_kv_cache(const at::Tensor& query, const at::Tensor& k_
                        .findSchemaOrThrow("qkv_attention::attention_with_kv_cache", "")
                        .typed<decltype(attention_with_kv_cache)>();
   // The typed call takes the caches by const reference, as ATen's in-place ops do.
-  return op.call(query, k_cache, v_cache, key, value, cache_seqlens, attn_mask, is_causal,
-                 scale);
+  return op.call(query, k_cache, v_cache, key, value, cache_seqlens, attn_mask, is_causal, scale);
 }
 
 void check_kv_cache_inputs(const at::Tensor& query, const at::Tensor& k_cache,
@@ -107,9 +106,8 @@ void check_kv_cache_inputs(const at::Tensor& query, const at::Tensor& k_cache,
   check_size(kOp, "k_cache", k_cache, 0, query.sym_size(0), "batch entries", "query");
   // Grouped-query attention: the caches may have fewer heads, a divisor of query's.
   const c10::SymInt& kv_heads = k_cache.sym_size(1);
-  TORCH_CHECK(kv_heads != 0
-                  ? query.sym_size(1) % kv_heads == 0 && query.sym_size(1) >= kv_heads
-                  : query.sym_size(1) == 0,
+  TORCH_CHECK(kv_heads != 0 ? query.sym_size(1) % kv_heads == 0 && query.sym_size(1) >= kv_heads
+                            : query.sym_size(1) == 0,
               kOp, ": k_cache has ", kv_heads, " heads and query has ", query.sym_size(1),
               "; query's heads must be a multiple of the caches' (grouped-query attention: "
               "query head h reads cache head h / (query heads / cache heads))");
@@ -122,8 +120,7 @@ void check_kv_cache_inputs(const at::Tensor& query, const at::Tensor& k_cache,
   check_tensor_elements(kOp, "v_cache", v_cache);
   const c10::SymInt B = query.sym_size(0), H = query.sym_size(1), L = query.sym_size(2);
   check_element_count(kOp, "the output (B, H, L, Dv)", {B, H, L, v_cache.sym_size(3)});
-  check_element_count(kOp, "the attention scores (B, H, L, S_max)",
-                      {B, H, L, k_cache.sym_size(2)});
+  check_element_count(kOp, "the attention scores (B, H, L, S_max)", {B, H, L, k_cache.sym_size(2)});
 
   TORCH_CHECK(given(key) == given(value), kOp,
               ": key and value must be given together (the new entries of both caches), but ",
@@ -133,14 +130,16 @@ void check_kv_cache_inputs(const at::Tensor& query, const at::Tensor& k_cache,
   if (given(cache_seqlens)) {
     const at::Tensor& lengths = *cache_seqlens;
     check_dense(kOp, "cache_seqlens", lengths);
-    TORCH_CHECK_TYPE(lengths.scalar_type() == at::kInt || lengths.scalar_type() == at::kLong,
-                     kOp, ": cache_seqlens must be int32 or int64, but has dtype ",
+    TORCH_CHECK_TYPE(lengths.scalar_type() == at::kInt || lengths.scalar_type() == at::kLong, kOp,
+                     ": cache_seqlens must be int32 or int64, but has dtype ",
                      lengths.scalar_type());
-    TORCH_CHECK(lengths.device() == query.device(), kOp, ": cache_seqlens is on ",
-                lengths.device(), " but query is on ", query.device());
+    TORCH_CHECK(lengths.device() == query.device(), kOp, ": cache_seqlens is on ", lengths.device(),
+                " but query is on ", query.device());
     TORCH_CHECK(lengths.dim() == 1 && lengths.sym_size(0) == B, kOp,
-                ": cache_seqlens must have shape (B,) = (", B, "), one length per sequence, "
-                "but has shape ", lengths.sym_sizes());
+                ": cache_seqlens must have shape (B,) = (", B,
+                "), one length per sequence, "
+                "but has shape ",
+                lengths.sym_sizes());
   }
   if (given(attn_mask)) check_mask(*attn_mask, query, k_cache);
   TORCH_CHECK(!scale.has_value() || std::isfinite(*scale), kOp,
@@ -167,10 +166,11 @@ std::vector<int64_t> check_kv_cache_lengths(const std::optional<at::Tensor>& cac
     TORCH_CHECK(n >= 0, kOp, ": cache_seqlens[", b, "] = ", n,
                 " is negative; a sequence's valid length must be in [0, S_max = ", s_max, "]");
     // new_len <= s_max was checked with the shapes, so s_max - new_len cannot wrap.
-    TORCH_CHECK(n <= s_max - new_len, kOp, ": sequence ", b, " would overflow its cache: ",
-                "cache_seqlens[", b, "] = ", n, " valid entries plus the ", new_len,
-                " new positions of key exceed the caches' S_max = ", s_max,
-                " (at most ", s_max - new_len, " entries may be valid before this call)");
+    TORCH_CHECK(n <= s_max - new_len, kOp, ": sequence ", b,
+                " would overflow its cache: ", "cache_seqlens[", b, "] = ", n,
+                " valid entries plus the ", new_len,
+                " new positions of key exceed the caches' S_max = ", s_max, " (at most ",
+                s_max - new_len, " entries may be valid before this call)");
   }
   return result;
 }

@@ -42,8 +42,7 @@ void check_kv_cache_inputs(const at::Tensor& query, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const std::optional<at::Tensor>& key,
                            const std::optional<at::Tensor>& value,
                            const std::optional<at::Tensor>& cache_seqlens,
-                           const std::optional<at::Tensor>& attn_mask,
-                           std::optional<double> scale);
+                           const std::optional<at::Tensor>& attn_mask, std::optional<double> scale);
 
 // The valid length of each sequence before the call, read from cache_seqlens ((B,) int32 or
 // int64 on the CPU; all S_max when it is None), after checking that every one is non-negative

@@ -45,8 +45,8 @@ void check_input(const char* op, const char* name, const at::Tensor& tensor, int
 
 void check_same_dtype_and_device(const char* op, const char* name, const at::Tensor& tensor,
                                  const char* reference_name, const at::Tensor& reference) {
-  TORCH_CHECK_TYPE(tensor.scalar_type() == reference.scalar_type(), op, ": ", name,
-                   " has dtype ", tensor.scalar_type(), " but ", reference_name, " has dtype ",
+  TORCH_CHECK_TYPE(tensor.scalar_type() == reference.scalar_type(), op, ": ", name, " has dtype ",
+                   tensor.scalar_type(), " but ", reference_name, " has dtype ",
                    reference.scalar_type(), "; all tensors must share one dtype");
   TORCH_CHECK(tensor.device() == reference.device(), op, ": ", name, " is on ", tensor.device(),
               " but ", reference_name, " is on ", reference.device());
@@ -55,9 +55,8 @@ void check_same_dtype_and_device(const char* op, const char* name, const at::Ten
 void check_size(const char* op, const char* name, const at::Tensor& tensor, int64_t dim,
                 const c10::SymInt& expected, const char* what, const char* expected_from) {
   const c10::SymInt& found = tensor.sym_size(dim);
-  TORCH_CHECK(found == expected, op, ": ", name, " has ", found, " ", what, " but ",
-              expected_from, " has ", expected, " (", name, " has shape ", tensor.sym_sizes(),
-              ")");
+  TORCH_CHECK(found == expected, op, ": ", name, " has ", found, " ", what, " but ", expected_from,
+              " has ", expected, " (", name, " has shape ", tensor.sym_sizes(), ")");
 }
 
 void check_element_count(const char* op, const char* name, c10::SymIntArrayRef sizes) {
@@ -106,9 +105,8 @@ void check_tensor_elements(const char* op, const char* name, const at::Tensor& t
 
 void check_representable(const char* op, const char* name, double value,
                          at::ScalarType compute_dtype, at::ScalarType input_dtype) {
-  const double largest = compute_dtype == at::kDouble
-                             ? std::numeric_limits<double>::max()
-                             : double(std::numeric_limits<float>::max());
+  const double largest = compute_dtype == at::kDouble ? std::numeric_limits<double>::max()
+                                                      : double(std::numeric_limits<float>::max());
   TORCH_CHECK(!(std::abs(value) > largest), op, ": ", name, " = ", value, " overflows ",
               compute_dtype, ", in which ", input_dtype, " inputs are computed (largest finite ",
               "value ", largest, "); it would become inf there and turn the scores into NaN");

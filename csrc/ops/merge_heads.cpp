@@ -39,10 +39,10 @@ void check_merge_heads_inputs(const char* op, const at::Tensor& x, const at::Ten
   check_input(op, "out_weight", out_weight, 2, "(Eout, H*D)");
   check_same_dtype_and_device(op, "out_weight", out_weight, "x", x);
   const c10::SymInt features = x.sym_size(1) * x.sym_size(3);
-  TORCH_CHECK(out_weight.sym_size(1) == features, op, ": out_weight has ",
-              out_weight.sym_size(1), " input features but x has H*D = ", x.sym_size(1), "*",
-              x.sym_size(3), " = ", features, " (out_weight has shape ", out_weight.sym_sizes(),
-              ", x has shape ", x.sym_sizes(), ")");
+  TORCH_CHECK(out_weight.sym_size(1) == features, op, ": out_weight has ", out_weight.sym_size(1),
+              " input features but x has H*D = ", x.sym_size(1), "*", x.sym_size(3), " = ",
+              features, " (out_weight has shape ", out_weight.sym_sizes(), ", x has shape ",
+              x.sym_sizes(), ")");
   // Sizes, before the kernels compute any count from them (ops/checks.h).
   check_tensor_elements(op, "x", x);
   check_tensor_elements(op, "out_weight", out_weight);

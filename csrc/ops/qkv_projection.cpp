@@ -36,11 +36,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_projection(
                  std::move(num_heads));
 }
 
-QKVProjectionGrads qkv_projection_backward(
-    const std::optional<at::Tensor>& grad_q, const std::optional<at::Tensor>& grad_k,
-    const std::optional<at::Tensor>& grad_v, const at::Tensor& query, const at::Tensor& key,
-    const at::Tensor& value, const at::Tensor& q_weight, const at::Tensor& k_weight,
-    const at::Tensor& v_weight, c10::SymInt num_heads) {
+QKVProjectionGrads qkv_projection_backward(const std::optional<at::Tensor>& grad_q,
+                                           const std::optional<at::Tensor>& grad_k,
+                                           const std::optional<at::Tensor>& grad_v,
+                                           const at::Tensor& query, const at::Tensor& key,
+                                           const at::Tensor& value, const at::Tensor& q_weight,
+                                           const at::Tensor& k_weight, const at::Tensor& v_weight,
+                                           c10::SymInt num_heads) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("qkv_attention::qkv_projection_backward", "")
                        .typed<decltype(qkv_projection_backward)>();
@@ -52,8 +54,8 @@ namespace {
 
 void check_weight_and_bias(const char* op, const char* weight_name, const at::Tensor& weight,
                            const char* bias_name, const std::optional<at::Tensor>& bias,
-                           const char* input_name, const at::Tensor& input,
-                           const at::Tensor& query, const at::Tensor& q_weight) {
+                           const char* input_name, const at::Tensor& input, const at::Tensor& query,
+                           const at::Tensor& q_weight) {
   check_input(op, weight_name, weight, 2, "(E, in_features)");
   check_same_dtype_and_device(op, weight_name, weight, "query", query);
   check_size(op, weight_name, weight, 1, input.sym_size(2), "input features", input_name);
@@ -66,11 +68,13 @@ void check_weight_and_bias(const char* op, const char* weight_name, const at::Te
 
 }  // namespace
 
-void check_qkv_projection_inputs(
-    const char* op, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const at::Tensor& q_weight, const at::Tensor& k_weight, const at::Tensor& v_weight,
-    const std::optional<at::Tensor>& q_bias, const std::optional<at::Tensor>& k_bias,
-    const std::optional<at::Tensor>& v_bias, const c10::SymInt& num_heads) {
+void check_qkv_projection_inputs(const char* op, const at::Tensor& query, const at::Tensor& key,
+                                 const at::Tensor& value, const at::Tensor& q_weight,
+                                 const at::Tensor& k_weight, const at::Tensor& v_weight,
+                                 const std::optional<at::Tensor>& q_bias,
+                                 const std::optional<at::Tensor>& k_bias,
+                                 const std::optional<at::Tensor>& v_bias,
+                                 const c10::SymInt& num_heads) {
   check_input(op, "query", query, 3, "(B, L, Eq)");
   check_input(op, "key", key, 3, "(B, S, Ek)");
   check_input(op, "value", value, 3, "(B, S, Ev)");
@@ -124,13 +128,16 @@ void check_projection_grad(const char* name, const std::optional<at::Tensor>& gr
 
 }  // namespace
 
-void check_qkv_projection_backward_inputs(
-    const std::optional<at::Tensor>& grad_q, const std::optional<at::Tensor>& grad_k,
-    const std::optional<at::Tensor>& grad_v, const at::Tensor& query, const at::Tensor& key,
-    const at::Tensor& value, const at::Tensor& q_weight, const at::Tensor& k_weight,
-    const at::Tensor& v_weight, const c10::SymInt& num_heads) {
-  check_qkv_projection_inputs(op_label("qkv_projection_backward"), query, key, value, q_weight, k_weight,
-                              v_weight, std::nullopt, std::nullopt, std::nullopt, num_heads);
+void check_qkv_projection_backward_inputs(const std::optional<at::Tensor>& grad_q,
+                                          const std::optional<at::Tensor>& grad_k,
+                                          const std::optional<at::Tensor>& grad_v,
+                                          const at::Tensor& query, const at::Tensor& key,
+                                          const at::Tensor& value, const at::Tensor& q_weight,
+                                          const at::Tensor& k_weight, const at::Tensor& v_weight,
+                                          const c10::SymInt& num_heads) {
+  check_qkv_projection_inputs(op_label("qkv_projection_backward"), query, key, value, q_weight,
+                              k_weight, v_weight, std::nullopt, std::nullopt, std::nullopt,
+                              num_heads);
   check_projection_grad("grad_q", grad_q, query, q_weight, num_heads);
   check_projection_grad("grad_k", grad_k, key, k_weight, num_heads);
   check_projection_grad("grad_v", grad_v, value, v_weight, num_heads);

@@ -25,25 +25,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_projection(
 // whether or not the forward had biases.
 using QKVProjectionGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                       at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-QKVProjectionGrads qkv_projection_backward(
-    const std::optional<at::Tensor>& grad_q, const std::optional<at::Tensor>& grad_k,
-    const std::optional<at::Tensor>& grad_v, const at::Tensor& query, const at::Tensor& key,
-    const at::Tensor& value, const at::Tensor& q_weight, const at::Tensor& k_weight,
-    const at::Tensor& v_weight, c10::SymInt num_heads);
+QKVProjectionGrads qkv_projection_backward(const std::optional<at::Tensor>& grad_q,
+                                           const std::optional<at::Tensor>& grad_k,
+                                           const std::optional<at::Tensor>& grad_v,
+                                           const at::Tensor& query, const at::Tensor& key,
+                                           const at::Tensor& value, const at::Tensor& q_weight,
+                                           const at::Tensor& k_weight, const at::Tensor& v_weight,
+                                           c10::SymInt num_heads);
 
 // ---- shared by the kernels of every dispatch key ----
 
-void check_qkv_projection_inputs(
-    const char* op, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const at::Tensor& q_weight, const at::Tensor& k_weight, const at::Tensor& v_weight,
-    const std::optional<at::Tensor>& q_bias, const std::optional<at::Tensor>& k_bias,
-    const std::optional<at::Tensor>& v_bias, const c10::SymInt& num_heads);
+void check_qkv_projection_inputs(const char* op, const at::Tensor& query, const at::Tensor& key,
+                                 const at::Tensor& value, const at::Tensor& q_weight,
+                                 const at::Tensor& k_weight, const at::Tensor& v_weight,
+                                 const std::optional<at::Tensor>& q_bias,
+                                 const std::optional<at::Tensor>& k_bias,
+                                 const std::optional<at::Tensor>& v_bias,
+                                 const c10::SymInt& num_heads);
 
 // The forward's checks, and each given gradient against the shape the forward gave it.
-void check_qkv_projection_backward_inputs(
-    const std::optional<at::Tensor>& grad_q, const std::optional<at::Tensor>& grad_k,
-    const std::optional<at::Tensor>& grad_v, const at::Tensor& query, const at::Tensor& key,
-    const at::Tensor& value, const at::Tensor& q_weight, const at::Tensor& k_weight,
-    const at::Tensor& v_weight, const c10::SymInt& num_heads);
+void check_qkv_projection_backward_inputs(const std::optional<at::Tensor>& grad_q,
+                                          const std::optional<at::Tensor>& grad_k,
+                                          const std::optional<at::Tensor>& grad_v,
+                                          const at::Tensor& query, const at::Tensor& key,
+                                          const at::Tensor& value, const at::Tensor& q_weight,
+                                          const at::Tensor& k_weight, const at::Tensor& v_weight,
+                                          const c10::SymInt& num_heads);
 
 }  // namespace qkv_attention

@@ -22,8 +22,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> project_back(
             at::zeros_like(weight, at::MemoryFormat::Contiguous),
             at::zeros_symint({E}, weight.options())};
   }
-  const at::Tensor grad =
-      grad_heads->permute({0, 2, 1, 3}).reshape_symint({B * N, E});  // (B*N, E)
+  const at::Tensor grad = grad_heads->permute({0, 2, 1, 3}).reshape_symint({B * N, E});  // (B*N, E)
   const at::Tensor grad_x = at::mm(grad, weight).view_symint({B, N, Ein});
   const at::Tensor grad_weight = at::mm(grad.t(), x.reshape_symint({B * N, Ein}));  // (E, Ein)
   const at::Tensor grad_bias = grad.sum(0);
@@ -32,17 +31,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> project_back(
 
 }  // namespace
 
-QKVProjectionGrads qkv_projection_backward_math(
-    const std::optional<at::Tensor>& grad_q, const std::optional<at::Tensor>& grad_k,
-    const std::optional<at::Tensor>& grad_v, const at::Tensor& query, const at::Tensor& key,
-    const at::Tensor& value, const at::Tensor& q_weight, const at::Tensor& k_weight,
-    const at::Tensor& v_weight) {
+QKVProjectionGrads qkv_projection_backward_math(const std::optional<at::Tensor>& grad_q,
+                                                const std::optional<at::Tensor>& grad_k,
+                                                const std::optional<at::Tensor>& grad_v,
+                                                const at::Tensor& query, const at::Tensor& key,
+                                                const at::Tensor& value, const at::Tensor& q_weight,
+                                                const at::Tensor& k_weight,
+                                                const at::Tensor& v_weight) {
   auto [grad_query, grad_q_weight, grad_q_bias] = project_back(grad_q, query, q_weight);
   auto [grad_key, grad_k_weight, grad_k_bias] = project_back(grad_k, key, k_weight);
   auto [grad_value, grad_v_weight, grad_v_bias] = project_back(grad_v, value, v_weight);
   return {grad_query,    grad_key,    grad_value,  grad_q_weight, grad_k_weight,
           grad_v_weight, grad_q_bias, grad_k_bias, grad_v_bias};
 }
-
 
 }  // namespace qkv_attention

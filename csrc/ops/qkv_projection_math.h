@@ -14,10 +14,12 @@
 namespace qkv_attention {
 
 // All nine gradients of qkv_projection (see ops/qkv_projection.h).
-QKVProjectionGrads qkv_projection_backward_math(
-    const std::optional<at::Tensor>& grad_q, const std::optional<at::Tensor>& grad_k,
-    const std::optional<at::Tensor>& grad_v, const at::Tensor& query, const at::Tensor& key,
-    const at::Tensor& value, const at::Tensor& q_weight, const at::Tensor& k_weight,
-    const at::Tensor& v_weight);
+QKVProjectionGrads qkv_projection_backward_math(const std::optional<at::Tensor>& grad_q,
+                                                const std::optional<at::Tensor>& grad_k,
+                                                const std::optional<at::Tensor>& grad_v,
+                                                const at::Tensor& query, const at::Tensor& key,
+                                                const at::Tensor& value, const at::Tensor& q_weight,
+                                                const at::Tensor& k_weight,
+                                                const at::Tensor& v_weight);
 
 }  // namespace qkv_attention

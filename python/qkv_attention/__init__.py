@@ -5,6 +5,7 @@ Importing the package loads the C++ extension, which registers
 ``.attention_varlen`` and ``.merge_heads`` (with their backward ops), and the inference op
 ``.attention_with_kv_cache`` with the PyTorch dispatcher.
 """
+
 import torch  # noqa: F401  (the extension links against torch's libraries)
 
 from ._torch_check import check_installed_torch
@@ -23,6 +24,11 @@ __version__ = _C.__version__
 _vmap.register()  # torch.func.vmap batching rules for every op
 
 __all__ = [
-    "ops", "functional", "build_info", "__version__", "MultiheadAttention", "replace_attention",
+    "ops",
+    "functional",
+    "build_info",
+    "__version__",
+    "MultiheadAttention",
+    "replace_attention",
     "KVCache",
 ]

@@ -8,6 +8,7 @@ function and a maker of small float64 inputs, for gradcheck and gradgradcheck.
 (``test_ops_gradcheck.py``, ``test_check_tool.py``) rather than writing them again.
 This module depends on the installed package only.
 """
+
 import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -77,9 +78,17 @@ def _attention_forward_outputs(q, k, v, need_weights=True, **kw):
     """_attention_forward's differentiable outputs: the output and (if asked) the weights."""
     dropout_p = kw.get("dropout_p", 0.0)
     out, _lse, weights = torch.ops.qkv_attention._attention_forward(
-        q, k, v, kw.get("attn_mask"), kw.get("key_padding_mask"), dropout_p,
-        kw.get("is_causal", False), kw.get("scale"), need_weights,
-        ops._draw_dropout_rng_state(dropout_p))
+        q,
+        k,
+        v,
+        kw.get("attn_mask"),
+        kw.get("key_padding_mask"),
+        dropout_p,
+        kw.get("is_causal", False),
+        kw.get("scale"),
+        need_weights,
+        ops._draw_dropout_rng_state(dropout_p),
+    )
     return (out, weights) if need_weights else out
 
 
@@ -89,11 +98,34 @@ def _attention_backward_of(q, k, v, grad_out, grad_weights, **kw):
     rng = ops._draw_dropout_rng_state(dropout_p)
     with torch.no_grad():
         out, lse, _w = torch.ops.qkv_attention._attention_forward(
-            q, k, v, kw.get("attn_mask"), None, dropout_p, kw.get("is_causal", False), None,
-            False, rng)
+            q,
+            k,
+            v,
+            kw.get("attn_mask"),
+            None,
+            dropout_p,
+            kw.get("is_causal", False),
+            None,
+            False,
+            rng,
+        )
     grads = torch.ops.qkv_attention._attention_backward(
-        grad_out, grad_weights, q, k, v, out, lse, kw.get("attn_mask"), None,
-        kw.get("dropout_p", 0.0), kw.get("is_causal", False), None, rng, False, False)
+        grad_out,
+        grad_weights,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        kw.get("attn_mask"),
+        None,
+        kw.get("dropout_p", 0.0),
+        kw.get("is_causal", False),
+        None,
+        rng,
+        False,
+        False,
+    )
     return grads[:3]  # (grad_query, grad_key, grad_value); no mask gradients asked for
 
 
@@ -158,7 +190,8 @@ def gradient_cases() -> List[GradientCase]:
             "_attention_backward: causal, dropout 0.3 (seeded)",
             _seeded(
                 lambda q, k, v, go: _attention_backward_of(
-                    q, k, v, go, None, is_causal=True, dropout_p=0.3)
+                    q, k, v, go, None, is_causal=True, dropout_p=0.3
+                )
             ),
             lambda g: (*_qkv(g), _randn(g, _B, _H, _L, _DV)),
         ),
@@ -167,8 +200,14 @@ def gradient_cases() -> List[GradientCase]:
     # qkv_projection: E = 4 features split into 2 heads; query, key and value of different
     # widths (kdim/vdim) and lengths (L=2, S=3).
     def projection_inputs(g, bias=True):
-        tensors = [_randn(g, _B, _L, 3), _randn(g, _B, _S, 5), _randn(g, _B, _S, 2),
-                   _randn(g, 4, 3), _randn(g, 4, 5), _randn(g, 4, 2)]
+        tensors = [
+            _randn(g, _B, _L, 3),
+            _randn(g, _B, _S, 5),
+            _randn(g, _B, _S, 2),
+            _randn(g, 4, 3),
+            _randn(g, 4, 5),
+            _randn(g, 4, 2),
+        ]
         if bias:
             tensors += [_randn(g, 4), _randn(g, 4), _randn(g, 4)]
         return tuple(tensors)
@@ -182,7 +221,8 @@ def gradient_cases() -> List[GradientCase]:
         GradientCase(
             "qkv_projection: no biases",
             lambda x, y, z, wq, wk, wv: ops.qkv_projection(
-                x, y, z, wq, wk, wv, None, None, None, 2),
+                x, y, z, wq, wk, wv, None, None, None, 2
+            ),
             lambda g: projection_inputs(g, bias=False),
         ),
         GradientCase(
@@ -193,9 +233,14 @@ def gradient_cases() -> List[GradientCase]:
         GradientCase(
             "qkv_projection_backward",
             lambda gq, gk, gv, x, y, z, wq, wk, wv: torch.ops.qkv_attention.qkv_projection_backward(
-                gq, gk, gv, x, y, z, wq, wk, wv, 2),
-            lambda g: (_randn(g, _B, 2, _L, 2), _randn(g, _B, 2, _S, 2), _randn(g, _B, 2, _S, 2),
-                       *projection_inputs(g, bias=False)),
+                gq, gk, gv, x, y, z, wq, wk, wv, 2
+            ),
+            lambda g: (
+                _randn(g, _B, 2, _L, 2),
+                _randn(g, _B, 2, _S, 2),
+                _randn(g, _B, 2, _S, 2),
+                *projection_inputs(g, bias=False),
+            ),
         ),
         GradientCase(
             "merge_heads: bias",
@@ -215,8 +260,12 @@ def gradient_cases() -> List[GradientCase]:
         GradientCase(
             "functional.sdpa: 3-D inputs, broadcast float mask",
             lambda q, k, v, m: functional.scaled_dot_product_attention(q, k, v, m),
-            lambda g: (_randn(g, 3, _L, _D), _randn(g, 3, _S, _D), _randn(g, 3, _S, _DV),
-                       _randn(g, _L, _S)),
+            lambda g: (
+                _randn(g, 3, _L, _D),
+                _randn(g, 3, _S, _D),
+                _randn(g, 3, _S, _DV),
+                _randn(g, _L, _S),
+            ),
         ),
         GradientCase(
             "functional.sdpa: enable_gqa (4 query heads, 2 kv heads)",
@@ -274,7 +323,10 @@ def parity_configs() -> List[ParityConfig]:
         ParityConfig("add_zero_attn", add_zero_attn=True),
         ParityConfig(
             "bias_kv + zero_attn + bool padding + bool mask",
-            cross=True, add_bias_kv=True, add_zero_attn=True, key_padding_mask="bool",
+            cross=True,
+            add_bias_kv=True,
+            add_zero_attn=True,
+            key_padding_mask="bool",
             attn_mask="bool-2d",
         ),
         ParityConfig("key_padding_mask bool", cross=True, key_padding_mask="bool"),
@@ -283,26 +335,38 @@ def parity_configs() -> List[ParityConfig]:
         ParityConfig("attn_mask 2-D float", attn_mask="float-2d"),
         ParityConfig("attn_mask 3-D float (B*H, L, S)", cross=True, attn_mask="float-3d"),
         ParityConfig(
-            "attn_mask 3-D + key_padding_mask", cross=True, attn_mask="float-3d",
+            "attn_mask 3-D + key_padding_mask",
+            cross=True,
+            attn_mask="float-3d",
             key_padding_mask="float",
         ),
         ParityConfig("causal mask + is_causal", attn_mask="causal", is_causal=True),
         ParityConfig("need_weights=False", need_weights=False),
         ParityConfig(
-            "need_weights=False + padding + causal", attn_mask="causal", is_causal=True,
-            key_padding_mask="bool", need_weights=False,
+            "need_weights=False + padding + causal",
+            attn_mask="causal",
+            is_causal=True,
+            key_padding_mask="bool",
+            need_weights=False,
         ),
         ParityConfig("per-head weights (average=False)", cross=True, average_attn_weights=False),
         ParityConfig("unbatched input", unbatched=True, cross=True, key_padding_mask="bool"),
         ParityConfig(
-            "unbatched, 3-D mask (H, L, S)", unbatched=True, attn_mask="float-3d",
+            "unbatched, 3-D mask (H, L, S)",
+            unbatched=True,
+            attn_mask="float-3d",
             average_attn_weights=False,
         ),
         ParityConfig("dropout=0.5 in eval mode", dropout=0.5, eval_mode=True),
         ParityConfig("float32", dtype=torch.float32, cross=True),
         ParityConfig(
-            "float32, kdim/vdim + masks", dtype=torch.float32, cross=True, kdim=5, vdim=3,
-            key_padding_mask="bool", attn_mask="bool-2d",
+            "float32, kdim/vdim + masks",
+            dtype=torch.float32,
+            cross=True,
+            kdim=5,
+            vdim=3,
+            key_padding_mask="bool",
+            attn_mask="bool-2d",
         ),
     ]
 
@@ -326,8 +390,10 @@ def make_call(config: ParityConfig, generator: torch.Generator):
     else:
         key = value = query  # self-attention: one tensor (the module's fast path checks this)
 
-    kwargs = {"need_weights": config.need_weights,
-              "average_attn_weights": config.average_attn_weights}
+    kwargs = {
+        "need_weights": config.need_weights,
+        "average_attn_weights": config.average_attn_weights,
+    }
     # Key 0 is never masked, so no query row is left with nothing to attend to (torch gives
     # NaN for such rows and we give zeros: a deliberate difference, not tested here).
     if config.key_padding_mask is not None:
@@ -381,21 +447,30 @@ def forward_backward(module: nn.Module, query, key, value, kwargs, generator_see
     generator = torch.Generator().manual_seed(generator_seed)
     loss = (output * torch.randn(output.shape, generator=generator, dtype=output.dtype)).sum()
     if weights is not None:
-        loss = loss + (weights * torch.randn(weights.shape, generator=generator,
-                                             dtype=weights.dtype)).sum()
+        loss = (
+            loss
+            + (weights * torch.randn(weights.shape, generator=generator, dtype=weights.dtype)).sum()
+        )
     gradient_targets = list(dict.fromkeys(inputs))  # the one tensor once for self-attention
     names, parameters = zip(*module.named_parameters())
     grads = torch.autograd.grad(loss, gradient_targets + list(parameters), allow_unused=True)
     input_grads = grads[: len(gradient_targets)]
-    parameter_grads = dict(zip(names, grads[len(gradient_targets):]))
+    parameter_grads = dict(zip(names, grads[len(gradient_targets) :]))
     return output, weights, input_grads, parameter_grads
 
 
 def module_kwargs(config: ParityConfig) -> Dict[str, object]:
     return dict(
-        embed_dim=E, num_heads=HEADS, dropout=config.dropout, bias=config.bias,
-        add_bias_kv=config.add_bias_kv, add_zero_attn=config.add_zero_attn, kdim=config.kdim,
-        vdim=config.vdim, batch_first=config.batch_first, dtype=config.dtype,
+        embed_dim=E,
+        num_heads=HEADS,
+        dropout=config.dropout,
+        bias=config.bias,
+        add_bias_kv=config.add_bias_kv,
+        add_zero_attn=config.add_zero_attn,
+        kdim=config.kdim,
+        vdim=config.vdim,
+        batch_first=config.batch_first,
+        dtype=config.dtype,
     )
 
 
@@ -405,5 +480,3 @@ def initialisation_difference(ours: nn.Module, theirs: nn.Module) -> Tuple[float
     if list(ours_state) != list(theirs_state):
         return math.inf, f"state_dict keys differ: {list(ours_state)} vs {list(theirs_state)}"
     return max(max_abs_difference(ours_state[k], theirs_state[k]) for k in ours_state), ""
-
-

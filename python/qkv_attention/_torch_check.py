@@ -10,7 +10,7 @@ same release.
 
 
 def release(version: str) -> str:
-    """"2.13.0+cpu" -> "2.13.0"; "2.13.0a0+git1234" -> "2.13.0a0"."""
+    """ "2.13.0+cpu" -> "2.13.0"; "2.13.0a0+git1234" -> "2.13.0a0"."""
     return str(version).split("+", 1)[0]
 
 

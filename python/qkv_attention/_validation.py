@@ -8,6 +8,7 @@ forward is scripted): typed functions, and only what TorchScript supports; what 
 compile (naming a non-tensor's type) runs in eager mode only. ``check_dense`` is also
 ``functional.scaled_dot_product_attention``'s check.
 """
+
 import warnings
 from typing import List, Optional, Tuple
 
@@ -84,8 +85,19 @@ def forward_inputs(
         query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
     batch, q_len, _ = query.shape
     kv_len = key.size(1)
-    check_input_sizes(query, key, value, embed_dim, kdim, vdim, packed, k_proj_weight,
-                      v_proj_weight, given_shapes, layout)
+    check_input_sizes(
+        query,
+        key,
+        value,
+        embed_dim,
+        kdim,
+        vdim,
+        packed,
+        k_proj_weight,
+        v_proj_weight,
+        given_shapes,
+        layout,
+    )
 
     # torch 2.13's reading of the hint: with no padding mask and no weights to return the
     # causal mask itself is used (attn_mask is ignored); otherwise attn_mask is used.
@@ -125,8 +137,7 @@ def check_dense(op: str, name: str, value: Tensor) -> None:
     if value.is_nested:
         raise NotImplementedError(f"{op}: {name} must be a dense tensor, but is a NestedTensor")
     if value.is_quantized:
-        raise NotImplementedError(
-            f"{op}: {name} must be a dense tensor, but is a quantized tensor")
+        raise NotImplementedError(f"{op}: {name} must be a dense tensor, but is a quantized tensor")
     if value.layout != torch.strided:
         # Sparse or mkldnn: torch's module raises RuntimeError (NotImplementedError for
         # masks), which NotImplementedError is.
@@ -181,11 +192,34 @@ def dtype_name(dtype: Optional[torch.dtype]) -> str:
         return "None"
     if not torch.jit.is_scripting():
         return str(dtype)
-    known = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.bool,
-             torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.complex64,
-             torch.complex128]
-    names = ["float64", "float32", "float16", "bfloat16", "bool", "uint8", "int8", "int16",
-             "int32", "int64", "complex64", "complex128"]
+    known = [
+        torch.float64,
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.bool,
+        torch.uint8,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.complex64,
+        torch.complex128,
+    ]
+    names = [
+        "float64",
+        "float32",
+        "float16",
+        "bfloat16",
+        "bool",
+        "uint8",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "complex64",
+        "complex128",
+    ]
     for i in range(len(known)):
         if dtype == known[i]:
             return "torch." + names[i]
@@ -219,8 +253,10 @@ def given_layout(is_batched: bool, batch_first: bool) -> str:
 def describe_given(shapes: List[List[int]], layout: str) -> str:
     """The shapes of query, key and value as the caller passed them, and their layout; formatted
     into error messages only when one is raised."""
-    return (f"query {format_shape(shapes[0])}, key {format_shape(shapes[1])}, "
-            f"value {format_shape(shapes[2])} in {layout} layout")
+    return (
+        f"query {format_shape(shapes[0])}, key {format_shape(shapes[1])}, "
+        f"value {format_shape(shapes[2])} in {layout} layout"
+    )
 
 
 def autocast_dtype(tensor: Tensor) -> Optional[torch.dtype]:
@@ -233,8 +269,10 @@ def autocast_dtype(tensor: Tensor) -> Optional[torch.dtype]:
         enabled = torch.is_autocast_enabled("cpu")
     if not enabled or tensor.device.type != "cpu":
         return None
-    if tensor.dtype == torch.float32 or tensor.dtype == torch.float16 or (
-        tensor.dtype == torch.bfloat16
+    if (
+        tensor.dtype == torch.float32
+        or tensor.dtype == torch.float16
+        or (tensor.dtype == torch.bfloat16)
     ):
         return torch.get_autocast_dtype("cpu")
     return None
@@ -280,8 +318,10 @@ def masks_for_op(
         else:
             allowed = merged == dtype or (not need_weights and merged == torch.float32)
             wanted = f"the query's dtype {dtype_name(dtype)}" + (
-                "" if need_weights or dtype == torch.float32 else
-                " (or float32 with need_weights=False)")
+                ""
+                if need_weights or dtype == torch.float32
+                else " (or float32 with need_weights=False)"
+            )
         if not allowed:
             raise RuntimeError(
                 f"MultiheadAttention: float masks must have {wanted}, but the masks add up "
@@ -290,8 +330,7 @@ def masks_for_op(
                 "key_padding_mask: "
                 f"{dtype_name(None if key_padding_mask is None else key_padding_mask.dtype)})"
             )
-    return (mask_for_op(attn_mask, compute_dtype),
-            mask_for_op(key_padding_mask, compute_dtype))
+    return (mask_for_op(attn_mask, compute_dtype), mask_for_op(key_padding_mask, compute_dtype))
 
 
 def mask_for_op(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -302,9 +341,14 @@ def mask_for_op(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return mask.to(dtype)
 
 
-def check_input_dims(query: Tensor, key: Tensor, value: Tensor,
-                     key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
-                     num_heads: int) -> bool:
+def check_input_dims(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Optional[Tensor],
+    attn_mask: Optional[Tensor],
+    num_heads: int,
+) -> bool:
     """Ranks of the inputs and masks, as torch's module checks them (AssertionError).
     Returns whether the input is batched."""
     if query.dim() == 3:
@@ -354,10 +398,19 @@ def check_input_dims(query: Tensor, key: Tensor, value: Tensor,
     )
 
 
-def check_input_sizes(query: Tensor, key: Tensor, value: Tensor, embed_dim: int, kdim: int,
-                      vdim: int, packed: bool, k_proj_weight: Optional[Tensor],
-                      v_proj_weight: Optional[Tensor], given_shapes: List[List[int]],
-                      given_layout: str) -> None:
+def check_input_sizes(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    embed_dim: int,
+    kdim: int,
+    vdim: int,
+    packed: bool,
+    k_proj_weight: Optional[Tensor],
+    v_proj_weight: Optional[Tensor],
+    given_shapes: List[List[int]],
+    given_layout: str,
+) -> None:
     """Feature and sequence sizes (inputs already viewed as (N, seq, features)): torch's
     checks and exception types (AssertionError; RuntimeError where torch's linear fails).
     ``packed``: the module has one packed input projection (kdim = vdim = embed_dim).
@@ -402,8 +455,10 @@ def check_input_sizes(query: Tensor, key: Tensor, value: Tensor, embed_dim: int,
                     f"{features} ({describe_given(given_shapes, given_layout)})"
                 )
 
-def attn_mask_as_4d(attn_mask: Tensor, batch: int, num_heads: int, q_len: int,
-                    kv_len: int) -> Tensor:
+
+def attn_mask_as_4d(
+    attn_mask: Tensor, batch: int, num_heads: int, q_len: int, kv_len: int
+) -> Tensor:
     """(L, S) stays as is (it broadcasts); (B*H, L, S) becomes the view (B, H, L, S)."""
     if attn_mask.dim() == 2:
         if list(attn_mask.shape) != [q_len, kv_len]:

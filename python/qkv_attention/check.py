@@ -18,6 +18,7 @@ The exit code is 0 when every check passes and 1 otherwise, so the tool can gate
 The cases live in ``qkv_attention._cases`` (the tests run them too); this module runs and reports
 them. It depends on the installed package only (not on the repository's tests or examples).
 """
+
 import argparse
 import copy
 import math
@@ -33,8 +34,16 @@ from . import _cases, functional
 from ._cases import GradientCase, ParityConfig, gradient_cases, parity_configs
 
 __all__ = [
-    "main", "gradient_cases", "parity_configs", "other_parity_checks", "run_gradient_checks",
-    "run_parity_checks", "run_other_parity_checks", "GradientCase", "ParityConfig", "ParityCheck",
+    "main",
+    "gradient_cases",
+    "parity_configs",
+    "other_parity_checks",
+    "run_gradient_checks",
+    "run_parity_checks",
+    "run_other_parity_checks",
+    "GradientCase",
+    "ParityConfig",
+    "ParityCheck",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -128,24 +137,37 @@ def run_parity_checks(configs: Sequence[ParityConfig]) -> List[ParityResult]:
                 ours.eval()
                 theirs.eval()
             query, key, value, kwargs = _cases.make_call(
-                config, torch.Generator().manual_seed(index))
+                config, torch.Generator().manual_seed(index)
+            )
             ours_out = _cases.forward_backward(ours, query, key, value, kwargs, 7 + index)
             theirs_out = _cases.forward_backward(theirs, query, key, value, kwargs, 7 + index)
-            output_error = max(_cases.max_abs_difference(ours_out[0], theirs_out[0]),
-                               _cases.max_abs_difference(ours_out[1], theirs_out[1]))
-            gradient_errors = [_cases.max_abs_difference(a, b)
-                               for a, b in zip(ours_out[2], theirs_out[2])]
+            output_error = max(
+                _cases.max_abs_difference(ours_out[0], theirs_out[0]),
+                _cases.max_abs_difference(ours_out[1], theirs_out[1]),
+            )
+            gradient_errors = [
+                _cases.max_abs_difference(a, b) for a, b in zip(ours_out[2], theirs_out[2])
+            ]
             if set(ours_out[3]) != set(theirs_out[3]):
                 detail = detail or "parameter names differ"
             gradient_errors += [
                 _cases.max_abs_difference(ours_out[3][name], theirs_out[3].get(name))
-                for name in ours_out[3]]
+                for name in ours_out[3]
+            ]
             gradient_error = max(gradient_errors)
         except Exception as error:  # report and go on: one broken config must not hide the rest
             output_error = gradient_error = math.inf
             detail = _describe(error)
-        results.append(ParityResult(config.name, output_error, gradient_error, tolerance,
-                                    time.perf_counter() - start, detail))
+        results.append(
+            ParityResult(
+                config.name,
+                output_error,
+                gradient_error,
+                tolerance,
+                time.perf_counter() - start,
+                detail,
+            )
+        )
     return results
 
 
@@ -167,13 +189,18 @@ def _replace_attention_in_encoder_layer() -> Tuple[float, float]:
 
     torch.manual_seed(0)
     theirs = nn.TransformerEncoderLayer(
-        _cases.E, _cases.HEADS, dim_feedforward=16, dropout=0.0, batch_first=True,
-        dtype=_cases.F64)
+        _cases.E, _cases.HEADS, dim_feedforward=16, dropout=0.0, batch_first=True, dtype=_cases.F64
+    )
     ours = replace_attention(copy.deepcopy(theirs))
     if not isinstance(ours.self_attn, OurMultiheadAttention):
         raise AssertionError("replace_attention left torch's MultiheadAttention in place")
-    x = torch.randn(_cases.BATCH, _cases.QLEN, _cases.E,
-                    generator=torch.Generator().manual_seed(3), dtype=_cases.F64)
+    x = torch.randn(
+        _cases.BATCH,
+        _cases.QLEN,
+        _cases.E,
+        generator=torch.Generator().manual_seed(3),
+        dtype=_cases.F64,
+    )
     padding = torch.zeros(_cases.BATCH, _cases.QLEN, dtype=torch.bool)
     padding[1, -2:] = True
     outputs, grads = [], []
@@ -184,8 +211,7 @@ def _replace_attention_in_encoder_layer() -> Tuple[float, float]:
         g = torch.autograd.grad(out.square().sum(), [inp, *params])
         outputs.append(out)
         grads.append(dict(zip(("input", *names), g)))
-    gradient_error = max(
-        _cases.max_abs_difference(grads[0][n], grads[1].get(n)) for n in grads[0])
+    gradient_error = max(_cases.max_abs_difference(grads[0][n], grads[1].get(n)) for n in grads[0])
     return _cases.max_abs_difference(outputs[0], outputs[1]), gradient_error
 
 
@@ -195,8 +221,10 @@ def _sdpa_against_torch(q_shape, k_shape, v_shape, mask: Optional[str] = None, *
 
     def compare() -> Tuple[float, float]:
         g = torch.Generator().manual_seed(11)
-        inputs = [torch.randn(*shape, generator=g, dtype=_cases.F64)
-                  for shape in (q_shape, k_shape, v_shape)]
+        inputs = [
+            torch.randn(*shape, generator=g, dtype=_cases.F64)
+            for shape in (q_shape, k_shape, v_shape)
+        ]
         L, S = q_shape[-2], k_shape[-2]
         if mask == "bool":  # True = may attend; key 0 always, so no row is empty
             attn_mask = torch.rand(L, S, generator=g) < 0.6
@@ -205,40 +233,55 @@ def _sdpa_against_torch(q_shape, k_shape, v_shape, mask: Optional[str] = None, *
         elif mask == "float":
             inputs.append(torch.randn(q_shape[0], 1, L, S, generator=g, dtype=_cases.F64))
         results = []
-        for function in (functional.scaled_dot_product_attention,
-                         nn.functional.scaled_dot_product_attention):
+        for function in (
+            functional.scaled_dot_product_attention,
+            nn.functional.scaled_dot_product_attention,
+        ):
             leaves = [t.clone().requires_grad_(t.is_floating_point()) for t in inputs]
             out = function(*leaves[:3], attn_mask=leaves[3] if mask else None, **kwargs)
-            grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5),
-                                   dtype=_cases.F64)
+            grad_out = torch.randn(
+                out.shape, generator=torch.Generator().manual_seed(5), dtype=_cases.F64
+            )
             differentiable = [t for t in leaves if t.requires_grad]
             results.append((out, torch.autograd.grad(out, differentiable, grad_out)))
         (ours_out, ours_grads), (theirs_out, theirs_grads) = results
-        return (_cases.max_abs_difference(ours_out, theirs_out),
-                max(_cases.max_abs_difference(a, b) for a, b in zip(ours_grads, theirs_grads)))
+        return (
+            _cases.max_abs_difference(ours_out, theirs_out),
+            max(_cases.max_abs_difference(a, b) for a, b in zip(ours_grads, theirs_grads)),
+        )
 
     return compare
 
 
 def other_parity_checks() -> List[ParityCheck]:
     return [
-        ParityCheck("replace_attention(TransformerEncoderLayer)",
-                    _replace_attention_in_encoder_layer),
-        ParityCheck("functional.sdpa vs F.sdpa: no mask",
-                    _sdpa_against_torch((2, 2, 5, 4), (2, 2, 6, 4), (2, 2, 6, 3))),
-        ParityCheck("functional.sdpa vs F.sdpa: bool mask (L, S)",
-                    _sdpa_against_torch((2, 2, 5, 4), (2, 2, 6, 4), (2, 2, 6, 3), mask="bool")),
-        ParityCheck("functional.sdpa vs F.sdpa: float mask with grad, scale=0.3",
-                    _sdpa_against_torch((2, 2, 5, 4), (2, 2, 6, 4), (2, 2, 6, 3), mask="float",
-                                        scale=0.3)),
-        ParityCheck("functional.sdpa vs F.sdpa: is_causal, L=5 < S=6",
-                    _sdpa_against_torch((2, 2, 5, 4), (2, 2, 6, 4), (2, 2, 6, 3),
-                                        is_causal=True)),
-        ParityCheck("functional.sdpa vs F.sdpa: 3-D inputs",
-                    _sdpa_against_torch((3, 5, 4), (3, 6, 4), (3, 6, 3))),
-        ParityCheck("functional.sdpa vs F.sdpa: enable_gqa",
-                    _sdpa_against_torch((1, 4, 5, 4), (1, 2, 6, 4), (1, 2, 6, 3),
-                                        enable_gqa=True)),
+        ParityCheck(
+            "replace_attention(TransformerEncoderLayer)", _replace_attention_in_encoder_layer
+        ),
+        ParityCheck(
+            "functional.sdpa vs F.sdpa: no mask",
+            _sdpa_against_torch((2, 2, 5, 4), (2, 2, 6, 4), (2, 2, 6, 3)),
+        ),
+        ParityCheck(
+            "functional.sdpa vs F.sdpa: bool mask (L, S)",
+            _sdpa_against_torch((2, 2, 5, 4), (2, 2, 6, 4), (2, 2, 6, 3), mask="bool"),
+        ),
+        ParityCheck(
+            "functional.sdpa vs F.sdpa: float mask with grad, scale=0.3",
+            _sdpa_against_torch((2, 2, 5, 4), (2, 2, 6, 4), (2, 2, 6, 3), mask="float", scale=0.3),
+        ),
+        ParityCheck(
+            "functional.sdpa vs F.sdpa: is_causal, L=5 < S=6",
+            _sdpa_against_torch((2, 2, 5, 4), (2, 2, 6, 4), (2, 2, 6, 3), is_causal=True),
+        ),
+        ParityCheck(
+            "functional.sdpa vs F.sdpa: 3-D inputs",
+            _sdpa_against_torch((3, 5, 4), (3, 6, 4), (3, 6, 3)),
+        ),
+        ParityCheck(
+            "functional.sdpa vs F.sdpa: enable_gqa",
+            _sdpa_against_torch((1, 4, 5, 4), (1, 2, 6, 4), (1, 2, 6, 3), enable_gqa=True),
+        ),
     ]
 
 
@@ -252,9 +295,16 @@ def run_other_parity_checks(checks: Sequence[ParityCheck]) -> List[ParityResult]
         except Exception as error:
             output_error = gradient_error = math.inf
             detail = _describe(error)
-        results.append(ParityResult(check.name, output_error, gradient_error,
-                                    _cases.TOLERANCES[_cases.F64],
-                                    time.perf_counter() - start, detail))
+        results.append(
+            ParityResult(
+                check.name,
+                output_error,
+                gradient_error,
+                _cases.TOLERANCES[_cases.F64],
+                time.perf_counter() - start,
+                detail,
+            )
+        )
     return results
 
 
@@ -270,8 +320,10 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def format_gradient_table(results: Sequence[GradientResult]) -> str:
-    rows = [[r.name, r.gradcheck, r.gradgradcheck, f"{r.seconds:.2f}",
-             "pass" if r.passed else "FAIL"] for r in results]
+    rows = [
+        [r.name, r.gradcheck, r.gradgradcheck, f"{r.seconds:.2f}", "pass" if r.passed else "FAIL"]
+        for r in results
+    ]
     return _table(["operator case (float64)", "gradcheck", "gradgradcheck", "s", "result"], rows)
 
 
@@ -279,11 +331,26 @@ def format_parity_table(results: Sequence[ParityResult]) -> str:
     def number(x: float) -> str:
         return "inf" if math.isinf(x) else f"{x:.1e}"
 
-    rows = [[r.name, number(r.output_error), number(r.gradient_error),
-             f"{r.tolerance[0]:.0e}/{r.tolerance[1]:.0e}", "pass" if r.passed else "FAIL"]
-            for r in results]
-    return _table(["configuration (ours vs torch, same inputs)", "max output err",
-                   "max grad err", "tolerance", "result"], rows)
+    rows = [
+        [
+            r.name,
+            number(r.output_error),
+            number(r.gradient_error),
+            f"{r.tolerance[0]:.0e}/{r.tolerance[1]:.0e}",
+            "pass" if r.passed else "FAIL",
+        ]
+        for r in results
+    ]
+    return _table(
+        [
+            "configuration (ours vs torch, same inputs)",
+            "max output err",
+            "max grad err",
+            "tolerance",
+            "result",
+        ],
+        rows,
+    )
 
 
 def _select(items, patterns: Optional[Sequence[str]]):
@@ -297,22 +364,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         prog="python -m qkv_attention.check",
         description="gradcheck/gradgradcheck of every qkv_attention operator and parity of "
         "qkv_attention.MultiheadAttention with torch.nn.MultiheadAttention. "
-        "Exit code 0 when everything passes, 1 otherwise.")
-    parser.add_argument("--only", action="append", metavar="TEXT",
-                        help="run only the checks whose name contains TEXT (repeatable)")
+        "Exit code 0 when everything passes, 1 otherwise.",
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="TEXT",
+        help="run only the checks whose name contains TEXT (repeatable)",
+    )
     parser.add_argument("--skip-gradcheck", action="store_true", help="skip part 1")
     parser.add_argument("--skip-parity", action="store_true", help="skip part 2")
-    parser.add_argument("--no-gradgradcheck", action="store_true",
-                        help="first derivatives only (faster)")
-    parser.add_argument("--fast", action="store_true",
-                        help="gradcheck's fast_mode (random projections instead of full Jacobians)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads while checking (default 1: the tensors are tiny, and "
-                        "waking a second thread costs more than the work, very much more on a "
-                        "busy machine)")
+    parser.add_argument(
+        "--no-gradgradcheck", action="store_true", help="first derivatives only (faster)"
+    )
+    parser.add_argument(
+        "--fast",
+        action="store_true",
+        help="gradcheck's fast_mode (random projections instead of full Jacobians)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads while checking (default 1: the tensors are tiny, and "
+        "waking a second thread costs more than the work, very much more on a "
+        "busy machine)",
+    )
     parser.add_argument("--list", action="store_true", help="list the checks and exit")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="print the full error of every failure")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="print the full error of every failure"
+    )
     args = parser.parse_args(argv)
 
     cases = [] if args.skip_gradcheck else _select(gradient_cases(), args.only)
@@ -343,14 +424,16 @@ def _run_and_report(args, cases, configs, others) -> int:
     failures: List[Tuple[str, str]] = []
     if cases:
         gradient_results = run_gradient_checks(
-            cases, second_order=not args.no_gradgradcheck, fast_mode=args.fast)
+            cases, second_order=not args.no_gradgradcheck, fast_mode=args.fast
+        )
         print("\n" + format_gradient_table(gradient_results))
         failures += [(r.name, r.detail) for r in gradient_results if not r.passed]
     if configs or others:
         parity_results = run_parity_checks(configs) + run_other_parity_checks(others)
         print("\n" + format_parity_table(parity_results))
-        failures += [(r.name, r.detail or "error above tolerance")
-                     for r in parity_results if not r.passed]
+        failures += [
+            (r.name, r.detail or "error above tolerance") for r in parity_results if not r.passed
+        ]
     total = len(cases) + len(configs) + len(others)
     elapsed = time.perf_counter() - start
     if failures:

@@ -1,4 +1,5 @@
 """``scaled_dot_product_attention`` with the signature of torch's, running on our operator."""
+
 import math
 from typing import Optional
 
@@ -71,7 +72,8 @@ def scaled_dot_product_attention(
     if _jagged.all_nested(query, key, value):
         # Jagged (B, H, j, D) inputs: packed values and offsets, no padding.
         return _jagged.scaled_dot_product_attention(
-            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
+        )
     for name, t in (("query", query), ("key", key), ("value", value), ("attn_mask", attn_mask)):
         _check_tensor(name, t, optional=name == "attn_mask")
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -98,8 +100,7 @@ def scaled_dot_product_attention(
             batch_shape = torch.Size((*outer, query.size(-3)))
             kv_batch_shape = torch.Size((*outer, key.size(-3)))
         else:
-            batch_shape = torch.broadcast_shapes(
-                query.shape[:-2], key.shape[:-2], value.shape[:-2])
+            batch_shape = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
             kv_batch_shape = batch_shape
     except RuntimeError as error:
         raise RuntimeError(

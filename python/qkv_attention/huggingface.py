@@ -13,6 +13,7 @@ attention goes through ``ALL_ATTENTION_FUNCTIONS`` (Llama, Mistral, Qwen, BERT, 
 transformers is an optional dependency: this module imports it only inside :func:`register`,
 and ``import qkv_attention`` never imports this module.
 """
+
 import logging
 from typing import Optional, Tuple
 
@@ -55,8 +56,9 @@ def register() -> str:
     return NAME
 
 
-def _position_bias_mask(position_bias: Tensor, attention_mask: Optional[Tensor], is_causal,
-                        query: Tensor, key: Tensor) -> Tensor:
+def _position_bias_mask(
+    position_bias: Tensor, attention_mask: Optional[Tensor], is_causal, query: Tensor, key: Tensor
+) -> Tensor:
     """One additive float mask from a learned position bias and the mask or causality.
 
     Masked positions get the dtype's lowest finite value (not -inf), as transformers' sdpa
@@ -121,13 +123,17 @@ def attention_forward(
     global _warned_output_attentions
     if kwargs.get("output_attentions", False) and not _warned_output_attentions:
         _warned_output_attentions = True
-        _log.warning("qkv_attention attention does not return attention weights "
-                     "(output_attentions=True); use attn_implementation='eager' for them")
+        _log.warning(
+            "qkv_attention attention does not return attention weights "
+            "(output_attentions=True); use attn_implementation='eager' for them"
+        )
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor) or t.dim() != 4:
             found = f"shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"qkv_attention attention: {name} must be (batch, heads, "
-                             f"positions, features), but has {found}")
+            raise ValueError(
+                f"qkv_attention attention: {name} must be (batch, heads, "
+                f"positions, features), but has {found}"
+            )
 
     enable_gqa = False
     groups = getattr(module, "num_key_value_groups", 1)
@@ -172,8 +178,14 @@ def attention_forward(
         enable_gqa = False
 
     output = scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=bool(is_causal),
-        scale=scaling, enable_gqa=enable_gqa,
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        dropout_p=dropout,
+        is_causal=bool(is_causal),
+        scale=scaling,
+        enable_gqa=enable_gqa,
     )  # (B, H, L, Dv) or, packed, (B, Hkv, groups, Dv); B broadcast from q, k, v as in sdpa
     output = output.reshape(output.shape[0], heads, q_length, value.shape[-1])  # (B, H, L, Dv)
     return output.transpose(1, 2).contiguous(), None  # (B, L, H, Dv)

@@ -1,4 +1,5 @@
 """A key/value cache for a generation loop of your own, on ``attention_with_kv_cache``."""
+
 from typing import Optional
 
 import torch
@@ -45,12 +46,25 @@ class KVCache:
     Inference only: call it under ``torch.no_grad()`` or ``torch.inference_mode()``.
     """
 
-    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int,
-                 value_dim: Optional[int] = None, *, dtype: Optional[torch.dtype] = None,
-                 device: Optional[torch.device] = None) -> None:
+    def __init__(
+        self,
+        batch: int,
+        kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        value_dim: Optional[int] = None,
+        *,
+        dtype: Optional[torch.dtype] = None,
+        device: Optional[torch.device] = None,
+    ) -> None:
         value_dim = head_dim if value_dim is None else value_dim
-        for name, size in (("batch", batch), ("kv_heads", kv_heads), ("max_len", max_len),
-                           ("head_dim", head_dim), ("value_dim", value_dim)):
+        for name, size in (
+            ("batch", batch),
+            ("kv_heads", kv_heads),
+            ("max_len", max_len),
+            ("head_dim", head_dim),
+            ("value_dim", value_dim),
+        ):
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise ValueError(f"KVCache: {name} must be a non-negative int, but is {size!r}")
         self.k = torch.empty(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
@@ -61,9 +75,16 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[2]
 
-    def attend(self, query: Tensor, key: Tensor, value: Tensor,
-               attn_mask: Optional[Tensor] = None, is_causal: bool = True,
-               scale: Optional[float] = None, advance: Optional[Tensor] = None) -> Tensor:
+    def attend(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attn_mask: Optional[Tensor] = None,
+        is_causal: bool = True,
+        scale: Optional[float] = None,
+        advance: Optional[Tensor] = None,
+    ) -> Tensor:
         """Writes key/value (batch, kv_heads, L_new, ·) after each sequence's entries, attends
         query (batch, heads, L, head_dim) over them (causal aligned bottom-right, see
         :func:`qkv_attention.ops.attention_with_kv_cache`), and advances ``lengths`` by L_new.
@@ -75,8 +96,9 @@ class KVCache:
         Returns (batch, heads, L, value_dim). Raises, with nothing written and ``lengths``
         unchanged, when a sequence would pass ``max_len``.
         """
-        output = ops.attention_with_kv_cache(query, self.k, self.v, key, value, self.lengths,
-                                             attn_mask, is_causal, scale)
+        output = ops.attention_with_kv_cache(
+            query, self.k, self.v, key, value, self.lengths, attn_mask, is_causal, scale
+        )
         step = key.shape[2]
         if advance is None:
             self.lengths += step
@@ -94,6 +116,8 @@ class KVCache:
 
     def __repr__(self) -> str:
         batch, kv_heads, max_len, head_dim = self.k.shape
-        return (f"KVCache(batch={batch}, kv_heads={kv_heads}, max_len={max_len}, "
-                f"head_dim={head_dim}, value_dim={self.v.shape[3]}, dtype={self.k.dtype}, "
-                f"lengths={self.lengths.tolist()})")
+        return (
+            f"KVCache(batch={batch}, kv_heads={kv_heads}, max_len={max_len}, "
+            f"head_dim={head_dim}, value_dim={self.v.shape[3]}, dtype={self.k.dtype}, "
+            f"lengths={self.lengths.tolist()})"
+        )

@@ -20,6 +20,7 @@ AutocastCPU kernels: lower precision, as torch's linear and attention), and comp
 ``torch.jit.script``: the forward and its helpers are typed and use only what TorchScript
 supports; what it cannot compile (naming a non-tensor's type) runs in eager mode only.
 """
+
 import copy
 import operator
 from collections import OrderedDict
@@ -56,8 +57,7 @@ def _int_argument(value, name: str) -> int:
         return operator.index(value)
     except TypeError:
         raise TypeError(
-            f"MultiheadAttention: {name} must be an int, but got {type(value).__name__} "
-            f"({value!r})"
+            f"MultiheadAttention: {name} must be an int, but got {type(value).__name__} ({value!r})"
         ) from None
 
 
@@ -200,7 +200,8 @@ class MultiheadAttention(nn.Module):
         """
         scriptable = copy.copy(self)
         scriptable._forward_pre_hooks = OrderedDict(
-            (key, hook) for key, hook in self._forward_pre_hooks.items()
+            (key, hook)
+            for key, hook in self._forward_pre_hooks.items()
             if hook is not _keep_torch_fast_paths_off
         )
         return scriptable
@@ -259,13 +260,33 @@ class MultiheadAttention(nn.Module):
             if _jagged.all_nested(query, key, value):
                 # Nested (N, j, E) inputs, jagged or strided: without padding (_jagged.py).
                 return _jagged.multihead_attention(
-                    self, query, key, value, key_padding_mask, need_weights, attn_mask,
-                    average_attn_weights, is_causal)
+                    self,
+                    query,
+                    key,
+                    value,
+                    key_padding_mask,
+                    need_weights,
+                    attn_mask,
+                    average_attn_weights,
+                    is_causal,
+                )
         query, key, value, attn_mask, key_padding_mask, is_batched, causal, compute_dtype = (
             _validation.forward_inputs(
-                query, key, value, key_padding_mask, need_weights, attn_mask, is_causal,
-                self.embed_dim, self.kdim, self.vdim, self.num_heads, self.batch_first,
-                self._qkv_same_embed_dim, self.k_proj_weight, self.v_proj_weight,
+                query,
+                key,
+                value,
+                key_padding_mask,
+                need_weights,
+                attn_mask,
+                is_causal,
+                self.embed_dim,
+                self.kdim,
+                self.vdim,
+                self.num_heads,
+                self.batch_first,
+                self._qkv_same_embed_dim,
+                self.k_proj_weight,
+                self.v_proj_weight,
                 self.out_proj.weight,
             )
         )  # (B, L, E), (B, S, Ek), (B, S, Ev); masks in the operators' convention
@@ -285,7 +306,15 @@ class MultiheadAttention(nn.Module):
             biases = in_proj_bias.chunk(3)
             q_bias, k_bias, v_bias = biases[0], biases[1], biases[2]
         q, k, v = ops.qkv_projection(
-            query, key, value, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias,
+            query,
+            key,
+            value,
+            q_weight,
+            k_weight,
+            v_weight,
+            q_bias,
+            k_bias,
+            v_bias,
             self.num_heads,
         )
 
@@ -347,11 +376,13 @@ class MultiheadAttention(nn.Module):
                 expanded = attn_mask.view(batch, -1, seq_len, seq_len)
             else:
                 expanded = attn_mask.view(1, 1, seq_len, seq_len).expand(
-                    batch, self.num_heads, -1, -1)
+                    batch, self.num_heads, -1, -1
+                )
             merged, mask_type = expanded, 2
             if key_padding_mask is not None:
                 padding = key_padding_mask.view(batch, 1, 1, seq_len).expand(
-                    -1, self.num_heads, -1, -1)
+                    -1, self.num_heads, -1, -1
+                )
                 merged = expanded + padding
         return merged, mask_type
 
@@ -367,7 +398,11 @@ class MultiheadAttention(nn.Module):
                 return blocks[0], blocks[1], blocks[2]
             missing = "in_proj_weight"
         else:
-            q_weight, k_weight, v_weight = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+            q_weight, k_weight, v_weight = (
+                self.q_proj_weight,
+                self.k_proj_weight,
+                self.v_proj_weight,
+            )
             if q_weight is not None and k_weight is not None and v_weight is not None:
                 return q_weight, k_weight, v_weight
             missing = "q_proj_weight, k_proj_weight and v_proj_weight"
@@ -383,10 +418,8 @@ class MultiheadAttention(nn.Module):
         if bias_k is not None and bias_v is not None:
             # (1, 1, E) -> (1, H, 1, D): head h owns features h*D .. (h+1)*D - 1. In the
             # projection's dtype, as torch's concatenation promotes a bias of lower precision.
-            k_parts.append(
-                bias_k.to(k.dtype).view(1, heads, 1, head_dim).expand(batch, -1, -1, -1))
-            v_parts.append(
-                bias_v.to(v.dtype).view(1, heads, 1, head_dim).expand(batch, -1, -1, -1))
+            k_parts.append(bias_k.to(k.dtype).view(1, heads, 1, head_dim).expand(batch, -1, -1, -1))
+            v_parts.append(bias_v.to(v.dtype).view(1, heads, 1, head_dim).expand(batch, -1, -1, -1))
         elif bias_k is not None or bias_v is not None:
             which = "bias_k" if bias_k is not None else "bias_v"
             raise AssertionError(f"MultiheadAttention: {which} is set but the other is None")

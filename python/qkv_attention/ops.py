@@ -5,13 +5,18 @@ autograd, runs under ``torch.compile`` (the operators have Meta kernels) and pas
 ``torch.library.opcheck``. Shapes use B = batch, H = heads, L = query positions,
 S = key/value positions, D = features per head, E = embedding size.
 """
+
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 __all__ = [
-    "qkv_projection", "attention", "attention_with_weights", "attention_varlen", "merge_heads",
+    "qkv_projection",
+    "attention",
+    "attention_with_weights",
+    "attention_varlen",
+    "merge_heads",
     "attention_with_kv_cache",
 ]
 
@@ -100,8 +105,15 @@ def attention_with_weights(
     computed without the per-head (B, H, L, S) tensor.
     """
     return _ops.attention_with_weights(
-        query, key, value, attn_mask, dropout_p, is_causal, scale, key_padding_mask,
-        average_attn_weights
+        query,
+        key,
+        value,
+        attn_mask,
+        dropout_p,
+        is_causal,
+        scale,
+        key_padding_mask,
+        average_attn_weights,
     )
 
 
@@ -144,8 +156,16 @@ def attention_varlen(
         masked row of :func:`attention` does.
     """
     return _ops.attention_varlen(
-        query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-        is_causal, scale
+        query,
+        key,
+        value,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        dropout_p,
+        is_causal,
+        scale,
     )
 
 

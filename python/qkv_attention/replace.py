@@ -1,4 +1,5 @@
 """``replace_attention``: swap torch's ``nn.MultiheadAttention`` modules in a model for ours."""
+
 from typing import Dict
 
 from torch import nn
@@ -33,8 +34,13 @@ def _replacement_for(old: nn.MultiheadAttention) -> MultiheadAttention:
                 old.kdim, old.vdim, old.embed_dim, old._qkv_same_embed_dim
             )
         )
-    for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
-                 "in_proj_bias"):
+    for name in (
+        "in_proj_weight",
+        "q_proj_weight",
+        "k_proj_weight",
+        "v_proj_weight",
+        "in_proj_bias",
+    ):
         param = getattr(old, name)
         if param is None:
             new.register_parameter(name, None)

@@ -137,8 +137,8 @@ inline void check_attention_against_reference(const AttentionInputs& in, uint64_
   const bool mask_grad = detail::is_float_mask(in.attn_mask) && in.attn_mask_requires_grad;
   const bool padding_grad =
       detail::is_float_mask(in.key_padding_mask) && in.key_padding_mask_requires_grad;
-  INFO("dtype " << dtype << ", (B, H, L, S, D, Dv) = (" << B << ", " << H << ", " << L << ", "
-                << S << ", " << in.query.size(3) << ", " << Dv << "), causal " << in.is_causal
+  INFO("dtype " << dtype << ", (B, H, L, S, D, Dv) = (" << B << ", " << H << ", " << L << ", " << S
+                << ", " << in.query.size(3) << ", " << Dv << "), causal " << in.is_causal
                 << ", dropout_p " << in.dropout_p);
 
   at::Generator gen = seeded(grad_seed);
@@ -149,9 +149,9 @@ inline void check_attention_against_reference(const AttentionInputs& in, uint64_
   const auto [output, logsumexp, weights, rng_state] =
       op::attention_forward(in.query, in.key, in.value, in.attn_mask, in.key_padding_mask,
                             in.dropout_p, in.is_causal, in.scale, /*need_weights=*/true);
-  const at::Tensor keep =
-      in.dropout_p > 0 ? op::attention_dropout_mask(rng_state, B, H, L, S, in.dropout_p)
-                       : at::Tensor();
+  const at::Tensor keep = in.dropout_p > 0
+                              ? op::attention_dropout_mask(rng_state, B, H, L, S, in.dropout_p)
+                              : at::Tensor();
   const ReferenceRun ref = run_reference(in, keep, grad_output);
 
   CHECK(output.scalar_type() == dtype);
@@ -161,10 +161,10 @@ inline void check_attention_against_reference(const AttentionInputs& in, uint64_
   CHECK(logsumexp.sizes().vec() == std::vector<int64_t>{B, H, L});
   {
     INFO("backward op called directly");
-    const auto [gq, gk, gv, gmask, gpadding] = op::attention_backward(
-        grad_output, std::nullopt, in.query, in.key, in.value, output, logsumexp, in.attn_mask,
-        in.key_padding_mask, in.dropout_p, in.is_causal, in.scale, rng_state, mask_grad,
-        padding_grad);
+    const auto [gq, gk, gv, gmask, gpadding] =
+        op::attention_backward(grad_output, std::nullopt, in.query, in.key, in.value, output,
+                               logsumexp, in.attn_mask, in.key_padding_mask, in.dropout_p,
+                               in.is_causal, in.scale, rng_state, mask_grad, padding_grad);
     CHECK_THAT(gq, IsCloseTo(ref.grads[0], grad_tol));
     CHECK_THAT(gk, IsCloseTo(ref.grads[1], grad_tol));
     CHECK_THAT(gv, IsCloseTo(ref.grads[2], grad_tol));
@@ -210,9 +210,9 @@ inline void check_attention_against_reference(const AttentionInputs& in, uint64_
   {
     INFO("attention_with_weights");
     detail::seed_dropout(in);
-    const auto [out, w] = op::attention_with_weights(in.query, in.key, in.value, in.attn_mask,
-                                                     in.dropout_p, in.is_causal, in.scale,
-                                                     in.key_padding_mask);
+    const auto [out, w] =
+        op::attention_with_weights(in.query, in.key, in.value, in.attn_mask, in.dropout_p,
+                                   in.is_causal, in.scale, in.key_padding_mask);
     CHECK_THAT(out, IsCloseTo(ref.result.output, out_tol));
     CHECK_THAT(w, IsCloseTo(ref.result.weights, out_tol));
   }

@@ -31,29 +31,26 @@ c10::TypedOperatorHandle<Signature> typed(const char* qualified_name) {
   return handle(qualified_name).typed<Signature>();
 }
 
-inline at::Tensor attention(const at::Tensor& query, const at::Tensor& key,
-                            const at::Tensor& value, const OptionalTensor& attn_mask = {},
-                            double dropout_p = 0.0, bool is_causal = false,
-                            std::optional<double> scale = {},
+inline at::Tensor attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                            const OptionalTensor& attn_mask = {}, double dropout_p = 0.0,
+                            bool is_causal = false, std::optional<double> scale = {},
                             const OptionalTensor& key_padding_mask = {}) {
-  static const auto op = typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                          const OptionalTensor&, double, bool,
-                                          std::optional<double>, const OptionalTensor&)>(
-      "qkv_attention::attention");
+  static const auto op = typed<at::Tensor(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptionalTensor&, double, bool,
+      std::optional<double>, const OptionalTensor&)>("qkv_attention::attention");
   return op.call(query, key, value, attn_mask, dropout_p, is_causal, scale, key_padding_mask);
 }
 
 inline Tensor2 attention_with_weights(const at::Tensor& query, const at::Tensor& key,
-                                      const at::Tensor& value,
-                                      const OptionalTensor& attn_mask = {},
+                                      const at::Tensor& value, const OptionalTensor& attn_mask = {},
                                       double dropout_p = 0.0, bool is_causal = false,
                                       std::optional<double> scale = {},
                                       const OptionalTensor& key_padding_mask = {},
                                       bool average_attn_weights = false) {
-  static const auto op = typed<Tensor2(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                       const OptionalTensor&, double, bool, std::optional<double>,
-                                       const OptionalTensor&, bool)>(
-      "qkv_attention::attention_with_weights");
+  static const auto op =
+      typed<Tensor2(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptionalTensor&,
+                    double, bool, std::optional<double>, const OptionalTensor&, bool)>(
+          "qkv_attention::attention_with_weights");
   return op.call(query, key, value, attn_mask, dropout_p, is_causal, scale, key_padding_mask,
                  average_attn_weights);
 }
@@ -66,10 +63,9 @@ inline Tensor4 attention_forward(const at::Tensor& query, const at::Tensor& key,
                                  const OptionalTensor& key_padding_mask, double dropout_p,
                                  bool is_causal, std::optional<double> scale, bool need_weights) {
   static const auto op =
-      typed<Tensor3(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                    const OptionalTensor&, const OptionalTensor&, double, bool,
-                    std::optional<double>, bool, const OptionalTensor&, bool)>(
-          "qkv_attention::_attention_forward");
+      typed<Tensor3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptionalTensor&,
+                    const OptionalTensor&, double, bool, std::optional<double>, bool,
+                    const OptionalTensor&, bool)>("qkv_attention::_attention_forward");
   const at::Tensor rng_state =
       dropout_p > 0 ? at::randint(std::numeric_limits<int64_t>::max(), {2},
                                   at::TensorOptions().dtype(at::kLong).device(at::kCPU))
@@ -82,28 +78,26 @@ inline Tensor4 attention_forward(const at::Tensor& query, const at::Tensor& key,
 }
 
 // (grad_query, grad_key, grad_value, grad_attn_mask or empty, grad_key_padding_mask or empty)
-inline Tensor5 attention_backward(const at::Tensor& grad_output,
-                                  const OptionalTensor& grad_weights, const at::Tensor& query,
-                                  const at::Tensor& key, const at::Tensor& value,
-                                  const at::Tensor& output, const at::Tensor& logsumexp,
-                                  const OptionalTensor& attn_mask,
+inline Tensor5 attention_backward(const at::Tensor& grad_output, const OptionalTensor& grad_weights,
+                                  const at::Tensor& query, const at::Tensor& key,
+                                  const at::Tensor& value, const at::Tensor& output,
+                                  const at::Tensor& logsumexp, const OptionalTensor& attn_mask,
                                   const OptionalTensor& key_padding_mask, double dropout_p,
                                   bool is_causal, std::optional<double> scale,
                                   const OptionalTensor& rng_state, bool attn_mask_requires_grad,
                                   bool key_padding_mask_requires_grad) {
-  static const auto op = typed<Tensor5(
-      const at::Tensor&, const OptionalTensor&, const at::Tensor&, const at::Tensor&,
-      const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptionalTensor&,
-      const OptionalTensor&, double, bool, std::optional<double>, const OptionalTensor&, bool,
-      bool)>("qkv_attention::_attention_backward");
+  static const auto op =
+      typed<Tensor5(const at::Tensor&, const OptionalTensor&, const at::Tensor&, const at::Tensor&,
+                    const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptionalTensor&,
+                    const OptionalTensor&, double, bool, std::optional<double>,
+                    const OptionalTensor&, bool, bool)>("qkv_attention::_attention_backward");
   return op.call(grad_output, grad_weights, query, key, value, output, logsumexp, attn_mask,
-                 key_padding_mask, dropout_p, is_causal, scale, rng_state,
-                 attn_mask_requires_grad, key_padding_mask_requires_grad);
+                 key_padding_mask, dropout_p, is_causal, scale, rng_state, attn_mask_requires_grad,
+                 key_padding_mask_requires_grad);
 }
 
-inline at::Tensor attention_dropout_mask(const at::Tensor& rng_state, int64_t batch,
-                                         int64_t heads, int64_t q_len, int64_t kv_len,
-                                         double dropout_p) {
+inline at::Tensor attention_dropout_mask(const at::Tensor& rng_state, int64_t batch, int64_t heads,
+                                         int64_t q_len, int64_t kv_len, double dropout_p) {
   static const auto op =
       typed<at::Tensor(const at::Tensor&, c10::SymInt, c10::SymInt, c10::SymInt, c10::SymInt,
                        double)>("qkv_attention::_attention_dropout_mask");
@@ -115,10 +109,11 @@ inline Tensor3 qkv_projection(const at::Tensor& query, const at::Tensor& key,
                               const at::Tensor& k_weight, const at::Tensor& v_weight,
                               const OptionalTensor& q_bias, const OptionalTensor& k_bias,
                               const OptionalTensor& v_bias, int64_t num_heads) {
-  static const auto op = typed<Tensor3(
-      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-      const at::Tensor&, const at::Tensor&, const OptionalTensor&, const OptionalTensor&,
-      const OptionalTensor&, c10::SymInt)>("qkv_attention::qkv_projection");
+  static const auto op =
+      typed<Tensor3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                    const at::Tensor&, const at::Tensor&, const OptionalTensor&,
+                    const OptionalTensor&, const OptionalTensor&, c10::SymInt)>(
+          "qkv_attention::qkv_projection");
   return op.call(query, key, value, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias,
                  num_heads);
 }
@@ -130,10 +125,11 @@ inline Tensor9 qkv_projection_backward(const OptionalTensor& grad_q, const Optio
                                        const at::Tensor& key, const at::Tensor& value,
                                        const at::Tensor& q_weight, const at::Tensor& k_weight,
                                        const at::Tensor& v_weight, int64_t num_heads) {
-  static const auto op = typed<Tensor9(
-      const OptionalTensor&, const OptionalTensor&, const OptionalTensor&, const at::Tensor&,
-      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-      const at::Tensor&, c10::SymInt)>("qkv_attention::qkv_projection_backward");
+  static const auto op =
+      typed<Tensor9(const OptionalTensor&, const OptionalTensor&, const OptionalTensor&,
+                    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                    const at::Tensor&, const at::Tensor&, c10::SymInt)>(
+          "qkv_attention::qkv_projection_backward");
   return op.call(grad_q, grad_k, grad_v, query, key, value, q_weight, k_weight, v_weight,
                  num_heads);
 }
@@ -149,9 +145,8 @@ inline at::Tensor merge_heads(const at::Tensor& x, const at::Tensor& out_weight,
 // (grad_x, grad_out_weight, grad_out_bias)
 inline Tensor3 merge_heads_backward(const at::Tensor& grad_output, const at::Tensor& x,
                                     const at::Tensor& out_weight) {
-  static const auto op =
-      typed<Tensor3(const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
-          "qkv_attention::merge_heads_backward");
+  static const auto op = typed<Tensor3(const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
+      "qkv_attention::merge_heads_backward");
   return op.call(grad_output, x, out_weight);
 }
 

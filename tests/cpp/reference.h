@@ -69,9 +69,9 @@ inline AttentionResult attention(const at::Tensor& query, const at::Tensor& key,
 inline at::Tensor project_into_heads(const at::Tensor& x, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias, int64_t num_heads) {
   const int64_t B = x.size(0), N = x.size(1), E = weight.size(0);
-  return at::linear(x, weight, bias)         // (B, N, E)
+  return at::linear(x, weight, bias)           // (B, N, E)
       .view({B, N, num_heads, E / num_heads})  // (B, N, H, E/H)
-      .transpose(1, 2);                         // (B, H, N, E/H)
+      .transpose(1, 2);                        // (B, H, N, E/H)
 }
 
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_projection(
@@ -89,7 +89,7 @@ inline at::Tensor merge_heads(const at::Tensor& x, const at::Tensor& out_weight,
                               const std::optional<at::Tensor>& out_bias) {
   const int64_t B = x.size(0), H = x.size(1), L = x.size(2), D = x.size(3);
   const at::Tensor concatenated = x.transpose(1, 2).reshape({B, L, H * D});  // (B, L, H*D)
-  return at::linear(concatenated, out_weight, out_bias);                   // (B, L, Eout)
+  return at::linear(concatenated, out_weight, out_bias);                     // (B, L, Eout)
 }
 
 }  // namespace qkv_attention::testing::reference

@@ -4,8 +4,8 @@
 // check_attention_against_reference (attention_harness.h): forward op + backward op called
 // directly, `attention` under autograd, and `attention_with_weights`, all found by name.
 #include <ATen/ATen.h>
-#include <catch2/catch.hpp>
 #include <torch/autograd.h>
+#include <catch2/catch.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -30,8 +30,7 @@ at::Tensor random_float_mask(at::Generator& gen, at::IntArrayRef sizes, at::Scal
 
 }  // namespace
 
-TEST_CASE("attention matches the reference in every dtype, forward and backward",
-          "[attention]") {
+TEST_CASE("attention matches the reference in every dtype, forward and backward", "[attention]") {
   const at::ScalarType dtype = GENERATE(from_range(all_dtypes()));
   check_attention_against_reference(random_attention_inputs(1, 2, 3, 5, 7, 8, 8, dtype));
 }
@@ -68,9 +67,10 @@ TEST_CASE("attention with a bool attn_mask of every broadcastable shape matches 
   check_attention_against_reference(in);
 }
 
-TEST_CASE("attention with a float attn_mask of every broadcastable shape matches the reference, "
-          "mask gradient included",
-          "[attention][mask]") {
+TEST_CASE(
+    "attention with a float attn_mask of every broadcastable shape matches the reference, "
+    "mask gradient included",
+    "[attention][mask]") {
   const at::ScalarType dtype = GENERATE(from_range(all_dtypes()));
   constexpr int64_t B = 2, H = 3, L = 5, S = 7;
   const std::vector<int64_t> shape = GENERATE(
@@ -97,16 +97,15 @@ TEST_CASE("attention with a float attn_mask holding -inf entries matches the ref
   check_attention_against_reference(in);
 }
 
-TEST_CASE("attention with a key_padding_mask (bool or float) matches the reference, alone and "
-          "together with an attn_mask",
-          "[attention][mask]") {
+TEST_CASE(
+    "attention with a key_padding_mask (bool or float) matches the reference, alone and "
+    "together with an attn_mask",
+    "[attention][mask]") {
   const at::ScalarType dtype = GENERATE(from_range(all_dtypes()));
   constexpr int64_t B = 3, H = 2, L = 4, S = 6;
   AttentionInputs in = random_attention_inputs(8, B, H, L, S, 8, 5, dtype);
   at::Generator gen = seeded(80);
-  SECTION("bool key_padding_mask") {
-    in.key_padding_mask = random_bool_mask(gen, {B, S});
-  }
+  SECTION("bool key_padding_mask") { in.key_padding_mask = random_bool_mask(gen, {B, S}); }
   SECTION("float key_padding_mask, with its gradient") {
     in.key_padding_mask = random_float_mask(gen, {B, S}, dtype);
     in.key_padding_mask_requires_grad = true;
@@ -145,8 +144,7 @@ TEST_CASE("causal attention matches the reference for L < S, L == S and L > S",
                std::make_pair(int64_t(9), int64_t(3)), std::make_pair(int64_t(1), int64_t(4)),
                std::make_pair(int64_t(4), int64_t(1)));
   INFO("L = " << lengths.first << ", S = " << lengths.second);
-  AttentionInputs in =
-      random_attention_inputs(9, 2, 2, lengths.first, lengths.second, 8, 6, dtype);
+  AttentionInputs in = random_attention_inputs(9, 2, 2, lengths.first, lengths.second, 8, 6, dtype);
   in.is_causal = true;
   check_attention_against_reference(in);
 }
@@ -197,9 +195,7 @@ TEST_CASE("query rows with no key to attend to give zero outputs and zero, finit
     in.is_causal = true;
     dead_row = 0;
   }
-  SECTION("every row fully masked") {
-    in.attn_mask = at::zeros({1}, at::kBool);
-  }
+  SECTION("every row fully masked") { in.attn_mask = at::zeros({1}, at::kBool); }
   check_attention_against_reference(in);
 
   // The reference gives these rows zeros too; check the contract directly as well.
@@ -333,8 +329,7 @@ TEST_CASE("attention gradients flow only to the inputs that require them", "[att
 
   const at::Tensor q = in.query.detach().requires_grad_(true);
   const at::Tensor out_q = op::attention(q, in.key, in.value);
-  CHECK_THAT(torch::autograd::grad({out_q}, {q}, {grad_output})[0],
-             IsCloseTo(ref.grads[0], tol));
+  CHECK_THAT(torch::autograd::grad({out_q}, {q}, {grad_output})[0], IsCloseTo(ref.grads[0], tol));
 
   // No input requires grad: the output is a plain tensor.
   CHECK_FALSE(op::attention(in.query, in.key, in.value).requires_grad());
@@ -363,13 +358,12 @@ TEST_CASE("attention_with_weights backpropagates through both the output and the
   const at::Tensor k = in.key.detach().requires_grad_(true);
   const at::Tensor v = in.value.detach().requires_grad_(true);
   const at::Tensor mask = in.attn_mask->detach().requires_grad_(true);
-  const auto [out, weights] =
-      op::attention_with_weights(q, k, v, mask, 0.0, in.is_causal, std::nullopt,
-                                 in.key_padding_mask);
+  const auto [out, weights] = op::attention_with_weights(q, k, v, mask, 0.0, in.is_causal,
+                                                         std::nullopt, in.key_padding_mask);
   CHECK_THAT(out, IsCloseTo(ref.result.output, out_tol));
   CHECK_THAT(weights, IsCloseTo(ref.result.weights, out_tol));
-  const auto grads = torch::autograd::grad({out, weights}, {q, k, v, mask},
-                                           {grad_output, grad_weights});
+  const auto grads =
+      torch::autograd::grad({out, weights}, {q, k, v, mask}, {grad_output, grad_weights});
   CHECK_THAT(grads[0], IsCloseTo(ref.grads[0], grad_tol));
   CHECK_THAT(grads[1], IsCloseTo(ref.grads[1], grad_tol));
   CHECK_THAT(grads[2], IsCloseTo(ref.grads[2], grad_tol));
@@ -395,18 +389,19 @@ TEST_CASE("the typed C++ entry points of csrc/ops give what the dispatcher-by-na
   at::Generator gen = seeded(240);
   const at::Tensor mask = random_float_mask(gen, {5, 6}, at::kFloat);
   const at::Tensor padding = random_bool_mask(gen, {2, 6}, 0.8);
-  CHECK(bitwise_equal(qkv_attention::attention(in.query, in.key, in.value, mask, 0.0, true, 0.5, padding),
-              op::attention(in.query, in.key, in.value, mask, 0.0, true, 0.5, padding)));
-  const auto [out_a, w_a] =
-      qkv_attention::attention_with_weights(in.query, in.key, in.value, mask);
+  CHECK(bitwise_equal(
+      qkv_attention::attention(in.query, in.key, in.value, mask, 0.0, true, 0.5, padding),
+      op::attention(in.query, in.key, in.value, mask, 0.0, true, 0.5, padding)));
+  const auto [out_a, w_a] = qkv_attention::attention_with_weights(in.query, in.key, in.value, mask);
   const auto [out_b, w_b] = op::attention_with_weights(in.query, in.key, in.value, mask);
   CHECK(bitwise_equal(out_a, out_b));
   CHECK(bitwise_equal(w_a, w_b));
 }
 
-TEST_CASE("attention over sequences longer than a kernel tile matches the reference, causal or "
-          "not, with padding",
-          "[attention][sizes]") {
+TEST_CASE(
+    "attention over sequences longer than a kernel tile matches the reference, causal or "
+    "not, with padding",
+    "[attention][sizes]") {
   // Lengths just past powers of two and head sizes of real models, so that a blocked kernel
   // meets partial tiles in both directions.
   const at::ScalarType dtype = GENERATE(from_range(all_dtypes()));

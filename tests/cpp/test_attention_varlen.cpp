@@ -2,8 +2,8 @@
 // attention op on that sequence alone (output and gradients, float64, causal, GQA, lengths 0
 // and L != S), and bad offsets are rejected with a message naming the argument.
 #include <ATen/ATen.h>
-#include <catch2/catch.hpp>
 #include <torch/autograd.h>
+#include <catch2/catch.hpp>
 
 #include <vector>
 
@@ -21,11 +21,10 @@ at::Tensor attention_varlen(const at::Tensor& q, const at::Tensor& k, const at::
                             int64_t max_k, bool is_causal) {
   static const auto handle =
       op::typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const at::Tensor&, const at::Tensor&, c10::SymInt, c10::SymInt,
-                           double, bool, std::optional<double>)>(
-          "qkv_attention::attention_varlen");
-  return handle.call(q, k, v, cu_q, cu_k, c10::SymInt(max_q), c10::SymInt(max_k), 0.0,
-                     is_causal, std::nullopt);
+                           const at::Tensor&, const at::Tensor&, c10::SymInt, c10::SymInt, double,
+                           bool, std::optional<double>)>("qkv_attention::attention_varlen");
+  return handle.call(q, k, v, cu_q, cu_k, c10::SymInt(max_q), c10::SymInt(max_k), 0.0, is_causal,
+                     std::nullopt);
 }
 
 at::Tensor offsets(const std::vector<int64_t>& lengths) {
@@ -74,18 +73,16 @@ TEST_CASE("attention_varlen rejects bad offsets, naming the argument", "[attenti
   const at::Tensor q = at::randn({5, 2, 4}), k = at::randn({6, 2, 4}), v = at::randn({6, 2, 4});
   const at::Tensor cu_k = at::tensor(std::vector<int64_t>{0, 4, 6}, at::kLong);
   CHECK_THROWS_WITH(
-      attention_varlen(q, k, v, at::tensor(std::vector<int64_t>{1, 2, 5}, at::kLong), cu_k, 3,
-                       4, false),
-      Contains("attention_varlen: cu_seqlens_q must start at 0, but cu_seqlens_q[0] = 1"));
-  CHECK_THROWS_WITH(
-      attention_varlen(q, k, v, at::tensor(std::vector<int64_t>{0, 2, 4}, at::kLong), cu_k, 3,
-                       4, false),
-      Contains("cu_seqlens_q must end at the number of packed query rows (5)"));
-  CHECK_THROWS_WITH(
-      attention_varlen(q, k, v, at::tensor(std::vector<int64_t>{0, 5}, at::kLong), cu_k, 5, 4,
+      attention_varlen(q, k, v, at::tensor(std::vector<int64_t>{1, 2, 5}, at::kLong), cu_k, 3, 4,
                        false),
-      Contains("cu_seqlens_k has 3 entries (2 sequences) but cu_seqlens_q has 2"));
-  CHECK_THROWS_AS(attention_varlen(q, k, v, at::tensor(std::vector<float>{0, 2, 5}), cu_k, 3, 4,
-                                   false),
-                  c10::TypeError);
+      Contains("attention_varlen: cu_seqlens_q must start at 0, but cu_seqlens_q[0] = 1"));
+  CHECK_THROWS_WITH(attention_varlen(q, k, v, at::tensor(std::vector<int64_t>{0, 2, 4}, at::kLong),
+                                     cu_k, 3, 4, false),
+                    Contains("cu_seqlens_q must end at the number of packed query rows (5)"));
+  CHECK_THROWS_WITH(attention_varlen(q, k, v, at::tensor(std::vector<int64_t>{0, 5}, at::kLong),
+                                     cu_k, 5, 4, false),
+                    Contains("cu_seqlens_k has 3 entries (2 sequences) but cu_seqlens_q has 2"));
+  CHECK_THROWS_AS(
+      attention_varlen(q, k, v, at::tensor(std::vector<float>{0, 2, 5}), cu_k, 3, 4, false),
+      c10::TypeError);
 }

@@ -50,22 +50,23 @@ struct ProjectionArgs {
 
 ProjectionArgs projection_args(at::Device device) {
   const at::TensorOptions o = at::TensorOptions().dtype(at::kFloat).device(device);
-  return {at::zeros({2, 4, 8}, o), at::zeros({2, 5, 6}, o), at::zeros({2, 5, 7}, o),
-          at::zeros({8, 8}, o),    at::zeros({8, 6}, o),    at::zeros({8, 7}, o),
+  return {at::zeros({2, 4, 8}, o), at::zeros({2, 5, 6}, o),
+          at::zeros({2, 5, 7}, o), at::zeros({8, 8}, o),
+          at::zeros({8, 6}, o),    at::zeros({8, 7}, o),
           at::zeros({8}, o),       o};
 }
 
 }  // namespace
 
-TEST_CASE("attention rejects query, key and value of the wrong rank or sizes, naming the "
-          "argument and the sizes found",
-          "[bad_inputs][attention]") {
+TEST_CASE(
+    "attention rejects query, key and value of the wrong rank or sizes, naming the "
+    "argument and the sizes found",
+    "[bad_inputs][attention]") {
   const at::Device device = GENERATE(at::Device(at::kCPU), at::Device(at::kMeta));
   INFO("device " << device);
   const auto [q, k, v, options] = attention_args(device);
   CHECK_REJECTS(op::attention(q.flatten(0, 1), k, v), c10::Error,
-                Contains("attention") && Contains("query must be 4-D") &&
-                    Contains("[6, 4, 8]"));
+                Contains("attention") && Contains("query must be 4-D") && Contains("[6, 4, 8]"));
   CHECK_REJECTS(op::attention(q, k.unsqueeze(0), v), c10::Error, Contains("key must be 4-D"));
   CHECK_REJECTS(op::attention(q, k, v[0]), c10::Error, Contains("value must be 4-D"));
   CHECK_REJECTS(op::attention(q, at::zeros({2, 3, 5, 7}, options), v), c10::Error,
@@ -74,11 +75,11 @@ TEST_CASE("attention rejects query, key and value of the wrong rank or sizes, na
   CHECK_REJECTS(op::attention(q, at::zeros({3, 3, 5, 8}, options), v), c10::Error,
                 Contains("key has 3 batch entries but query has 2"));
   // Grouped-query attention: key/value may have fewer heads than query, a divisor of them.
-  CHECK_REJECTS(op::attention(q, at::zeros({2, 2, 5, 8}, options),
-                              at::zeros({2, 2, 5, 6}, options)),
-                c10::Error,
-                Contains("key has 2 heads and query has 3") &&
-                    Contains("query's heads must be a multiple of key's"));
+  CHECK_REJECTS(
+      op::attention(q, at::zeros({2, 2, 5, 8}, options), at::zeros({2, 2, 5, 6}, options)),
+      c10::Error,
+      Contains("key has 2 heads and query has 3") &&
+          Contains("query's heads must be a multiple of key's"));
   CHECK_REJECTS(op::attention(q, at::zeros({2, 1, 5, 8}, options), v), c10::Error,
                 Contains("value has 3 heads but key has 1"));
   CHECK_REJECTS(op::attention(q, k, at::zeros({2, 3, 4, 6}, options)), c10::Error,
@@ -89,15 +90,15 @@ TEST_CASE("attention rejects query, key and value of the wrong rank or sizes, na
                 Contains("value has 2 heads but key has 3"));
 }
 
-TEST_CASE("attention rejects unsupported and mixed dtypes with a c10::TypeError naming the "
-          "argument",
-          "[bad_inputs][attention]") {
+TEST_CASE(
+    "attention rejects unsupported and mixed dtypes with a c10::TypeError naming the "
+    "argument",
+    "[bad_inputs][attention]") {
   const at::Device device = GENERATE(at::Device(at::kCPU), at::Device(at::kMeta));
   INFO("device " << device);
   const auto [q, k, v, options] = attention_args(device);
   CHECK_REJECTS(op::attention(q.to(at::kInt), k, v), c10::TypeError,
-                Contains("query must be float64, float32, bfloat16 or float16") &&
-                    Contains("Int"));
+                Contains("query must be float64, float32, bfloat16 or float16") && Contains("Int"));
   CHECK_REJECTS(op::attention(q, k.to(at::kComplexFloat), v), c10::TypeError,
                 Contains("key must be float64, float32, bfloat16 or float16"));
   CHECK_REJECTS(op::attention(q, k.to(at::kDouble), v), c10::TypeError,
@@ -108,21 +109,21 @@ TEST_CASE("attention rejects unsupported and mixed dtypes with a c10::TypeError 
                 Contains("value has dtype Float but query has dtype BFloat16"));
 }
 
-TEST_CASE("attention rejects masks of the wrong dtype or shape, naming attn_mask or "
-          "key_padding_mask",
-          "[bad_inputs][attention][mask]") {
+TEST_CASE(
+    "attention rejects masks of the wrong dtype or shape, naming attn_mask or "
+    "key_padding_mask",
+    "[bad_inputs][attention][mask]") {
   const at::Device device = GENERATE(at::Device(at::kCPU), at::Device(at::kMeta));
   INFO("device " << device);
   const auto [q, k, v, options] = attention_args(device);
-  CHECK_REJECTS(op::attention(q, k, v, at::zeros({4, 5}, options.dtype(at::kInt))),
-                c10::TypeError,
-                Contains("attn_mask must be bool or have the query's dtype Float") &&
-                    Contains("Int"));
+  CHECK_REJECTS(
+      op::attention(q, k, v, at::zeros({4, 5}, options.dtype(at::kInt))), c10::TypeError,
+      Contains("attn_mask must be bool or have the query's dtype Float") && Contains("Int"));
   CHECK_REJECTS(op::attention(q, k, v, at::zeros({4, 5}, options.dtype(at::kDouble))),
                 c10::TypeError, Contains("attn_mask") && Contains("Double"));
-  CHECK_REJECTS(op::attention(q, k, v, at::zeros({4, 6}, options)), c10::Error,
-                Contains("attn_mask of shape [4, 6] cannot be broadcast") &&
-                    Contains("(2, 3, 4, 5)"));
+  CHECK_REJECTS(
+      op::attention(q, k, v, at::zeros({4, 6}, options)), c10::Error,
+      Contains("attn_mask of shape [4, 6] cannot be broadcast") && Contains("(2, 3, 4, 5)"));
   CHECK_REJECTS(op::attention(q, k, v, at::zeros({1, 2, 3, 4, 5}, options.dtype(at::kBool))),
                 c10::Error, Contains("attn_mask of shape [1, 2, 3, 4, 5]"));
   CHECK_REJECTS(op::attention(q, k, v, at::zeros({2, 2, 4, 5}, options)), c10::Error,
@@ -132,8 +133,7 @@ TEST_CASE("attention rejects masks of the wrong dtype or shape, naming attn_mask
     return op::attention(q, k, v, no_mask, 0.0, false, std::nullopt, padding);
   };
   CHECK_REJECTS(with_padding(at::ones({2, 4}, options.dtype(at::kBool))), c10::Error,
-                Contains("key_padding_mask must have shape (B, S) = (2, 5)") &&
-                    Contains("[2, 4]"));
+                Contains("key_padding_mask must have shape (B, S) = (2, 5)") && Contains("[2, 4]"));
   CHECK_REJECTS(with_padding(at::ones({5}, options.dtype(at::kBool))), c10::Error,
                 Contains("key_padding_mask must have shape (B, S)"));
   CHECK_REJECTS(with_padding(at::ones({2, 1, 1, 5}, options.dtype(at::kBool))), c10::Error,
@@ -180,8 +180,8 @@ TEST_CASE("every op names an undefined tensor argument", "[bad_inputs]") {
   const auto [query, key, value, wq, wk, wv, bias, o] = projection_args(at::kCPU);
   CHECK_REJECTS(op::qkv_projection(query, key, value, wq, none, wv, bias, bias, bias, 2),
                 c10::Error, Contains("qkv_projection: k_weight is an undefined tensor"));
-  CHECK_REJECTS(op::qkv_projection(query, key, none, wq, wk, wv, bias, bias, bias, 2),
-                c10::Error, Contains("qkv_projection: value is an undefined tensor"));
+  CHECK_REJECTS(op::qkv_projection(query, key, none, wq, wk, wv, bias, bias, bias, 2), c10::Error,
+                Contains("qkv_projection: value is an undefined tensor"));
   CHECK_REJECTS(op::qkv_projection_backward(std::nullopt, std::nullopt, std::nullopt, query, key,
                                             value, none, wk, wv, 2),
                 c10::Error, Contains("q_weight is an undefined tensor"));
@@ -213,9 +213,10 @@ TEST_CASE("attention checks its inputs under autograd too", "[bad_inputs][attent
                 Contains("dropout_p must be in [0, 1]"));
 }
 
-TEST_CASE("the attention backward and dropout-mask ops reject inconsistent arguments, naming "
-          "them",
-          "[bad_inputs][attention]") {
+TEST_CASE(
+    "the attention backward and dropout-mask ops reject inconsistent arguments, naming "
+    "them",
+    "[bad_inputs][attention]") {
   const at::Device device = GENERATE(at::Device(at::kCPU), at::Device(at::kMeta));
   INFO("device " << device);
   const auto [q, k, v, options] = attention_args(device);
@@ -234,13 +235,13 @@ TEST_CASE("the attention backward and dropout-mask ops reject inconsistent argum
                     Contains("dropout_p > 0"));
   CHECK_REJECTS(backward(out[0], std::nullopt, out, lse, rng), c10::Error,
                 Contains("attention backward: grad_output must be 4-D"));
-  CHECK_REJECTS(backward(at::zeros({2, 3, 4, 5}, options), std::nullopt, out, lse, rng),
-                c10::Error, Contains("grad_output has shape [2, 3, 4, 5]") &&
-                                Contains("the output has shape [2, 3, 4, 6]"));
+  CHECK_REJECTS(backward(at::zeros({2, 3, 4, 5}, options), std::nullopt, out, lse, rng), c10::Error,
+                Contains("grad_output has shape [2, 3, 4, 5]") &&
+                    Contains("the output has shape [2, 3, 4, 6]"));
   CHECK_REJECTS(backward(out.to(at::kDouble), std::nullopt, out, lse, rng), c10::TypeError,
                 Contains("grad_output has dtype Double"));
-  CHECK_REJECTS(backward(out, std::nullopt, at::zeros({2, 3, 4, 7}, options), lse, rng),
-                c10::Error, Contains("output has 7 features per head but value has 6"));
+  CHECK_REJECTS(backward(out, std::nullopt, at::zeros({2, 3, 4, 7}, options), lse, rng), c10::Error,
+                Contains("output has 7 features per head but value has 6"));
   CHECK_REJECTS(backward(out, std::nullopt, out, lse.to(at::kDouble), rng), c10::Error,
                 Contains("attention backward: logsumexp must be") && Contains("Double"));
   CHECK_REJECTS(backward(out, std::nullopt, out, lse[0], rng), c10::Error,
@@ -252,15 +253,14 @@ TEST_CASE("the attention backward and dropout-mask ops reject inconsistent argum
   CHECK_REJECTS(backward(out, at::zeros({2, 3, 4, 4}, options), out, lse, rng), c10::Error,
                 Contains("grad_weights has 4 positions but key has 5"));
 
-  CHECK_REJECTS(op::attention_dropout_mask(rng, 2, -1, 4, 5, 0.5), c10::Error,
-                Contains("attention dropout mask:") && Contains("must be non-negative") &&
-                    Contains("-1"));
+  CHECK_REJECTS(
+      op::attention_dropout_mask(rng, 2, -1, 4, 5, 0.5), c10::Error,
+      Contains("attention dropout mask:") && Contains("must be non-negative") && Contains("-1"));
   CHECK_REJECTS(op::attention_dropout_mask(rng, 2, 3, 4, 5, 1.5), c10::Error,
                 Contains("dropout_p must be in [0, 1], but is 1.5"));
   CHECK_REJECTS(op::attention_dropout_mask(rng.to(at::kFloat), 2, 3, 4, 5, 0.5), c10::Error,
                 Contains("rng_state must") && Contains("int64") && Contains("Float"));
 }
-
 
 TEST_CASE("qkv_projection rejects bad shapes, dtypes and num_heads, naming the argument",
           "[bad_inputs][qkv_projection]") {
@@ -272,8 +272,7 @@ TEST_CASE("qkv_projection rejects bad shapes, dtypes and num_heads, naming the a
                      const at::Tensor& v_weight, const std::optional<at::Tensor>& q_bias,
                      const std::optional<at::Tensor>& k_bias,
                      const std::optional<at::Tensor>& v_bias, int64_t heads) {
-    return op::qkv_projection(q, k, v, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias,
-                              heads);
+    return op::qkv_projection(q, k, v, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias, heads);
   };
   CHECK_REJECTS(project(query, key, value, wq, wk, wv, bias, bias, bias, 3), c10::Error,
                 Contains("qkv_projection: num_heads (3) must divide the embedding size E = 8"));
@@ -313,25 +312,26 @@ TEST_CASE("qkv_projection_backward rejects gradients of the wrong shape or dtype
   INFO("device " << device);
   const auto [query, key, value, wq, wk, wv, bias, o] = projection_args(device);
   const at::Tensor grad_q = at::zeros({2, 2, 4, 4}, o);
-  CHECK_REJECTS(op::qkv_projection_backward(at::zeros({2, 2, 5, 4}, o), std::nullopt,
-                                            std::nullopt, query, key, value, wq, wk, wv, 2),
-                c10::Error,
-                Contains("grad_q must have the projection's shape (2, 2, 4, 4)") &&
-                    Contains("[2, 2, 5, 4]"));
+  CHECK_REJECTS(
+      op::qkv_projection_backward(at::zeros({2, 2, 5, 4}, o), std::nullopt, std::nullopt, query,
+                                  key, value, wq, wk, wv, 2),
+      c10::Error,
+      Contains("grad_q must have the projection's shape (2, 2, 4, 4)") && Contains("[2, 2, 5, 4]"));
   CHECK_REJECTS(op::qkv_projection_backward(grad_q, at::zeros({2, 2, 5, 4}, o.dtype(at::kDouble)),
                                             std::nullopt, query, key, value, wq, wk, wv, 2),
                 c10::TypeError, Contains("grad_k has dtype Double"));
   CHECK_REJECTS(op::qkv_projection_backward(grad_q, std::nullopt, at::zeros({2, 5, 8}, o), query,
                                             key, value, wq, wk, wv, 2),
                 c10::Error, Contains("grad_v must be 4-D"));
-  CHECK_REJECTS(op::qkv_projection_backward(grad_q, std::nullopt, std::nullopt, query, key,
-                                            value, wq, wk, wv, 3),
+  CHECK_REJECTS(op::qkv_projection_backward(grad_q, std::nullopt, std::nullopt, query, key, value,
+                                            wq, wk, wv, 3),
                 c10::Error, Contains("num_heads (3) must divide"));
 }
 
-TEST_CASE("merge_heads and merge_heads_backward reject bad shapes and dtypes, naming the "
-          "argument",
-          "[bad_inputs][merge_heads]") {
+TEST_CASE(
+    "merge_heads and merge_heads_backward reject bad shapes and dtypes, naming the "
+    "argument",
+    "[bad_inputs][merge_heads]") {
   const at::Device device = GENERATE(at::Device(at::kCPU), at::Device(at::kMeta));
   INFO("device " << device);
   const at::TensorOptions o = at::TensorOptions().dtype(at::kFloat).device(device);

@@ -3,8 +3,8 @@
 // result must itself be differentiable: both the first-order gradients it gives and the
 // second-order ones (d/d inputs and d/d grad_output of <grads, r>) must match the reference's.
 #include <ATen/ATen.h>
-#include <catch2/catch.hpp>
 #include <torch/autograd.h>
+#include <catch2/catch.hpp>
 
 #include <cmath>
 #include <functional>
@@ -56,8 +56,7 @@ DoubleBackward double_backward(const Function& f, const Tensors& inputs,
   Tensors wrt = inputs;
   wrt.insert(wrt.end(), grad_outputs.begin(), grad_outputs.end());
   const Tensors second = zeros_for_undefined(
-      torch::autograd::grad({objective}, wrt, {}, std::nullopt, false, /*allow_unused=*/true),
-      wrt);
+      torch::autograd::grad({objective}, wrt, {}, std::nullopt, false, /*allow_unused=*/true), wrt);
   return {first, second};
 }
 
@@ -77,9 +76,8 @@ void check_double_backward(const Function& op_fn, const Function& reference_fn,
   }
   for (const at::Tensor& in : inputs) directions.push_back(random_tensor(gen, in.sizes(), dtype));
   const DoubleBackward ours = double_backward(op_fn, inputs, grad_outputs, directions);
-  const DoubleBackward ref = double_backward(reference_fn, ref_inputs,
-                                             leaves(grad_outputs, at::kDouble),
-                                             leaves(directions, at::kDouble));
+  const DoubleBackward ref = double_backward(
+      reference_fn, ref_inputs, leaves(grad_outputs, at::kDouble), leaves(directions, at::kDouble));
   // Second derivatives multiply one more rounded factor in: twice the gradient allowance.
   const Tolerance first_tol = gradient_tolerance(dtype);
   const Tolerance second_tol = {2 * first_tol.atol, 2 * first_tol.rtol};
@@ -96,9 +94,10 @@ void check_double_backward(const Function& op_fn, const Function& reference_fn,
 
 }  // namespace
 
-TEST_CASE("attention's create_graph backward matches the reference's first and second "
-          "derivatives, with masks, causal and dropout",
-          "[double_backward][attention]") {
+TEST_CASE(
+    "attention's create_graph backward matches the reference's first and second "
+    "derivatives, with masks, causal and dropout",
+    "[double_backward][attention]") {
   const at::ScalarType dtype = GENERATE(at::kDouble, at::kFloat);
   constexpr int64_t B = 2, H = 2, L = 5, S = 6, D = 4, Dv = 3;
   const double p = GENERATE(0.0, 0.3);
@@ -115,8 +114,8 @@ TEST_CASE("attention's create_graph backward matches the reference's first and s
   at::Tensor keep;
   if (p > 0) {
     at::manual_seed(kSeed);
-    const auto forward = op::attention_forward(values[0], values[1], values[2], values[3],
-                                               padding, p, true, std::nullopt, false);
+    const auto forward = op::attention_forward(values[0], values[1], values[2], values[3], padding,
+                                               p, true, std::nullopt, false);
     keep = op::attention_dropout_mask(std::get<3>(forward), B, H, L, S, p);
   }
   const Function ours = [&](const Tensors& in) -> Tensors {
@@ -130,9 +129,10 @@ TEST_CASE("attention's create_graph backward matches the reference's first and s
   check_double_backward(ours, reference, values, dtype, 61);
 }
 
-TEST_CASE("qkv_projection's create_graph backward matches the reference's first and second "
-          "derivatives",
-          "[double_backward][qkv_projection]") {
+TEST_CASE(
+    "qkv_projection's create_graph backward matches the reference's first and second "
+    "derivatives",
+    "[double_backward][qkv_projection]") {
   const at::ScalarType dtype = GENERATE(at::kDouble, at::kFloat);
   constexpr int64_t B = 2, L = 3, S = 4, E = 6, Eq = 5, Ek = 4, Ev = 3, H = 2;
   at::Generator gen = seeded(62);
@@ -142,8 +142,8 @@ TEST_CASE("qkv_projection's create_graph backward matches the reference's first 
       random_tensor(gen, {E, Ek}, dtype),    random_tensor(gen, {E, Ev}, dtype),
       random_tensor(gen, {E}, dtype),        random_tensor(gen, {E}, dtype)};  // q_bias, v_bias
   const Function ours = [&](const Tensors& in) -> Tensors {
-    const auto [q, k, v] = op::qkv_projection(in[0], in[1], in[2], in[3], in[4], in[5], in[6],
-                                              std::nullopt, in[7], H);
+    const auto [q, k, v] =
+        op::qkv_projection(in[0], in[1], in[2], in[3], in[4], in[5], in[6], std::nullopt, in[7], H);
     return {q, k, v};
   };
   const Function reference = [&](const Tensors& in) -> Tensors {
@@ -154,9 +154,10 @@ TEST_CASE("qkv_projection's create_graph backward matches the reference's first 
   check_double_backward(ours, reference, values, dtype, 63);
 }
 
-TEST_CASE("merge_heads' create_graph backward matches the reference's first and second "
-          "derivatives",
-          "[double_backward][merge_heads]") {
+TEST_CASE(
+    "merge_heads' create_graph backward matches the reference's first and second "
+    "derivatives",
+    "[double_backward][merge_heads]") {
   const at::ScalarType dtype = GENERATE(at::kDouble, at::kFloat);
   at::Generator gen = seeded(64);
   const Tensors values = {random_tensor(gen, {2, 3, 4, 2}, dtype),

@@ -3,8 +3,8 @@
 // the kept weights are scaled by 1 / (1 - p).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <catch2/catch.hpp>
 #include <torch/autograd.h>
+#include <catch2/catch.hpp>
 
 #include <algorithm>
 
@@ -14,9 +14,10 @@
 using namespace qkv_attention::testing;
 namespace op = qkv_attention::testing::by_name;
 
-TEST_CASE("attention with dropout: the same torch::manual_seed gives the same output and "
-          "gradients, another seed another output",
-          "[dropout]") {
+TEST_CASE(
+    "attention with dropout: the same torch::manual_seed gives the same output and "
+    "gradients, another seed another output",
+    "[dropout]") {
   const at::ScalarType dtype = GENERATE(from_range(all_dtypes()));
   const AttentionInputs in = random_attention_inputs(30, 2, 2, 6, 9, 8, 8, dtype);
   const at::Tensor q = in.query.detach().requires_grad_(true);
@@ -34,9 +35,10 @@ TEST_CASE("attention with dropout: the same torch::manual_seed gives the same ou
   CHECK_FALSE(bitwise_equal(out_a, out_c));
 }
 
-TEST_CASE("attention with dropout matches the reference under the keep-mask of "
-          "_attention_dropout_mask, forward and backward, in every dtype",
-          "[dropout]") {
+TEST_CASE(
+    "attention with dropout matches the reference under the keep-mask of "
+    "_attention_dropout_mask, forward and backward, in every dtype",
+    "[dropout]") {
   const at::ScalarType dtype = GENERATE(from_range(all_dtypes()));
   const double p = GENERATE(0.1, 0.5, 0.9);
   INFO("dropout_p " << p);
@@ -60,9 +62,10 @@ TEST_CASE("dropout combines with masks, causal and a float mask's gradient", "[d
   check_attention_against_reference(in);
 }
 
-TEST_CASE("the returned weights are the softmax weights times keep / (1 - p), and about 1 - p "
-          "of them are kept",
-          "[dropout]") {
+TEST_CASE(
+    "the returned weights are the softmax weights times keep / (1 - p), and about 1 - p "
+    "of them are kept",
+    "[dropout]") {
   constexpr int64_t B = 2, H = 4, L = 64, S = 64;
   constexpr double p = 0.25;
   const AttentionInputs in = random_attention_inputs(33, B, H, L, S, 8, 8, at::kDouble);
@@ -79,13 +82,12 @@ TEST_CASE("the returned weights are the softmax weights times keep / (1 - p), an
   const double kept = keep.to(at::kDouble).mean().item<double>();
   CHECK(kept == Approx(1 - p).margin(0.015));
   // A second call draws a fresh seed: another mask.
-  const auto next = op::attention_forward(in.query, in.key, in.value, std::nullopt,
-                                          std::nullopt, p, false, std::nullopt, false);
+  const auto next = op::attention_forward(in.query, in.key, in.value, std::nullopt, std::nullopt, p,
+                                          false, std::nullopt, false);
   CHECK_FALSE(bitwise_equal(std::get<3>(next), rng_state));
 }
 
-TEST_CASE("attention without dropout draws nothing from torch's default generator",
-          "[dropout]") {
+TEST_CASE("attention without dropout draws nothing from torch's default generator", "[dropout]") {
   const AttentionInputs in = random_attention_inputs(34, 1, 2, 3, 4, 8, 8, at::kFloat);
   at::manual_seed(5);
   const at::Tensor expected_next = at::rand({4});
@@ -99,20 +101,21 @@ TEST_CASE("attention without dropout draws nothing from torch's default generato
   CHECK_FALSE(bitwise_equal(at::rand({4}), expected_next));
 }
 
-TEST_CASE("_attention_forward is a pure function of rng_state: the same state gives the same "
-          "mask, whatever the generator does",
-          "[dropout]") {
+TEST_CASE(
+    "_attention_forward is a pure function of rng_state: the same state gives the same "
+    "mask, whatever the generator does",
+    "[dropout]") {
   const AttentionInputs in = random_attention_inputs(35, 1, 2, 9, 11, 8, 8, at::kFloat);
   const at::Tensor rng_state = at::tensor({int64_t(0x1234'5678'9abc), int64_t(99)}, at::kLong);
   auto run = [&] {
-    return std::get<2>(op::handle("qkv_attention::_attention_forward")
-                           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                               const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                               double, bool, std::optional<double>, bool,
-                               const std::optional<at::Tensor>&, bool)>()
-                           .call(in.query, in.key, in.value, std::nullopt, std::nullopt, 0.5,
-                                 false, std::nullopt, true, rng_state, false));
+    return std::get<2>(
+        op::handle("qkv_attention::_attention_forward")
+            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double, bool,
+                std::optional<double>, bool, const std::optional<at::Tensor>&, bool)>()
+            .call(in.query, in.key, in.value, std::nullopt, std::nullopt, 0.5, false, std::nullopt,
+                  true, rng_state, false));
   };
   const at::Tensor first = run();
   at::rand({100});

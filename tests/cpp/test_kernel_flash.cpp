@@ -12,8 +12,8 @@
 // test_attention.cpp; this file is where the other levels run on a machine that has a higher one.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <catch2/catch.hpp>
 #include <torch/autograd.h>
+#include <catch2/catch.hpp>
 
 #include <algorithm>
 #include <cctype>
@@ -82,27 +82,36 @@ std::vector<float> random_floats(size_t n, uint32_t seed, float scale = 1.0f) {
 
 enum class MaskCase {
   kNone,
-  kBoolBroadcast,            // attn_mask (L, S) bool, stride 0 over (B, H); row 1 all false
-  kBoolStrided,              // attn_mask (L, S) bool, a transposed view (column stride L)
-  kAdditiveHeadBroadcast,    // attn_mask (B, 1, L, S) of the dtype; row 1 all -inf
-  kAdditiveFullGrad,         // attn_mask (B, H, L, S) of the dtype, its gradient requested
-  kAdditiveBroadcastGrad,    // attn_mask (L, S) of the dtype, gradient summed over (B, H)
-  kPaddingBool,              // key_padding_mask (B, S) bool; batch 1 has every key padded
-  kPaddingAdditiveGrad,      // key_padding_mask (B, S) of the dtype, gradient requested
-  kBoolAndAdditivePadding,   // both: attn_mask (L, S) bool and key_padding_mask (B, S) additive
+  kBoolBroadcast,           // attn_mask (L, S) bool, stride 0 over (B, H); row 1 all false
+  kBoolStrided,             // attn_mask (L, S) bool, a transposed view (column stride L)
+  kAdditiveHeadBroadcast,   // attn_mask (B, 1, L, S) of the dtype; row 1 all -inf
+  kAdditiveFullGrad,        // attn_mask (B, H, L, S) of the dtype, its gradient requested
+  kAdditiveBroadcastGrad,   // attn_mask (L, S) of the dtype, gradient summed over (B, H)
+  kPaddingBool,             // key_padding_mask (B, S) bool; batch 1 has every key padded
+  kPaddingAdditiveGrad,     // key_padding_mask (B, S) of the dtype, gradient requested
+  kBoolAndAdditivePadding,  // both: attn_mask (L, S) bool and key_padding_mask (B, S) additive
 };
 
 const char* mask_case_name(MaskCase m) {
   switch (m) {
-    case MaskCase::kNone: return "no mask";
-    case MaskCase::kBoolBroadcast: return "bool (L, S) broadcast";
-    case MaskCase::kBoolStrided: return "bool (L, S) strided";
-    case MaskCase::kAdditiveHeadBroadcast: return "additive (B, 1, L, S)";
-    case MaskCase::kAdditiveFullGrad: return "additive (B, H, L, S) with gradient";
-    case MaskCase::kAdditiveBroadcastGrad: return "additive (L, S) with gradient";
-    case MaskCase::kPaddingBool: return "key padding bool";
-    case MaskCase::kPaddingAdditiveGrad: return "key padding additive with gradient";
-    case MaskCase::kBoolAndAdditivePadding: return "bool (L, S) and additive key padding";
+    case MaskCase::kNone:
+      return "no mask";
+    case MaskCase::kBoolBroadcast:
+      return "bool (L, S) broadcast";
+    case MaskCase::kBoolStrided:
+      return "bool (L, S) strided";
+    case MaskCase::kAdditiveHeadBroadcast:
+      return "additive (B, 1, L, S)";
+    case MaskCase::kAdditiveFullGrad:
+      return "additive (B, H, L, S) with gradient";
+    case MaskCase::kAdditiveBroadcastGrad:
+      return "additive (L, S) with gradient";
+    case MaskCase::kPaddingBool:
+      return "key padding bool";
+    case MaskCase::kPaddingAdditiveGrad:
+      return "key padding additive with gradient";
+    case MaskCase::kBoolAndAdditivePadding:
+      return "bool (L, S) and additive key padding";
   }
   return "?";
 }
@@ -134,7 +143,7 @@ struct Problem {
   bool attn_mask_grad = false, padding_grad = false;
   // (2,) int64: seed, offset. An optional here because AttentionArguments refers to one.
   std::optional<at::Tensor> rng_state;
-  at::Tensor keep;       // (B, H, L, S) bool from DropoutStream, or undefined
+  at::Tensor keep;  // (B, H, L, S) bool from DropoutStream, or undefined
 
   Problem(const Case& c_, at::ScalarType dtype_, uint64_t seed) : c(c_), dtype(dtype_) {
     at::Generator gen = testing::seeded(seed);
@@ -236,8 +245,8 @@ KernelRun run_kernels(CpuLevel level, const Problem& p) {
   run.output_no_weights = empty({c.B, c.H, c.L, c.Dv}, p.dtype);
   run.logsumexp_no_weights = empty({c.B, c.H, c.L}, acc);
   flash::attention_forward_at<T>(
-      level, flash::set_forward_params<T>(args, run.output_no_weights, run.logsumexp_no_weights,
-                                          nullptr));
+      level,
+      flash::set_forward_params<T>(args, run.output_no_weights, run.logsumexp_no_weights, nullptr));
   // Weights averaged over the heads: another task layout (all heads of a block in one task).
   run.output_averaged = empty({c.B, c.H, c.L, c.Dv}, p.dtype);
   run.averaged_weights = empty({c.B, c.L, c.S}, p.dtype);
@@ -251,20 +260,26 @@ KernelRun run_kernels(CpuLevel level, const Problem& p) {
   run.grad_value = empty(p.value.sizes(), p.dtype);
   if (p.attn_mask_grad || p.padding_grad) run.grad_scores = empty({c.B, c.H, c.L, c.S}, acc);
   flash::attention_backward_at<T>(
-      level, flash::set_backward_params<T>(
-                 args, run.output, p.grad_output, p.grad_weights, run.logsumexp, run.grad_query,
-                 run.grad_key, run.grad_value,
-                 run.grad_scores.defined() ? &run.grad_scores : nullptr));
+      level,
+      flash::set_backward_params<T>(args, run.output, p.grad_output, p.grad_weights, run.logsumexp,
+                                    run.grad_query, run.grad_key, run.grad_value,
+                                    run.grad_scores.defined() ? &run.grad_scores : nullptr));
   return run;
 }
 
 KernelRun run_kernels(CpuLevel level, const Problem& p) {
   switch (p.dtype) {
-    case at::kDouble: return run_kernels<double>(level, p);
-    case at::kFloat: return run_kernels<float>(level, p);
-    case at::kBFloat16: return run_kernels<c10::BFloat16>(level, p);
-    case at::kHalf: return run_kernels<c10::Half>(level, p);
-    default: FAIL("no kernels for dtype " << p.dtype); return {};
+    case at::kDouble:
+      return run_kernels<double>(level, p);
+    case at::kFloat:
+      return run_kernels<float>(level, p);
+    case at::kBFloat16:
+      return run_kernels<c10::BFloat16>(level, p);
+    case at::kHalf:
+      return run_kernels<c10::Half>(level, p);
+    default:
+      FAIL("no kernels for dtype " << p.dtype);
+      return {};
   }
 }
 
@@ -315,9 +330,9 @@ ReferenceRun run_reference(const Problem& p) {
     if (padding.has_value()) apply(padding->detach().view({c.B, 1, 1, c.S}));
     if (c.causal) allowed = allowed.logical_and(at::ones({c.L, c.S}, at::kBool).tril());
     scores = scores.masked_fill(allowed.logical_not(), -std::numeric_limits<double>::infinity());
-    ref.logsumexp = c.S > 0 ? at::logsumexp(scores, -1)
-                            : at::full({c.B, c.H, c.L}, -std::numeric_limits<double>::infinity(),
-                                       at::kDouble);
+    ref.logsumexp =
+        c.S > 0 ? at::logsumexp(scores, -1)
+                : at::full({c.B, c.H, c.L}, -std::numeric_limits<double>::infinity(), at::kDouble);
   }
 
   std::vector<at::Tensor> inputs = {q, k, v};
@@ -491,10 +506,10 @@ TEST_CASE("blocked attention at every level agrees with float64 around the block
 TEST_CASE("blocked attention at every level: masks of each kind, strided operands, dropout",
           "[flash][attention][levels][masks]") {
   std::vector<Case> cases;
-  for (MaskCase m : {MaskCase::kBoolBroadcast, MaskCase::kBoolStrided,
-                     MaskCase::kAdditiveHeadBroadcast, MaskCase::kAdditiveFullGrad,
-                     MaskCase::kAdditiveBroadcastGrad, MaskCase::kPaddingBool,
-                     MaskCase::kPaddingAdditiveGrad, MaskCase::kBoolAndAdditivePadding}) {
+  for (MaskCase m :
+       {MaskCase::kBoolBroadcast, MaskCase::kBoolStrided, MaskCase::kAdditiveHeadBroadcast,
+        MaskCase::kAdditiveFullGrad, MaskCase::kAdditiveBroadcastGrad, MaskCase::kPaddingBool,
+        MaskCase::kPaddingAdditiveGrad, MaskCase::kBoolAndAdditivePadding}) {
     // Causal with L < S and L > S, dropout across block edges, strided q/k/v/dO.
     cases.push_back({2, 2, 2, 50, 140, 24, 16, true, 0.25, m, true, true});
     cases.push_back({2, 2, 2, 70, 33, 16, 8, true, 0.0, m});
@@ -505,8 +520,8 @@ TEST_CASE("blocked attention at every level: masks of each kind, strided operand
 TEST_CASE("blocked attention at every level: empty sequences and rows",
           "[flash][attention][levels]") {
   const std::vector<Case> cases = {
-      {2, 2, 2, 5, 0, 8, 8, false, 0.0, MaskCase::kNone},   // no key: zero output, -inf lse
-      {2, 2, 2, 0, 5, 8, 8, false, 0.0, MaskCase::kNone},   // no query
+      {2, 2, 2, 5, 0, 8, 8, false, 0.0, MaskCase::kNone},          // no key: zero output, -inf lse
+      {2, 2, 2, 0, 5, 8, 8, false, 0.0, MaskCase::kNone},          // no query
       {2, 2, 2, 9, 20, 8, 8, false, 0.0, MaskCase::kPaddingBool},  // batch 1: no key kept
   };
   check_cases(cases);
@@ -601,8 +616,8 @@ TEST_CASE("keep bits agree with DropoutStream::keep element by element", "[flash
       const DropoutStream stream(seed, offset, p);
       const DropoutKey key = DropoutKey::make(seed, offset, p);
       // Starts on every lane of a Philox block, and around the 2^32 counter boundary.
-      const uint64_t first = trial % 4 == 0 ? (uint64_t(1) << 34) - 37 + uint64_t(trial)
-                                            : gen() % 100000;
+      const uint64_t first =
+          trial % 4 == 0 ? (uint64_t(1) << 34) - 37 + uint64_t(trial) : gen() % 100000;
       const int64_t count = 1 + int64_t(gen() % 300);
       std::vector<uint64_t> bits(size_t((count + 63) / 64), ~0ull);
       keep_bits_reference(key, first, count, bits.data());
@@ -644,8 +659,8 @@ TEST_CASE("AVX-512 keep bits equal the scalar keep bits", "[flash][dropout][avx5
   for (double p : {0.1, 0.5, 0.9}) {
     const DropoutKey key = DropoutKey::make(gen(), gen(), p);
     for (int trial = 0; trial < 200; ++trial) {
-      const uint64_t first = trial % 3 == 0 ? (uint64_t(1) << 34) - 37 + uint64_t(trial)
-                                            : gen() % 100000;
+      const uint64_t first =
+          trial % 3 == 0 ? (uint64_t(1) << 34) - 37 + uint64_t(trial) : gen() % 100000;
       const int64_t count = 1 + int64_t(gen() % 700);
       std::vector<uint64_t> expected((count + 63) / 64), actual((count + 63) / 64, ~0ull);
       keep_bits_reference(key, first, count, expected.data());
@@ -677,16 +692,16 @@ TEST_CASE("AVX-512 GEMM equals the scalar product on every tile shape", "[flash]
                   double expected = accumulate ? double(c0[size_t(r * N + n)]) : 0.0;
                   double magnitude = std::abs(expected);
                   for (int64_t k = 0; k < K; ++k) {
-                    const double term = double(a[size_t(r * a_row + k * a_col)]) *
-                                        double(b[size_t(k * ldb + n)]);
+                    const double term =
+                        double(a[size_t(r * a_row + k * a_col)]) * double(b[size_t(k * ldb + n)]);
                     expected += term;
                     magnitude += std::abs(term);
                   }
                   // A float sum of K + 1 terms in any order is within (K + 1) eps of the sum
                   // of their magnitudes (the classic bound), eps = 2^-24.
-                  INFO("M " << M << ", N " << N << ", K " << K << ", transposed_a "
-                            << transposed_a << ", accumulate " << accumulate << ", ldb " << ldb
-                            << ", element (" << r << ", " << n << ")");
+                  INFO("M " << M << ", N " << N << ", K " << K << ", transposed_a " << transposed_a
+                            << ", accumulate " << accumulate << ", ldb " << ldb << ", element ("
+                            << r << ", " << n << ")");
                   REQUIRE(std::abs(double(c[size_t(r * N + n)]) - expected) <=
                           double(K + 1) * 0x1p-24 * magnitude);
                 }
@@ -762,8 +777,8 @@ TEST_CASE("bfloat16 GEMM multiplies the bfloat16-rounded operands exactly",
               }
               const int64_t a_row = transposed_a ? 1 : K, a_col = transposed_a ? M : 1;
               std::vector<float> c = c0;
-              Avx512Bf16Ops::gemm(M, N, K, a.data(), a_row, a_col, packed.data(), ld, c.data(),
-                                  N, accumulate);
+              Avx512Bf16Ops::gemm(M, N, K, a.data(), a_row, a_col, packed.data(), ld, c.data(), N,
+                                  accumulate);
               for (int64_t r = 0; r < M; ++r) {
                 for (int64_t n = 0; n < N; ++n) {
                   double expected = accumulate ? double(c0[size_t(r * N + n)]) : 0.0;

@@ -3,8 +3,8 @@
 // odd and empty sizes. The backward is checked both through torch::autograd::grad and by
 // calling merge_heads_backward through the dispatcher.
 #include <ATen/ATen.h>
-#include <catch2/catch.hpp>
 #include <torch/autograd.h>
+#include <catch2/catch.hpp>
 
 #include <cmath>
 #include <optional>
@@ -21,8 +21,8 @@ namespace op = qkv_attention::testing::by_name;
 namespace {
 
 struct MergeInputs {
-  at::Tensor x;                       // (B, H, L, D)
-  at::Tensor out_weight;              // (Eout, H*D)
+  at::Tensor x;                        // (B, H, L, D)
+  at::Tensor out_weight;               // (Eout, H*D)
   std::optional<at::Tensor> out_bias;  // (Eout,) or None
 };
 
@@ -57,9 +57,9 @@ void check_merge_heads_against_reference(const MergeInputs& in, uint64_t grad_se
                             .to(at::kDouble)
                             .requires_grad_(true);
   const at::Tensor ref_out = reference::merge_heads(rx, rw, rb);
-  const auto ref_grads = torch::autograd::grad({ref_out}, {rx, rw, rb},
-                                               {grad_output.to(at::kDouble)}, std::nullopt,
-                                               false, /*allow_unused=*/true);
+  const auto ref_grads =
+      torch::autograd::grad({ref_out}, {rx, rw, rb}, {grad_output.to(at::kDouble)}, std::nullopt,
+                            false, /*allow_unused=*/true);
   auto expected_grad = [&](size_t i, const at::Tensor& like) {
     return ref_grads[i].defined() ? ref_grads[i] : at::zeros_like(like);
   };
@@ -95,9 +95,10 @@ void check_merge_heads_against_reference(const MergeInputs& in, uint64_t grad_se
 
 }  // namespace
 
-TEST_CASE("merge_heads matches the reference in every dtype, forward and backward, with and "
-          "without bias",
-          "[merge_heads]") {
+TEST_CASE(
+    "merge_heads matches the reference in every dtype, forward and backward, with and "
+    "without bias",
+    "[merge_heads]") {
   const at::ScalarType dtype = GENERATE(from_range(all_dtypes()));
   const bool with_bias = GENERATE(true, false);
   check_merge_heads_against_reference(random_merge_inputs(1, 2, 3, 5, 4, 10, dtype, with_bias));
@@ -120,9 +121,10 @@ TEST_CASE("merge_heads of non-contiguous x and weights matches the reference",
   }
 }
 
-TEST_CASE("merge_heads with one head, one feature, one output and empty sizes matches the "
-          "reference",
-          "[merge_heads][sizes]") {
+TEST_CASE(
+    "merge_heads with one head, one feature, one output and empty sizes matches the "
+    "reference",
+    "[merge_heads][sizes]") {
   const at::ScalarType dtype = GENERATE(from_range(all_dtypes()));
   check_merge_heads_against_reference(random_merge_inputs(4, 2, 1, 3, 8, 5, dtype));
   check_merge_heads_against_reference(random_merge_inputs(5, 2, 4, 3, 1, 1, dtype));

@@ -3,8 +3,8 @@
 // or E heads, non-contiguous inputs and weights, empty sizes. The backward is checked both
 // through torch::autograd::grad and by calling qkv_projection_backward through the dispatcher.
 #include <ATen/ATen.h>
-#include <catch2/catch.hpp>
 #include <torch/autograd.h>
+#include <catch2/catch.hpp>
 
 #include <cmath>
 #include <optional>
@@ -21,18 +21,18 @@ namespace op = qkv_attention::testing::by_name;
 namespace {
 
 struct ProjectionInputs {
-  at::Tensor query, key, value;           // (B, L, Eq), (B, S, Ek), (B, S, Ev)
-  at::Tensor q_weight, k_weight, v_weight;  // (E, Eq), (E, Ek), (E, Ev)
+  at::Tensor query, key, value;                      // (B, L, Eq), (B, S, Ek), (B, S, Ev)
+  at::Tensor q_weight, k_weight, v_weight;           // (E, Eq), (E, Ek), (E, Ev)
   std::optional<at::Tensor> q_bias, k_bias, v_bias;  // (E,) or None
   int64_t num_heads = 1;
 };
 
 // Standard normal inputs, weights and biases scaled by 1/sqrt(fan-in) as nn.Linear initialises
 // them, so that the projections are O(1) like the inputs.
-ProjectionInputs random_projection_inputs(uint64_t seed, int64_t B, int64_t L, int64_t S,
-                                          int64_t E, int64_t Eq, int64_t Ek, int64_t Ev,
-                                          int64_t num_heads, at::ScalarType dtype,
-                                          bool with_biases = true, bool contiguous = true) {
+ProjectionInputs random_projection_inputs(uint64_t seed, int64_t B, int64_t L, int64_t S, int64_t E,
+                                          int64_t Eq, int64_t Ek, int64_t Ev, int64_t num_heads,
+                                          at::ScalarType dtype, bool with_biases = true,
+                                          bool contiguous = true) {
   at::Generator gen = seeded(seed);
   ProjectionInputs in;
   in.query = random_tensor(gen, {B, L, Eq}, dtype, contiguous);
@@ -89,8 +89,8 @@ void check_projection_against_reference(const ProjectionInputs& in, uint64_t gra
       ref_inputs[6], ref_inputs[7], ref_inputs[8], H);
   const std::vector<at::Tensor> ref_grads = torch::autograd::grad(
       {ref_q, ref_k, ref_v}, ref_inputs,
-      {grad_q.to(at::kDouble), grad_k.to(at::kDouble), grad_v.to(at::kDouble)},
-      std::nullopt, false, /*allow_unused=*/true);
+      {grad_q.to(at::kDouble), grad_k.to(at::kDouble), grad_v.to(at::kDouble)}, std::nullopt, false,
+      /*allow_unused=*/true);
   auto expected_grad = [&](size_t i) {  // unused (an empty input): zeros
     return ref_grads[i].defined() ? ref_grads[i] : at::zeros_like(ref_inputs[i]);
   };
@@ -108,9 +108,8 @@ void check_projection_against_reference(const ProjectionInputs& in, uint64_t gra
       inputs.push_back(*biases[i]);
       reference_index.push_back(6 + i);
     }
-    const auto [q, k, v] = op::qkv_projection(inputs[0], inputs[1], inputs[2], inputs[3],
-                                              inputs[4], inputs[5], biases[0], biases[1],
-                                              biases[2], H);
+    const auto [q, k, v] = op::qkv_projection(inputs[0], inputs[1], inputs[2], inputs[3], inputs[4],
+                                              inputs[5], biases[0], biases[1], biases[2], H);
     for (const at::Tensor& out : {q, k, v}) {
       CHECK(out.scalar_type() == dtype);
       CHECK(out.is_contiguous());
@@ -127,9 +126,9 @@ void check_projection_against_reference(const ProjectionInputs& in, uint64_t gra
   }
   {
     INFO("qkv_projection_backward called directly");
-    const auto grads = op::qkv_projection_backward(grad_q, grad_k, grad_v, in.query, in.key,
-                                                   in.value, in.q_weight, in.k_weight,
-                                                   in.v_weight, H);
+    const auto grads =
+        op::qkv_projection_backward(grad_q, grad_k, grad_v, in.query, in.key, in.value, in.q_weight,
+                                    in.k_weight, in.v_weight, H);
     const at::Tensor all[9] = {std::get<0>(grads), std::get<1>(grads), std::get<2>(grads),
                                std::get<3>(grads), std::get<4>(grads), std::get<5>(grads),
                                std::get<6>(grads), std::get<7>(grads), std::get<8>(grads)};
@@ -153,8 +152,7 @@ TEST_CASE("qkv_projection matches the reference in every dtype, forward and back
 TEST_CASE("qkv_projection with kdim and vdim different from E matches the reference",
           "[qkv_projection]") {
   const at::ScalarType dtype = GENERATE(from_range(all_dtypes()));
-  check_projection_against_reference(
-      random_projection_inputs(2, 3, 4, 6, 16, 10, 7, 5, 4, dtype));
+  check_projection_against_reference(random_projection_inputs(2, 3, 4, 6, 16, 10, 7, 5, 4, dtype));
 }
 
 TEST_CASE("qkv_projection without biases, or with only some, matches the reference",
@@ -192,21 +190,19 @@ TEST_CASE("qkv_projection of non-contiguous inputs, weights and biases matches t
   check_projection_against_reference(in);
 }
 
-TEST_CASE("qkv_projection with an empty batch, no queries or no keys gives empty outputs and "
-          "zero weight gradients",
-          "[qkv_projection][sizes]") {
+TEST_CASE(
+    "qkv_projection with an empty batch, no queries or no keys gives empty outputs and "
+    "zero weight gradients",
+    "[qkv_projection][sizes]") {
   const at::ScalarType dtype = GENERATE(from_range(all_dtypes()));
   SECTION("B = 0") {
-    check_projection_against_reference(
-        random_projection_inputs(7, 0, 3, 4, 8, 8, 8, 8, 2, dtype));
+    check_projection_against_reference(random_projection_inputs(7, 0, 3, 4, 8, 8, 8, 8, 2, dtype));
   }
   SECTION("L = 0") {
-    check_projection_against_reference(
-        random_projection_inputs(8, 2, 0, 4, 8, 8, 8, 8, 2, dtype));
+    check_projection_against_reference(random_projection_inputs(8, 2, 0, 4, 8, 8, 8, 8, 2, dtype));
   }
   SECTION("S = 0") {
-    check_projection_against_reference(
-        random_projection_inputs(9, 2, 3, 0, 8, 8, 8, 8, 2, dtype));
+    check_projection_against_reference(random_projection_inputs(9, 2, 3, 0, 8, 8, 8, 8, 2, dtype));
   }
 }
 
@@ -215,9 +211,9 @@ TEST_CASE("qkv_projection_backward counts a missing gradient as zeros", "[qkv_pr
   const ProjectionInputs in = random_projection_inputs(10, 2, 4, 5, 8, 8, 6, 7, 2, dtype);
   at::Generator gen = seeded(100);
   const at::Tensor grad_q = random_tensor(gen, {2, 2, 4, 4}, dtype);
-  const auto with_k_missing = op::qkv_projection_backward(
-      grad_q, std::nullopt, std::nullopt, in.query, in.key, in.value, in.q_weight, in.k_weight,
-      in.v_weight, 2);
+  const auto with_k_missing =
+      op::qkv_projection_backward(grad_q, std::nullopt, std::nullopt, in.query, in.key, in.value,
+                                  in.q_weight, in.k_weight, in.v_weight, 2);
   const auto with_k_zeros = op::qkv_projection_backward(
       grad_q, at::zeros({2, 2, 5, 4}, dtype), at::zeros({2, 2, 5, 4}, dtype), in.query, in.key,
       in.value, in.q_weight, in.k_weight, in.v_weight, 2);
@@ -246,12 +242,11 @@ TEST_CASE("qkv_projection_backward counts a missing gradient as zeros", "[qkv_pr
 TEST_CASE("the typed C++ entry point qkv_projection gives what the dispatcher-by-name call gives",
           "[qkv_projection]") {
   const ProjectionInputs in = random_projection_inputs(11, 2, 3, 4, 8, 8, 6, 7, 4, at::kFloat);
-  const auto direct = qkv_attention::qkv_projection(in.query, in.key, in.value, in.q_weight,
-                                                    in.k_weight, in.v_weight, in.q_bias,
-                                                    in.k_bias, in.v_bias, in.num_heads);
+  const auto direct =
+      qkv_attention::qkv_projection(in.query, in.key, in.value, in.q_weight, in.k_weight,
+                                    in.v_weight, in.q_bias, in.k_bias, in.v_bias, in.num_heads);
   const auto named = op::qkv_projection(in.query, in.key, in.value, in.q_weight, in.k_weight,
-                                        in.v_weight, in.q_bias, in.k_bias, in.v_bias,
-                                        in.num_heads);
+                                        in.v_weight, in.q_bias, in.k_bias, in.v_bias, in.num_heads);
   CHECK(bitwise_equal(std::get<0>(direct), std::get<0>(named)));
   CHECK(bitwise_equal(std::get<1>(direct), std::get<1>(named)));
   CHECK(bitwise_equal(std::get<2>(direct), std::get<2>(named)));

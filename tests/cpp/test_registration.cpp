@@ -18,11 +18,15 @@ namespace {
 
 // Ops with kernels of their own at CPU, Meta and Autograd.
 const std::vector<std::string> kKernelOps = {
-    "qkv_attention::qkv_projection",     "qkv_attention::qkv_projection_backward",
-    "qkv_attention::_attention_forward", "qkv_attention::_attention_backward",
-    "qkv_attention::merge_heads",        "qkv_attention::merge_heads_backward",
+    "qkv_attention::qkv_projection",
+    "qkv_attention::qkv_projection_backward",
+    "qkv_attention::_attention_forward",
+    "qkv_attention::_attention_backward",
+    "qkv_attention::merge_heads",
+    "qkv_attention::merge_heads_backward",
     "qkv_attention::attention_with_kv_cache",
-    "qkv_attention::_attention_varlen_forward", "qkv_attention::_attention_varlen_backward",
+    "qkv_attention::_attention_varlen_forward",
+    "qkv_attention::_attention_varlen_backward",
 };
 
 // Compositions of _attention_forward or _attention_varlen_forward (CompositeImplicitAutograd):
@@ -55,9 +59,10 @@ TEST_CASE("every operator is registered under its qualified name", "[registratio
   CHECK_FALSE(c10::Dispatcher::singleton().findSchema({"qkv_attention::no_such_op", ""}));
 }
 
-TEST_CASE("each operator has CPU, Meta and Autograd kernels, or is a CompositeImplicitAutograd "
-          "composition of one that has",
-          "[registration]") {
+TEST_CASE(
+    "each operator has CPU, Meta and Autograd kernels, or is a CompositeImplicitAutograd "
+    "composition of one that has",
+    "[registration]") {
   for (const std::string& name : kKernelOps) {
     INFO(name);
     const c10::OperatorHandle handle = op::handle(name.c_str());
@@ -113,8 +118,7 @@ TEST_CASE("the public schemas keep docs/design.md's argument names, order and de
 
   const c10::FunctionSchema& projection = op::handle("qkv_attention::qkv_projection").schema();
   CHECK(argument_names(projection) == Names{"query", "key", "value", "q_weight", "k_weight",
-                                            "v_weight", "q_bias", "k_bias", "v_bias",
-                                            "num_heads"});
+                                            "v_weight", "q_bias", "k_bias", "v_bias", "num_heads"});
   CHECK(projection.returns().size() == 3);
   CHECK(projection.arguments()[9].real_type()->kind() == c10::TypeKind::SymIntType);
 
@@ -122,10 +126,11 @@ TEST_CASE("the public schemas keep docs/design.md's argument names, order and de
   CHECK(argument_names(merge) == Names{"x", "out_weight", "out_bias"});
   CHECK(merge.returns().size() == 1);
 
-  // None of the ops writes to or aliases its inputs (docs/design.md section 2: outputs are fresh tensors).
-  for (const char* name : {"qkv_attention::attention", "qkv_attention::qkv_projection",
-                           "qkv_attention::merge_heads", "qkv_attention::_attention_forward",
-                           "qkv_attention::_attention_backward"}) {
+  // None of the ops writes to or aliases its inputs (docs/design.md section 2: outputs are fresh
+  // tensors).
+  for (const char* name :
+       {"qkv_attention::attention", "qkv_attention::qkv_projection", "qkv_attention::merge_heads",
+        "qkv_attention::_attention_forward", "qkv_attention::_attention_backward"}) {
     INFO(name);
     const c10::FunctionSchema& schema = op::handle(name).schema();
     CHECK_FALSE(schema.is_mutable());
@@ -136,8 +141,7 @@ TEST_CASE("the public schemas keep docs/design.md's argument names, order and de
 TEST_CASE("attention_with_kv_cache declares the caches it writes and nothing else",
           "[registration]") {
   using Names = std::vector<std::string>;
-  const c10::FunctionSchema& schema =
-      op::handle("qkv_attention::attention_with_kv_cache").schema();
+  const c10::FunctionSchema& schema = op::handle("qkv_attention::attention_with_kv_cache").schema();
   CHECK(argument_names(schema) == Names{"query", "k_cache", "v_cache", "key", "value",
                                         "cache_seqlens", "attn_mask", "is_causal", "scale"});
   CHECK(schema.is_mutable());
@@ -177,9 +181,9 @@ TEST_CASE("the Meta kernels give every op's output shapes and dtypes on meta ten
   CHECK(sizes(logsumexp) == Sizes{B, H, L});
   CHECK(logsumexp.scalar_type() == at::kFloat);  // bfloat16 accumulates in float32
   const at::Tensor rng_state = at::empty({2}, meta.dtype(at::kLong));
-  const auto grads = op::attention_backward(output, std::nullopt, q, k, v, output, logsumexp,
-                                            mask, std::nullopt, 0.0, false, std::nullopt,
-                                            rng_state, true, false);
+  const auto grads =
+      op::attention_backward(output, std::nullopt, q, k, v, output, logsumexp, mask, std::nullopt,
+                             0.0, false, std::nullopt, rng_state, true, false);
   CHECK(sizes(std::get<0>(grads)) == sizes(q));
   CHECK(sizes(std::get<1>(grads)) == sizes(k));
   CHECK(sizes(std::get<2>(grads)) == sizes(v));
@@ -215,9 +219,10 @@ TEST_CASE("the Meta kernels give every op's output shapes and dtypes on meta ten
   CHECK(sizes(std::get<2>(merge_grads)) == Sizes{Eout});
 }
 
-TEST_CASE("attention called boxed by name, with its schema's defaults on the stack, gives the "
-          "typed call's result",
-          "[registration]") {
+TEST_CASE(
+    "attention called boxed by name, with its schema's defaults on the stack, gives the "
+    "typed call's result",
+    "[registration]") {
   // The route TorchScript and torch.ops take: arguments as IValues, missing ones filled from
   // the schema's defaults.
   at::Generator gen = seeded(40);

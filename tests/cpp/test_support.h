@@ -48,11 +48,17 @@ struct Tolerance {
 // bfloat16 allowance below, 16% of float16's and 4% of float32's.
 inline Tolerance output_tolerance(at::ScalarType dtype) {
   switch (dtype) {
-    case at::kDouble: return {1e-10, 1e-10};
-    case at::kFloat: return {1e-5, 1e-5};
-    case at::kBFloat16: return {1e-2, 1e-2};
-    case at::kHalf: return {2e-3, 2e-3};
-    default: FAIL("no tolerance for dtype " << dtype); return {0, 0};
+    case at::kDouble:
+      return {1e-10, 1e-10};
+    case at::kFloat:
+      return {1e-5, 1e-5};
+    case at::kBFloat16:
+      return {1e-2, 1e-2};
+    case at::kHalf:
+      return {2e-3, 2e-3};
+    default:
+      FAIL("no tolerance for dtype " << dtype);
+      return {0, 0};
   }
 }
 
@@ -62,11 +68,17 @@ inline Tolerance output_tolerance(at::ScalarType dtype) {
 // (Measured likewise: 17% of bfloat16's, 10% of float16's and 13% of float32's.)
 inline Tolerance gradient_tolerance(at::ScalarType dtype) {
   switch (dtype) {
-    case at::kDouble: return {1e-10, 1e-10};
-    case at::kFloat: return {2e-5, 2e-5};
-    case at::kBFloat16: return {2e-2, 2e-2};
-    case at::kHalf: return {4e-3, 4e-3};
-    default: FAIL("no tolerance for dtype " << dtype); return {0, 0};
+    case at::kDouble:
+      return {1e-10, 1e-10};
+    case at::kFloat:
+      return {2e-5, 2e-5};
+    case at::kBFloat16:
+      return {2e-2, 2e-2};
+    case at::kHalf:
+      return {4e-3, 4e-3};
+    default:
+      FAIL("no tolerance for dtype " << dtype);
+      return {0, 0};
   }
 }
 

@@ -19,8 +19,8 @@ using qkv_attention::cpu::TilePlan;
 
 TEST_CASE("a tile plan covers every output element exactly once", "[tiled_gemm]") {
   const std::vector<std::array<int64_t, 3>> shapes = {
-      {1, 1, 1},    {7, 16, 4096}, {2048, 1536, 512}, {4096, 16, 16}, {33, 1000, 3},
-      {512, 2048, 2048}, {5, 0, 9}, {0, 5, 9},      {17, 19, 0}};
+      {1, 1, 1},         {7, 16, 4096}, {2048, 1536, 512}, {4096, 16, 16}, {33, 1000, 3},
+      {512, 2048, 2048}, {5, 0, 9},     {0, 5, 9},         {17, 19, 0}};
   for (const auto& [rows, cols, depth] : shapes) {
     INFO("rows " << rows << " cols " << cols << " depth " << depth);
     const TilePlan plan = plan_tiles(rows, cols, depth);
@@ -60,7 +60,7 @@ TEST_CASE("head rows gather and scatter the (B*N, parts*H*D) matrix in either ro
     // The matrix these stand for: row (b, n) = [first heads | second heads].
     at::Tensor expected = at::cat({first.permute({0, 2, 1, 3}).reshape({B, N, H * D}),
                                    second.permute({0, 2, 1, 3}).reshape({B, N, H * D})},
-                                  2);  // (B, N, 2*H*D)
+                                  2);                                            // (B, N, 2*H*D)
     if (order == RowOrder::kPositionMajor) expected = expected.transpose(0, 1);  // (N, B, ...)
     expected = expected.reshape({B * N, 2 * H * D});
 

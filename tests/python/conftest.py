@@ -4,6 +4,7 @@ random-input factories and per-dtype tolerances.
 tests/python is not a package, so pytest puts this folder on sys.path and test modules import the
 helpers with ``from conftest import ...``.
 """
+
 import math
 import os
 import pathlib
@@ -12,8 +13,10 @@ import pathlib
 # torchinductor_<user>), and its keys do not cover our C++ ops' schemas: code compiled by a
 # checkout whose _attention_forward had another signature was reused here and called the op
 # with the old arguments. Each checkout gets a cache of its own (build/ is ignored by git).
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(
-    pathlib.Path(__file__).resolve().parents[2] / "build" / "inductor-cache"))
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR",
+    str(pathlib.Path(__file__).resolve().parents[2] / "build" / "inductor-cache"),
+)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -104,8 +107,17 @@ def noncontiguous(t):
     return view.detach().requires_grad_(t.requires_grad)
 
 
-def reference_attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
-                        key_padding_mask=None, dropout_keep=None, dropout_p=0.0):
+def reference_attention(
+    query,
+    key,
+    value,
+    attn_mask=None,
+    is_causal=False,
+    scale=None,
+    key_padding_mask=None,
+    dropout_keep=None,
+    dropout_p=0.0,
+):
     """Attention in float64 with plain, differentiable torch ops (never torch's SDPA).
 
     Follows the contract of docs/design.md section 2: masks broadcast to (B, H, L, S), bool True

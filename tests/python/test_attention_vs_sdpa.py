@@ -1,6 +1,7 @@
 """Our operators against torch's: attention against F.scaled_dot_product_attention (forward and
 every gradient) in float32 and float64, the half types against a float64 reference, and
 qkv_projection / merge_heads against F.linear in every dtype."""
+
 import math
 
 import pytest
@@ -58,13 +59,16 @@ def make_mask(kind, spec, dims, dtype, requires_grad):
     return random_tensor(*shape, dtype=dtype, scale=0.7).requires_grad_(requires_grad)
 
 
-def ours_and_sdpa(dtype, dims, attn_mask=None, key_padding_mask=None, is_causal=False,
-                  scale=None):
+def ours_and_sdpa(dtype, dims, attn_mask=None, key_padding_mask=None, is_causal=False, scale=None):
     """Runs both on the same inputs and one random output gradient; returns the two outputs and
     the two dicts of gradients (query, key, value and the float masks that require grad)."""
     B, H, L, S, D, Dv = dims
-    leaves = dict(zip(("query", "key", "value"),
-                      random_qkv(B, H, L, S, D, Dv, dtype=dtype, requires_grad=True)))
+    leaves = dict(
+        zip(
+            ("query", "key", "value"),
+            random_qkv(B, H, L, S, D, Dv, dtype=dtype, requires_grad=True),
+        )
+    )
     for name, mask in (("attn_mask", attn_mask), ("key_padding_mask", key_padding_mask)):
         if mask is not None and mask.requires_grad:
             leaves[name] = mask
@@ -77,8 +81,9 @@ def ours_and_sdpa(dtype, dims, attn_mask=None, key_padding_mask=None, is_causal=
         padding = inputs.get("key_padding_mask", key_padding_mask)
         if use_sdpa:
             sdpa_mask, sdpa_causal = combine_for_sdpa(mask, padding, is_causal, L, S)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask,
-                                                 is_causal=sdpa_causal, scale=scale)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=sdpa_mask, is_causal=sdpa_causal, scale=scale
+            )
         else:
             out = ops.attention(q, k, v, mask, 0.0, is_causal, scale, padding)
         out.backward(grad_output)
@@ -110,10 +115,19 @@ SDPA_CASES = {
     "padding_bool": ((3, 2, 4, 6, 4, 4), None, ("bool", False), False, None),
     "padding_float_grad": ((2, 2, 4, 6, 4, 4), None, ("float", True), False, None),
     "padding_and_mask_float_grad_causal": (
-        (2, 2, 5, 5, 4, 3), ("float", "1LS", True), ("float", True), True, None
+        (2, 2, 5, 5, 4, 3),
+        ("float", "1LS", True),
+        ("float", True),
+        True,
+        None,
     ),
-    "padding_bool_and_bool_mask": ((2, 3, 4, 6, 4, 4), ("bool", "LS", False), ("bool", False),
-                                   False, None),
+    "padding_bool_and_bool_mask": (
+        (2, 3, 4, 6, 4, 4),
+        ("bool", "LS", False),
+        ("bool", False),
+        False,
+        None,
+    ),
 }
 
 
@@ -124,13 +138,15 @@ SDPA_CASES = {
 def test_attention_matches_sdpa(dtype, dims, mask_spec, padding_spec, is_causal, scale):
     B, H, L, S, D, Dv = dims
     letters = dict(B=B, H=H, L=L, S=S)
-    attn_mask = None if mask_spec is None else make_mask(*mask_spec[:2], letters, dtype,
-                                                         mask_spec[2])
+    attn_mask = (
+        None if mask_spec is None else make_mask(*mask_spec[:2], letters, dtype, mask_spec[2])
+    )
     padding = None
     if padding_spec is not None:
         padding = make_mask(padding_spec[0], "BS", letters, dtype, padding_spec[1])
-    ours, theirs, our_grads, their_grads = ours_and_sdpa(dtype, dims, attn_mask, padding,
-                                                         is_causal, scale)
+    ours, theirs, our_grads, their_grads = ours_and_sdpa(
+        dtype, dims, attn_mask, padding, is_causal, scale
+    )
     tolerance = SAME_DTYPE_TOLERANCE[dtype]
     # Random bool masks may leave a row with no key: SDPA gives zeros there too (torch >= 2.5),
     # and in any case ours must be finite everywhere.
@@ -173,8 +189,9 @@ def test_rows_without_keys_give_exact_zeros_and_zero_gradients(dtype, mask_kind)
     torch.testing.assert_close(ours[finite], theirs[finite], **tolerance)
     for name in our_grads:
         finite = torch.isfinite(their_grads[name])
-        torch.testing.assert_close(our_grads[name][finite], their_grads[name][finite],
-                                   **tolerance, msg=name)
+        torch.testing.assert_close(
+            our_grads[name][finite], their_grads[name][finite], **tolerance, msg=name
+        )
 
 
 @pytest.mark.parametrize("dtype", FULL_DTYPES, ids=str)
@@ -185,8 +202,9 @@ def test_no_keys_gives_zeros(dtype, is_causal):
     mask = torch.zeros(L, 0, dtype=dtype, requires_grad=True)
     out = ops.attention(query, key, value, mask, 0.0, is_causal)
     assert torch.equal(out, torch.zeros(B, H, L, Dv, dtype=dtype))
-    torch.testing.assert_close(out, F.scaled_dot_product_attention(query, key, value,
-                                                                   attn_mask=mask), rtol=0, atol=0)
+    torch.testing.assert_close(
+        out, F.scaled_dot_product_attention(query, key, value, attn_mask=mask), rtol=0, atol=0
+    )
     out.backward(random_tensor(B, H, L, Dv, dtype=dtype))
     assert torch.equal(query.grad, torch.zeros_like(query))
     assert key.grad.shape == key.shape and value.grad.shape == value.shape
@@ -224,16 +242,14 @@ HALF_CASES = {
 @pytest.mark.parametrize(
     "dims, mask_spec, padding_kind, is_causal, scale", HALF_CASES.values(), ids=HALF_CASES.keys()
 )
-def test_half_types_match_float64_reference(dtype, dims, mask_spec, padding_kind, is_causal,
-                                            scale):
+def test_half_types_match_float64_reference(dtype, dims, mask_spec, padding_kind, is_causal, scale):
     B, H, L, S, D, Dv = dims
     letters = dict(B=B, H=H, L=L, S=S)
     query, key, value = random_qkv(B, H, L, S, D, Dv, dtype=dtype, requires_grad=True)
     attn_mask = None if mask_spec is None else make_mask(*mask_spec, letters, dtype, False)
     if mask_spec is not None and mask_spec[0] == "bool":
         attn_mask[..., 3, :] = False  # query 3 has no key
-    padding = None if padding_kind is None else make_mask(padding_kind, "BS", letters, dtype,
-                                                          False)
+    padding = None if padding_kind is None else make_mask(padding_kind, "BS", letters, dtype, False)
     out = ops.attention(query, key, value, attn_mask, 0.0, is_causal, scale, padding)
     assert out.dtype == dtype
     grad_output = random_tensor(B, H, L, Dv, dtype=dtype)
@@ -259,17 +275,21 @@ def close_in_dtype(actual, expected, dtype, name):
     if dtype in HALF_DTYPES:
         assert_close_to_max(actual, expected, HALF_GRAD_TOLERANCE_OF_MAX[dtype])
     else:
-        torch.testing.assert_close(actual.double(), expected, **VS_FLOAT64_TOLERANCE[dtype],
-                                   msg=name)
+        torch.testing.assert_close(
+            actual.double(), expected, **VS_FLOAT64_TOLERANCE[dtype], msg=name
+        )
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 def test_qkv_projection_matches_linear(dtype, bias):
     B, L, S, Eq, Ek, Ev, E, H = 2, 5, 7, 12, 6, 10, 16, 4
-    inputs = [random_tensor(B, L, Eq, dtype=dtype), random_tensor(B, S, Ek, dtype=dtype),
-              random_tensor(B, S, Ev, dtype=dtype)]
-    weights = [random_tensor(E, n, dtype=dtype, scale=n ** -0.5) for n in (Eq, Ek, Ev)]
+    inputs = [
+        random_tensor(B, L, Eq, dtype=dtype),
+        random_tensor(B, S, Ek, dtype=dtype),
+        random_tensor(B, S, Ev, dtype=dtype),
+    ]
+    weights = [random_tensor(E, n, dtype=dtype, scale=n**-0.5) for n in (Eq, Ek, Ev)]
     biases = [random_tensor(E, dtype=dtype) if bias else None for _ in range(3)]
     leaves = [t for t in inputs + weights + biases if t is not None]
     for t in leaves:

@@ -2,6 +2,7 @@
 compute in the lower precision inside torch.autocast("cpu", dtype=bfloat16/float16), as torch's
 SDPA and nn.MultiheadAttention do: the same output and weights dtypes, values within the
 dtype's tolerance of torch's under the same autocast, gradients in the leaves' own dtype."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -82,7 +83,8 @@ def test_projection_and_merge_ops_under_autocast_match_torch_linear(low):
         linear = F.linear(x, weight, bias)
     assert q.dtype == k.dtype == v.dtype == merged.dtype == linear.dtype == low
     torch.testing.assert_close(  # (B, L, E) -> (B, H, L, D)
-        q, linear.view(N, L, HEADS, E // HEADS).transpose(1, 2), **SAME_DTYPE_TOLERANCE[low])
+        q, linear.view(N, L, HEADS, E // HEADS).transpose(1, 2), **SAME_DTYPE_TOLERANCE[low]
+    )
     cast = [t.to(low) for t in (q, weight, bias)]
     assert torch.equal(merged, ops.merge_heads(*cast))
 
@@ -118,13 +120,17 @@ def module_pair(**config):
 MASKS = {
     "none": {},
     "bool_padding": dict(key_padding_mask=torch.tensor([[False] * 6 + [True], [False] * 7])),
-    "float32_attn_mask": dict(attn_mask=torch.randn(L, S, generator=torch.Generator().manual_seed(1))),
+    "float32_attn_mask": dict(
+        attn_mask=torch.randn(L, S, generator=torch.Generator().manual_seed(1))
+    ),
     "bool_attn_mask_and_padding": dict(
         attn_mask=torch.triu(torch.ones(L, S, dtype=torch.bool), diagonal=1),
-        key_padding_mask=torch.tensor([[False] * 5 + [True] * 2, [False] * 7])),
+        key_padding_mask=torch.tensor([[False] * 5 + [True] * 2, [False] * 7]),
+    ),
     "float32_attn_mask_and_padding": dict(
         attn_mask=torch.randn(L, S, generator=torch.Generator().manual_seed(2)),
-        key_padding_mask=torch.zeros(N, S)),
+        key_padding_mask=torch.zeros(N, S),
+    ),
 }
 
 
@@ -142,10 +148,12 @@ def test_module_under_autocast_matches_torch_module(low, masks, need_weights, tr
     results = []
     for module in (ours, theirs):
         with torch.autocast("cpu", dtype=low):
-            output, weights = module(query, memory, memory, need_weights=need_weights,
-                                     **MASKS[masks])
+            output, weights = module(
+                query, memory, memory, need_weights=need_weights, **MASKS[masks]
+            )
         grads = torch.autograd.grad(
-            output.float().square().sum(), (query, memory, *module.parameters()))
+            output.float().square().sum(), (query, memory, *module.parameters())
+        )
         results.append((output, weights, grads))
     (output, weights, grads), (expected, expected_weights, expected_grads) = results
     assert output.dtype == expected.dtype == low
@@ -177,8 +185,11 @@ def test_half_activation_into_float32_module_runs_under_autocast(low):
     torch.testing.assert_close(output, expected, **MODULE_TOLERANCE[low])
     torch.testing.assert_close(weights, expected_weights, **MODULE_TOLERANCE[low])
     # Outside autocast the same mix is an error, as for torch's module.
-    with pytest.raises(RuntimeError, match=r"query has dtype torch\.(bfloat16|float16) but the "
-                       r"module's parameters have dtype torch\.float32"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"query has dtype torch\.(bfloat16|float16) but the "
+        r"module's parameters have dtype torch\.float32",
+    ):
         ours(hidden, hidden, hidden)
 
 
@@ -197,8 +208,11 @@ def test_module_under_autocast_rejects_what_torch_rejects(low):
         mask = torch.zeros(L, L, dtype=torch.float64)
         with pytest.raises(RuntimeError):
             theirs(x, x, x, attn_mask=mask)
-        with pytest.raises(RuntimeError, match=r"float masks must have any floating dtype but "
-                           r"float64 .*attn_mask: torch.float64"):
+        with pytest.raises(
+            RuntimeError,
+            match=r"float masks must have any floating dtype but "
+            r"float64 .*attn_mask: torch.float64",
+        ):
             ours(x, x, x, attn_mask=mask)
 
 
@@ -215,17 +229,26 @@ def test_float64_module_ignores_autocast_as_torch_does(low):
 
 
 def test_autocast_kernels_are_registered_for_the_public_ops():
-    for name in ("qkv_projection", "attention", "attention_with_weights", "merge_heads",
-                 "_attention_forward", "attention_varlen", "_attention_varlen_forward"):
+    for name in (
+        "qkv_projection",
+        "attention",
+        "attention_with_weights",
+        "merge_heads",
+        "_attention_forward",
+        "attention_varlen",
+        "_attention_varlen_forward",
+    ):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(
-            f"qkv_attention::{name}", "AutocastCPU"), name
+            f"qkv_attention::{name}", "AutocastCPU"
+        ), name
 
 
 def test_compiled_functional_under_autocast_equals_eager():
     torch.manual_seed(0)
     q, k, v = (heads(2, 2, L, 8) for _ in range(3))
-    compiled = torch.compile(functional.scaled_dot_product_attention, fullgraph=True,
-                             backend="aot_eager")
+    compiled = torch.compile(
+        functional.scaled_dot_product_attention, fullgraph=True, backend="aot_eager"
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = functional.scaled_dot_product_attention(q, k, v)
         result = compiled(q, k, v)

@@ -6,6 +6,7 @@ that flow back through the averaged weights), with masks, causal, dropout, GQA a
 shape; gradcheck and gradgradcheck; bitwise identical across thread counts; and the memory the
 op allocates.
 """
+
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -18,16 +19,19 @@ TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}
 # (B, H, Hkv, L, S, D, Dv, is_causal)
 SHAPES = [
     (2, 3, 3, 5, 7, 4, 4, False),
-    (2, 4, 4, 130, 300, 16, 8, True),   # several query and key blocks, causal
+    (2, 4, 4, 130, 300, 16, 8, True),  # several query and key blocks, causal
     (1, 12, 12, 65, 1000, 8, 8, False),  # H not a power of two: the mean's division
-    (3, 8, 2, 17, 40, 8, 8, True),       # GQA
-    (2, 4, 1, 1, 1500, 16, 16, False),   # one query against many keys (MQA)
+    (3, 8, 2, 17, 40, 8, 8, True),  # GQA
+    (2, 4, 1, 1, 1500, 16, 16, False),  # one query against many keys (MQA)
 ]
 
 
 def _inputs(B, H, Hkv, L, S, D, Dv, dtype):
-    return (random_tensor(B, H, L, D, dtype=dtype), random_tensor(B, Hkv, S, D, dtype=dtype),
-            random_tensor(B, Hkv, S, Dv, dtype=dtype))
+    return (
+        random_tensor(B, H, L, D, dtype=dtype),
+        random_tensor(B, Hkv, S, D, dtype=dtype),
+        random_tensor(B, Hkv, S, Dv, dtype=dtype),
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -40,18 +44,26 @@ def test_averaged_weights_equal_the_mean_of_the_per_head_weights(dtype, shape, m
     attn_mask = random_tensor(L, S, dtype=dtype) if masks else None
     padding = random_bool_mask(B, S) if masks else None
     torch.manual_seed(7)  # the same dropout draw for both calls
-    out, per_head = ops.attention_with_weights(q, k, v, attn_mask, dropout_p, is_causal, None,
-                                               padding)
+    out, per_head = ops.attention_with_weights(
+        q, k, v, attn_mask, dropout_p, is_causal, None, padding
+    )
     torch.manual_seed(7)
-    out_avg, averaged = ops.attention_with_weights(q, k, v, attn_mask, dropout_p, is_causal,
-                                                   None, padding, average_attn_weights=True)
+    out_avg, averaged = ops.attention_with_weights(
+        q, k, v, attn_mask, dropout_p, is_causal, None, padding, average_attn_weights=True
+    )
     assert averaged.shape == (B, L, S) and averaged.dtype == dtype
     assert averaged.is_contiguous()
     expected = per_head.double().mean(dim=1) if dtype == torch.bfloat16 else per_head.mean(dim=1)
-    torch.testing.assert_close(averaged.to(expected.dtype), expected, rtol=TOLERANCE[dtype],
-                               atol=TOLERANCE[dtype], equal_nan=True)
-    torch.testing.assert_close(out_avg, out, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype],
-                               equal_nan=True)
+    torch.testing.assert_close(
+        averaged.to(expected.dtype),
+        expected,
+        rtol=TOLERANCE[dtype],
+        atol=TOLERANCE[dtype],
+        equal_nan=True,
+    )
+    torch.testing.assert_close(
+        out_avg, out, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype], equal_nan=True
+    )
 
 
 @pytest.mark.parametrize("shape", SHAPES[:4], ids=lambda s: "B{}H{}Hkv{}L{}S{}".format(*s[:5]))
@@ -63,8 +75,9 @@ def test_gradients_through_averaged_weights_equal_those_through_the_mean(shape):
     grad_w = random_tensor(B, L, S, dtype=torch.float64)
 
     def gradients(average):
-        out, weights = ops.attention_with_weights(q, k, v, mask, 0.0, is_causal, None, None,
-                                                  average_attn_weights=average)
+        out, weights = ops.attention_with_weights(
+            q, k, v, mask, 0.0, is_causal, None, None, average_attn_weights=average
+        )
         if not average:
             weights = weights.mean(dim=1)
         loss = (out * grad_out).sum() + (weights * grad_w).sum()
@@ -83,8 +96,9 @@ def test_gradcheck_and_gradgradcheck_with_averaged_weights(gqa):
     mask = random_tensor(3, 5, dtype=torch.float64).requires_grad_()
 
     def fn(q, k, v, mask):
-        return ops.attention_with_weights(q, k, v, mask, 0.0, True, None, None,
-                                          average_attn_weights=True)
+        return ops.attention_with_weights(
+            q, k, v, mask, 0.0, True, None, None, average_attn_weights=True
+        )
 
     assert torch.autograd.gradcheck(fn, (q, k, v, mask))
     assert torch.autograd.gradgradcheck(fn, (q, k, v, mask))
@@ -98,8 +112,11 @@ def test_averaged_weights_are_bitwise_identical_across_thread_counts():
         for n in (1, 2, 3):
             torch.set_num_threads(n)
             torch.manual_seed(3)
-            results.append(ops.attention_with_weights(q, k, v, None, 0.2, True, None, None,
-                                                      average_attn_weights=True))
+            results.append(
+                ops.attention_with_weights(
+                    q, k, v, None, 0.2, True, None, None, average_attn_weights=True
+                )
+            )
     finally:
         torch.set_num_threads(threads)
     for out, weights in results[1:]:
@@ -114,8 +131,11 @@ def test_averaged_weights_allocate_no_per_head_scores():
     def largest_allocation(average):
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             ops.attention_with_weights(q, k, v, average_attn_weights=average)
-        return max(event.cpu_memory_usage for event in prof.events()
-                   if event.name == "qkv_attention::_attention_forward")
+        return max(
+            event.cpu_memory_usage
+            for event in prof.events()
+            if event.name == "qkv_attention::_attention_forward"
+        )
 
     assert largest_allocation(False) >= per_head_bytes  # the measurement sees the weights
     # Output (B, H, L, D), logsumexp (B, H, L) and the averaged weights (B, L, S) only.

@@ -13,6 +13,7 @@ are skipped, so the backend kernels see the input first).
 Run the cases of one op by hand: ``python tests/python/test_bad_inputs.py --list`` and
 ``python tests/python/test_bad_inputs.py --run ID [ID ...]``.
 """
+
 import contextlib
 import json
 import os
@@ -70,9 +71,16 @@ def _attention_with_weights_args() -> Dict[str, Any]:
 def _attention_forward_args() -> Dict[str, Any]:
     a = _attention_args()
     return dict(
-        query=a["query"], key=a["key"], value=a["value"], attn_mask=a["attn_mask"],
-        key_padding_mask=a["key_padding_mask"], dropout_p=0.25, is_causal=False, scale=0.5,
-        need_weights=True, rng_state=torch.tensor([123, 4], dtype=torch.long),
+        query=a["query"],
+        key=a["key"],
+        value=a["value"],
+        attn_mask=a["attn_mask"],
+        key_padding_mask=a["key_padding_mask"],
+        dropout_p=0.25,
+        is_causal=False,
+        scale=0.5,
+        need_weights=True,
+        rng_state=torch.tensor([123, 4], dtype=torch.long),
         average_attn_weights=False,
     )
 
@@ -84,25 +92,46 @@ def _attention_backward_args() -> Dict[str, Any]:
     return dict(
         grad_output=torch.randn_like(output),
         grad_weights=torch.randn_like(weights),
-        query=a["query"], key=a["key"], value=a["value"],
-        output=output, logsumexp=logsumexp,
-        attn_mask=a["attn_mask"], key_padding_mask=a["key_padding_mask"],
-        dropout_p=a["dropout_p"], is_causal=False, scale=a["scale"], rng_state=a["rng_state"],
-        attn_mask_requires_grad=True, key_padding_mask_requires_grad=False,
+        query=a["query"],
+        key=a["key"],
+        value=a["value"],
+        output=output,
+        logsumexp=logsumexp,
+        attn_mask=a["attn_mask"],
+        key_padding_mask=a["key_padding_mask"],
+        dropout_p=a["dropout_p"],
+        is_causal=False,
+        scale=a["scale"],
+        rng_state=a["rng_state"],
+        attn_mask_requires_grad=True,
+        key_padding_mask_requires_grad=False,
     )
 
 
 def _dropout_mask_args() -> Dict[str, Any]:
-    return dict(rng_state=torch.tensor([123, 4], dtype=torch.long), batch=2, heads=3, q_len=4,
-                kv_len=6, dropout_p=0.25)
+    return dict(
+        rng_state=torch.tensor([123, 4], dtype=torch.long),
+        batch=2,
+        heads=3,
+        q_len=4,
+        kv_len=6,
+        dropout_p=0.25,
+    )
 
 
 def _attention_varlen_args() -> Dict[str, Any]:
     # Sequences of 2 and 3 queries against 4 and 2 keys; H 4, Hkv 2, D 5, Dv 7.
     return dict(
-        query=_randn(5, 4, 5), key=_randn(6, 2, 5), value=_randn(6, 2, 7),
-        cu_seqlens_q=torch.tensor([0, 2, 5]), cu_seqlens_k=torch.tensor([0, 4, 6]),
-        max_seqlen_q=3, max_seqlen_k=4, dropout_p=0.25, is_causal=False, scale=None,
+        query=_randn(5, 4, 5),
+        key=_randn(6, 2, 5),
+        value=_randn(6, 2, 7),
+        cu_seqlens_q=torch.tensor([0, 2, 5]),
+        cu_seqlens_k=torch.tensor([0, 4, 6]),
+        max_seqlen_q=3,
+        max_seqlen_k=4,
+        dropout_p=0.25,
+        is_causal=False,
+        scale=None,
     )
 
 
@@ -116,19 +145,37 @@ def _attention_varlen_backward_args() -> Dict[str, Any]:
     a = _attention_varlen_forward_args()
     with torch.no_grad():
         output, logsumexp = _ops()._attention_varlen_forward(*a.values())
-    return dict(grad_output=torch.randn_like(output), query=a["query"], key=a["key"],
-                value=a["value"], output=output, logsumexp=logsumexp,
-                cu_seqlens_q=a["cu_seqlens_q"], cu_seqlens_k=a["cu_seqlens_k"],
-                max_seqlen_q=3, max_seqlen_k=4, dropout_p=0.25, is_causal=True, scale=0.5,
-                rng_state=a["rng_state"])
+    return dict(
+        grad_output=torch.randn_like(output),
+        query=a["query"],
+        key=a["key"],
+        value=a["value"],
+        output=output,
+        logsumexp=logsumexp,
+        cu_seqlens_q=a["cu_seqlens_q"],
+        cu_seqlens_k=a["cu_seqlens_k"],
+        max_seqlen_q=3,
+        max_seqlen_k=4,
+        dropout_p=0.25,
+        is_causal=True,
+        scale=0.5,
+        rng_state=a["rng_state"],
+    )
 
 
 def _qkv_projection_args() -> Dict[str, Any]:
     B, L, S, Eq, Ek, Ev, E, H = 2, 3, 4, 5, 6, 7, 8, 2
     return dict(
-        query=_randn(B, L, Eq), key=_randn(B, S, Ek), value=_randn(B, S, Ev),
-        q_weight=_randn(E, Eq), k_weight=_randn(E, Ek), v_weight=_randn(E, Ev),
-        q_bias=_randn(E), k_bias=_randn(E), v_bias=_randn(E), num_heads=H,
+        query=_randn(B, L, Eq),
+        key=_randn(B, S, Ek),
+        value=_randn(B, S, Ev),
+        q_weight=_randn(E, Eq),
+        k_weight=_randn(E, Ek),
+        v_weight=_randn(E, Ev),
+        q_bias=_randn(E),
+        k_bias=_randn(E),
+        v_bias=_randn(E),
+        num_heads=H,
     )
 
 
@@ -136,10 +183,16 @@ def _qkv_projection_backward_args() -> Dict[str, Any]:
     p = _qkv_projection_args()
     B, L, S, E, H = 2, 3, 4, 8, 2
     return dict(
-        grad_q=_randn(B, H, L, E // H), grad_k=_randn(B, H, S, E // H),
+        grad_q=_randn(B, H, L, E // H),
+        grad_k=_randn(B, H, S, E // H),
         grad_v=_randn(B, H, S, E // H),
-        query=p["query"], key=p["key"], value=p["value"],
-        q_weight=p["q_weight"], k_weight=p["k_weight"], v_weight=p["v_weight"], num_heads=H,
+        query=p["query"],
+        key=p["key"],
+        value=p["value"],
+        q_weight=p["q_weight"],
+        k_weight=p["k_weight"],
+        v_weight=p["v_weight"],
+        num_heads=H,
     )
 
 
@@ -171,8 +224,13 @@ def _kv_cache_args() -> Dict[str, Any]:
 
 def _sdpa_args() -> Dict[str, Any]:
     return dict(
-        query=_randn(2, 3, 4, 5), key=_randn(2, 3, 6, 5), value=_randn(2, 3, 6, 7),
-        attn_mask=_randn(2, 3, 4, 6), dropout_p=0.0, is_causal=False, scale=None,
+        query=_randn(2, 3, 4, 5),
+        key=_randn(2, 3, 6, 5),
+        value=_randn(2, 3, 6, 7),
+        attn_mask=_randn(2, 3, 4, 6),
+        dropout_p=0.0,
+        is_causal=False,
+        scale=None,
         enable_gqa=False,
     )
 
@@ -185,7 +243,9 @@ def _sdpa_args() -> Dict[str, Any]:
 @dataclass
 class TensorArg:
     dims: Sequence[int]
-    rank: str = "exact"  # "exact"; "at_most_4" (a broadcast mask); "at_least_2" (sdpa's (..., N, F))
+    rank: str = (
+        "exact"  # "exact"; "at_most_4" (a broadcast mask); "at_least_2" (sdpa's (..., N, F))
+    )
     mask: bool = False
     optional: bool = False
     kind: str = "float"  # "float" or "int64" (rng_state, cache_seqlens)
@@ -237,108 +297,221 @@ _VARLEN_TENSORS = dict(
     query=TensorArg(dims=(0, 1, 2), partners=("cu_seqlens_q",)),
     key=TensorArg(dims=(0, 1, 2), partners=("cu_seqlens_k",)),
     value=TensorArg(dims=(0, 1)),  # Dv is free
-    cu_seqlens_q=TensorArg(dims=(0,), kind="int64", valid_dtypes=(torch.int32,),
-                           partners=("cu_seqlens_k",)),
-    cu_seqlens_k=TensorArg(dims=(0,), kind="int64", valid_dtypes=(torch.int32,),
-                           partners=("cu_seqlens_q",)),
+    cu_seqlens_q=TensorArg(
+        dims=(0,), kind="int64", valid_dtypes=(torch.int32,), partners=("cu_seqlens_k",)
+    ),
+    cu_seqlens_k=TensorArg(
+        dims=(0,), kind="int64", valid_dtypes=(torch.int32,), partners=("cu_seqlens_q",)
+    ),
 )
-_VARLEN_NAMES = ("attention_varlen", "qkv_attention::attention_varlen",
-                 "qkv_attention::_attention_varlen_forward")
+_VARLEN_NAMES = (
+    "attention_varlen",
+    "qkv_attention::attention_varlen",
+    "qkv_attention::_attention_varlen_forward",
+)
 
 OPS: List[OpSpec] = [
-    OpSpec("attention", _attention_args,
-           dict(**_ATTENTION_TENSORS, dropout_p=BAD_PROBABILITY, is_causal=BAD_BOOL,
-                scale=BAD_SCALE), _ATTENTION_NAMES),
-    OpSpec("attention_with_weights", _attention_with_weights_args,
-           dict(**_ATTENTION_TENSORS, dropout_p=BAD_PROBABILITY, is_causal=BAD_BOOL,
-                scale=BAD_SCALE, average_attn_weights=BAD_BOOL), _ATTENTION_NAMES),
-    OpSpec("_attention_forward", _attention_forward_args,
-           dict(**_ATTENTION_TENSORS, dropout_p=BAD_PROBABILITY, is_causal=BAD_BOOL,
-                scale=BAD_SCALE, need_weights=BAD_BOOL,
-                rng_state=TensorArg(dims=(0,), kind="int64"), average_attn_weights=BAD_BOOL),
-           _ATTENTION_NAMES),
-    OpSpec("_attention_backward", _attention_backward_args,
-           dict(grad_output=TensorArg(dims=(0, 1, 2, 3)),
-                grad_weights=TensorArg(dims=(0, 1, 2, 3), optional=True),
-                **{k: v for k, v in _ATTENTION_TENSORS.items()},
-                output=TensorArg(dims=(0, 1, 2, 3)),
-                logsumexp=TensorArg(dims=(0, 1, 2)),
-                dropout_p=BAD_PROBABILITY, is_causal=BAD_BOOL, scale=BAD_SCALE,
-                rng_state=TensorArg(dims=(0,), kind="int64"),
-                attn_mask_requires_grad=BAD_BOOL, key_padding_mask_requires_grad=BAD_BOOL),
-           ("attention backward", "qkv_attention::_attention_backward")),
-    OpSpec("_attention_dropout_mask", _dropout_mask_args,
-           dict(rng_state=TensorArg(dims=(0,), kind="int64", only_tensor=True),
-                batch=BAD_SIZE, heads=BAD_SIZE,
-                q_len=BAD_SIZE, kv_len=BAD_SIZE, dropout_p=BAD_PROBABILITY),
-           ("attention dropout mask", "qkv_attention::_attention_dropout_mask")),
-    OpSpec("attention_varlen", _attention_varlen_args,
-           dict(**_VARLEN_TENSORS, max_seqlen_q=BAD_SIZE, max_seqlen_k=BAD_SIZE,
-                dropout_p=BAD_PROBABILITY, is_causal=BAD_BOOL, scale=BAD_SCALE),
-           _VARLEN_NAMES),
-    OpSpec("_attention_varlen_forward", _attention_varlen_forward_args,
-           dict(**_VARLEN_TENSORS, max_seqlen_q=BAD_SIZE, max_seqlen_k=BAD_SIZE,
-                dropout_p=BAD_PROBABILITY, is_causal=BAD_BOOL, scale=BAD_SCALE,
-                rng_state=TensorArg(dims=(0,), kind="int64")), _VARLEN_NAMES),
-    OpSpec("_attention_varlen_backward", _attention_varlen_backward_args,
-           dict(grad_output=TensorArg(dims=(0, 1, 2)), **_VARLEN_TENSORS,
-                output=TensorArg(dims=(0, 1, 2)), logsumexp=TensorArg(dims=(0, 1)),
-                max_seqlen_q=BAD_SIZE, max_seqlen_k=BAD_SIZE, dropout_p=BAD_PROBABILITY,
-                is_causal=BAD_BOOL, scale=BAD_SCALE,
-                rng_state=TensorArg(dims=(0,), kind="int64")),
-           ("attention_varlen backward", "qkv_attention::_attention_varlen_backward")),
-    OpSpec("qkv_projection", _qkv_projection_args,
-           dict(query=TensorArg(dims=(0, 2)), key=TensorArg(dims=(0, 1, 2)),
-                value=TensorArg(dims=(0, 1, 2)),
-                q_weight=TensorArg(dims=(0, 1)), k_weight=TensorArg(dims=(0, 1)),
-                v_weight=TensorArg(dims=(0, 1)),
-                q_bias=TensorArg(dims=(0,), optional=True),
-                k_bias=TensorArg(dims=(0,), optional=True),
-                v_bias=TensorArg(dims=(0,), optional=True), num_heads=BAD_HEADS),
-           ("qkv_projection",)),
-    OpSpec("qkv_projection_backward", _qkv_projection_backward_args,
-           dict(grad_q=TensorArg(dims=(0, 1, 2, 3), optional=True),
-                grad_k=TensorArg(dims=(0, 1, 2, 3), optional=True),
-                grad_v=TensorArg(dims=(0, 1, 2, 3), optional=True),
-                query=TensorArg(dims=(0, 2)), key=TensorArg(dims=(0, 1, 2)),
-                value=TensorArg(dims=(0, 1, 2)),
-                q_weight=TensorArg(dims=(0, 1)), k_weight=TensorArg(dims=(0, 1)),
-                v_weight=TensorArg(dims=(0, 1)), num_heads=BAD_HEADS),
-           ("qkv_projection backward", "qkv_attention::qkv_projection_backward")),
-    OpSpec("merge_heads", _merge_heads_args,
-           dict(x=TensorArg(dims=(1, 3)), out_weight=TensorArg(dims=(0, 1)),
-                out_bias=TensorArg(dims=(0,), optional=True)),
-           ("merge_heads",)),
-    OpSpec("merge_heads_backward", _merge_heads_backward_args,
-           dict(grad_output=TensorArg(dims=(0, 1, 2)), x=TensorArg(dims=(0, 1, 2, 3)),
-                out_weight=TensorArg(dims=(0, 1))),
-           ("merge_heads backward", "qkv_attention::merge_heads_backward")),
-    OpSpec("attention_with_kv_cache", _kv_cache_args,
-           dict(query=TensorArg(dims=(0, 1, 3)),
-                k_cache=TensorArg(dims=(0, 1, 2, 3)),
-                v_cache=TensorArg(dims=(0, 1, 2, 3)),
-                key=TensorArg(dims=(0, 1, 2, 3), optional=True),
-                value=TensorArg(dims=(0, 1, 2, 3), optional=True),
-                cache_seqlens=TensorArg(dims=(0,), kind="int64", optional=True,
-                                        valid_dtypes=(torch.int32,)),
-                attn_mask=TensorArg(dims=(0, 1, 2, 3), rank="at_most_4", mask=True,
-                                    optional=True),
-                is_causal=BAD_BOOL, scale=BAD_SCALE),
-           ("attention_with_kv_cache",)),
-    OpSpec("functional.sdpa", _sdpa_args,
-           dict(query=TensorArg(dims=(0, 1, 3), rank="at_least_2"),
-                # A different S no longer fits the (full-size) mask, checked first.
-                key=TensorArg(dims=(0, 1, 2, 3), rank="at_least_2", partners=("attn_mask",)),
-                value=TensorArg(dims=(0, 1, 2), rank="at_least_2"),
-                attn_mask=TensorArg(dims=(0, 1, 2, 3), rank="at_most_4", mask=True, optional=True),
-                dropout_p=BAD_PROBABILITY, is_causal=BAD_BOOL, scale=BAD_SCALE),
-           ("scaled_dot_product_attention", "attention"),
-           call=lambda *a: __import__("qkv_attention").functional.scaled_dot_product_attention(*a)),
+    OpSpec(
+        "attention",
+        _attention_args,
+        dict(**_ATTENTION_TENSORS, dropout_p=BAD_PROBABILITY, is_causal=BAD_BOOL, scale=BAD_SCALE),
+        _ATTENTION_NAMES,
+    ),
+    OpSpec(
+        "attention_with_weights",
+        _attention_with_weights_args,
+        dict(
+            **_ATTENTION_TENSORS,
+            dropout_p=BAD_PROBABILITY,
+            is_causal=BAD_BOOL,
+            scale=BAD_SCALE,
+            average_attn_weights=BAD_BOOL,
+        ),
+        _ATTENTION_NAMES,
+    ),
+    OpSpec(
+        "_attention_forward",
+        _attention_forward_args,
+        dict(
+            **_ATTENTION_TENSORS,
+            dropout_p=BAD_PROBABILITY,
+            is_causal=BAD_BOOL,
+            scale=BAD_SCALE,
+            need_weights=BAD_BOOL,
+            rng_state=TensorArg(dims=(0,), kind="int64"),
+            average_attn_weights=BAD_BOOL,
+        ),
+        _ATTENTION_NAMES,
+    ),
+    OpSpec(
+        "_attention_backward",
+        _attention_backward_args,
+        dict(
+            grad_output=TensorArg(dims=(0, 1, 2, 3)),
+            grad_weights=TensorArg(dims=(0, 1, 2, 3), optional=True),
+            **{k: v for k, v in _ATTENTION_TENSORS.items()},
+            output=TensorArg(dims=(0, 1, 2, 3)),
+            logsumexp=TensorArg(dims=(0, 1, 2)),
+            dropout_p=BAD_PROBABILITY,
+            is_causal=BAD_BOOL,
+            scale=BAD_SCALE,
+            rng_state=TensorArg(dims=(0,), kind="int64"),
+            attn_mask_requires_grad=BAD_BOOL,
+            key_padding_mask_requires_grad=BAD_BOOL,
+        ),
+        ("attention backward", "qkv_attention::_attention_backward"),
+    ),
+    OpSpec(
+        "_attention_dropout_mask",
+        _dropout_mask_args,
+        dict(
+            rng_state=TensorArg(dims=(0,), kind="int64", only_tensor=True),
+            batch=BAD_SIZE,
+            heads=BAD_SIZE,
+            q_len=BAD_SIZE,
+            kv_len=BAD_SIZE,
+            dropout_p=BAD_PROBABILITY,
+        ),
+        ("attention dropout mask", "qkv_attention::_attention_dropout_mask"),
+    ),
+    OpSpec(
+        "attention_varlen",
+        _attention_varlen_args,
+        dict(
+            **_VARLEN_TENSORS,
+            max_seqlen_q=BAD_SIZE,
+            max_seqlen_k=BAD_SIZE,
+            dropout_p=BAD_PROBABILITY,
+            is_causal=BAD_BOOL,
+            scale=BAD_SCALE,
+        ),
+        _VARLEN_NAMES,
+    ),
+    OpSpec(
+        "_attention_varlen_forward",
+        _attention_varlen_forward_args,
+        dict(
+            **_VARLEN_TENSORS,
+            max_seqlen_q=BAD_SIZE,
+            max_seqlen_k=BAD_SIZE,
+            dropout_p=BAD_PROBABILITY,
+            is_causal=BAD_BOOL,
+            scale=BAD_SCALE,
+            rng_state=TensorArg(dims=(0,), kind="int64"),
+        ),
+        _VARLEN_NAMES,
+    ),
+    OpSpec(
+        "_attention_varlen_backward",
+        _attention_varlen_backward_args,
+        dict(
+            grad_output=TensorArg(dims=(0, 1, 2)),
+            **_VARLEN_TENSORS,
+            output=TensorArg(dims=(0, 1, 2)),
+            logsumexp=TensorArg(dims=(0, 1)),
+            max_seqlen_q=BAD_SIZE,
+            max_seqlen_k=BAD_SIZE,
+            dropout_p=BAD_PROBABILITY,
+            is_causal=BAD_BOOL,
+            scale=BAD_SCALE,
+            rng_state=TensorArg(dims=(0,), kind="int64"),
+        ),
+        ("attention_varlen backward", "qkv_attention::_attention_varlen_backward"),
+    ),
+    OpSpec(
+        "qkv_projection",
+        _qkv_projection_args,
+        dict(
+            query=TensorArg(dims=(0, 2)),
+            key=TensorArg(dims=(0, 1, 2)),
+            value=TensorArg(dims=(0, 1, 2)),
+            q_weight=TensorArg(dims=(0, 1)),
+            k_weight=TensorArg(dims=(0, 1)),
+            v_weight=TensorArg(dims=(0, 1)),
+            q_bias=TensorArg(dims=(0,), optional=True),
+            k_bias=TensorArg(dims=(0,), optional=True),
+            v_bias=TensorArg(dims=(0,), optional=True),
+            num_heads=BAD_HEADS,
+        ),
+        ("qkv_projection",),
+    ),
+    OpSpec(
+        "qkv_projection_backward",
+        _qkv_projection_backward_args,
+        dict(
+            grad_q=TensorArg(dims=(0, 1, 2, 3), optional=True),
+            grad_k=TensorArg(dims=(0, 1, 2, 3), optional=True),
+            grad_v=TensorArg(dims=(0, 1, 2, 3), optional=True),
+            query=TensorArg(dims=(0, 2)),
+            key=TensorArg(dims=(0, 1, 2)),
+            value=TensorArg(dims=(0, 1, 2)),
+            q_weight=TensorArg(dims=(0, 1)),
+            k_weight=TensorArg(dims=(0, 1)),
+            v_weight=TensorArg(dims=(0, 1)),
+            num_heads=BAD_HEADS,
+        ),
+        ("qkv_projection backward", "qkv_attention::qkv_projection_backward"),
+    ),
+    OpSpec(
+        "merge_heads",
+        _merge_heads_args,
+        dict(
+            x=TensorArg(dims=(1, 3)),
+            out_weight=TensorArg(dims=(0, 1)),
+            out_bias=TensorArg(dims=(0,), optional=True),
+        ),
+        ("merge_heads",),
+    ),
+    OpSpec(
+        "merge_heads_backward",
+        _merge_heads_backward_args,
+        dict(
+            grad_output=TensorArg(dims=(0, 1, 2)),
+            x=TensorArg(dims=(0, 1, 2, 3)),
+            out_weight=TensorArg(dims=(0, 1)),
+        ),
+        ("merge_heads backward", "qkv_attention::merge_heads_backward"),
+    ),
+    OpSpec(
+        "attention_with_kv_cache",
+        _kv_cache_args,
+        dict(
+            query=TensorArg(dims=(0, 1, 3)),
+            k_cache=TensorArg(dims=(0, 1, 2, 3)),
+            v_cache=TensorArg(dims=(0, 1, 2, 3)),
+            key=TensorArg(dims=(0, 1, 2, 3), optional=True),
+            value=TensorArg(dims=(0, 1, 2, 3), optional=True),
+            cache_seqlens=TensorArg(
+                dims=(0,), kind="int64", optional=True, valid_dtypes=(torch.int32,)
+            ),
+            attn_mask=TensorArg(dims=(0, 1, 2, 3), rank="at_most_4", mask=True, optional=True),
+            is_causal=BAD_BOOL,
+            scale=BAD_SCALE,
+        ),
+        ("attention_with_kv_cache",),
+    ),
+    OpSpec(
+        "functional.sdpa",
+        _sdpa_args,
+        dict(
+            query=TensorArg(dims=(0, 1, 3), rank="at_least_2"),
+            # A different S no longer fits the (full-size) mask, checked first.
+            key=TensorArg(dims=(0, 1, 2, 3), rank="at_least_2", partners=("attn_mask",)),
+            value=TensorArg(dims=(0, 1, 2), rank="at_least_2"),
+            attn_mask=TensorArg(dims=(0, 1, 2, 3), rank="at_most_4", mask=True, optional=True),
+            dropout_p=BAD_PROBABILITY,
+            is_causal=BAD_BOOL,
+            scale=BAD_SCALE,
+        ),
+        ("scaled_dot_product_attention", "attention"),
+        call=lambda *a: __import__("qkv_attention").functional.scaled_dot_product_attention(*a),
+    ),
 ]
 
 
 # ---------------------------------------------------------------------------------------------
 # Mutations: (label, function of the valid argument -> the bad one).
+
 
 def _resize(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     shape = list(t.shape)
@@ -374,8 +547,15 @@ def tensor_mutations(arg: TensorArg, valid: torch.Tensor):
             if dtype not in arg.valid_dtypes:
                 yield f"dtype_{dtype}", lambda t, dtype=dtype: t.to(dtype)
     else:
-        bad_dtypes = [torch.int64, torch.int32, torch.uint8, torch.int8, torch.complex64,
-                      other_float, torch.float16]
+        bad_dtypes = [
+            torch.int64,
+            torch.int32,
+            torch.uint8,
+            torch.int8,
+            torch.complex64,
+            other_float,
+            torch.float16,
+        ]
         if not arg.mask:
             bad_dtypes.append(torch.bool)
         for dtype in bad_dtypes:
@@ -422,8 +602,17 @@ def build_op_cases() -> List[Case]:
                 if label.startswith("dim") and isinstance(arg, TensorArg):
                     names += tuple(arg.partners)
                 for mode in MODES:
-                    cases.append(Case(f"{spec.name}/{arg_name}/{label}/{mode}", spec.name,
-                                      arg_name, label, mode, names, spec.names_op))
+                    cases.append(
+                        Case(
+                            f"{spec.name}/{arg_name}/{label}/{mode}",
+                            spec.name,
+                            arg_name,
+                            label,
+                            mode,
+                            names,
+                            spec.names_op,
+                        )
+                    )
     return cases
 
 
@@ -443,7 +632,9 @@ def _module(**overrides):
 def _module_forward_args() -> Dict[str, Any]:
     L, S, N = 3, 5, 2
     return dict(
-        query=_randn(L, N, E_MODULE), key=_randn(S, N, E_MODULE), value=_randn(S, N, E_MODULE),
+        query=_randn(L, N, E_MODULE),
+        key=_randn(S, N, E_MODULE),
+        value=_randn(S, N, E_MODULE),
         key_padding_mask=torch.zeros(N, S, dtype=torch.bool),
         need_weights=True,
         attn_mask=torch.zeros(L, S, dtype=torch.bool),
@@ -460,8 +651,9 @@ MODULE_FORWARD_ARGS = dict(
     value=TensorArg(dims=(0, 1, 2)),
     # A float16 mask with a float32 query is valid: torch's module promotes the masks' dtypes
     # (a bool mask counts as the query's dtype) and the sum must be the query's dtype.
-    key_padding_mask=TensorArg(dims=(0, 1), mask=True, optional=True,
-                               valid_dtypes=(torch.float16,)),
+    key_padding_mask=TensorArg(
+        dims=(0, 1), mask=True, optional=True, valid_dtypes=(torch.float16,)
+    ),
     attn_mask=TensorArg(dims=(0, 1), mask=True, optional=True, valid_dtypes=(torch.float16,)),
 )
 
@@ -483,19 +675,42 @@ def build_module_cases() -> List[Case]:
         for label, _ in tensor_mutations(arg, valid[arg_name]):
             names = (arg_name,) + (tuple(arg.partners) if label.startswith("dim") else ())
             for mode in MODES:
-                cases.append(Case(f"MultiheadAttention.forward/{arg_name}/{label}/{mode}",
-                                  "MultiheadAttention.forward", arg_name, label, mode, names))
+                cases.append(
+                    Case(
+                        f"MultiheadAttention.forward/{arg_name}/{label}/{mode}",
+                        "MultiheadAttention.forward",
+                        arg_name,
+                        label,
+                        mode,
+                        names,
+                    )
+                )
     for arg_name, values in MODULE_CONSTRUCTOR_BAD.items():
         for value in values:
             # A bad dropout reaches the operator, whose message calls it dropout_p.
             names = (arg_name, "dropout_p") if arg_name == "dropout" else (arg_name,)
-            cases.append(Case(f"MultiheadAttention/{arg_name}/{value!r}/grad",
-                              "MultiheadAttention", arg_name, repr(value), "grad", names))
+            cases.append(
+                Case(
+                    f"MultiheadAttention/{arg_name}/{value!r}/grad",
+                    "MultiheadAttention",
+                    arg_name,
+                    repr(value),
+                    "grad",
+                    names,
+                )
+            )
     # is_causal=True needs attn_mask (torch's rule): the message names attn_mask.
     for mode in MODES:
-        cases.append(Case(f"MultiheadAttention.forward/is_causal/True-without-attn_mask/{mode}",
-                          "MultiheadAttention.forward", "is_causal", "True-without-attn_mask",
-                          mode, ("attn_mask",)))
+        cases.append(
+            Case(
+                f"MultiheadAttention.forward/is_causal/True-without-attn_mask/{mode}",
+                "MultiheadAttention.forward",
+                "is_causal",
+                "True-without-attn_mask",
+                mode,
+                ("attn_mask",),
+            )
+        )
     return cases
 
 
@@ -505,24 +720,35 @@ RESOURCE_CASES = {
     # Expanded (2^16, 2^16, 2^16, 1) inputs cost nothing; the (B, H, L, 1) output would need
     # 2^50 bytes, beyond any address space (so no allocation can succeed lazily and be touched).
     "attention/output_of_2^50_bytes": lambda ops: ops.attention(
-        *(torch.zeros(1, 1, 1, 1).expand(2**16, 2**16, 2**16, 1),) * 3),
+        *(torch.zeros(1, 1, 1, 1).expand(2**16, 2**16, 2**16, 1),) * 3
+    ),
     "attention_with_weights/output_of_2^50_bytes": lambda ops: ops.attention_with_weights(
-        *(torch.zeros(1, 1, 1, 1).expand(2**16, 2**16, 2**16, 1),) * 3),
+        *(torch.zeros(1, 1, 1, 1).expand(2**16, 2**16, 2**16, 1),) * 3
+    ),
     "qkv_projection/output_of_2^50_bytes": lambda ops: ops.qkv_projection(
         *(torch.zeros(1, 1, 1).expand(2**24, 2**24, 1),) * 3,
-        *(torch.zeros(4, 1),) * 3, None, None, None, 2),
+        *(torch.zeros(4, 1),) * 3,
+        None,
+        None,
+        None,
+        2,
+    ),
     "attention_with_kv_cache/output_of_2^50_bytes": lambda ops: ops.attention_with_kv_cache(
         torch.zeros(1, 1, 1, 1).expand(2**16, 2**16, 2**16, 1),
-        *(torch.zeros(1, 1, 1, 1).expand(2**16, 2**16, 1, 1),) * 2),
+        *(torch.zeros(1, 1, 1, 1).expand(2**16, 2**16, 1, 1),) * 2,
+    ),
     "_attention_dropout_mask/2^62_bytes": lambda ops: ops._attention_dropout_mask(
-        torch.zeros(2, dtype=torch.long), 2**31, 2**31, 1, 1, 0.5),
+        torch.zeros(2, dtype=torch.long), 2**31, 2**31, 1, 1, 0.5
+    ),
     "_attention_dropout_mask/size_overflows_int64": lambda ops: ops._attention_dropout_mask(
-        torch.zeros(2, dtype=torch.long), 2**40, 2**40, 1, 1, 0.5),
+        torch.zeros(2, dtype=torch.long), 2**40, 2**40, 1, 1, 0.5
+    ),
 }
 
 
 # ---------------------------------------------------------------------------------------------
 # Running one case (inside the worker subprocess).
+
 
 def _mode_context(mode: str):
     if mode == "no_grad":
@@ -562,9 +788,11 @@ def _module_case_call(case: Case) -> Callable[[], Any]:
     if case.op == "MultiheadAttention":
         value = next(v for v in MODULE_CONSTRUCTOR_BAD[case.arg] if repr(v) == case.mutation)
         if case.arg == "dropout":
+
             def call():
                 module = _module(dropout=value).train()
                 return module(*_module_forward_args().values())
+
             return call
         if case.arg in ("kdim", "vdim"):
             return lambda: _module(**{case.arg: value})
@@ -587,16 +815,21 @@ def run_case(case: Case) -> Dict[str, Any]:
     with warnings.catch_warnings(), _mode_context(case.mode):
         warnings.simplefilter("ignore")  # sparse CSR / nested "prototype" warnings
         try:  # building the bad input must not be what raises
-            call = (_module_case_call(case) if case.op.startswith("MultiheadAttention")
-                    else _op_case_call(case))
+            call = (
+                _module_case_call(case)
+                if case.op.startswith("MultiheadAttention")
+                else _op_case_call(case)
+            )
         except Exception as error:  # noqa: BLE001
             return dict(setup_error=f"{type(error).__name__}: {error}")
         try:
             call()
         except Exception as error:  # noqa: BLE001  (the point is to see what is raised)
-            return dict(raised=type(error).__name__,
-                        bases=[c.__name__ for c in type(error).__mro__],
-                        message=str(error))
+            return dict(
+                raised=type(error).__name__,
+                bases=[c.__name__ for c in type(error).__mro__],
+                message=str(error),
+            )
     return dict(raised=None)
 
 
@@ -604,8 +837,11 @@ def run_resource_case(name: str) -> Dict[str, Any]:
     try:
         RESOURCE_CASES[name](_ops())
     except Exception as error:  # noqa: BLE001
-        return dict(raised=type(error).__name__,
-                    bases=[c.__name__ for c in type(error).__mro__], message=str(error))
+        return dict(
+            raised=type(error).__name__,
+            bases=[c.__name__ for c in type(error).__mro__],
+            message=str(error),
+        )
     return dict(raised=None)
 
 
@@ -625,7 +861,7 @@ def worker_main(ids: List[str]) -> None:
     for case_id in ids:
         print(json.dumps(dict(id=case_id, start=True)), flush=True)
         if case_id.startswith("resource:"):
-            result = run_resource_case(case_id[len("resource:"):])
+            result = run_resource_case(case_id[len("resource:") :])
         else:
             result = run_case(cases[case_id])
         print(json.dumps(dict(id=case_id, **result)), flush=True)
@@ -654,8 +890,12 @@ def _run_batch(ids: List[str]) -> Dict[str, Dict[str, Any]]:
         try:
             done = subprocess.run(
                 [sys.executable, os.path.abspath(__file__), "--run-stdin"],
-                input="\n".join(remaining), capture_output=True, text=True, env=env,
-                timeout=timeout)
+                input="\n".join(remaining),
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=timeout,
+            )
             stdout, stderr, how = done.stdout, done.stderr, f"exit status {done.returncode}"
         except subprocess.TimeoutExpired as expired:
             stdout, stderr = _text(expired.stdout), _text(expired.stderr)
@@ -673,8 +913,9 @@ def _run_batch(ids: List[str]) -> Dict[str, Dict[str, Any]]:
         if remaining:
             # The worker stopped early: blame the case it was running (or the next one).
             culprit = running or remaining[0]
-            results[culprit] = dict(id=culprit, crashed=f"the worker died ({how})",
-                                    stderr=stderr[-3000:])
+            results[culprit] = dict(
+                id=culprit, crashed=f"the worker died ({how})", stderr=stderr[-3000:]
+            )
             remaining.remove(culprit)
     return results
 
@@ -704,7 +945,8 @@ def _check_raised_cleanly(result: Dict[str, Any]) -> None:
     assert result["raised"] is not None, "no exception was raised"
     assert set(result["bases"]) & set(ALLOWED_EXCEPTIONS), (
         f"raised {result['raised']} (bases {result['bases']}), not one of {ALLOWED_EXCEPTIONS}: "
-        f"{result['message']}")
+        f"{result['message']}"
+    )
 
 
 def _case_params():
@@ -720,12 +962,17 @@ def test_bad_input_raises_an_exception_naming_the_argument(case_id):
     _check_raised_cleanly(result)
     message = result["message"]
     assert any(re.search(_word(name), message) for name in case.must_name), (
-        f"the message does not name {case.must_name}: {result['raised']}: {message}")
+        f"the message does not name {case.must_name}: {result['raised']}: {message}"
+    )
     if case.names_op:
         assert any(name in message for name in case.names_op), (
-            f"the message does not name the op ({case.names_op}): {message}")
-    if case.mutation.startswith("dtype_") and case.op != "functional.sdpa" and \
-            not case.op.startswith("MultiheadAttention"):
+            f"the message does not name the op ({case.names_op}): {message}"
+        )
+    if (
+        case.mutation.startswith("dtype_")
+        and case.op != "functional.sdpa"
+        and not case.op.startswith("MultiheadAttention")
+    ):
         # docs/design.md section 2: a wrong dtype raises TypeError (torch's convention for
         # dtype errors).
         assert "TypeError" in result["bases"], f"{result['raised']} for a dtype error: {message}"
@@ -750,9 +997,11 @@ def test_matrix_covers_every_argument_of_every_op():
         schema = getattr(torch.ops.qkv_attention, spec.name).default._schema
         for argument in schema.arguments:
             assert (spec.name, argument.name) in covered, (spec.name, argument.name)
-    registered = {name for name in dir(torch.ops.qkv_attention)
-                  if isinstance(getattr(torch.ops.qkv_attention, name),
-                                torch._ops.OpOverloadPacket)}
+    registered = {
+        name
+        for name in dir(torch.ops.qkv_attention)
+        if isinstance(getattr(torch.ops.qkv_attention, name), torch._ops.OpOverloadPacket)
+    }
     assert registered <= {spec.name for spec in OPS}, registered - {s.name for s in OPS}
 
 

@@ -3,6 +3,7 @@
 Failures are injected by monkeypatching what the tool calls: an operator with a wrong
 gradient, one without a double backward, one that raises, and a module whose output is off.
 """
+
 import subprocess
 import sys
 
@@ -46,7 +47,7 @@ def _cells(output: str, name: str):
     """The cells after the name in the last table row for ``name``."""
     rows = [line for line in output.splitlines() if line.startswith(name + " ")]
     assert rows, f"no table row for {name!r} in:\n{output}"
-    return rows[-1][len(name):].split()
+    return rows[-1][len(name) :].split()
 
 
 def _only_merge_heads_with_bias():
@@ -54,8 +55,9 @@ def _only_merge_heads_with_bias():
 
 
 def test_check_tool_exits_zero_and_prints_every_check_as_passed():
-    result = subprocess.run([sys.executable, "-m", "qkv_attention.check"], capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "qkv_attention.check"], capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     names = [case.name for case in check.gradient_cases()]
     names += [config.name for config in check.parity_configs()]
@@ -106,7 +108,8 @@ def test_check_tool_fails_when_the_module_differs_from_torch(monkeypatch, capsys
     monkeypatch.setattr(qkv_attention.MultiheadAttention, "forward", forward_off_by_offset)
     assert check.main(selection) == 1
     output_error, _gradient_error, _tolerance, verdict = _cells(
-        capsys.readouterr().out, "self-attention, batch_first")
+        capsys.readouterr().out, "self-attention, batch_first"
+    )
     assert verdict == "FAIL"
     assert float(output_error) >= 1e-6  # "inf" for NaN parses as inf
 
@@ -121,7 +124,8 @@ def test_check_tool_fails_when_only_the_module_gradient_differs(monkeypatch, cap
     monkeypatch.setattr(qkv_attention.MultiheadAttention, "forward", forward_with_scaled_gradient)
     assert check.main(["--skip-gradcheck", "--only", "self-attention, batch_first"]) == 1
     output_error, gradient_error, _tolerance, verdict = _cells(
-        capsys.readouterr().out, "self-attention, batch_first")
+        capsys.readouterr().out, "self-attention, batch_first"
+    )
     assert float(output_error) <= 1e-12 and float(gradient_error) > 1e-6 and verdict == "FAIL"
 
 
@@ -136,15 +140,19 @@ def test_check_tool_fails_when_functional_sdpa_differs_from_torch(monkeypatch):
     real_sdpa = qkv_attention.functional.scaled_dot_product_attention
     selection = ["--skip-gradcheck", "--only", "F.sdpa: bool mask"]
     assert check.main(selection) == 0
-    monkeypatch.setattr(qkv_attention.functional, "scaled_dot_product_attention",
-                        lambda *args, **kwargs: real_sdpa(*args, **kwargs) * (1 + 1e-9))
+    monkeypatch.setattr(
+        qkv_attention.functional,
+        "scaled_dot_product_attention",
+        lambda *args, **kwargs: real_sdpa(*args, **kwargs) * (1 + 1e-9),
+    )
     assert check.main(selection) == 1
 
 
 def test_check_tool_lists_checks_and_rejects_an_empty_selection(capsys):
     assert check.main(["--list"]) == 0
     listed = capsys.readouterr().out.splitlines()
-    assert len(listed) == (len(check.gradient_cases()) + len(check.parity_configs())
-                           + len(check.other_parity_checks()))
+    assert len(listed) == (
+        len(check.gradient_cases()) + len(check.parity_configs()) + len(check.other_parity_checks())
+    )
     assert "functional.sdpa vs F.sdpa: enable_gqa" in listed
     assert check.main(["--only", "no check has this name"]) == 1

@@ -4,6 +4,7 @@ fullgraph=True turns any graph break into an error, so these tests prove that Dy
 operators through their Meta kernels; comparing with eager proves the compiled code computes the
 same values and gradients.
 """
+
 import pytest
 import torch
 import torch._inductor.config
@@ -25,8 +26,9 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def attention_block(x, memory, wq, wk, wv, bq, bk, bv, wo, bo, attn_mask, key_padding_mask,
-                    dropout_p: float = 0.0):
+def attention_block(
+    x, memory, wq, wk, wv, bq, bk, bv, wo, bo, attn_mask, key_padding_mask, dropout_p: float = 0.0
+):
     """x (B, L, E) attends to memory (B, S, KDIM); returns (B, L, E)."""
     q, k, v = ops.qkv_projection(x, memory, memory, wq, wk, wv, bq, bk, bv, HEADS)
     attended = ops.attention(q, k, v, attn_mask, dropout_p, True, None, key_padding_mask)
@@ -38,13 +40,13 @@ def block_inputs(B, L, S):
     differentiable = [
         random_tensor(B, L, E, dtype=torch.float32),  # x
         random_tensor(B, S, KDIM, dtype=torch.float32),  # memory
-        random_tensor(E, E, dtype=torch.float32, scale=E ** -0.5),  # wq
-        random_tensor(E, KDIM, dtype=torch.float32, scale=KDIM ** -0.5),  # wk
-        random_tensor(E, KDIM, dtype=torch.float32, scale=KDIM ** -0.5),  # wv
+        random_tensor(E, E, dtype=torch.float32, scale=E**-0.5),  # wq
+        random_tensor(E, KDIM, dtype=torch.float32, scale=KDIM**-0.5),  # wk
+        random_tensor(E, KDIM, dtype=torch.float32, scale=KDIM**-0.5),  # wv
         random_tensor(E, dtype=torch.float32),  # bq
         random_tensor(E, dtype=torch.float32),  # bk
         random_tensor(E, dtype=torch.float32),  # bv
-        random_tensor(E, E, dtype=torch.float32, scale=E ** -0.5),  # wo
+        random_tensor(E, E, dtype=torch.float32, scale=E**-0.5),  # wo
         random_tensor(E, dtype=torch.float32),  # bo
         random_tensor(HEADS, L, S, dtype=torch.float32, scale=0.5),  # attn_mask, broadcast
     ]
@@ -72,8 +74,10 @@ def assert_same(eager, compiled):
 def test_compile_fullgraph_matches_eager_values_and_gradients():
     differentiable, padding = block_inputs(2, 5, 7)
     compiled = torch.compile(attention_block, fullgraph=True)
-    assert_same(value_and_grads(attention_block, differentiable, padding),
-                value_and_grads(compiled, differentiable, padding))
+    assert_same(
+        value_and_grads(attention_block, differentiable, padding),
+        value_and_grads(compiled, differentiable, padding),
+    )
 
 
 def test_compile_dynamic_shapes_matches_eager_without_recompiling():
@@ -105,9 +109,9 @@ def test_compiled_dropout_reproduces_eager_under_the_same_seed():
 class SelfAttention(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.in_weight = torch.nn.Parameter(torch.randn(3, E, E) * E ** -0.5)
+        self.in_weight = torch.nn.Parameter(torch.randn(3, E, E) * E**-0.5)
         self.in_bias = torch.nn.Parameter(torch.randn(3, E))
-        self.out_weight = torch.nn.Parameter(torch.randn(E, E) * E ** -0.5)
+        self.out_weight = torch.nn.Parameter(torch.randn(E, E) * E**-0.5)
 
     def forward(self, x):  # (B, L, E) -> (B, L, E)
         q, k, v = ops.qkv_projection(x, x, x, *self.in_weight, *self.in_bias, HEADS)
@@ -117,11 +121,11 @@ class SelfAttention(torch.nn.Module):
 def test_export_runs_and_matches_eager():
     module = SelfAttention()
     length = torch.export.Dim("length", min=2, max=64)
-    program = torch.export.export(module, (torch.randn(2, 5, E),),
-                                  dynamic_shapes={"x": {1: length}})
+    program = torch.export.export(
+        module, (torch.randn(2, 5, E),), dynamic_shapes={"x": {1: length}}
+    )
     targets = {node.target for node in program.graph.nodes if node.op == "call_function"}
-    assert {ops.qkv_projection.default, ops.attention.default,
-            ops.merge_heads.default} <= targets
+    assert {ops.qkv_projection.default, ops.attention.default, ops.merge_heads.default} <= targets
     exported = program.module()
     for L in (5, 13):
         x = torch.randn(2, L, E)

@@ -14,6 +14,7 @@ same compiled graph runs). float64: the difference quotient with step 1e-6 is ex
 relative (truncation ~ step^2, rounding ~ 1e-16 / step); the tolerance 1e-6 leaves margin, and
 a gradient of another mask is off by tens of percent.
 """
+
 import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -59,8 +60,7 @@ def assert_gradient_is_the_compiled_functions(fn, inputs, wrt):
 def op_inputs():
     generator = torch.Generator().manual_seed(3)
     B, H, L, S, D = 2, 2, 12, 10, 8
-    q, k, v = (torch.randn(B, H, n, D, dtype=torch.float64, generator=generator)
-               for n in (L, S, S))
+    q, k, v = (torch.randn(B, H, n, D, dtype=torch.float64, generator=generator) for n in (L, S, S))
     weight = torch.randn(B, H, L, D, dtype=torch.float64, generator=generator)
     return [t.requires_grad_() for t in (q, k, v)] + [weight]
 
@@ -80,6 +80,7 @@ def attention_with_weights_loss(q, k, v, weight):
 def checkpointed(loss, use_reentrant):
     def fn(*args):
         return checkpoint(loss, *args, use_reentrant=use_reentrant)
+
     return fn
 
 
@@ -98,10 +99,14 @@ CHECKPOINT_SETTINGS = [
 
 
 @pytest.mark.parametrize("use_reentrant, fullgraph", CHECKPOINT_SETTINGS)
-@pytest.mark.parametrize("loss", [attention_loss, attention_with_weights_loss],
-                         ids=["attention", "attention_with_weights"])
+@pytest.mark.parametrize(
+    "loss",
+    [attention_loss, attention_with_weights_loss],
+    ids=["attention", "attention_with_weights"],
+)
 def test_op_gradient_under_compile_and_checkpointing_is_the_compiled_functions(
-        loss, use_reentrant, fullgraph):
+    loss, use_reentrant, fullgraph
+):
     fn = compiled(checkpointed(loss, use_reentrant), fullgraph)
     inputs = op_inputs()
     for wrt in (0, 2):  # query (through the mask and the softmax), value
@@ -111,8 +116,9 @@ def test_op_gradient_under_compile_and_checkpointing_is_the_compiled_functions(
 def module_inputs():
     generator = torch.Generator().manual_seed(5)
     torch.manual_seed(5)
-    mha = qkv_attention.MultiheadAttention(16, 4, dropout=0.3, batch_first=True,
-                                           dtype=torch.float64)
+    mha = qkv_attention.MultiheadAttention(
+        16, 4, dropout=0.3, batch_first=True, dtype=torch.float64
+    )
     x = torch.randn(2, 9, 16, dtype=torch.float64, generator=generator).requires_grad_()
     weight = torch.randn(2, 9, 16, dtype=torch.float64, generator=generator)
     return mha, [x, weight]
@@ -121,7 +127,8 @@ def module_inputs():
 @pytest.mark.parametrize("use_reentrant, fullgraph", CHECKPOINT_SETTINGS)
 @pytest.mark.parametrize("need_weights", [False, True], ids=["no-weights", "need-weights"])
 def test_module_gradient_under_compile_and_checkpointing_is_the_compiled_functions(
-        use_reentrant, fullgraph, need_weights):
+    use_reentrant, fullgraph, need_weights
+):
     mha, inputs = module_inputs()
     mha.train()
 
@@ -157,6 +164,7 @@ def test_module_gradient_under_compile_and_checkpointing_is_the_compiled_functio
 # with that setting torch's own F.scaled_dot_product_attention with dropout gets a gradient
 # that disagrees with the finite difference too (measured: -8.37 against -5.46 for this loss),
 # the partitioner then recomputes the random ops themselves.
+
 
 @pytest.mark.parametrize("fullgraph", [False, True], ids=["graph-breaks-allowed", "fullgraph"])
 def test_op_gradient_with_the_partitioners_own_choices_is_the_compiled_functions(fullgraph):

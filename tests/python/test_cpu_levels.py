@@ -6,6 +6,7 @@ torch reads ATEN_CPU_CAPABILITY once per process, so each level runs in a subpro
 level too). The subprocess saves its outputs and gradients next to SDPA's, computed from the same
 inputs in the same process; the comparisons are made here.
 """
+
 import json
 import os
 import platform
@@ -91,8 +92,11 @@ CHILD = textwrap.dedent(r"""
 
 
 def level_env(level):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+    }
     if level is not None:
         env["ATEN_CPU_CAPABILITY"] = level
     if level == "avx2":
@@ -101,19 +105,29 @@ def level_env(level):
 
 
 def run_python(code, level, *args):
-    result = subprocess.run([sys.executable, "-c", code, *args], env=level_env(level),
-                            capture_output=True, text=True, cwd=REPO, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        env=level_env(level),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
     assert result.returncode == 0, (
         f"subprocess at ATEN_CPU_CAPABILITY={level} exited with {result.returncode}:\n"
-        f"{result.stderr[-4000:]}")
+        f"{result.stderr[-4000:]}"
+    )
     return result.stdout
 
 
 @pytest.fixture(scope="module")
 def best_level():
     """The highest level torch picks on this CPU when nothing forces one."""
-    capability = run_python("import torch; print(torch.backends.cpu.get_cpu_capability())",
-                            None).strip().lower()
+    capability = (
+        run_python("import torch; print(torch.backends.cpu.get_cpu_capability())", None)
+        .strip()
+        .lower()
+    )
     return capability if capability in LEVELS else "default"
 
 
@@ -160,8 +174,9 @@ def test_every_level_matches_sdpa_in_float32_and_bfloat16(level, best_level, tmp
             assert torch.isfinite(ours).all(), f"{level} {key} {name}"
             if dtype == torch.float32 or name == "output":
                 # Both sides round to the dtype (conftest's same-dtype tolerances).
-                torch.testing.assert_close(ours, theirs, **SAME_DTYPE_TOLERANCE[dtype],
-                                           msg=f"{level} {key} {name}")
+                torch.testing.assert_close(
+                    ours, theirs, **SAME_DTYPE_TOLERANCE[dtype], msg=f"{level} {key} {name}"
+                )
             else:
                 # bfloat16 gradients: sums over L or S rounded terms, relative to the largest
                 # (ours within 0.7 ulp of it against float64, SDPA 1.8; 4 ulps allowed).

@@ -3,6 +3,7 @@
 Proves that DDP on 2 ranks (gloo, CPU) ends with identical parameters on both ranks, equal to
 single-process training on the combined batch, in float64.
 """
+
 import os
 import subprocess
 import sys
@@ -16,8 +17,17 @@ SCRIPT = ROOT / "examples" / "train_ddp.py"
 TIMEOUT_S = 240  # normally ~15 s; generous for a loaded shared machine, but never a hang
 
 # A short float64 run: long enough to move every weight, short enough for a test.
-TRAINING = ["--dtype", "float64", "--steps", "6", "--global-batch", "8", "--lr", "0.05",
-            "--no-progress"]
+TRAINING = [
+    "--dtype",
+    "float64",
+    "--steps",
+    "6",
+    "--global-batch",
+    "8",
+    "--lr",
+    "0.05",
+    "--no-progress",
+]
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -36,11 +46,13 @@ def _environment():
 
 
 def _run(command, cwd):
-    result = subprocess.run(command, cwd=cwd, env=_environment(), capture_output=True,
-                            text=True, timeout=TIMEOUT_S)
+    result = subprocess.run(
+        command, cwd=cwd, env=_environment(), capture_output=True, text=True, timeout=TIMEOUT_S
+    )
     assert result.returncode == 0, (
         f"{' '.join(map(str, command))} failed ({result.returncode}):\n"
-        f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
     return result
 
 
@@ -51,15 +63,37 @@ def _largest_difference(a, b):
 
 def test_ddp_two_ranks_equal_each_other_and_single_process_on_combined_batch(tmp_path):
     # --standalone: the rendezvous is a TCP store on localhost (127.0.0.1) on a free port.
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-          str(SCRIPT), *TRAINING, "--save", str(tmp_path / "rank{rank}.pt")], cwd=ROOT)
-    _run([sys.executable, str(SCRIPT), *TRAINING, "--save", str(tmp_path / "single.pt")],
-         cwd=ROOT)
-    _run([sys.executable, str(SCRIPT), *TRAINING, "--steps", "0",
-          "--save", str(tmp_path / "initial.pt")], cwd=ROOT)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(SCRIPT),
+            *TRAINING,
+            "--save",
+            str(tmp_path / "rank{rank}.pt"),
+        ],
+        cwd=ROOT,
+    )
+    _run([sys.executable, str(SCRIPT), *TRAINING, "--save", str(tmp_path / "single.pt")], cwd=ROOT)
+    _run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            *TRAINING,
+            "--steps",
+            "0",
+            "--save",
+            str(tmp_path / "initial.pt"),
+        ],
+        cwd=ROOT,
+    )
 
     rank0, rank1, single, initial = (
-        torch.load(tmp_path / f"{name}.pt") for name in ("rank0", "rank1", "single", "initial"))
+        torch.load(tmp_path / f"{name}.pt") for name in ("rank0", "rank1", "single", "initial")
+    )
     assert all(t.dtype == torch.float64 for t in single.values())
 
     # The training must have moved the weights, or the comparisons below would prove nothing.

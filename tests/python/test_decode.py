@@ -3,6 +3,7 @@ into chunks processed in parallel and merges their partial outputs and logsumexp
 F.scaled_dot_product_attention across every split size, with masks, padding masks, causal
 (L < S), grouped-query heads, in float64/float32/bfloat16; bitwise identical for any thread
 count; and the gradients, which the backward computes from the merged logsumexp."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,9 +19,11 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
 def make(B, H, Hkv, L, S, D, Dv, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, H, L, D, generator=g, dtype=dtype),
-            torch.randn(B, Hkv, S, D, generator=g, dtype=dtype),
-            torch.randn(B, Hkv, S, Dv, generator=g, dtype=dtype))
+    return (
+        torch.randn(B, H, L, D, generator=g, dtype=dtype),
+        torch.randn(B, Hkv, S, D, generator=g, dtype=dtype),
+        torch.randn(B, Hkv, S, Dv, generator=g, dtype=dtype),
+    )
 
 
 def reference(q, k, v, mask=None, key_padding=None, causal_bottom=None):
@@ -31,8 +34,11 @@ def reference(q, k, v, mask=None, key_padding=None, causal_bottom=None):
     L, S = q.size(2), k.size(2)
     full = torch.zeros(q.size(0), H, L, S, dtype=torch.float64)
     if mask is not None:
-        full = full + (mask.double() if mask.dtype != torch.bool
-                       else torch.zeros_like(mask, dtype=torch.float64).masked_fill(~mask, float("-inf")))
+        full = full + (
+            mask.double()
+            if mask.dtype != torch.bool
+            else torch.zeros_like(mask, dtype=torch.float64).masked_fill(~mask, float("-inf"))
+        )
     if key_padding is not None:
         full = full.masked_fill(~key_padding[:, None, None, :], float("-inf"))
     if causal_bottom is not None:
@@ -46,8 +52,9 @@ def reference(q, k, v, mask=None, key_padding=None, causal_bottom=None):
 def test_decode_shapes_match_sdpa(dtype, S, L):
     q, k, v = make(2, 4, 2, L, S, 24, 20, dtype)
     out = ops.attention(q, k, v)
-    torch.testing.assert_close(out.double(), reference(q, k, v), atol=TOLERANCE[dtype],
-                               rtol=TOLERANCE[dtype])
+    torch.testing.assert_close(
+        out.double(), reference(q, k, v), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype]
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -77,8 +84,9 @@ def test_decode_masks_match_sdpa(dtype, kind):
 def test_decode_row_that_sees_no_key_gives_zeros_and_nan_gives_nan():
     q, k, v = make(1, 2, 2, 2, 900, 8, 8, torch.float32)
     padding = torch.zeros(1, 900, dtype=torch.bool)
-    assert torch.equal(ops.attention(q, k, v, None, 0.0, False, None, padding),
-                       torch.zeros(1, 2, 2, 8))
+    assert torch.equal(
+        ops.attention(q, k, v, None, 0.0, False, None, padding), torch.zeros(1, 2, 2, 8)
+    )
     k[0, 1, 700, 3] = float("nan")
     out = ops.attention(q, k, v)
     assert torch.isnan(out[0, 1]).all() and not torch.isnan(out[0, 0]).any()
@@ -101,8 +109,9 @@ def test_decode_gradients_match_sdpa_in_float64():
     out = ops.attention(q, k, v)
     ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     grad = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad),
-                    torch.autograd.grad(ref, (q, k, v), grad)):
+    for a, b in zip(
+        torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)
+    ):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 

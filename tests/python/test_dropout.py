@@ -1,5 +1,6 @@
 """Dropout on the attention weights: reproducible under torch.manual_seed, the right keep rate
 and scale, and a backward that uses the forward's mask without storing it."""
+
 import math
 
 import pytest
@@ -15,8 +16,9 @@ pytestmark = pytest.mark.usefixtures("seed_torch")
 FLOAT64_EPS = torch.finfo(torch.float64).eps
 
 
-def run_with_seed(seed, query, key, value, dropout_p, attn_mask=None, is_causal=False,
-                  grad_output=None):
+def run_with_seed(
+    seed, query, key, value, dropout_p, attn_mask=None, is_causal=False, grad_output=None
+):
     """Output, weights and the gradients of (query, key, value) of one seeded call."""
     leaves = [t.detach().clone().requires_grad_() for t in (query, key, value)]
     torch.manual_seed(seed)
@@ -42,8 +44,9 @@ def test_same_seed_gives_bitwise_identical_results(dtype):
     # them from the online softmax; a different mask would differ by O(1), not by rounding.
     torch.manual_seed(5)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(ops.attention(query, key, value, mask, 0.3, True), first[0],
-                               atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(
+        ops.attention(query, key, value, mask, 0.3, True), first[0], atol=tolerance, rtol=tolerance
+    )
 
 
 def test_different_seeds_give_different_masks():
@@ -133,8 +136,9 @@ def test_kept_weights_are_scaled_by_exactly_one_over_keep_probability(dropout_p)
     assert 0 < kept.double().mean().item() < 1
     # Kept weights: the undropped weight times 1/(1-p), up to the rounding of that product
     # (a few ulps: the factors may be multiplied in another order).
-    torch.testing.assert_close(weights[kept], plain_weights[kept] / (1 - dropout_p),
-                               rtol=4 * FLOAT64_EPS, atol=0)
+    torch.testing.assert_close(
+        weights[kept], plain_weights[kept] / (1 - dropout_p), rtol=4 * FLOAT64_EPS, atol=0
+    )
     assert (weights[~kept] == 0).all()
     # and the output is made of exactly these weights
     torch.testing.assert_close(out, weights @ value, rtol=1e-12, atol=1e-12)
@@ -165,8 +169,9 @@ def test_backward_uses_the_forward_mask(dtype, is_causal):
     # The mask this seed draws: the state the composite ops draw, passed to the pure forward.
     torch.manual_seed(33)
     rng_state = qkv_attention.ops._draw_dropout_rng_state(p)
-    _, _, weights = ops._attention_forward(query, key, value, attn_mask, None, p, is_causal,
-                                           None, True, rng_state)
+    _, _, weights = ops._attention_forward(
+        query, key, value, attn_mask, None, p, is_causal, None, True, rng_state
+    )
     keep = ops._attention_dropout_mask(rng_state, B, H, L, S, p)
     visible = torch.ones(L, S, dtype=torch.bool)
     if is_causal:
@@ -184,10 +189,12 @@ def test_backward_uses_the_forward_mask(dtype, is_causal):
     expected, expected_weights = reference_attention(
         *leaves64[:3], leaves64[3], is_causal, dropout_keep=keep, dropout_p=p
     )
-    torch.autograd.backward((expected, expected_weights),
-                            (grad_output.double(), grad_weights.double()))
-    tolerance = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=1e-5,
-                                                                                rtol=1e-5)
+    torch.autograd.backward(
+        (expected, expected_weights), (grad_output.double(), grad_weights.double())
+    )
+    tolerance = (
+        dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-5)
+    )
     torch.testing.assert_close(out.detach().double(), expected.detach(), **tolerance)
     torch.testing.assert_close(weights.detach().double(), expected_weights.detach(), **tolerance)
     for name, ours, theirs in zip(("query", "key", "value", "attn_mask"), leaves, leaves64):

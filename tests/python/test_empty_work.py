@@ -10,6 +10,7 @@ a second, a call that does the work fails by timing out.
 The results are also checked: empty outputs, and the right values for the outputs that are not
 empty (zero gradients, the logsumexp of no computation).
 """
+
 import json
 import subprocess
 import sys
@@ -122,12 +123,17 @@ CHILD = textwrap.dedent("""
 def outcomes():
     started, results = None, {}
     try:
-        child = subprocess.run([sys.executable, "-c", CHILD, json.dumps(CASES)],
-                               capture_output=True, text=True, timeout=TIMEOUT_S)
+        child = subprocess.run(
+            [sys.executable, "-c", CHILD, json.dumps(CASES)],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_S,
+        )
         stdout, returncode, stderr = child.stdout, child.returncode, child.stderr
     except subprocess.TimeoutExpired as expired:
-        stdout = expired.stdout.decode() if isinstance(expired.stdout, bytes) else (
-            expired.stdout or "")
+        stdout = (
+            expired.stdout.decode() if isinstance(expired.stdout, bytes) else (expired.stdout or "")
+        )
         returncode, stderr = None, ""
     for line in stdout.splitlines():
         record = json.loads(line)
@@ -136,7 +142,8 @@ def outcomes():
         else:
             results[record["name"]] = record["error"]
     assert returncode is not None, (
-        f"no result after {TIMEOUT_S} s: case {started!r} is doing the work it has not got")
+        f"no result after {TIMEOUT_S} s: case {started!r} is doing the work it has not got"
+    )
     assert returncode == 0, f"the child died in case {started!r}:\n{stderr[-3000:]}"
     return results
 

@@ -1,6 +1,7 @@
 """The demo script (examples/train_transformer.py), run small: it trains both twins to the same
 result, learns the reversal task with the expected attention pattern, and writes its three files.
 """
+
 import re
 import subprocess
 import sys
@@ -13,9 +14,27 @@ DEMO = ROOT / "examples" / "train_transformer.py"
 
 # A smaller model and task than `make demo` runs (which learns length 12 in ~100 steps):
 # length 8 over 8 letters is learned by step ~110; 160 steps leave a margin. ~10 s.
-SMALL_RUN = ["--steps", "160", "--length", "8", "--vocab", "8", "--d-model", "32", "--heads", "2",
-             "--ff-dim", "64", "--batch-size", "32", "--eval-size", "256", "--threads", "1",
-             "--no-progress"]
+SMALL_RUN = [
+    "--steps",
+    "160",
+    "--length",
+    "8",
+    "--vocab",
+    "8",
+    "--d-model",
+    "32",
+    "--heads",
+    "2",
+    "--ff-dim",
+    "64",
+    "--batch-size",
+    "32",
+    "--eval-size",
+    "256",
+    "--threads",
+    "1",
+    "--no-progress",
+]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -29,8 +48,13 @@ def _table_row(report: str, label: str):
 @pytest.fixture(scope="module")
 def small_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo_out")
-    result = subprocess.run([sys.executable, str(DEMO), *SMALL_RUN, "--out", str(out)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(DEMO), *SMALL_RUN, "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, result.stdout, (out / "report.md").read_text()
 
@@ -53,8 +77,9 @@ def test_demo_twins_learn_reversal_to_the_same_result(small_demo):
     assert ours_loss < 0.1
     # float32 twins from the same weights on the same batches differ by rounding only.
     assert abs(ours_loss - torch_loss) <= 1e-4 * max(1.0, torch_loss)
-    difference = float(re.search(r"largest parameter difference between the twins: (\S+)",
-                                 report).group(1))
+    difference = float(
+        re.search(r"largest parameter difference between the twins: (\S+)", report).group(1)
+    )
     assert difference <= 1e-5  # measured 2.4e-7 (a few float32 ulps of weights of order 1)
     assert f"largest parameter difference between the twins: {difference:.3g}" in stdout
 
@@ -71,7 +96,10 @@ def test_demo_reports_step_times_and_their_ratio(small_demo):
 def test_demo_attention_reads_the_mirrored_position(small_demo):
     """Some head must put most of its weight on key L-1-i for query i (uniform: 1/8)."""
     _, _, report = small_demo
-    shares = [float(x) for line in re.findall(r"^  - layer \d+: (.+)$", report, re.MULTILINE)
-              for x in line.replace("%", "").split(", ")]
+    shares = [
+        float(x)
+        for line in re.findall(r"^  - layer \d+: (.+)$", report, re.MULTILINE)
+        for x in line.replace("%", "").split(", ")
+    ]
     assert len(shares) == 2 * 2  # layers x heads
     assert max(shares) >= 80.0

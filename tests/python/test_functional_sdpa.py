@@ -1,5 +1,6 @@
 """qkv_attention.functional.scaled_dot_product_attention against torch's, argument for argument:
 any number of leading batch dims, broadcast batch dims and masks, enable_gqa, dropout."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -46,8 +47,9 @@ def compare_with_torch(dtype, query_shape, key_shape, value_shape, mask=None, **
 @pytest.mark.parametrize("batch", [(), (3,), (2, 3), (2, 1, 3)], ids=lambda b: f"batch{len(b)}")
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
 def test_leading_batch_dims(dtype, batch, is_causal):
-    compare_with_torch(dtype, (*batch, L, E), (*batch, S, E), (*batch, S, EV),
-                       is_causal=is_causal, scale=0.45)
+    compare_with_torch(
+        dtype, (*batch, L, E), (*batch, S, E), (*batch, S, EV), is_causal=is_causal, scale=0.45
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -86,13 +88,21 @@ def test_masks_broadcast_in_any_dim(dtype, mask_kind, mask_shape):
 @pytest.mark.parametrize("kv_heads", [1, 2, 6])
 def test_enable_gqa(dtype, kv_heads):
     mask = random_tensor(6, L, S, dtype=dtype, scale=0.5)
-    compare_with_torch(dtype, (2, 6, L, E), (2, kv_heads, S, E), (2, kv_heads, S, EV),
-                       mask=mask, enable_gqa=True, scale=0.7)
+    compare_with_torch(
+        dtype,
+        (2, 6, L, E),
+        (2, kv_heads, S, E),
+        (2, kv_heads, S, EV),
+        mask=mask,
+        enable_gqa=True,
+        scale=0.7,
+    )
 
 
 def test_dropout_is_reproducible_and_is_our_operator():
-    query, key, value = (random_tensor(2, 3, n, f, dtype=torch.float32)
-                         for n, f in ((L, E), (S, E), (S, EV)))
+    query, key, value = (
+        random_tensor(2, 3, n, f, dtype=torch.float32) for n, f in ((L, E), (S, E), (S, EV))
+    )
     torch.manual_seed(4)
     first = scaled_dot_product_attention(query, key, value, dropout_p=0.4)
     torch.manual_seed(4)

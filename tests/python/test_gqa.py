@@ -2,6 +2,7 @@
 heads (query head h reads key/value head h // G), against F.scaled_dot_product_attention(
 enable_gqa=True) in float64, with gradients, double backward, opcheck, thread-count determinism
 and the error for a head count that does not divide."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,9 @@ SHAPES = [
 
 def inputs(B, H, Hkv, L, S, D, Dv, dtype=torch.float64, requires_grad=True, seed=0):
     g = torch.Generator().manual_seed(seed)
-    make = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype).requires_grad_(requires_grad)  # noqa: E731
+    make = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype).requires_grad_(
+        requires_grad
+    )  # noqa: E731
     return make(B, H, L, D), make(B, Hkv, S, D), make(B, Hkv, S, Dv)
 
 
@@ -40,16 +43,16 @@ def mask_for(kind, B, H, L, S):
 
 # SDPA takes no mask together with is_causal. Every shape has L <= S, so no causal row is empty.
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("mask_kind,causal",
-                         [(None, False), ("float", False), ("bool", False), (None, True)])
+@pytest.mark.parametrize(
+    "mask_kind,causal", [(None, False), ("float", False), ("bool", False), (None, True)]
+)
 def test_gqa_matches_sdpa_enable_gqa_values_and_all_gradients(shape, mask_kind, causal):
     B, H, Hkv, L, S, D, Dv = shape
     assert L <= S
     q, k, v = inputs(*shape)
     mask = mask_for(mask_kind, B, H, L, S)
     ours = ops.attention(q, k, v, mask, 0.0, causal)
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                         enable_gqa=True)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
     grad = torch.randn_like(ours)
     ours_grads = torch.autograd.grad(ours, (q, k, v), grad)
     ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
@@ -96,8 +99,9 @@ def test_gqa_with_dropout_is_reproducible_and_matches_its_mask():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gqa_forward_and_backward_are_bitwise_identical_for_one_and_two_threads(dtype,
-                                                                                restore_threads):
+def test_gqa_forward_and_backward_are_bitwise_identical_for_one_and_two_threads(
+    dtype, restore_threads
+):
     q, k, v = inputs(1, 8, 2, 70, 300, 32, 32, dtype=dtype)
     grad = torch.randn(1, 8, 70, 32, dtype=dtype)
     results = []
@@ -111,8 +115,9 @@ def test_gqa_forward_and_backward_are_bitwise_identical_for_one_and_two_threads(
 
 def test_gqa_opcheck():
     q, k, v = inputs(2, 4, 2, 5, 7, 8, 6)
-    torch.library.opcheck(ops._attention_forward.default,
-                          (q, k, v, None, None, 0.0, True, None, False))
+    torch.library.opcheck(
+        ops._attention_forward.default, (q, k, v, None, None, 0.0, True, None, False)
+    )
     torch.library.opcheck(ops.attention.default, (q, k, v))
 
 

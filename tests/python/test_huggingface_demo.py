@@ -1,6 +1,7 @@
 """The demo's part two (examples/huggingface_demo.py), run small: MiniLM and a Llama-style model
 give the same results with our attention as with sdpa, and the script appends its section and
 picture to the report of part one."""
+
 import importlib.util
 import re
 import subprocess
@@ -26,8 +27,13 @@ def load_demo_module():
 def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo_out")
     (out / "report.md").write_text(PART_ONE)  # what part one leaves there
-    result = subprocess.run([sys.executable, str(DEMO), "--quick", "--out", str(out)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(DEMO), "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, result.stdout, (out / "report.md").read_text()
 
@@ -48,16 +54,29 @@ def test_demo_writes_a_picture(quick_demo):
 
 def test_demo_minilm_embeddings_and_search_agree_with_sdpa(quick_demo):
     _, stdout, report = quick_demo
-    difference = float(re.search(r"largest difference of the sentence embeddings, ours vs "
-                                 r"sdpa: (\S+)", report).group(1))
+    difference = float(
+        re.search(
+            r"largest difference of the sentence embeddings, ours vs "
+            r"sdpa: (\S+)",
+            report,
+        ).group(1)
+    )
     assert difference <= 1e-5  # unit vectors in float32; measured 1.3e-7
     assert "ranking under both identical" in report
     assert "semantic search rankings identical" in stdout
     # The search finds what a reader expects (the pretrained weights are really in use).
-    assert re.search(r"^\| Will it rain this weekend\? \| It will be sunny and warm all weekend\."
-                     r" \|", report, re.MULTILINE)
-    assert re.search(r"^\| My kitten naps in the sun\. \| The cat is sleeping on the warm "
-                     r"windowsill\. \|", report, re.MULTILINE)
+    assert re.search(
+        r"^\| Will it rain this weekend\? \| It will be sunny and warm all weekend\."
+        r" \|",
+        report,
+        re.MULTILINE,
+    )
+    assert re.search(
+        r"^\| My kitten naps in the sun\. \| The cat is sleeping on the warm "
+        r"windowsill\. \|",
+        report,
+        re.MULTILINE,
+    )
     ratio = float(re.search(r"speed ratio sdpa / ours: (\S+)", report).group(1))
     assert ratio > 0
 
@@ -65,8 +84,9 @@ def test_demo_minilm_embeddings_and_search_agree_with_sdpa(quick_demo):
 def test_demo_llama_generates_the_same_tokens_and_reports_rates(quick_demo):
     _, stdout, report = quick_demo
     assert "generated tokens identical: yes" in report
-    assert re.search(r"8 greedy tokens identical; ours \d+\.\d tokens/s, sdpa \d+\.\d tokens/s",
-                     stdout)
+    assert re.search(
+        r"8 greedy tokens identical; ours \d+\.\d tokens/s, sdpa \d+\.\d tokens/s", stdout
+    )
     row = re.search(r"^\| tokens per second \| (\S+) \| (\S+) \|$", report, re.MULTILINE)
     ours, sdpa = float(row.group(1)), float(row.group(2))
     assert ours > 0 and sdpa > 0

@@ -2,6 +2,7 @@
 and MultiheadAttention, computed without padding by attention_varlen: against each sequence
 computed on its own (our dense path and torch's SDPA) in float64 with gradients, causal, GQA,
 dropout, torch.compile; strided nested tensors in the module as torch's fast path takes them."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,8 +10,7 @@ import torch.nn.functional as F
 import qkv_attention
 from qkv_attention.functional import scaled_dot_product_attention as sdpa
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:The PyTorch API of nested tensors is in prototype")
+pytestmark = pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype")
 
 F64 = dict(atol=1e-10, rtol=1e-10)  # float64 against float64 (see test_varlen.py)
 
@@ -18,7 +18,8 @@ F64 = dict(atol=1e-10, rtol=1e-10)  # float64 against float64 (see test_varlen.p
 def jagged_bhjd(parts):
     """(B, H, j, D) jagged from per-sequence (L_b, H, D) tensors, as torch's docs build it."""
     nt = torch.nested.nested_tensor_from_jagged(
-        torch.cat(parts), torch.tensor([0] + [p.size(0) for p in parts]).cumsum(0))
+        torch.cat(parts), torch.tensor([0] + [p.size(0) for p in parts]).cumsum(0)
+    )
     return nt.transpose(1, 2)
 
 
@@ -31,9 +32,11 @@ def leaf_parts(lengths, H, D, seed):
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_functional_jagged_matches_per_sequence_sdpa_with_gradients(is_causal, kv_heads):
     lengths_q, lengths_k = [1, 7, 40, 2], [3, 7, 40, 5]
-    values = [torch.cat(leaf_parts(lengths_q, 4, 8, 0)),
-              torch.cat(leaf_parts(lengths_k, kv_heads, 8, 1)),
-              torch.cat(leaf_parts(lengths_k, kv_heads, 6, 2))]
+    values = [
+        torch.cat(leaf_parts(lengths_q, 4, 8, 0)),
+        torch.cat(leaf_parts(lengths_k, kv_heads, 8, 1)),
+        torch.cat(leaf_parts(lengths_k, kv_heads, 6, 2)),
+    ]
     leaves = [t.clone().requires_grad_() for t in values]
     cu_q = torch.tensor([0] + lengths_q).cumsum(0)
     cu_k = torch.tensor([0] + lengths_k).cumsum(0)
@@ -49,13 +52,15 @@ def test_functional_jagged_matches_per_sequence_sdpa_with_gradients(is_causal, k
     refs = [t.clone().requires_grad_() for t in values]
     expected = []
     for b in range(len(lengths_q)):
-        qb = refs[0][cu_q[b]:cu_q[b + 1]].transpose(0, 1)
-        kb = refs[1][cu_k[b]:cu_k[b + 1]].transpose(0, 1)
-        vb = refs[2][cu_k[b]:cu_k[b + 1]].transpose(0, 1)
-        mask = (torch.ones(qb.size(1), kb.size(1), dtype=torch.bool).tril()
-                if is_causal else None)
-        expected.append(F.scaled_dot_product_attention(
-            qb, kb, vb, attn_mask=mask, scale=0.4, enable_gqa=True).transpose(0, 1))
+        qb = refs[0][cu_q[b] : cu_q[b + 1]].transpose(0, 1)
+        kb = refs[1][cu_k[b] : cu_k[b + 1]].transpose(0, 1)
+        vb = refs[2][cu_k[b] : cu_k[b + 1]].transpose(0, 1)
+        mask = torch.ones(qb.size(1), kb.size(1), dtype=torch.bool).tril() if is_causal else None
+        expected.append(
+            F.scaled_dot_product_attention(
+                qb, kb, vb, attn_mask=mask, scale=0.4, enable_gqa=True
+            ).transpose(0, 1)
+        )
     expected = torch.cat(expected)
     torch.testing.assert_close(out_values, expected, **F64)
     for got, want in zip(grads, torch.autograd.grad(expected, refs, grad)):
@@ -67,8 +72,9 @@ def test_functional_jagged_matches_torchs_jagged_sdpa():
     q = jagged_bhjd(parts)
     ours = sdpa(q, q, q)
     theirs = F.scaled_dot_product_attention(q, q, q)
-    torch.testing.assert_close(ours.transpose(1, 2).values(),
-                               theirs.transpose(1, 2).values(), **F64)
+    torch.testing.assert_close(
+        ours.transpose(1, 2).values(), theirs.transpose(1, 2).values(), **F64
+    )
 
 
 def test_functional_jagged_dropout_is_reproducible():
@@ -84,7 +90,9 @@ def test_functional_jagged_refuses_attn_mask_and_mixed_inputs():
     q = jagged_bhjd(leaf_parts([2, 3], 2, 4, 5))
     with pytest.raises(RuntimeError, match="attn_mask is not supported with jagged"):
         sdpa(q, q, q, attn_mask=torch.ones(1, dtype=torch.bool))
-    with pytest.raises(NotImplementedError, match="key must be a dense tensor, but is a NestedTensor"):
+    with pytest.raises(
+        NotImplementedError, match="key must be a dense tensor, but is a NestedTensor"
+    ):
         sdpa(torch.randn(2, 2, 3, 4, dtype=torch.float64), q, q)
     kv = jagged_bhjd(leaf_parts([2, 3], 1, 4, 6))
     with pytest.raises(RuntimeError, match="pass enable_gqa=True"):
@@ -94,8 +102,11 @@ def test_functional_jagged_refuses_attn_mask_and_mixed_inputs():
 def test_functional_jagged_compiles():
     q = jagged_bhjd(leaf_parts([3, 6, 2], 2, 8, 7))
     compiled = torch.compile(lambda a: sdpa(a, a, a, is_causal=True), backend="aot_eager")
-    torch.testing.assert_close(compiled(q).transpose(1, 2).values(),
-                               sdpa(q, q, q, is_causal=True).transpose(1, 2).values(), **F64)
+    torch.testing.assert_close(
+        compiled(q).transpose(1, 2).values(),
+        sdpa(q, q, q, is_causal=True).transpose(1, 2).values(),
+        **F64,
+    )
 
 
 def module_pair(E=16, H=4, **kw):
@@ -111,8 +122,11 @@ def test_module_jagged_matches_each_sequence_alone(training, self_attention):
     lengths, kv_lengths = [3, 1, 11, 6], [4, 2, 11, 1]
     g = torch.Generator().manual_seed(1)
     xs = [torch.randn(n, 16, generator=g, dtype=torch.float64) for n in lengths]
-    ys = xs if self_attention else [torch.randn(n, 16, generator=g, dtype=torch.float64)
-                                    for n in kv_lengths]
+    ys = (
+        xs
+        if self_attention
+        else [torch.randn(n, 16, generator=g, dtype=torch.float64) for n in kv_lengths]
+    )
     x = torch.nested.as_nested_tensor(xs, layout=torch.jagged).requires_grad_()
     y = x if self_attention else torch.nested.as_nested_tensor(ys, layout=torch.jagged)
     out, weights = module(x, y, y, need_weights=False)
@@ -120,8 +134,10 @@ def test_module_jagged_matches_each_sequence_alone(training, self_attention):
     out.values().sum().backward()
     grad_in = {n: p.grad.clone() for n, p in module.named_parameters()}
     module.zero_grad()
-    expected = [module(a.unsqueeze(0), b.unsqueeze(0), b.unsqueeze(0), need_weights=False)[0][0]
-                for a, b in zip(xs, ys)]
+    expected = [
+        module(a.unsqueeze(0), b.unsqueeze(0), b.unsqueeze(0), need_weights=False)[0][0]
+        for a, b in zip(xs, ys)
+    ]
     torch.testing.assert_close(out.values(), torch.cat(expected), **F64)
     torch.cat(expected).sum().backward()
     for name, p in module.named_parameters():
@@ -149,8 +165,9 @@ def test_module_strided_nested_matches_torchs_fast_path():
 
 def test_module_jagged_refuses_masks_and_needs_batch_first():
     module = module_pair()
-    x = torch.nested.as_nested_tensor([torch.randn(2, 16, dtype=torch.float64)],
-                                      layout=torch.jagged)
+    x = torch.nested.as_nested_tensor(
+        [torch.randn(2, 16, dtype=torch.float64)], layout=torch.jagged
+    )
     with pytest.raises(NotImplementedError, match="key_padding_mask is not supported"):
         module(x, x, x, key_padding_mask=torch.zeros(1, 2, dtype=torch.bool))
     with pytest.raises(AssertionError, match="batch_first=True"):

@@ -33,8 +33,20 @@ FAST_DTYPES = (torch.float32, torch.bfloat16)  # the AVX-512 float and bfloat16 
 ALL_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
-def check_against_reference(dtype, B, H, L, S, D, Dv=None, attn_mask=None, is_causal=False,
-                            key_padding_mask=None, dropout_p=0.0, seed=0):
+def check_against_reference(
+    dtype,
+    B,
+    H,
+    L,
+    S,
+    D,
+    Dv=None,
+    attn_mask=None,
+    is_causal=False,
+    key_padding_mask=None,
+    dropout_p=0.0,
+    seed=0,
+):
     """Forward (output, weights, logsumexp) and backward (q, k, v and float-mask gradients) of
     attention_with_weights against the float64 reference with the same dropout mask."""
     torch.manual_seed(seed)
@@ -43,8 +55,9 @@ def check_against_reference(dtype, B, H, L, S, D, Dv=None, attn_mask=None, is_ca
     if mask_needs_grad:
         attn_mask = attn_mask.detach().to(dtype).requires_grad_()
     torch.manual_seed(seed + 1)
-    out, weights = ops.attention_with_weights(q, k, v, attn_mask, dropout_p, is_causal, None,
-                                              key_padding_mask)
+    out, weights = ops.attention_with_weights(
+        q, k, v, attn_mask, dropout_p, is_causal, None, key_padding_mask
+    )
     keep = None
     if dropout_p > 0:
         torch.manual_seed(seed + 1)  # the state attention_with_weights drew
@@ -52,16 +65,25 @@ def check_against_reference(dtype, B, H, L, S, D, Dv=None, attn_mask=None, is_ca
         keep = ops._attention_dropout_mask(rng_state, B, H, L, S, dropout_p)
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     mask64 = attn_mask.detach().double().requires_grad_() if mask_needs_grad else attn_mask
-    ref_out, ref_weights = reference_attention(*leaves, mask64, is_causal, None, key_padding_mask,
-                                               keep, dropout_p)
+    ref_out, ref_weights = reference_attention(
+        *leaves, mask64, is_causal, None, key_padding_mask, keep, dropout_p
+    )
     tolerance = VS_FLOAT64_TOLERANCE[dtype]
     torch.testing.assert_close(out.double(), ref_out, **tolerance)
     torch.testing.assert_close(weights.double(), ref_weights, **tolerance)
 
     # The logsumexp saved for the backward, in float32 (float64 for float64).
-    lse = ops._attention_forward(q.detach(), k.detach(), v.detach(), attn_mask.detach()
-                                 if mask_needs_grad else attn_mask, key_padding_mask, 0.0,
-                                 is_causal, None, False)[1]
+    lse = ops._attention_forward(
+        q.detach(),
+        k.detach(),
+        v.detach(),
+        attn_mask.detach() if mask_needs_grad else attn_mask,
+        key_padding_mask,
+        0.0,
+        is_causal,
+        None,
+        False,
+    )[1]
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
 
     grad = torch.randn(out.shape, dtype=torch.float64)
@@ -82,8 +104,19 @@ def check_against_reference(dtype, B, H, L, S, D, Dv=None, attn_mask=None, is_ca
 
 # Around 48 (query block), 128/256/512 (key blocks), and single positions.
 BOUNDARY_SHAPES = [
-    (1, 1), (1, 300), (300, 1), (47, 47), (48, 48), (49, 49), (97, 127), (96, 129),
-    (50, 255), (49, 257), (130, 511), (17, 513), (145, 200),
+    (1, 1),
+    (1, 300),
+    (300, 1),
+    (47, 47),
+    (48, 48),
+    (49, 49),
+    (97, 127),
+    (96, 129),
+    (50, 255),
+    (49, 257),
+    (130, 511),
+    (17, 513),
+    (145, 200),
 ]
 
 
@@ -101,8 +134,9 @@ def test_every_dtype_at_block_edges_with_odd_head_sizes(dtype, L, S):
 
 
 @pytest.mark.parametrize("dtype", FAST_DTYPES, ids=str)
-@pytest.mark.parametrize("L,S", [(1, 300), (60, 300), (300, 60), (257, 49), (49, 600), (600, 49)],
-                         ids=lambda x: str(x))
+@pytest.mark.parametrize(
+    "L,S", [(1, 300), (60, 300), (300, 60), (257, 49), (49, 600), (600, 49)], ids=lambda x: str(x)
+)
 def test_causal_with_different_query_and_key_lengths(dtype, L, S):
     """Top-left causal: query i sees keys 0..i, so rows past S see every key and keys past L are
     seen by no row (their gradients are zero)."""
@@ -118,8 +152,15 @@ def test_long_rows_and_many_key_blocks(dtype):
 @pytest.mark.parametrize("dtype", FAST_DTYPES, ids=str)
 @pytest.mark.parametrize(
     "mask_shape",
-    [(1, 1, 1, 1), (1, 1, 1, 200), (1, 1, 70, 1), (2, 1, 1, 200), (1, 3, 70, 200),
-     (70, 200), (200,)],
+    [
+        (1, 1, 1, 1),
+        (1, 1, 1, 200),
+        (1, 1, 70, 1),
+        (2, 1, 1, 200),
+        (1, 3, 70, 200),
+        (70, 200),
+        (200,),
+    ],
     ids=lambda s: "x".join(map(str, s)),
 )
 @pytest.mark.parametrize("kind", ["bool", "float"])
@@ -145,8 +186,9 @@ def test_strided_and_expanded_masks_with_a_key_padding_mask(dtype):
     assert transposed.stride(-1) != 1
     padding = torch.ones(B, S, dtype=torch.bool)
     padding[1, 140:] = False
-    check_against_reference(dtype, B, H, L, S, 16, attn_mask=transposed, is_causal=True,
-                            key_padding_mask=padding)
+    check_against_reference(
+        dtype, B, H, L, S, 16, attn_mask=transposed, is_causal=True, key_padding_mask=padding
+    )
     expanded = torch.randn(1, 1, L, 1, generator=g, dtype=torch.float64).expand(B, H, L, S)
     check_against_reference(dtype, B, H, L, S, 16, attn_mask=expanded, key_padding_mask=padding)
 
@@ -197,13 +239,16 @@ def test_rows_without_keys_give_zeros_and_zero_gradients(dtype):
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize(
     "B,H,L,S,causal,dropout",
-    [(1, 1, 200, 1100, False, 0.0),  # B*H = 1: the keys of the head split into 8 groups
-     (1, 3, 150, 700, True, 0.2),    # B*H = 3: 3 groups each, causal
-     (2, 8, 100, 300, False, 0.1)],  # B*H = 16: one group per head
+    [
+        (1, 1, 200, 1100, False, 0.0),  # B*H = 1: the keys of the head split into 8 groups
+        (1, 3, 150, 700, True, 0.2),  # B*H = 3: 3 groups each, causal
+        (2, 8, 100, 300, False, 0.1),
+    ],  # B*H = 16: one group per head
     ids=["one-head", "three-heads-causal", "sixteen-heads"],
 )
 def test_key_groups_give_bitwise_identical_results_for_any_thread_count(
-        dtype, B, H, L, S, causal, dropout, restore_threads):
+    dtype, B, H, L, S, causal, dropout, restore_threads
+):
     """The partial dQ sums of the key groups are added in group order, whatever thread ran
     which group: every output bit is the same with 1 and 2 threads, and from call to call."""
     q, k, v = random_qkv(B, H, L, S, 16, dtype=dtype, requires_grad=True)
@@ -238,8 +283,9 @@ def test_weights_gradient_and_dropout_together(dtype):
     ref_out, ref_weights = reference_attention(*leaves, dropout_keep=keep, dropout_p=0.25)
     g_out = torch.randn(out.shape, dtype=torch.float64)
     g_w = torch.randn(weights.shape, dtype=torch.float64)
-    ours = torch.autograd.grad((out * g_out.to(dtype)).sum() + (weights * g_w.to(dtype)).sum(),
-                               (q, k, v))
+    ours = torch.autograd.grad(
+        (out * g_out.to(dtype)).sum() + (weights * g_w.to(dtype)).sum(), (q, k, v)
+    )
     theirs = torch.autograd.grad((ref_out * g_out).sum() + (ref_weights * g_w).sum(), leaves)
     assert torch.equal(weights == 0, (keep == 0) | (ref_weights == 0))
     for a, e in zip(ours, theirs):

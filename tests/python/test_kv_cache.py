@@ -10,6 +10,7 @@ mask cut to n_b columns. Caches start filled with NaN, so any read past a valid 
 These tests run at every CPU level (Makefile LEVEL_TESTS): the op reaches the level's blocked
 forward and its split-KV decoding (L <= 16 against more than 512 keys).
 """
+
 import math
 
 import pytest
@@ -34,8 +35,10 @@ TOLERANCE = {
 
 def nan_caches(B, Hkv, S_max, D, Dv, dtype, fill=float("nan")):
     """Caches as torch.empty might leave them: every entry `fill` (NaN by default)."""
-    return (torch.full((B, Hkv, S_max, D), fill, dtype=dtype),
-            torch.full((B, Hkv, S_max, Dv), fill, dtype=dtype))
+    return (
+        torch.full((B, Hkv, S_max, D), fill, dtype=dtype),
+        torch.full((B, Hkv, S_max, Dv), fill, dtype=dtype),
+    )
 
 
 def fill_history(k_cache, v_cache, lengths):
@@ -57,16 +60,16 @@ def reference(query, k_cache, v_cache, lengths, attn_mask=None, is_causal=True, 
     outputs = []
     for b in range(B):
         n = int(lengths[b])
-        q = query[b:b + 1].double()
-        k = k_cache[b:b + 1, :, :n].double().repeat_interleave(H // Hkv, dim=1)
-        v = v_cache[b:b + 1, :, :n].double().repeat_interleave(H // Hkv, dim=1)
+        q = query[b : b + 1].double()
+        k = k_cache[b : b + 1, :, :n].double().repeat_interleave(H // Hkv, dim=1)
+        v = v_cache[b : b + 1, :, :n].double().repeat_interleave(H // Hkv, dim=1)
         i = torch.arange(L).unsqueeze(1)
         j = torch.arange(n).unsqueeze(0)
         visible = (j <= n - L + i) if is_causal else torch.ones(L, n, dtype=torch.bool)
         visible = visible.expand(1, H, L, n)
         bias = torch.zeros(1, H, L, n, dtype=torch.float64)
         if attn_mask is not None:
-            mask = attn_mask.expand(B, H, L, S_max)[b:b + 1, :, :, :n]
+            mask = attn_mask.expand(B, H, L, S_max)[b : b + 1, :, :, :n]
             if mask.dtype == torch.bool:
                 visible = visible & mask
             else:
@@ -90,18 +93,20 @@ def assert_cache_after_write(before, after, new, lengths):
     expected = before.clone()
     L_new = new.shape[2]
     for b, n in enumerate(lengths.tolist()):
-        expected[b, :, n:n + L_new] = new[b]
+        expected[b, :, n : n + L_new] = new[b]
     assert torch.equal(after.contiguous().view(torch.int8), expected.contiguous().view(torch.int8))
 
 
-def step_and_check(query, k_cache, v_cache, key, value, lengths, attn_mask=None,
-                   is_causal=True, scale=None):
+def step_and_check(
+    query, k_cache, v_cache, key, value, lengths, attn_mask=None, is_causal=True, scale=None
+):
     """Runs the op, checks the caches and the output, and returns the new lengths."""
     k_before, v_before = k_cache.clone(), v_cache.clone()
     lengths_before = lengths.clone()
     with torch.no_grad():
-        out = ops.attention_with_kv_cache(query, k_cache, v_cache, key, value, lengths,
-                                          attn_mask, is_causal, scale)
+        out = ops.attention_with_kv_cache(
+            query, k_cache, v_cache, key, value, lengths, attn_mask, is_causal, scale
+        )
     assert torch.equal(lengths, lengths_before), "cache_seqlens must not be modified"
     if key is not None:
         assert_cache_after_write(k_before, k_cache, key, lengths)
@@ -164,8 +169,10 @@ def test_queries_masks_and_causality(mask_kind, is_causal, L, S_max):
     lengths = torch.tensor([S_max - L_new - 7, 10], dtype=torch.int32)
     fill_history(k_cache, v_cache, lengths)
     query = torch.randn(B, H, L, D, dtype=dtype)
-    key, value = torch.randn(B, Hkv, L_new, D, dtype=dtype), torch.randn(B, Hkv, L_new, D,
-                                                                          dtype=dtype)
+    key, value = (
+        torch.randn(B, Hkv, L_new, D, dtype=dtype),
+        torch.randn(B, Hkv, L_new, D, dtype=dtype),
+    )
     mask = make_mask(mask_kind, B, H, L, S_max)
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(dtype)
@@ -178,8 +185,10 @@ def test_more_queries_than_visible_keys_gives_zero_rows():
     lengths = torch.tensor([1])
     fill_history(k_cache, v_cache, lengths)
     query = torch.randn(1, 1, 5, 4, dtype=torch.float64)
-    key, value = torch.randn(1, 1, 2, 4, dtype=torch.float64), torch.randn(1, 1, 2, 4,
-                                                                           dtype=torch.float64)
+    key, value = (
+        torch.randn(1, 1, 2, 4, dtype=torch.float64),
+        torch.randn(1, 1, 2, 4, dtype=torch.float64),
+    )
     with torch.no_grad():
         out = ops.attention_with_kv_cache(query, k_cache, v_cache, key, value, lengths)
     assert torch.equal(out[0, 0, :2], torch.zeros(2, 4, dtype=torch.float64))
@@ -195,8 +204,9 @@ def test_causal_prefill_of_an_empty_cache_equals_top_left_causal_attention():
     k_cache, v_cache = nan_caches(B, H, 32, D, D, torch.float64)
     q, k, v = (torch.randn(B, H, L, D, dtype=torch.float64) for _ in range(3))
     with torch.no_grad():
-        out = ops.attention_with_kv_cache(q, k_cache, v_cache, k, v,
-                                          torch.zeros(B, dtype=torch.int64))
+        out = ops.attention_with_kv_cache(
+            q, k_cache, v_cache, k, v, torch.zeros(B, dtype=torch.int64)
+        )
         expected = ops.attention(q, k, v, is_causal=True)
     torch.testing.assert_close(out, expected, **VS_FLOAT64_TOLERANCE[torch.float64])
 
@@ -240,8 +250,11 @@ def test_garbage_beyond_the_valid_length_never_reaches_the_output(fill, L, S_max
         for b, n in enumerate(lengths.tolist()):
             k_cache[b, :, :n], v_cache[b, :, :n] = history[0][b, :, :n], history[1][b, :, :n]
         with torch.no_grad():
-            outputs.append(ops.attention_with_kv_cache(query, k_cache, v_cache, key, value,
-                                                       lengths, torch.ones(L, S_max) * 0.1))
+            outputs.append(
+                ops.attention_with_kv_cache(
+                    query, k_cache, v_cache, key, value, lengths, torch.ones(L, S_max) * 0.1
+                )
+            )
     assert outputs[0].isfinite().all()
     # Bitwise the same: the garbage is never read, not even multiplied by zero.
     assert torch.equal(outputs[0], outputs[1])
@@ -265,6 +278,7 @@ def test_strided_caches_and_inputs():
 
 # ---- empty work ---------------------------------------------------------------------------
 
+
 def test_no_queries_still_writes_the_new_entries():
     k_cache, v_cache = nan_caches(2, 2, 10, 4, 3, torch.float32)
     lengths = torch.tensor([0, 4])
@@ -277,14 +291,18 @@ def test_no_queries_still_writes_the_new_entries():
     assert_cache_after_write(k_before, k_cache, key, lengths)
 
 
-@pytest.mark.parametrize("shape", [
-    dict(B=0, H=2, Hkv=1, L=1, L_new=1, S_max=8, D=4, Dv=4),
-    dict(B=2, H=2, Hkv=1, L=2, L_new=0, S_max=8, D=4, Dv=4),
-    dict(B=2, H=0, Hkv=0, L=2, L_new=1, S_max=8, D=4, Dv=4),
-    dict(B=2, H=2, Hkv=2, L=2, L_new=1, S_max=8, D=4, Dv=0),
-    dict(B=2, H=2, Hkv=2, L=2, L_new=0, S_max=0, D=4, Dv=4),
-    dict(B=2, H=2, Hkv=2, L=2, L_new=1, S_max=8, D=0, Dv=4),
-], ids=["B0", "L_new0", "H0", "Dv0", "S_max0", "D0"])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(B=0, H=2, Hkv=1, L=1, L_new=1, S_max=8, D=4, Dv=4),
+        dict(B=2, H=2, Hkv=1, L=2, L_new=0, S_max=8, D=4, Dv=4),
+        dict(B=2, H=0, Hkv=0, L=2, L_new=1, S_max=8, D=4, Dv=4),
+        dict(B=2, H=2, Hkv=2, L=2, L_new=1, S_max=8, D=4, Dv=0),
+        dict(B=2, H=2, Hkv=2, L=2, L_new=0, S_max=0, D=4, Dv=4),
+        dict(B=2, H=2, Hkv=2, L=2, L_new=1, S_max=8, D=0, Dv=4),
+    ],
+    ids=["B0", "L_new0", "H0", "Dv0", "S_max0", "D0"],
+)
 def test_empty_work(shape):
     B, H, Hkv, L, L_new = shape["B"], shape["H"], shape["Hkv"], shape["L"], shape["L_new"]
     S_max, D, Dv = shape["S_max"], shape["D"], shape["Dv"]
@@ -299,13 +317,22 @@ def test_empty_work(shape):
 
 # ---- errors: each names the argument and the numbers, and leaves the caches unchanged -------
 
+
 def _valid(B=3, H=4, Hkv=2, L=1, S_max=16, D=8, Dv=6, dtype=torch.float32):
     k_cache, v_cache = nan_caches(B, Hkv, S_max, D, Dv, dtype)
     lengths = torch.tensor([3, S_max - 2, 0])[:B]
     fill_history(k_cache, v_cache, lengths)
-    return dict(query=torch.randn(B, H, L, D).to(dtype), k_cache=k_cache, v_cache=v_cache,
-                key=torch.randn(B, Hkv, 2, D).to(dtype), value=torch.randn(B, Hkv, 2, Dv).to(dtype),
-                cache_seqlens=lengths, attn_mask=None, is_causal=True, scale=None)
+    return dict(
+        query=torch.randn(B, H, L, D).to(dtype),
+        k_cache=k_cache,
+        v_cache=v_cache,
+        key=torch.randn(B, Hkv, 2, D).to(dtype),
+        value=torch.randn(B, Hkv, 2, Dv).to(dtype),
+        cache_seqlens=lengths,
+        attn_mask=None,
+        is_causal=True,
+        scale=None,
+    )
 
 
 def _change(**changes):
@@ -313,6 +340,7 @@ def _change(**changes):
         for name, value in changes.items():
             args[name] = value(args) if callable(value) else value
         return args
+
     return apply
 
 
@@ -320,78 +348,100 @@ ERRORS = {
     "overflow_of_the_last_sequence": (
         _change(cache_seqlens=lambda a: torch.tensor([3, 15, 0])),
         r"sequence 1 would overflow its cache: cache_seqlens\[1\] = 15 valid entries plus the 2 "
-        r"new positions of key exceed the caches' S_max = 16"),
+        r"new positions of key exceed the caches' S_max = 16",
+    ),
     "overflow_int32": (
         _change(cache_seqlens=lambda a: torch.tensor([3, 2, 2**31 - 1], dtype=torch.int32)),
-        r"cache_seqlens\[2\] = 2147483647 .* S_max = 16"),
+        r"cache_seqlens\[2\] = 2147483647 .* S_max = 16",
+    ),
     "overflow_int64_max": (
         _change(cache_seqlens=lambda a: torch.tensor([3, 2, 2**63 - 1])),
-        r"cache_seqlens\[2\] = 9223372036854775807 .* S_max = 16"),
+        r"cache_seqlens\[2\] = 9223372036854775807 .* S_max = 16",
+    ),
     "negative_length": (
         _change(cache_seqlens=lambda a: torch.tensor([3, -1, 0])),
-        r"cache_seqlens\[1\] = -1 is negative"),
+        r"cache_seqlens\[1\] = -1 is negative",
+    ),
     "more_new_keys_than_S_max": (
         _change(key=lambda a: torch.randn(3, 2, 17, 8), value=lambda a: torch.randn(3, 2, 17, 6)),
-        r"key has 17 new positions but the caches hold at most S_max = 16"),
+        r"key has 17 new positions but the caches hold at most S_max = 16",
+    ),
     "key_without_value": (_change(value=None), r"key is given and value is None"),
     "value_without_key": (_change(key=None), r"value is given and key is None"),
     "key_without_cache_seqlens": (_change(cache_seqlens=None), r"cache_seqlens is None"),
     "cache_seqlens_float": (
         _change(cache_seqlens=lambda a: a["cache_seqlens"].float()),
-        r"cache_seqlens must be int32 or int64, but has dtype Float"),
+        r"cache_seqlens must be int32 or int64, but has dtype Float",
+    ),
     "cache_seqlens_wrong_length": (
         _change(cache_seqlens=lambda a: torch.tensor([1, 2, 3, 4])),
-        r"cache_seqlens must have shape \(B,\) = \(3\).*\[4\]"),
+        r"cache_seqlens must have shape \(B,\) = \(3\).*\[4\]",
+    ),
     "cache_seqlens_2d": (
         _change(cache_seqlens=lambda a: a["cache_seqlens"].unsqueeze(0)),
-        r"cache_seqlens must have shape \(B,\) = \(3\)"),
+        r"cache_seqlens must have shape \(B,\) = \(3\)",
+    ),
     "key_dtype": (
         _change(key=lambda a: a["key"].double()),
-        r"key has dtype Double but k_cache has dtype Float"),
+        r"key has dtype Double but k_cache has dtype Float",
+    ),
     "query_dtype": (
         _change(query=lambda a: a["query"].double()),
-        r"k_cache has dtype Float but query has dtype Double"),
+        r"k_cache has dtype Float but query has dtype Double",
+    ),
     "int_cache": (
         _change(k_cache=lambda a: torch.zeros(3, 2, 16, 8, dtype=torch.int64)),
-        r"k_cache must be float64, float32, bfloat16 or float16, but has dtype Long"),
+        r"k_cache must be float64, float32, bfloat16 or float16, but has dtype Long",
+    ),
     "key_features": (
         _change(key=lambda a: torch.randn(3, 2, 2, 7)),
-        r"key has 7 features per head but k_cache has 8"),
+        r"key has 7 features per head but k_cache has 8",
+    ),
     "value_positions": (
         _change(value=lambda a: torch.randn(3, 2, 3, 6)),
-        r"value has 3 positions but key has 2"),
+        r"value has 3 positions but key has 2",
+    ),
     "key_heads": (
         _change(key=lambda a: torch.randn(3, 4, 2, 8)),
-        r"key has 4 heads but k_cache has 2"),
+        r"key has 4 heads but k_cache has 2",
+    ),
     "v_cache_length": (
         _change(v_cache=lambda a: torch.zeros(3, 2, 17, 6)),
-        r"v_cache has 17 positions but k_cache has 16"),
+        r"v_cache has 17 positions but k_cache has 16",
+    ),
     "gqa_heads": (
         _change(query=lambda a: torch.randn(3, 3, 1, 8)),
-        r"k_cache has 2 heads and query has 3"),
+        r"k_cache has 2 heads and query has 3",
+    ),
     "mask_shape": (
         _change(attn_mask=lambda a: torch.ones(1, 1, 1, 15, dtype=torch.bool)),
         r"attn_mask of shape \[1, 1, 1, 15\] cannot be broadcast to \(B, H, L, S_max\) = "
-        r"\(3, 4, 1, 16\)"),
+        r"\(3, 4, 1, 16\)",
+    ),
     "mask_dtype": (
         _change(attn_mask=lambda a: torch.zeros(1, 16, dtype=torch.float64)),
-        r"attn_mask must be bool or have the query's dtype"),
+        r"attn_mask must be bool or have the query's dtype",
+    ),
     "scale_nan": (_change(scale=float("nan")), r"scale must be a finite number"),
     "query_rank": (_change(query=lambda a: a["query"][0]), r"query must be 4-D"),
     "expanded_cache": (
         _change(k_cache=lambda a: torch.zeros(1, 1, 1, 8).expand(3, 2, 16, 8)),
-        r"k_cache is written in place, but several of its elements share memory"),
+        r"k_cache is written in place, but several of its elements share memory",
+    ),
     "caches_share_memory": (
         # Dense views of one buffer, overlapping (interleaved views that never share an
         # element, as in test_strided_caches_and_inputs, are fine).
-        _change(v_cache=lambda a: a["k_cache"].view(-1)[:3 * 2 * 16 * 6].view(3, 2, 16, 6)),
-        r"k_cache and v_cache share memory"),
+        _change(v_cache=lambda a: a["k_cache"].view(-1)[: 3 * 2 * 16 * 6].view(3, 2, 16, 6)),
+        r"k_cache and v_cache share memory",
+    ),
     "sparse_query": (
         _change(query=lambda a: a["query"].to_sparse()),
-        r"query must be a dense tensor"),
+        r"query must be a dense tensor",
+    ),
     "sparse_cache": (
         _change(k_cache=lambda a: a["k_cache"].nan_to_num().to_sparse()),
-        r"k_cache must be a dense tensor"),
+        r"k_cache must be a dense tensor",
+    ),
 }
 
 
@@ -401,13 +451,19 @@ def test_errors_name_the_argument_and_leave_the_caches_unchanged(name):
     args = change(_valid())
     caches = [args["k_cache"], args["v_cache"]]
     before = [c.clone() if c.layout == torch.strided else None for c in caches]
-    with torch.no_grad(), pytest.raises((RuntimeError, TypeError, ValueError),
-                                        match="attention_with_kv_cache: (.*)" + message):
+    with (
+        torch.no_grad(),
+        pytest.raises(
+            (RuntimeError, TypeError, ValueError), match="attention_with_kv_cache: (.*)" + message
+        ),
+    ):
         ops.attention_with_kv_cache(**args)
     for cache, old in zip(caches, before):
         if old is not None:
-            assert torch.equal(cache.view(torch.int8) if cache.dtype != torch.int64 else cache,
-                               old.view(torch.int8) if old.dtype != torch.int64 else old)
+            assert torch.equal(
+                cache.view(torch.int8) if cache.dtype != torch.int64 else cache,
+                old.view(torch.int8) if old.dtype != torch.int64 else old,
+            )
 
 
 def test_size_overflow_is_refused_before_anything_is_allocated():
@@ -419,10 +475,12 @@ def test_size_overflow_is_refused_before_anything_is_allocated():
         ops.attention_with_kv_cache(
             torch.zeros(1, 1, 1, 1).expand(2**20, 2**8, 2**12, 1),
             torch.zeros(1, 1, 1, 1).expand(2**20, 1, 2**12, 1),
-            torch.zeros(1, 1, 1, 1).expand(2**20, 1, 2**12, 1))
+            torch.zeros(1, 1, 1, 1).expand(2**20, 1, 2**12, 1),
+        )
 
 
 # ---- no autograd ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("argument", ["query", "key", "value", "k_cache", "attn_mask"])
 def test_inputs_requiring_grad_raise_with_grad_mode_on(argument):
@@ -430,8 +488,11 @@ def test_inputs_requiring_grad_raise_with_grad_mode_on(argument):
     args["attn_mask"] = torch.zeros(1, 16)
     args[argument] = args[argument].detach().requires_grad_()
     before = args["k_cache"].clone()
-    with pytest.raises(RuntimeError, match=rf"attention_with_kv_cache: {argument} requires grad, "
-                                           r"but this op is for inference"):
+    with pytest.raises(
+        RuntimeError,
+        match=rf"attention_with_kv_cache: {argument} requires grad, "
+        r"but this op is for inference",
+    ):
         ops.attention_with_kv_cache(**args)
     assert torch.equal(args["k_cache"].view(torch.int8), before.view(torch.int8))
     # Under no_grad or inference_mode the same call runs.
@@ -468,8 +529,11 @@ def test_bitwise_the_same_for_any_thread_count(L, S_max):
         for count in (1, 2):
             torch.set_num_threads(count)
             with torch.no_grad():
-                outputs.append(ops.attention_with_kv_cache(query, k_cache, v_cache, key, value,
-                                                           lengths, None, True, None))
+                outputs.append(
+                    ops.attention_with_kv_cache(
+                        query, k_cache, v_cache, key, value, lengths, None, True, None
+                    )
+                )
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(outputs[0], outputs[1])

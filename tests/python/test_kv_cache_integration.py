@@ -2,6 +2,7 @@
 opcheck, torch.compile(fullgraph=True) of a decode step that writes the caches, vmap, autocast,
 the unsupported layouts, and a generation loop through the KVCache class.
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -43,8 +44,7 @@ def _naive(query, k_cache, v_cache, key, value, lengths):
         k, v = (t.repeat_interleave(H // Hkv, dim=0) for t in (k, v))
         L, total = query.shape[2], k.shape[1]
         visible = torch.arange(total)[None, :] <= total - L + torch.arange(L)[:, None]
-        outputs.append(F.scaled_dot_product_attention(query[b].double(), k, v,
-                                                      attn_mask=visible))
+        outputs.append(F.scaled_dot_product_attention(query[b].double(), k, v, attn_mask=visible))
     return torch.stack(outputs)
 
 
@@ -53,7 +53,11 @@ def test_opcheck(case):
     query, k_cache, v_cache, key, value, lengths = decode_inputs()
     kwargs = {}
     if case == "prefill_mask_int32":
-        query, key, value = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 3, 8), torch.randn(2, 2, 3, 8)
+        query, key, value = (
+            torch.randn(2, 4, 3, 8),
+            torch.randn(2, 2, 3, 8),
+            torch.randn(2, 2, 3, 8),
+        )
         lengths = lengths.int()
         kwargs = dict(attn_mask=torch.randn(1, 4, 3, 40), scale=0.5)
     if case == "read_only":
@@ -61,8 +65,9 @@ def test_opcheck(case):
         kwargs = dict(is_causal=False)
     if case == "no_seqlens":
         key = value = lengths = None
-    torch.library.opcheck(ops.attention_with_kv_cache.default,
-                          (query, k_cache, v_cache, key, value, lengths), kwargs)
+    torch.library.opcheck(
+        ops.attention_with_kv_cache.default, (query, k_cache, v_cache, key, value, lengths), kwargs
+    )
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
@@ -113,11 +118,14 @@ def test_vmap_over_per_sample_caches_writes_each_sample_in_place():
     samples = [decode_inputs() for _ in range(N)]
     stacked = [torch.stack([s[i] for s in samples]) for i in range(6)]
     query, k_cache, v_cache, key, value, lengths = stacked
-    expected = [ops.attention_with_kv_cache(s[0], s[1].clone(), s[2].clone(), s[3], s[4], s[5])
-                for s in samples]
+    expected = [
+        ops.attention_with_kv_cache(s[0], s[1].clone(), s[2].clone(), s[3], s[4], s[5])
+        for s in samples
+    ]
     with torch.no_grad():
-        out = torch.func.vmap(ops.attention_with_kv_cache)(query, k_cache, v_cache, key, value,
-                                                           lengths)
+        out = torch.func.vmap(ops.attention_with_kv_cache)(
+            query, k_cache, v_cache, key, value, lengths
+        )
     torch.testing.assert_close(out, torch.stack(expected))
     for n, s in enumerate(samples):
         ops.attention_with_kv_cache(s[0], s[1], s[2], s[3], s[4], s[5])
@@ -129,19 +137,22 @@ def test_vmap_with_shared_caches_that_would_be_written_raises():
     batched_query = torch.stack([query, query])
     batched_key = torch.stack([key, key])
     before = k_cache.clone()
-    with torch.no_grad(), pytest.raises(RuntimeError, match="k_cache and v_cache must both be "
-                                                            "vmapped"):
-        torch.func.vmap(ops.attention_with_kv_cache,
-                        in_dims=(0, None, None, 0, 0, None))(batched_query, k_cache, v_cache,
-                                                             batched_key, batched_key, lengths)
+    with (
+        torch.no_grad(),
+        pytest.raises(RuntimeError, match="k_cache and v_cache must both be vmapped"),
+    ):
+        torch.func.vmap(ops.attention_with_kv_cache, in_dims=(0, None, None, 0, 0, None))(
+            batched_query, k_cache, v_cache, batched_key, batched_key, lengths
+        )
     assert torch.equal(k_cache, before)
     # Reading shared caches is fine.
     with torch.no_grad():
-        out = torch.func.vmap(ops.attention_with_kv_cache,
-                              in_dims=(0, None, None, None, None, None))(
-            batched_query, k_cache, v_cache, None, None, lengths)
-    torch.testing.assert_close(out[1], ops.attention_with_kv_cache(query, k_cache, v_cache,
-                                                                   None, None, lengths))
+        out = torch.func.vmap(
+            ops.attention_with_kv_cache, in_dims=(0, None, None, None, None, None)
+        )(batched_query, k_cache, v_cache, None, None, lengths)
+    torch.testing.assert_close(
+        out[1], ops.attention_with_kv_cache(query, k_cache, v_cache, None, None, lengths)
+    )
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float32])
@@ -150,12 +161,18 @@ def test_autocast_computes_in_the_cache_dtype_and_keeps_the_write(cache_dtype):
     query32, key32, value32 = query.float(), key.float(), value.float()
     expected_k, expected_v = k_cache.clone(), v_cache.clone()
     with torch.no_grad():
-        expected = ops.attention_with_kv_cache(query32.to(cache_dtype), expected_k, expected_v,
-                                               key32.to(cache_dtype), value32.to(cache_dtype),
-                                               lengths)
+        expected = ops.attention_with_kv_cache(
+            query32.to(cache_dtype),
+            expected_k,
+            expected_v,
+            key32.to(cache_dtype),
+            value32.to(cache_dtype),
+            lengths,
+        )
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = ops.attention_with_kv_cache(query32, k_cache, v_cache, key32, value32,
-                                              lengths, torch.zeros(1, 40))
+            out = ops.attention_with_kv_cache(
+                query32, k_cache, v_cache, key32, value32, lengths, torch.zeros(1, 40)
+            )
     assert out.dtype == cache_dtype
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
     torch.testing.assert_close(out, expected)
@@ -167,15 +184,24 @@ def test_unsupported_layouts_raise_naming_the_argument(layout, argument):
     args = list(decode_inputs())
     index = {"query": 0, "k_cache": 1, "key": 3}[argument]
     t = args[index]
-    args[index] = {"sparse": lambda: t.to_sparse(),
-                   "nested": lambda: torch.nested.nested_tensor(list(t.unbind(0))),
-                   "mkldnn": lambda: t.to_mkldnn()}[layout]()
-    with torch.no_grad(), pytest.raises(RuntimeError, match=rf"attention_with_kv_cache: "
-                                                            rf"{argument} must be a dense"):
+    args[index] = {
+        "sparse": lambda: t.to_sparse(),
+        "nested": lambda: torch.nested.nested_tensor(list(t.unbind(0))),
+        "mkldnn": lambda: t.to_mkldnn(),
+    }[layout]()
+    with (
+        torch.no_grad(),
+        pytest.raises(
+            RuntimeError,
+            match=rf"attention_with_kv_cache: "
+            rf"{argument} must be a dense",
+        ),
+    ):
         ops.attention_with_kv_cache(*args)
 
 
 # ---- the KVCache class ----------------------------------------------------------------------
+
 
 def test_kv_cache_docstring_example_runs_as_written():
     batch, heads, kv_heads, head_dim = 2, 8, 2, 64
@@ -214,17 +240,22 @@ def test_kv_cache_generation_matches_attention_over_the_whole_history():
         cache.reset(1)
         cache.lengths[1] = 2  # sequence 1 kept only 2 tokens of its prompt
         for t in range(6, 10):
-            q, k, v = (x[:, :, t:t + 1] for x in (queries, keys, values))
+            q, k, v = (x[:, :, t : t + 1] for x in (queries, keys, values))
             # Sequence 1's entries land at 2, 3, ...: give it the keys that belong there.
-            k = torch.stack([k[0], keys[1, :, t - 4:t - 3]])
-            v = torch.stack([v[0], values[1, :, t - 4:t - 3]])
+            k = torch.stack([k[0], keys[1, :, t - 4 : t - 3]])
+            v = torch.stack([v[0], values[1, :, t - 4 : t - 3]])
             out = cache.attend(q, k, v)
             n = cache.lengths.tolist()
-            for b, k_hist, v_hist in ((0, keys[0, :, :n[0]], values[0, :, :n[0]]),
-                                      (1, keys[1, :, :n[1]], values[1, :, :n[1]])):
-                expected = ops.attention(q[b:b + 1], k_hist.unsqueeze(0).repeat_interleave(2, 1),
-                                         v_hist.unsqueeze(0).repeat_interleave(2, 1))
-                torch.testing.assert_close(out[b:b + 1], expected)
+            for b, k_hist, v_hist in (
+                (0, keys[0, :, : n[0]], values[0, :, : n[0]]),
+                (1, keys[1, :, : n[1]], values[1, :, : n[1]]),
+            ):
+                expected = ops.attention(
+                    q[b : b + 1],
+                    k_hist.unsqueeze(0).repeat_interleave(2, 1),
+                    v_hist.unsqueeze(0).repeat_interleave(2, 1),
+                )
+                torch.testing.assert_close(out[b : b + 1], expected)
     assert cache.lengths.tolist() == [10, 6]
 
 
@@ -249,7 +280,9 @@ def test_compiled_decode_step_with_grad_mode_on_and_no_input_requiring_grad():
     # A user who forgets no_grad: nothing requires grad, so the op runs (and compiles).
     compiled = torch.compile(
         lambda q, kc, vc, k, v, n: ops.attention_with_kv_cache(q, kc, vc, k, v, n),
-        fullgraph=True, backend="aot_eager")
+        fullgraph=True,
+        backend="aot_eager",
+    )
     inputs = decode_inputs()
     eager_caches = [inputs[1].clone(), inputs[2].clone()]
     eager = ops.attention_with_kv_cache(inputs[0], *eager_caches, *inputs[3:])

@@ -1,5 +1,6 @@
 """Outputs of 16 MiB and more get pages of their own (csrc/cpu/large_tensor.h): they must behave
 as any other CPU tensor does — in-place ops, resize, shared memory, pickling, autograd."""
+
 import io
 
 import torch

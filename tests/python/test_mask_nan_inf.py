@@ -10,6 +10,7 @@ attn_mask hid a NaN in key_padding_mask at the same key (float32 and torch give 
 No row is fully masked here: there our op gives zeros and torch's SDPA does not (a documented
 difference, tested elsewhere).
 """
+
 import itertools
 import math
 
@@ -27,8 +28,10 @@ ROW, KEY = 1, 2  # where the attn_mask entry goes; the padding entry is (batch 0
 
 def inputs(dtype):
     generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(B, H, n, D, dtype=torch.float64, generator=generator).to(dtype)
-               for n in (L, S, S))
+    q, k, v = (
+        torch.randn(B, H, n, D, dtype=torch.float64, generator=generator).to(dtype)
+        for n in (L, S, S)
+    )
     attn_mask = (torch.randn(L, S, dtype=torch.float64, generator=generator) * 0.5).to(dtype)
     padding = (torch.randn(B, S, dtype=torch.float64, generator=generator) * 0.5).to(dtype)
     return q, k, v, attn_mask, padding
@@ -43,8 +46,9 @@ CASES = [(a, p) for a, p in itertools.product(VALUES, repeat=2) if (a, p) != ("0
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-@pytest.mark.parametrize("in_attn_mask, in_padding", CASES, ids=[f"attn={a},pad={p}"
-                                                                 for a, p in CASES])
+@pytest.mark.parametrize(
+    "in_attn_mask, in_padding", CASES, ids=[f"attn={a},pad={p}" for a, p in CASES]
+)
 def test_nan_and_inf_in_the_masks_give_torchs_result(dtype, in_attn_mask, in_padding):
     q, k, v, attn_mask, padding = inputs(dtype)
     attn_mask[ROW, KEY] = VALUES[in_attn_mask]
@@ -53,7 +57,8 @@ def test_nan_and_inf_in_the_masks_give_torchs_result(dtype, in_attn_mask, in_pad
     theirs = torch_reference(q, k, v, attn_mask, padding)
     assert torch.equal(ours.isnan(), theirs.isnan()), (
         f"NaN rows differ: ours {ours.isnan().any(-1).tolist()}, "
-        f"torch {theirs.isnan().any(-1).tolist()}")
+        f"torch {theirs.isnan().any(-1).tolist()}"
+    )
     torch.testing.assert_close(ours, theirs, equal_nan=True, **SAME_DTYPE_TOLERANCE[dtype])
 
 
@@ -65,8 +70,9 @@ def test_the_weights_and_the_module_agree_with_the_output(dtype, value, mask):
     # normalised weights in one pass), with NaN in the same places, and its weights are NaN
     # exactly in the output's NaN rows.
     q, k, v, attn_mask, padding = inputs(dtype)
-    (attn_mask if mask == "attn_mask" else padding)[(ROW, KEY) if mask == "attn_mask"
-                                                    else (0, KEY)] = VALUES[value]
+    (attn_mask if mask == "attn_mask" else padding)[
+        (ROW, KEY) if mask == "attn_mask" else (0, KEY)
+    ] = VALUES[value]
     out = ops.attention(q, k, v, attn_mask, 0.0, False, None, padding)
     out_w, weights = ops.attention_with_weights(q, k, v, attn_mask, 0.0, False, None, padding)
     assert torch.equal(out.isnan(), out_w.isnan())

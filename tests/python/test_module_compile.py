@@ -1,6 +1,7 @@
 """Our MultiheadAttention under torch.compile(fullgraph=True) and torch.export, through
 gradcheck/gradgradcheck, and without materialising anything of size L x S when the weights
 are not asked for."""
+
 import pytest
 import torch
 from torch.func import functional_call
@@ -62,8 +63,9 @@ def test_compile_fullgraph_every_option_and_new_sizes(need_weights):
     """kdim/vdim, bias_kv, zero_attn, causal hint, seq-first and unbatched input; a second
     call with other sequence lengths recompiles (dynamic shapes) and still matches."""
     torch._dynamo.reset()
-    module = random_module(embed_dim=6, num_heads=3, kdim=4, vdim=5, add_bias_kv=True,
-                           add_zero_attn=True)
+    module = random_module(
+        embed_dim=6, num_heads=3, kdim=4, vdim=5, add_bias_kv=True, add_zero_attn=True
+    )
     compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
     for L, S in [(3, 3), (5, 5)]:
         q = torch.randn(L, 2, 6, dtype=f64)
@@ -71,20 +73,33 @@ def test_compile_fullgraph_every_option_and_new_sizes(need_weights):
         causal = torch.ones(L, S, dtype=torch.bool).triu(1)
 
         def call(m):
-            return m(q, k, v, attn_mask=causal, is_causal=True, need_weights=need_weights,
-                     average_attn_weights=False)
+            return m(
+                q,
+                k,
+                v,
+                attn_mask=causal,
+                is_causal=True,
+                need_weights=need_weights,
+                average_attn_weights=False,
+            )
 
         def unbatched(m):
-            return m(q[:, 0], k[:, 0], v[:, 0], key_padding_mask=torch.zeros(S).bool(),
-                     need_weights=need_weights)
+            return m(
+                q[:, 0],
+                k[:, 0],
+                v[:, 0],
+                key_padding_mask=torch.zeros(S).bool(),
+                need_weights=need_weights,
+            )
 
         assert_same_results(grads_of(compiled, call), grads_of(module, call))
         assert_same_results(grads_of(compiled, unbatched), grads_of(module, unbatched))
 
 
 def test_export_runs_our_operators_and_matches_eager():
-    module = random_module(embed_dim=8, num_heads=2, kdim=5, vdim=6, add_zero_attn=True,
-                           batch_first=True)
+    module = random_module(
+        embed_dim=8, num_heads=2, kdim=5, vdim=6, add_zero_attn=True, batch_first=True
+    )
     q = torch.randn(2, 3, 8, dtype=f64)
     k, v = torch.randn(2, 4, 5, dtype=f64), torch.randn(2, 4, 6, dtype=f64)
     kwargs = dict(key_padding_mask=torch.rand(2, 4) < 0.3, attn_mask=torch.rand(3, 4) < 0.3)
@@ -103,9 +118,8 @@ def as_function_of_tensors(module, forward):
     names = [n for n, _ in module.named_parameters()]
 
     def fn(*tensors):
-        inputs, params = tensors[:-len(names)], tensors[-len(names):]
-        return functional_call(module, dict(zip(names, params)), args=(),
-                               kwargs=forward(*inputs))
+        inputs, params = tensors[: -len(names)], tensors[-len(names) :]
+        return functional_call(module, dict(zip(names, params)), args=(), kwargs=forward(*inputs))
 
     params = tuple(p.detach().clone().requires_grad_() for p in module.parameters())
     return fn, params
@@ -115,21 +129,36 @@ GRADGRAD_CASES = {
     # Packed weights, both masks (the float one differentiated too), per-head weights.
     "packed_masks_weights": (
         dict(embed_dim=4, num_heads=2, batch_first=True),
-        lambda: (torch.randn(2, 2, 4, dtype=f64), torch.randn(2, 3, 4, dtype=f64),
-                 torch.randn(2 * 2, 2, 3, dtype=f64)),
-        lambda q, kv, attn: dict(query=q, key=kv, value=kv, attn_mask=attn,
-                                 key_padding_mask=torch.tensor([[False, True, False],
-                                                                [False, False, False]]),
-                                 average_attn_weights=False),
+        lambda: (
+            torch.randn(2, 2, 4, dtype=f64),
+            torch.randn(2, 3, 4, dtype=f64),
+            torch.randn(2 * 2, 2, 3, dtype=f64),
+        ),
+        lambda q, kv, attn: dict(
+            query=q,
+            key=kv,
+            value=kv,
+            attn_mask=attn,
+            key_padding_mask=torch.tensor([[False, True, False], [False, False, False]]),
+            average_attn_weights=False,
+        ),
     ),
     # Separate weights, bias_kv and zero_attn, unbatched, the causal branch.
     "kdim_vdim_bias_kv_zero_attn_causal": (
         dict(embed_dim=4, num_heads=2, kdim=3, vdim=2, add_bias_kv=True, add_zero_attn=True),
-        lambda: (torch.randn(3, 4, dtype=f64), torch.randn(3, 3, dtype=f64),
-                 torch.randn(3, 2, dtype=f64)),
-        lambda q, k, v: dict(query=q, key=k, value=v,
-                             attn_mask=torch.ones(3, 3, dtype=torch.bool).triu(1),
-                             is_causal=True, need_weights=False),
+        lambda: (
+            torch.randn(3, 4, dtype=f64),
+            torch.randn(3, 3, dtype=f64),
+            torch.randn(3, 2, dtype=f64),
+        ),
+        lambda q, k, v: dict(
+            query=q,
+            key=k,
+            value=v,
+            attn_mask=torch.ones(3, 3, dtype=torch.bool).triu(1),
+            is_causal=True,
+            need_weights=False,
+        ),
     ),
 }
 
@@ -179,8 +208,11 @@ class RecordShapes(TorchDispatchMode):
         return result
 
 
-@pytest.mark.parametrize("config", [dict(), dict(add_bias_kv=True, add_zero_attn=True)],
-                         ids=["plain", "bias_kv_zero_attn"])
+@pytest.mark.parametrize(
+    "config",
+    [dict(), dict(add_bias_kv=True, add_zero_attn=True)],
+    ids=["plain", "bias_kv_zero_attn"],
+)
 def test_no_weights_means_nothing_of_size_L_by_S(config):
     """need_weights=False, forward and backward: no operator output as large as L x S (here
     L*S = 3072, far above every other tensor); with a 2-D attn_mask and a padding mask, no
@@ -206,6 +238,7 @@ def test_no_weights_means_nothing_of_size_L_by_S(config):
         out, _ = module(q, kv, kv, key_padding_mask=padding, attn_mask=attn, need_weights=False)
         out.sum().backward()
     sizes = [torch.Size(shape).numel() for _, shape in recorder.shapes]
-    assert max(sizes) <= L * (S + extra), max(recorder.shapes, key=lambda i: torch.Size(i[1]).numel())
-    assert not any(len(shape) == 4 and shape[-2:] == (L, S + extra)
-                   for _, shape in recorder.shapes)
+    assert max(sizes) <= L * (S + extra), max(
+        recorder.shapes, key=lambda i: torch.Size(i[1]).numel()
+    )
+    assert not any(len(shape) == 4 and shape[-2:] == (L, S + extra) for _, shape in recorder.shapes)

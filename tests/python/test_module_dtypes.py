@@ -3,6 +3,7 @@ of lower precision) whose dtype differs from the input's and returns the input's
 own test_multihead_attn_fast_path_query_and_bias_have_different_dtypes); ours accepts the
 same, with torch's result, and in every layout (torch's only where its linear happens to take
 the matmul path: batch_first, batched)."""
+
 import pytest
 import torch
 from torch import nn
@@ -27,13 +28,15 @@ TOLERANCE = {
 
 def pair(dtype, bias_dtype, field="in_proj_bias", training=False):
     torch.manual_seed(0)
-    theirs = nn.MultiheadAttention(E, HEADS, batch_first=True, dtype=dtype,
-                                   add_bias_kv=field != "in_proj_bias").train(training)
+    theirs = nn.MultiheadAttention(
+        E, HEADS, batch_first=True, dtype=dtype, add_bias_kv=field != "in_proj_bias"
+    ).train(training)
     with torch.no_grad():
         theirs.in_proj_bias.normal_()  # nonzero, so a wrong cast shows
     setattr(theirs, field, nn.Parameter(getattr(theirs, field).detach().to(bias_dtype)))
-    ours = qkv_attention.MultiheadAttention(E, HEADS, batch_first=True, dtype=dtype,
-                                            add_bias_kv=field != "in_proj_bias").train(training)
+    ours = qkv_attention.MultiheadAttention(
+        E, HEADS, batch_first=True, dtype=dtype, add_bias_kv=field != "in_proj_bias"
+    ).train(training)
     setattr(ours, field, nn.Parameter(getattr(theirs, field).detach().clone()))
     for name, param in theirs.named_parameters():
         if name != field:
@@ -55,9 +58,12 @@ def test_torch_test_case_float16_bias_with_float64_module_in_eval():
 
 
 CASES = [
-    (torch.float64, torch.float16), (torch.float64, torch.bfloat16),
-    (torch.float64, torch.float32), (torch.float32, torch.float64),
-    (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+    (torch.float64, torch.float16),
+    (torch.float64, torch.bfloat16),
+    (torch.float64, torch.float32),
+    (torch.float32, torch.float64),
+    (torch.float32, torch.bfloat16),
+    (torch.bfloat16, torch.float32),
 ]
 
 
@@ -66,7 +72,8 @@ CASES = [
 @pytest.mark.parametrize("need_weights", [True, False])
 @pytest.mark.parametrize("cross", [False, True])
 def test_in_proj_bias_of_another_dtype_gives_torch_result_and_gradients(
-        dtype, bias_dtype, training, need_weights, cross):
+    dtype, bias_dtype, training, need_weights, cross
+):
     ours, theirs = pair(dtype, bias_dtype, training=training)
     torch.manual_seed(1)
     query = torch.randn(N, L, E, dtype=dtype)
@@ -86,8 +93,9 @@ def test_in_proj_bias_of_another_dtype_gives_torch_result_and_gradients(
     # The bias's gradient comes back in the bias's own dtype, as torch's.
     assert bias_grad.dtype == expected_grad.dtype == bias_dtype
     # Computed in the module's dtype, then rounded to the bias's: the coarser of the two.
-    coarser = min((dtype, bias_dtype), key=lambda d: torch.finfo(d).bits +
-                  (0 if d != torch.bfloat16 else -8))
+    coarser = min(
+        (dtype, bias_dtype), key=lambda d: torch.finfo(d).bits + (0 if d != torch.bfloat16 else -8)
+    )
     tolerance = dict(TOLERANCE[coarser])
     if dtype == torch.bfloat16:
         # A bf16 module's bias gradient sums N * L = 12 bf16 terms per entry, rounded in
@@ -103,8 +111,11 @@ def test_in_proj_bias_of_another_dtype_works_where_torch_linear_refuses(layout):
     what torch gives with the bias converted first."""
     ours, theirs = pair(torch.float64, torch.float16)
     ours.batch_first = theirs.batch_first = False
-    query = torch.randn(L, E, dtype=torch.float64) if layout == "unbatched" else torch.randn(
-        L, N, E, dtype=torch.float64)
+    query = (
+        torch.randn(L, E, dtype=torch.float64)
+        if layout == "unbatched"
+        else torch.randn(L, N, E, dtype=torch.float64)
+    )
     with pytest.raises(RuntimeError, match="same dtype"):
         theirs(query, query, query)
     theirs.in_proj_bias = nn.Parameter(theirs.in_proj_bias.detach().double())
@@ -115,8 +126,9 @@ def test_in_proj_bias_of_another_dtype_works_where_torch_linear_refuses(layout):
     torch.testing.assert_close(weights, expected_weights, **TOLERANCE[torch.float64])
 
 
-@pytest.mark.parametrize("dtype, bias_dtype", [(torch.float64, torch.float16),
-                                               (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize(
+    "dtype, bias_dtype", [(torch.float64, torch.float16), (torch.float32, torch.bfloat16)]
+)
 def test_bias_kv_of_lower_precision_gives_torch_result(dtype, bias_dtype):
     ours, theirs = pair(dtype, bias_dtype, field="bias_k")
     ours.bias_v = nn.Parameter(ours.bias_v.detach().to(bias_dtype))

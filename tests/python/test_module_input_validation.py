@@ -4,6 +4,7 @@ tensors or not dense (sparse, mkldnn, nested of either layout). Each raises an e
 message names the argument and what was found, of the type torch.nn.MultiheadAttention raises
 for the same input; where torch's module fails on the input with an AttributeError (it reads an
 attribute of a non-tensor) ours raises TypeError instead."""
+
 import warnings
 
 import numpy
@@ -51,8 +52,11 @@ CONSTRUCTOR_CASES = [
 ]
 
 
-@pytest.mark.parametrize("argument, value, message", CONSTRUCTOR_CASES,
-                         ids=[f"{a}={v!r}" for a, v, _ in CONSTRUCTOR_CASES])
+@pytest.mark.parametrize(
+    "argument, value, message",
+    CONSTRUCTOR_CASES,
+    ids=[f"{a}={v!r}" for a, v, _ in CONSTRUCTOR_CASES],
+)
 def test_constructor_rejects_like_torch_naming_the_argument(argument, value, message):
     config = {"embed_dim": E, "num_heads": H, argument: value}
     # torch's constructor accepts num_heads=2.0 and its forward then raises TypeError: ours
@@ -66,13 +70,13 @@ def test_constructor_rejects_like_torch_naming_the_argument(argument, value, mes
         raise ours
 
 
-@pytest.mark.parametrize("make_int", [numpy.int64, numpy.int32, int], ids=["np.int64",
-                                                                          "np.int32", "int"])
+@pytest.mark.parametrize(
+    "make_int", [numpy.int64, numpy.int32, int], ids=["np.int64", "np.int32", "int"]
+)
 def test_constructor_accepts_integer_types_torch_accepts(make_int):
     """Anything with __index__ is a size to torch's constructor; ours stores it as an int and
     builds the same parameters from the same seed."""
-    config = dict(embed_dim=make_int(E), num_heads=make_int(H), kdim=make_int(5),
-                  vdim=make_int(0))
+    config = dict(embed_dim=make_int(E), num_heads=make_int(H), kdim=make_int(5), vdim=make_int(0))
     torch.manual_seed(0)
     theirs = nn.MultiheadAttention(**config)
     torch.manual_seed(0)
@@ -90,7 +94,9 @@ def test_constructor_accepts_integer_types_torch_accepts(make_int):
 
 def valid_forward_args():
     return dict(
-        query=torch.randn(L, N, E), key=torch.randn(S, N, E), value=torch.randn(S, N, E),
+        query=torch.randn(L, N, E),
+        key=torch.randn(S, N, E),
+        value=torch.randn(S, N, E),
         key_padding_mask=torch.zeros(N, S, dtype=torch.bool),
         attn_mask=torch.zeros(L, S, dtype=torch.bool),
     )
@@ -117,10 +123,14 @@ BAD_KINDS = [
     ("jagged", jagged, NESTED),
 ]
 ARGUMENTS = ("query", "key", "value", "key_padding_mask", "attn_mask")
-FORWARD_CASES = [(argument, label) for argument in ARGUMENTS for label, _, _ in BAD_KINDS
-                 # None is a valid mask; an (L, S) attn_mask has no batch dim to nest over.
-                 if not (label == "None" and argument.endswith("mask"))
-                 and not (label in ("nested", "jagged") and argument == "attn_mask")]
+FORWARD_CASES = [
+    (argument, label)
+    for argument in ARGUMENTS
+    for label, _, _ in BAD_KINDS
+    # None is a valid mask; an (L, S) attn_mask has no batch dim to nest over.
+    if not (label == "None" and argument.endswith("mask"))
+    and not (label in ("nested", "jagged") and argument == "attn_mask")
+]
 
 
 def bad_forward_args(argument, label):
@@ -130,8 +140,9 @@ def bad_forward_args(argument, label):
     return args
 
 
-@pytest.mark.parametrize("argument, label", FORWARD_CASES,
-                         ids=[f"{a}-{k}" for a, k in FORWARD_CASES])
+@pytest.mark.parametrize(
+    "argument, label", FORWARD_CASES, ids=[f"{a}-{k}" for a, k in FORWARD_CASES]
+)
 def test_forward_rejects_like_torch_naming_the_argument(argument, label):
     torch.manual_seed(0)
     theirs_module = nn.MultiheadAttention(E, H)
@@ -161,22 +172,30 @@ def test_jagged_nested_tensor_is_refused_in_every_grad_mode(argument, mode):
     module = qkv_attention.MultiheadAttention(E, H)
     with MODES[mode]():
         args = bad_forward_args(argument, "jagged")
-        with pytest.raises((AssertionError, NotImplementedError),
-                           match=rf"MultiheadAttention: {argument} (is a|must be a dense "
-                                 r"tensor, but is a) NestedTensor"):
+        with pytest.raises(
+            (AssertionError, NotImplementedError),
+            match=rf"MultiheadAttention: {argument} (is a|must be a dense "
+            r"tensor, but is a) NestedTensor",
+        ):
             module(**args)
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("argument", ["query", "key", "value", "attn_mask"])
 def test_functional_refuses_a_jagged_nested_tensor_in_every_grad_mode(argument, mode):
-    args = dict(query=torch.randn(2, 3, 4, 5), key=torch.randn(2, 3, 6, 5),
-                value=torch.randn(2, 3, 6, 7), attn_mask=torch.zeros(2, 3, 4, 6).bool())
+    args = dict(
+        query=torch.randn(2, 3, 4, 5),
+        key=torch.randn(2, 3, 6, 5),
+        value=torch.randn(2, 3, 6, 7),
+        attn_mask=torch.zeros(2, 3, 4, 6).bool(),
+    )
     with MODES[mode]():
         args[argument] = jagged(args[argument])
-        with pytest.raises(NotImplementedError,
-                           match=rf"scaled_dot_product_attention: {argument} must be a dense "
-                                 r"tensor, but is a NestedTensor"):
+        with pytest.raises(
+            NotImplementedError,
+            match=rf"scaled_dot_product_attention: {argument} must be a dense "
+            r"tensor, but is a NestedTensor",
+        ):
             scaled_dot_product_attention(**args)
 
 
@@ -189,12 +208,18 @@ def test_checks_trace_under_compile_and_name_the_argument():
     args = valid_forward_args()
     compiled = torch.compile(module, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(**args)[0], module(**args)[0], rtol=0, atol=0)
-    with pytest.raises(Exception, match=r"MultiheadAttention: attn_mask must be a Tensor or "
-                                        r"None, but got list"):
+    with pytest.raises(
+        Exception,
+        match=r"MultiheadAttention: attn_mask must be a Tensor or "
+        r"None, but got list",
+    ):
         compiled(**dict(args, attn_mask=[[True]]))
     lenient = torch.compile(module, backend="eager")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(TypeError, match=r"MultiheadAttention: query must be a Tensor, but "
-                                            r"got list"):
+        with pytest.raises(
+            TypeError,
+            match=r"MultiheadAttention: query must be a Tensor, but "
+            r"got list",
+        ):
             lenient(**dict(args, query=[1.0]))

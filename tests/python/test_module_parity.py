@@ -1,5 +1,6 @@
 """Our MultiheadAttention against torch.nn.MultiheadAttention itself: outputs, attention weights
 and the gradients of the inputs, float masks and every parameter, over a matrix of options."""
+
 import itertools
 import warnings
 
@@ -27,8 +28,9 @@ CONFIGS = {
     "no_bias": dict(embed_dim=12, num_heads=3, bias=False),
     "bias_kv": dict(embed_dim=12, num_heads=3, add_bias_kv=True),
     "zero_attn": dict(embed_dim=12, num_heads=3, add_zero_attn=True),
-    "everything": dict(embed_dim=10, num_heads=2, kdim=3, vdim=4, bias=False,
-                       add_bias_kv=True, add_zero_attn=True),
+    "everything": dict(
+        embed_dim=10, num_heads=2, kdim=3, vdim=4, bias=False, add_bias_kv=True, add_zero_attn=True
+    ),
 }
 
 LAYOUTS = ("seq_first", "batch_first", "unbatched")
@@ -63,20 +65,24 @@ def make_inputs(config, layout, masks, dtype, seed=0):
     Ek, Ev = config.get("kdim") or E, config.get("vdim") or E
 
     def x(seq, features):
-        shape = {"seq_first": (seq, N, features), "batch_first": (N, seq, features),
-                 "unbatched": (seq, features)}[layout]
-        return torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype) \
-            .requires_grad_()
+        shape = {
+            "seq_first": (seq, N, features),
+            "batch_first": (N, seq, features),
+            "unbatched": (seq, features),
+        }[layout]
+        return (
+            torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype).requires_grad_()
+        )
 
     inputs = dict(query=x(L, E), key=x(S, Ek), value=x(S, Ev))
     kpm_kind, attn_kind = masks
     kpm_shape = (S,) if layout == "unbatched" else (N, S)
     if kpm_kind == "bool":
-        inputs["key_padding_mask"] = bool_mask_keeping_first_column(*kpm_shape,
-                                                                    generator=generator)
+        inputs["key_padding_mask"] = bool_mask_keeping_first_column(*kpm_shape, generator=generator)
     elif kpm_kind == "float":
         inputs["key_padding_mask"] = float_mask_keeping_first_column(
-            *kpm_shape, dtype=dtype, generator=generator).requires_grad_()
+            *kpm_shape, dtype=dtype, generator=generator
+        ).requires_grad_()
     if attn_kind is not None:
         batch_heads = H if layout == "unbatched" else N * H
         shape = (L, S) if attn_kind.endswith("2d") else (batch_heads, L, S)
@@ -84,7 +90,8 @@ def make_inputs(config, layout, masks, dtype, seed=0):
             inputs["attn_mask"] = bool_mask_keeping_first_column(*shape, generator=generator)
         else:
             inputs["attn_mask"] = float_mask_keeping_first_column(
-                *shape, dtype=dtype, generator=generator).requires_grad_()
+                *shape, dtype=dtype, generator=generator
+            ).requires_grad_()
     return inputs
 
 
@@ -98,8 +105,9 @@ def compare_with_torch(config_name, layout, mask_name, weights_name, dtype):
         warnings.simplefilter("ignore")
         expected = forward_and_grads(theirs, clone_inputs(inputs), **kwargs)
         actual = forward_and_grads(ours, clone_inputs(inputs), **kwargs)
-    assert_results_match(actual, expected, dtype,
-                         f"{config_name}/{layout}/{mask_name}/{weights_name}/{dtype}")
+    assert_results_match(
+        actual, expected, dtype, f"{config_name}/{layout}/{mask_name}/{weights_name}/{dtype}"
+    )
 
 
 @pytest.mark.parametrize("weights_name", WEIGHTS)
@@ -127,8 +135,7 @@ def test_self_attention_with_one_input_tensor_matches_torch(config_name, need_we
     config = dict(CONFIGS[config_name], batch_first=True)
     theirs, ours = module_pair(**config)
     x = torch.randn(N, L, config["embed_dim"], dtype=torch.float64, requires_grad=True)
-    inputs = dict(query=x, key=x, value=x,
-                  key_padding_mask=bool_mask_keeping_first_column(N, L))
+    inputs = dict(query=x, key=x, value=x, key_padding_mask=bool_mask_keeping_first_column(N, L))
     expected = forward_and_grads(theirs, clone_inputs(inputs), need_weights=need_weights)
     actual = forward_and_grads(ours, clone_inputs(inputs), need_weights=need_weights)
     assert_results_match(actual, expected, torch.float64, config_name)
@@ -165,8 +172,9 @@ def test_is_causal_with_causal_mask_matches_torch(config_name, with_padding, nee
     flag alone (no padding mask, no weights), or the mask (with padding or weights)."""
     config = dict(CONFIGS[config_name], batch_first=True)
     theirs, ours = module_pair(**config)
-    inputs = make_inputs(config, "batch_first", ("bool" if with_padding else None, None),
-                         torch.float64)
+    inputs = make_inputs(
+        config, "batch_first", ("bool" if with_padding else None, None), torch.float64
+    )
     inputs["attn_mask"] = causal_bool_mask(L, S)
     kwargs = dict(need_weights=need_weights, is_causal=True)
     expected = forward_and_grads(theirs, clone_inputs(inputs), **kwargs)
@@ -210,8 +218,9 @@ def test_mismatched_mask_types_warn_like_torch():
     kpm = torch.zeros(N, L, dtype=torch.bool)
     attn = torch.zeros(L, L, dtype=torch.float64)
     for module in (theirs, ours):
-        with pytest.warns(UserWarning, match="Support for mismatched key_padding_mask and "
-                                             "attn_mask is deprecated"):
+        with pytest.warns(
+            UserWarning, match="Support for mismatched key_padding_mask and attn_mask is deprecated"
+        ):
             module(x, x, x, key_padding_mask=kpm, attn_mask=attn)
 
 
@@ -243,8 +252,10 @@ def test_eval_mode_ignores_dropout_like_torch(need_weights):
     assert_results_match(actual, expected, torch.float64, "eval")
 
 
-@pytest.mark.parametrize("config_name,layout", list(itertools.product(
-    ["packed_E12_H3", "kdim_vdim"], ["seq_first", "unbatched"])))
+@pytest.mark.parametrize(
+    "config_name,layout",
+    list(itertools.product(["packed_E12_H3", "kdim_vdim"], ["seq_first", "unbatched"])),
+)
 def test_weights_are_plain_tensors_with_torchs_shapes(config_name, layout):
     config = dict(CONFIGS[config_name])
     theirs, ours = module_pair(**config)

@@ -2,6 +2,7 @@
 (test_module_support.reference_multihead_attention), in the style of torch's own randomized
 multi-head attention tests; and the places where torch's module cannot be the reference:
 rows with every key masked (the one deliberate difference: zeros, not NaN) and dropout."""
+
 import math
 import random
 import warnings
@@ -98,8 +99,7 @@ def test_random_trials_match_plain_reference():
             for p in module.parameters():
                 p.copy_(torch.randn_like(p))
         inputs = build_inputs(config, layout, sizes, options, seed=trial)
-        kwargs = dict(need_weights=options["need_weights"],
-                      average_attn_weights=options["average"])
+        kwargs = dict(need_weights=options["need_weights"], average_attn_weights=options["average"])
         what = f"trial {trial}: {config} {layout} {sizes} {options}"
 
         with warnings.catch_warnings():
@@ -109,8 +109,9 @@ def test_random_trials_match_plain_reference():
         assert out.dtype == torch.float64 and torch.isfinite(out).all(), what
         torch.testing.assert_close(out, ref_out, **TOL, msg=lambda m: f"{what}: output {m}")
         if options["need_weights"]:
-            torch.testing.assert_close(weights, ref_weights, **TOL,
-                                       msg=lambda m: f"{what}: weights {m}")
+            torch.testing.assert_close(
+                weights, ref_weights, **TOL, msg=lambda m: f"{what}: weights {m}"
+            )
         else:
             assert weights is None
 
@@ -131,6 +132,7 @@ def test_random_trials_match_plain_reference():
 
 
 # -- rows where every key is masked: the one deliberate difference from torch -------------
+
 
 @pytest.mark.parametrize("need_weights", [False, True])
 @pytest.mark.parametrize("mask_kind", ["key_padding_mask", "attn_mask_bool", "attn_mask_float"])
@@ -157,14 +159,17 @@ def test_fully_masked_rows_give_out_proj_bias_and_finite_grads(mask_kind, need_w
     else:
         attn = torch.zeros(L, S, dtype=torch.bool)
         attn[2] = True
-        masks["attn_mask"] = attn if mask_kind.endswith("bool") else \
-            torch.zeros(L, S, dtype=torch.float64).masked_fill(attn, -math.inf)
+        masks["attn_mask"] = (
+            attn
+            if mask_kind.endswith("bool")
+            else torch.zeros(L, S, dtype=torch.float64).masked_fill(attn, -math.inf)
+        )
         dead[:, 2] = True
 
-    out, weights = ours(q, k, v, **masks, need_weights=need_weights,
-                        average_attn_weights=False)
-    torch.testing.assert_close(out[dead], ours.out_proj.bias.expand(int(dead.sum()), E),
-                               atol=1e-12, rtol=1e-12)
+    out, weights = ours(q, k, v, **masks, need_weights=need_weights, average_attn_weights=False)
+    torch.testing.assert_close(
+        out[dead], ours.out_proj.bias.expand(int(dead.sum()), E), atol=1e-12, rtol=1e-12
+    )
     if need_weights:
         assert (weights.permute(0, 2, 1, 3)[dead] == 0).all()
 
@@ -188,6 +193,7 @@ def test_fully_masked_rows_give_out_proj_bias_and_finite_grads(mask_kind, need_w
 
 
 # -- dropout ------------------------------------------------------------------------------
+
 
 def dropout_module(**extra):
     torch.manual_seed(0)

@@ -1,6 +1,7 @@
 """replace_attention: torch's transformer modules give the same outputs and gradients after
 their nn.MultiheadAttention modules are swapped for ours, and ours is what actually runs
 (also where torch's layers would take their fused inference path)."""
+
 import copy
 
 import pytest
@@ -35,11 +36,19 @@ def count_our_attention_calls(monkeypatch):
 
 def build(kind, batch_first, norm_first=False, dropout=0.1):
     torch.manual_seed(0)
-    common = dict(d_model=D_MODEL, nhead=HEADS, dim_feedforward=FF, dropout=dropout,
-                  batch_first=batch_first, norm_first=norm_first, dtype=f64)
+    common = dict(
+        d_model=D_MODEL,
+        nhead=HEADS,
+        dim_feedforward=FF,
+        dropout=dropout,
+        batch_first=batch_first,
+        norm_first=norm_first,
+        dtype=f64,
+    )
     if kind == "encoder":
-        model = nn.TransformerEncoder(nn.TransformerEncoderLayer(**common), num_layers=2,
-                                      enable_nested_tensor=False)
+        model = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(**common), num_layers=2, enable_nested_tensor=False
+        )
     elif kind == "decoder":
         model = nn.TransformerDecoder(nn.TransformerDecoderLayer(**common), num_layers=2)
     else:
@@ -68,31 +77,41 @@ def make_inputs(kind, batch_first, with_masks):
     if kind == "encoder":
         inputs = dict(src=seq(S_SRC))
         if with_masks:
-            inputs.update(mask=nn.Transformer.generate_square_subsequent_mask(S_SRC, dtype=f64),
-                          src_key_padding_mask=padding(S_SRC), is_causal=True)
+            inputs.update(
+                mask=nn.Transformer.generate_square_subsequent_mask(S_SRC, dtype=f64),
+                src_key_padding_mask=padding(S_SRC),
+                is_causal=True,
+            )
     elif kind == "decoder":
         inputs = dict(tgt=seq(S_TGT), memory=seq(S_SRC))
         if with_masks:
-            inputs.update(tgt_mask=causal, tgt_is_causal=True,
-                          tgt_key_padding_mask=padding(S_TGT),
-                          memory_key_padding_mask=padding(S_SRC))
+            inputs.update(
+                tgt_mask=causal,
+                tgt_is_causal=True,
+                tgt_key_padding_mask=padding(S_TGT),
+                memory_key_padding_mask=padding(S_SRC),
+            )
     else:
         inputs = dict(src=seq(S_SRC), tgt=seq(S_TGT))
         if with_masks:
-            inputs.update(tgt_mask=causal, tgt_is_causal=True,
-                          src_key_padding_mask=padding(S_SRC),
-                          memory_key_padding_mask=padding(S_SRC))
+            inputs.update(
+                tgt_mask=causal,
+                tgt_is_causal=True,
+                src_key_padding_mask=padding(S_SRC),
+                memory_key_padding_mask=padding(S_SRC),
+            )
     return inputs
 
 
 def run_with_grads(model, inputs, seed=5):
-    inputs = {k: (v.detach().clone().requires_grad_() if torch.is_tensor(v) and v.requires_grad
-                  else v) for k, v in inputs.items()}
+    inputs = {
+        k: (v.detach().clone().requires_grad_() if torch.is_tensor(v) and v.requires_grad else v)
+        for k, v in inputs.items()
+    }
     torch.manual_seed(seed)  # the layers' dropout masks
     out = model(**inputs)
     cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=f64)
-    named = {f"input.{k}": v for k, v in inputs.items()
-             if torch.is_tensor(v) and v.requires_grad}
+    named = {f"input.{k}": v for k, v in inputs.items() if torch.is_tensor(v) and v.requires_grad}
     named.update({f"param.{k}": p for k, p in model.named_parameters()})
     grads = torch.autograd.grad((out * cotangent).sum(), list(named.values()))
     return out, dict(zip(named, grads))
@@ -105,8 +124,7 @@ def run_with_grads(model, inputs, seed=5):
 @pytest.mark.parametrize("mode", ["train", "eval_with_grad"])
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
 @pytest.mark.parametrize("kind", ["encoder", "decoder", "transformer"])
-def test_same_outputs_and_gradients_after_replace(kind, batch_first, mode, with_masks,
-                                                  monkeypatch):
+def test_same_outputs_and_gradients_after_replace(kind, batch_first, mode, with_masks, monkeypatch):
     theirs = build(kind, batch_first)
     ours = replace_attention(copy.deepcopy(theirs))
     for model in (theirs, ours):
@@ -121,18 +139,19 @@ def test_same_outputs_and_gradients_after_replace(kind, batch_first, mode, with_
     torch.testing.assert_close(out, expected_out, **TOL)
     assert grads.keys() == expected_grads.keys()
     for name in grads:
-        torch.testing.assert_close(grads[name], expected_grads[name], **TOL,
-                                   msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            grads[name], expected_grads[name], **TOL, msg=lambda m, n=name: f"{n}: {m}"
+        )
 
 
 @pytest.mark.parametrize("norm_first", [False, True])
-def test_encoder_layer_fused_inference_path_is_not_taken_after_replace(norm_first,
-                                                                       monkeypatch):
+def test_encoder_layer_fused_inference_path_is_not_taken_after_replace(norm_first, monkeypatch):
     """Eval mode without grad: torch's TransformerEncoderLayer would run
     torch._transformer_encoder_layer_fwd on in_proj_weight, bypassing self_attn. After
     replace_attention our module runs, with the same result."""
-    layer = nn.TransformerEncoderLayer(D_MODEL, HEADS, FF, batch_first=True,
-                                       norm_first=norm_first, dtype=f64).eval()
+    layer = nn.TransformerEncoderLayer(
+        D_MODEL, HEADS, FF, batch_first=True, norm_first=norm_first, dtype=f64
+    ).eval()
     ours = replace_attention(copy.deepcopy(layer))
     x = torch.randn(N, S_SRC, D_MODEL, dtype=f64)
     fused_calls = {"n": 0}
@@ -180,12 +199,14 @@ def test_encoder_nested_tensor_path_is_switched_off_after_replace(monkeypatch):
 def test_replace_keeps_parameters_mode_dtype_and_requires_grad():
     model = build("transformer", batch_first=True).eval()
     model.encoder.layers[0].self_attn.in_proj_bias.requires_grad_(False)
-    before = [(name, id(p), p.dtype, p.device, p.requires_grad)
-              for name, p in model.named_parameters()]
+    before = [
+        (name, id(p), p.dtype, p.device, p.requires_grad) for name, p in model.named_parameters()
+    ]
     state = {k: v.clone() for k, v in model.state_dict().items()}
     assert replace_attention(model) is model
-    after = [(name, id(p), p.dtype, p.device, p.requires_grad)
-             for name, p in model.named_parameters()]
+    after = [
+        (name, id(p), p.dtype, p.device, p.requires_grad) for name, p in model.named_parameters()
+    ]
     assert after == before  # the same Parameter objects: an existing optimizer keeps working
     assert list(model.state_dict()) == list(state)
     for name, value in model.state_dict().items():
@@ -231,7 +252,10 @@ def test_model_that_is_a_multihead_attention_gets_its_replacement_returned():
     theirs = nn.MultiheadAttention(8, 2, kdim=3, vdim=5, add_bias_kv=True, dtype=f64)
     ours = replace_attention(theirs)
     assert type(ours) is qkv_attention.MultiheadAttention
-    q, k, v = torch.randn(4, 2, 8, dtype=f64), torch.randn(3, 2, 3, dtype=f64), \
-        torch.randn(3, 2, 5, dtype=f64)
+    q, k, v = (
+        torch.randn(4, 2, 8, dtype=f64),
+        torch.randn(3, 2, 3, dtype=f64),
+        torch.randn(3, 2, 5, dtype=f64),
+    )
     for a, b in zip(ours(q, k, v), theirs(q, k, v)):
         torch.testing.assert_close(a, b, **TOL)

@@ -1,5 +1,6 @@
 """Construction, parameters, state_dict, serialization and repr of our MultiheadAttention,
 each against torch.nn.MultiheadAttention."""
+
 import copy
 import io
 import pickle
@@ -16,12 +17,30 @@ CONFIGS = [
     dict(embed_dim=12, num_heads=3),
     dict(embed_dim=12, num_heads=3, bias=False),
     dict(embed_dim=8, num_heads=2, kdim=5, vdim=7),
-    dict(embed_dim=8, num_heads=4, kdim=8, vdim=3, add_bias_kv=True, add_zero_attn=True,
-         dropout=0.25, batch_first=True),
+    dict(
+        embed_dim=8,
+        num_heads=4,
+        kdim=8,
+        vdim=3,
+        add_bias_kv=True,
+        add_zero_attn=True,
+        dropout=0.25,
+        batch_first=True,
+    ),
 ]
 IDS = ["packed", "no_bias", "kdim_vdim", "everything"]
-ATTRIBUTES = ["embed_dim", "kdim", "vdim", "_qkv_same_embed_dim", "num_heads", "head_dim",
-              "dropout", "batch_first", "add_zero_attn", "training"]
+ATTRIBUTES = [
+    "embed_dim",
+    "kdim",
+    "vdim",
+    "_qkv_same_embed_dim",
+    "num_heads",
+    "head_dim",
+    "dropout",
+    "batch_first",
+    "add_zero_attn",
+    "training",
+]
 
 
 def check_same_outputs(a, b, batch_first=False):
@@ -53,8 +72,9 @@ def test_same_seed_gives_torchs_initial_parameters(config):
     for name in theirs_state:
         assert torch.equal(ours_state[name], theirs_state[name]), name
     # The generator is left where torch leaves it, so later draws agree as well.
-    assert torch.equal(torch.randn(5), (torch.manual_seed(42), nn.MultiheadAttention(**config),
-                                        torch.randn(5))[2])
+    assert torch.equal(
+        torch.randn(5), (torch.manual_seed(42), nn.MultiheadAttention(**config), torch.randn(5))[2]
+    )
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)
@@ -64,8 +84,15 @@ def test_parameters_attributes_and_structure_match_torch(config):
     assert [n for n, _ in ours.named_modules()] == [n for n, _ in theirs.named_modules()]
     for name in ATTRIBUTES:
         assert getattr(ours, name) == getattr(theirs, name), name
-    for name in ["in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
-                 "in_proj_bias", "bias_k", "bias_v"]:
+    for name in [
+        "in_proj_weight",
+        "q_proj_weight",
+        "k_proj_weight",
+        "v_proj_weight",
+        "in_proj_bias",
+        "bias_k",
+        "bias_v",
+    ]:
         theirs_value, ours_value = getattr(theirs, name), getattr(ours, name)
         assert (ours_value is None) == (theirs_value is None), name
         if theirs_value is not None:
@@ -139,8 +166,7 @@ def test_old_pickles_without_qkv_same_embed_dim_load():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 def test_dtype_factory_argument(dtype):
-    ours = qkv_attention.MultiheadAttention(8, 2, kdim=4, vdim=4, add_bias_kv=True,
-                                            dtype=dtype)
+    ours = qkv_attention.MultiheadAttention(8, 2, kdim=4, vdim=4, add_bias_kv=True, dtype=dtype)
     assert all(p.dtype == dtype for p in ours.parameters())
     q = torch.randn(3, 2, 8, dtype=dtype)
     kv = torch.randn(5, 2, 4, dtype=dtype)
@@ -184,8 +210,9 @@ def test_constructor_rejects_bad_sizes_like_torch():
             cls(10, 3)
 
 
-@pytest.mark.parametrize("masks", ["padding", "attn2d", "attn3d", "both_bool", "both_float",
-                                   "none"])
+@pytest.mark.parametrize(
+    "masks", ["padding", "attn2d", "attn3d", "both_bool", "both_float", "none"]
+)
 def test_merge_masks_matches_torch(masks):
     """torch's public helper, for code written against its module."""
     theirs, ours = module_pair(embed_dim=8, num_heads=2, batch_first=True)
@@ -196,9 +223,10 @@ def test_merge_masks_matches_torch(masks):
     if masks == "both_float":
         padding = torch.randn(N, L, dtype=torch.float64)
         attn = torch.randn(L, L, dtype=torch.float64)
-    args = dict(attn_mask=None if masks in ("padding", "none") else attn,
-                key_padding_mask=padding if masks in ("padding", "both_bool", "both_float")
-                else None)
+    args = dict(
+        attn_mask=None if masks in ("padding", "none") else attn,
+        key_padding_mask=padding if masks in ("padding", "both_bool", "both_float") else None,
+    )
     expected, expected_type = theirs.merge_masks(**args, query=query)
     merged, merged_type = ours.merge_masks(**args, query=query)
     assert merged_type == expected_type

@@ -3,6 +3,7 @@
 tests/python is not a package: pytest puts the folder on sys.path, so the test files import
 these with ``from test_module_support import ...``.
 """
+
 import math
 from typing import Dict, List, Optional
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 import qkv_attention
+
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread_for_tiny_tensors():
@@ -42,8 +44,9 @@ FLOAT32_TOLERANCE_OF_MAX = 2e-5
 def assert_close_for_dtype(actual, expected, dtype, what):
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     if dtype == torch.float64:
-        torch.testing.assert_close(actual, expected, **FLOAT64_TOLERANCE,
-                                   msg=lambda m: f"{what}: {m}")
+        torch.testing.assert_close(
+            actual, expected, **FLOAT64_TOLERANCE, msg=lambda m: f"{what}: {m}"
+        )
         return
     assert dtype == torch.float32, dtype
     assert actual.dtype == expected.dtype, what
@@ -69,8 +72,9 @@ def module_pair(dtype=torch.float64, seed=0, **config):
     return theirs, ours
 
 
-def forward_and_grads(module, inputs: Dict[str, Optional[torch.Tensor]], cotangent_seed=1,
-                      **kwargs):
+def forward_and_grads(
+    module, inputs: Dict[str, Optional[torch.Tensor]], cotangent_seed=1, **kwargs
+):
     """Runs ``module(**inputs, **kwargs)`` and backpropagates fixed random cotangents of the
     output and the weights. Returns (output, weights, {name: grad}) for every input tensor that
     requires grad and every parameter."""
@@ -78,10 +82,15 @@ def forward_and_grads(module, inputs: Dict[str, Optional[torch.Tensor]], cotange
     generator = torch.Generator().manual_seed(cotangent_seed)
     loss = (out * torch.randn(out.shape, generator=generator, dtype=out.dtype)).sum()
     if weights is not None:
-        loss = loss + (weights * torch.randn(weights.shape, generator=generator,
-                                             dtype=weights.dtype)).sum()
-    leaves = {f"input.{k}": v for k, v in inputs.items()
-              if isinstance(v, torch.Tensor) and v.requires_grad}
+        loss = (
+            loss
+            + (weights * torch.randn(weights.shape, generator=generator, dtype=weights.dtype)).sum()
+        )
+    leaves = {
+        f"input.{k}": v
+        for k, v in inputs.items()
+        if isinstance(v, torch.Tensor) and v.requires_grad
+    }
     leaves.update({f"param.{k}": p for k, p in module.named_parameters()})
     grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
     return out, weights, dict(zip(leaves.keys(), grads))
@@ -134,9 +143,17 @@ def float_mask_keeping_first_column(*shape, dtype, masked_probability=0.3, gener
     return mask.masked_fill(minus_inf, -math.inf)
 
 
-def reference_multihead_attention(module, query, key, value, key_padding_mask=None,
-                                  attn_mask=None, need_weights=True, average_attn_weights=True,
-                                  dropout_keep=None):
+def reference_multihead_attention(
+    module,
+    query,
+    key,
+    value,
+    key_padding_mask=None,
+    attn_mask=None,
+    need_weights=True,
+    average_attn_weights=True,
+    dropout_keep=None,
+):
     """The math of multi-head attention written out plainly in float64, reading the
     parameters of ``module`` (either class): our independent reference.
 
@@ -163,8 +180,9 @@ def reference_multihead_attention(module, query, key, value, key_padding_mask=No
     if module._qkv_same_embed_dim:
         w_q, w_k, w_v = module.in_proj_weight.to(f64).split(E)
     else:
-        w_q, w_k, w_v = (w.to(f64) for w in (module.q_proj_weight, module.k_proj_weight,
-                                             module.v_proj_weight))
+        w_q, w_k, w_v = (
+            w.to(f64) for w in (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight)
+        )
     b_q = b_k = b_v = None
     if module.in_proj_bias is not None:
         b_q, b_k, b_v = module.in_proj_bias.to(f64).split(E)

@@ -1,5 +1,6 @@
 """Fifty optimizer steps with our MultiheadAttention and with torch's, from the same
 initialisation: the loss curves and the trained parameters agree (float64)."""
+
 import copy
 
 import pytest
@@ -27,16 +28,18 @@ class TinyTagger(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(VOCAB, E, dtype=f64)
         self.self_attn = attention_class(E, H, add_bias_kv=True, batch_first=True, dtype=f64)
-        self.cross_attn = attention_class(E, H, kdim=5, vdim=6, add_zero_attn=True,
-                                          batch_first=True, dtype=f64)
+        self.cross_attn = attention_class(
+            E, H, kdim=5, vdim=6, add_zero_attn=True, batch_first=True, dtype=f64
+        )
         self.norm = nn.LayerNorm(E, dtype=f64)
         self.head = nn.Linear(E, VOCAB, dtype=f64)
 
     def forward(self, tokens, padding, context):
         x = self.embed(tokens)
         causal = torch.ones(L, L, dtype=torch.bool).triu(1)
-        attended, _ = self.self_attn(x, x, x, key_padding_mask=padding, attn_mask=causal,
-                                     need_weights=False)
+        attended, _ = self.self_attn(
+            x, x, x, key_padding_mask=padding, attn_mask=causal, need_weights=False
+        )
         x = x + attended
         crossed, weights = self.cross_attn(x, context[..., :5], context, need_weights=True)
         x = self.norm(x + crossed)
@@ -97,8 +100,9 @@ def test_fifty_sgd_steps_of_a_replaced_transformer_encoder_match_torch():
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(E, H, 24, dropout=0.1, batch_first=True, dtype=f64)
     layer.self_attn.dropout = 0.0
-    theirs = nn.Sequential(nn.TransformerEncoder(layer, num_layers=2),
-                           nn.Linear(E, 1, dtype=f64)).train()
+    theirs = nn.Sequential(
+        nn.TransformerEncoder(layer, num_layers=2), nn.Linear(E, 1, dtype=f64)
+    ).train()
     ours = qkv_attention.replace_attention(copy.deepcopy(theirs))
 
     def train_encoder(model):

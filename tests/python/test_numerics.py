@@ -3,6 +3,7 @@ sequences of 65536 positions with small D, and 64-bit index arithmetic (sizes wh
 passes 2^31 built from stride-0 expanded tensors, and element offsets past 2^31 from views of a
 sparse memory-mapped file: both cost no memory).
 """
+
 import math
 import os
 
@@ -28,8 +29,9 @@ def leaves(*tensors):
 def check_output(actual, expected, dtype, what="output", tolerance=None):
     assert torch.isfinite(actual).all(), f"{what}: non-finite values"
     tolerance = tolerance or VS_FLOAT64_TOLERANCE[dtype]
-    torch.testing.assert_close(actual.double(), expected, **tolerance,
-                               msg=lambda m: f"{what} ({dtype}): {m}")
+    torch.testing.assert_close(
+        actual.double(), expected, **tolerance, msg=lambda m: f"{what} ({dtype}): {m}"
+    )
 
 
 def check_gradient(actual, expected, dtype, what, tolerance=None):
@@ -40,13 +42,24 @@ def check_gradient(actual, expected, dtype, what, tolerance=None):
     else:
         tolerance = dict(tolerance or VS_FLOAT64_TOLERANCE[dtype])
         tolerance["atol"] *= max(1.0, expected.abs().max().item())
-        torch.testing.assert_close(actual.double(), expected, **tolerance,
-                                   msg=lambda m: f"{what} ({dtype}): {m}")
+        torch.testing.assert_close(
+            actual.double(), expected, **tolerance, msg=lambda m: f"{what} ({dtype}): {m}"
+        )
 
 
-def forward_backward_against_reference(q, k, v, dtype, attn_mask=None, is_causal=False,
-                                       scale=None, grad_scale=1.0, seed=0, tolerance=None,
-                                       grad_tolerance=None):
+def forward_backward_against_reference(
+    q,
+    k,
+    v,
+    dtype,
+    attn_mask=None,
+    is_causal=False,
+    scale=None,
+    grad_scale=1.0,
+    seed=0,
+    tolerance=None,
+    grad_tolerance=None,
+):
     """Runs attention_with_weights forward and backward and compares output, weights and the
     gradients of q, k, v with the float64 reference on the same inputs."""
     g = torch.Generator().manual_seed(seed)
@@ -60,11 +73,13 @@ def forward_backward_against_reference(q, k, v, dtype, attn_mask=None, is_causal
     (out * grad).sum().backward()
     (ref_out * grad.double()).sum().backward()
     for name, ours, theirs in (("query", q, q64), ("key", k, k64), ("value", v, v64)):
-        check_gradient(ours.grad, theirs.grad, dtype, f"grad of {name}",
-                       grad_tolerance or tolerance)
+        check_gradient(
+            ours.grad, theirs.grad, dtype, f"grad of {name}", grad_tolerance or tolerance
+        )
 
 
 # -- logits of +-1e4 ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 def test_logits_of_plus_minus_1e4_give_the_exact_saturated_softmax(dtype):
@@ -95,12 +110,14 @@ def test_float_masks_of_plus_minus_1e4_dominate_the_scores(dtype):
     result is the attention restricted to the +1e4 keys, exactly as the reference computes it."""
     g = torch.Generator().manual_seed(1)
     B, H, L, S, D = 2, 3, 7, 11, 8
-    q, k, v = (torch.randn(B, H, n, D, generator=g, dtype=torch.float64).to(dtype)
-               for n in (L, S, S))
+    q, k, v = (
+        torch.randn(B, H, n, D, generator=g, dtype=torch.float64).to(dtype) for n in (L, S, S)
+    )
     choice = torch.randint(0, 3, (B, 1, L, S), generator=g)
     mask = torch.tensor([-1e4, 0.0, 1e4], dtype=torch.float64)[choice].to(dtype)
-    forward_backward_against_reference(q, k, v, dtype, attn_mask=mask,
-                                       tolerance=LARGE_MASK_TOLERANCE.get(dtype))
+    forward_backward_against_reference(
+        q, k, v, dtype, attn_mask=mask, tolerance=LARGE_MASK_TOLERANCE.get(dtype)
+    )
 
 
 # score + 1e4 in the float32 accumulator keeps the score only to float32's ulp at 1e4, 2^-10;
@@ -108,12 +125,15 @@ def test_float_masks_of_plus_minus_1e4_dominate_the_scores(dtype):
 # to ~2^-10 relative: an exact reference cannot be matched closer by any float32 computation
 # (torch's float32 SDPA too). Twice that, 2^-9, for float32 and float16; bfloat16's own
 # tolerance (2^-7) already covers it; float64's (1e-12 relative to scores of 1e4: 2e-12 ulps).
-LARGE_MASK_TOLERANCE = {torch.float32: dict(atol=2.0**-9, rtol=2.0**-9),
-                        torch.float16: dict(atol=2.0**-9, rtol=2.0**-9),
-                        torch.float64: dict(atol=1e-10, rtol=1e-10)}
+LARGE_MASK_TOLERANCE = {
+    torch.float32: dict(atol=2.0**-9, rtol=2.0**-9),
+    torch.float16: dict(atol=2.0**-9, rtol=2.0**-9),
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+}
 
 
 # -- float16 near its range -------------------------------------------------------------------
+
 
 def test_float16_values_near_65504_do_not_overflow():
     """q and k of magnitude up to 6e4 (q.k up to ~1e10, far past float16's 65504) with a scale
@@ -122,8 +142,10 @@ def test_float16_values_near_65504_do_not_overflow():
     values, stay within float16's range and match the reference."""
     g = torch.Generator().manual_seed(2)
     B, H, L, S, D = 1, 2, 16, 24, 8
-    q, k = (torch.empty(B, H, n, D, dtype=torch.float64).uniform_(-6e4, 6e4, generator=g)
-            .half() for n in (L, S))
+    q, k = (
+        torch.empty(B, H, n, D, dtype=torch.float64).uniform_(-6e4, 6e4, generator=g).half()
+        for n in (L, S)
+    )
     v = torch.empty(B, H, S, D, dtype=torch.float64).uniform_(-6e4, 6e4, generator=g).half()
     assert (q.double() @ k.double().transpose(-1, -2)).abs().max() > 1e9
     forward_backward_against_reference(q, k, v, torch.float16, scale=1e-9)
@@ -159,7 +181,8 @@ def assert_long_close(actual, expected, dtype, what):
     scale = max(1e-3, expected.abs().max().item())
     error = (actual.double() - expected).abs().max().item()
     assert error <= LONG_TOLERANCE_OF_MAX[dtype] * scale, (
-        f"{what} ({dtype}): max error {error:.3e} vs max |expected| {scale:.3e}")
+        f"{what} ({dtype}): max error {error:.3e} vs max |expected| {scale:.3e}"
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -170,8 +193,9 @@ def test_65536_positions_with_small_head_dim_forward_and_backward(L, S, dtype):
     reference, forward and backward."""
     g = torch.Generator().manual_seed(4)
     D = 4
-    q, k, v = (torch.randn(1, 1, n, D, generator=g, dtype=torch.float64).to(dtype)
-               for n in (L, S, S))
+    q, k, v = (
+        torch.randn(1, 1, n, D, generator=g, dtype=torch.float64).to(dtype) for n in (L, S, S)
+    )
     q, k, v = leaves(q, k, v)
     out = ops.attention(q, k, v)
     q64, k64, v64 = leaves(q.double(), k.double(), v.double())
@@ -203,11 +227,13 @@ def test_causal_65536_by_65536_with_a_broadcast_mask_passes_2_to_31_scores():
         scores = (q[0, 0, i].double() @ k[0, 0, : i + 1].double().T) / math.sqrt(D)
         scores = scores.masked_fill(~key_allowed[0, 0, 0, : i + 1], -math.inf)
         expected = torch.softmax(scores, -1) @ v[0, 0, : i + 1].double()
-        torch.testing.assert_close(out[0, 0, i].double(), expected, atol=1e-5, rtol=1e-4,
-                                   msg=lambda m: f"row {i}: {m}")
+        torch.testing.assert_close(
+            out[0, 0, i].double(), expected, atol=1e-5, rtol=1e-4, msg=lambda m: f"row {i}: {m}"
+        )
 
 
 # -- element offsets past 2^31 --------------------------------------------------------------------
+
 
 def far_view(directory, name, size, stride, storage_offset, values):
     """A float32 view of `size`/`stride` whose elements lie past element 2^31 of a sparse,
@@ -249,6 +275,10 @@ def test_views_with_element_offsets_past_2_to_31_are_read_and_differentiated_cor
     grad = torch.randn(out.shape, generator=g)
     (out * grad).sum().backward()
     (ref_out * grad.double()).sum().backward()
-    for name, ours, theirs in (("query", q, q64), ("key", k, k64), ("value", v, v64),
-                               ("attn_mask", mask, m64)):
+    for name, ours, theirs in (
+        ("query", q, q64),
+        ("key", k, k64),
+        ("value", v, v64),
+        ("attn_mask", mask, m64),
+    ):
         check_gradient(ours.grad, theirs.grad, torch.float32, f"grad of {name}")

@@ -4,6 +4,7 @@ Each case runs first and second derivatives of the op against finite differences
 ``exact`` check the full Jacobian (slow mode); the others use gradcheck's fast mode (a random
 projection of the Jacobian), which keeps the whole file within a few seconds.
 """
+
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -42,7 +43,9 @@ def sizes_of(spec, dims):
 @dataclass
 class AttentionCase:
     dims: Tuple[int, int, int, int, int, int]  # B, H, L, S, D, Dv
-    mask: Optional[Tuple[str, str, bool]] = None  # (dtype "bool"/"float", shape spec, requires_grad)
+    mask: Optional[Tuple[str, str, bool]] = (
+        None  # (dtype "bool"/"float", shape spec, requires_grad)
+    )
     padding: Optional[Tuple[str, bool]] = None  # key_padding_mask (dtype, requires_grad)
     is_causal: bool = False
     scale: Optional[float] = None
@@ -69,8 +72,11 @@ ATTENTION_CASES = {
         (2, 3, 4, 4, 2, 3), mask=("bool", "HLS", False), is_causal=True, with_weights=True
     ),
     "bool_mask_BHLS_fully_masked_row": AttentionCase(
-        (2, 2, 3, 4, 3, 2), mask=("bool", "BHLS", False), fully_masked_row=True,
-        with_weights=True, exact=True,
+        (2, 2, 3, 4, 3, 2),
+        mask=("bool", "BHLS", False),
+        fully_masked_row=True,
+        with_weights=True,
+        exact=True,
     ),
     "float_mask_LS_grad": AttentionCase((2, 2, 3, 4, 2, 3), mask=("float", "LS", True), exact=True),
     "float_mask_B11S_grad": AttentionCase((3, 2, 2, 4, 2, 2), mask=("float", "B11S", True)),
@@ -78,7 +84,9 @@ ATTENTION_CASES = {
     "float_mask_1111_grad": AttentionCase((2, 2, 3, 3, 2, 2), mask=("float", "1111", True)),
     "float_mask_BHLS_no_grad": AttentionCase((2, 2, 3, 4, 2, 2), mask=("float", "BHLS", False)),
     "float_mask_with_neg_inf_grad": AttentionCase(
-        (2, 2, 4, 3, 2, 2), mask=("float", "BHLS", True), neg_inf_in_float_mask=True,
+        (2, 2, 4, 3, 2, 2),
+        mask=("float", "BHLS", True),
+        neg_inf_in_float_mask=True,
         with_weights=True,
     ),
     "padding_bool_fully_masked_batch": AttentionCase(
@@ -86,7 +94,10 @@ ATTENTION_CASES = {
     ),
     "padding_float_grad": AttentionCase((2, 2, 3, 4, 2, 2), padding=("float", True), exact=True),
     "float_mask_and_padding_grad_causal": AttentionCase(
-        (2, 2, 4, 4, 2, 2), mask=("float", "1LS", True), padding=("float", True), is_causal=True,
+        (2, 2, 4, 4, 2, 2),
+        mask=("float", "1LS", True),
+        padding=("float", True),
+        is_causal=True,
         with_weights=True,
     ),
     "bool_mask_and_float_padding_grad": AttentionCase(
@@ -97,8 +108,11 @@ ATTENTION_CASES = {
         (2, 2, 4, 4, 2, 3), mask=("float", "HLS", True), is_causal=True, dropout_p=0.5
     ),
     "noncontiguous": AttentionCase(
-        (2, 2, 3, 4, 3, 2), mask=("float", "BHLS", True), padding=("float", True),
-        noncontiguous=True, exact=True,
+        (2, 2, 3, 4, 3, 2),
+        mask=("float", "BHLS", True),
+        padding=("float", True),
+        noncontiguous=True,
+        exact=True,
     ),
     "noncontiguous_dropout_causal": AttentionCase(
         (2, 3, 4, 3, 2, 3), noncontiguous=True, dropout_p=0.4, is_causal=True, with_weights=True
@@ -150,8 +164,14 @@ def attention_inputs(case):
         if case.dropout_p > 0:
             torch.manual_seed(DROPOUT_SEED)  # every call draws the same dropout mask
         return op(
-            kwargs["query"], kwargs["key"], kwargs["value"], kwargs.get("attn_mask"),
-            case.dropout_p, case.is_causal, case.scale, kwargs.get("key_padding_mask"),
+            kwargs["query"],
+            kwargs["key"],
+            kwargs["value"],
+            kwargs.get("attn_mask"),
+            case.dropout_p,
+            case.is_causal,
+            case.scale,
+            kwargs.get("key_padding_mask"),
         )
 
     return tuple(tensors.values()), fn
@@ -167,9 +187,11 @@ def test_attention_gradcheck_and_gradgradcheck(case):
 def test_attention_gradgradcheck_full_jacobian(name):
     case = ATTENTION_CASES[name]
     B, H, L, S, D, Dv = case.dims
-    small = AttentionCase((1, 1, L, S, D, Dv), **{
-        k: v for k, v in vars(case).items() if k in ("is_causal", "dropout_p", "with_weights")
-    }, mask=None if case.mask is None else (case.mask[0], "LS", case.mask[2]))
+    small = AttentionCase(
+        (1, 1, L, S, D, Dv),
+        **{k: v for k, v in vars(case).items() if k in ("is_causal", "dropout_p", "with_weights")},
+        mask=None if case.mask is None else (case.mask[0], "LS", case.mask[2]),
+    )
     inputs, fn = attention_inputs(small)
     assert gradgradcheck(fn, inputs, fast_mode=False)
 
@@ -285,8 +307,11 @@ def test_merge_heads_gradcheck_and_gradgradcheck(dims, bias, make_noncontiguous,
 
 # The backward ops' own cases are those of `python -m qkv_attention.check`
 # (python/qkv_attention/_cases.py), written once for the tool and this file.
-SHARED_BACKWARD_CASES = {case.name: case for case in gradient_cases()
-                         if case.name in ("qkv_projection_backward", "merge_heads_backward")}
+SHARED_BACKWARD_CASES = {
+    case.name: case
+    for case in gradient_cases()
+    if case.name in ("qkv_projection_backward", "merge_heads_backward")
+}
 
 
 @pytest.mark.parametrize("name", ["qkv_projection_backward", "merge_heads_backward"])
@@ -350,8 +375,21 @@ def test_attention_backward_gradcheck_and_gradgradcheck(options):
             query, key, value, attn_mask, padding, dropout_p, is_causal, scale, False, rng_state
         )
         grads = ops._attention_backward(
-            grad_output, grad_weights, query, key, value, output, logsumexp, attn_mask, padding,
-            dropout_p, is_causal, scale, rng_state, with_masks, with_masks,
+            grad_output,
+            grad_weights,
+            query,
+            key,
+            value,
+            output,
+            logsumexp,
+            attn_mask,
+            padding,
+            dropout_p,
+            is_causal,
+            scale,
+            rng_state,
+            with_masks,
+            with_masks,
         )
         return grads if with_masks else grads[:3]
 
@@ -375,8 +413,23 @@ def test_attention_fused_backward_matches_differentiable_backward(dropout_p):
     output, logsumexp, _ = ops._attention_forward(
         query, key, value, attn_mask, padding, dropout_p, True, None, False, rng_state
     )
-    args = (grad_output, grad_weights, query, key, value, output, logsumexp, attn_mask, padding,
-            dropout_p, True, None, rng_state, True, False)
+    args = (
+        grad_output,
+        grad_weights,
+        query,
+        key,
+        value,
+        output,
+        logsumexp,
+        attn_mask,
+        padding,
+        dropout_p,
+        True,
+        None,
+        rng_state,
+        True,
+        False,
+    )
     with torch.no_grad():
         fused = ops._attention_backward(*args)
     # grad mode on and an input that requires grad: the differentiable path

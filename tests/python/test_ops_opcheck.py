@@ -7,6 +7,7 @@ ops (which draw the dropout state) run with dropout_p = 0; _attention_forward,
 _attention_backward and _attention_dropout_mask are pure functions of their rng_state input,
 and have dropout cases too.
 """
+
 import pytest
 import torch
 
@@ -22,14 +23,18 @@ def registered_operators():
     """Every qkv_attention operator the dispatcher knows, as 'name' or 'name.overload'."""
     prefix = NAMESPACE + "::"
     return sorted(
-        name[len(prefix):] for name in torch._C._dispatch_get_all_op_names()
+        name[len(prefix) :]
+        for name in torch._C._dispatch_get_all_op_names()
         if name.startswith(prefix)
     )
 
 
 def qkv(B=2, H=2, L=3, S=4, D=3, Dv=2, dtype=torch.float32):
-    return (random_tensor(B, H, L, D, dtype=dtype), random_tensor(B, H, S, D, dtype=dtype),
-            random_tensor(B, H, S, Dv, dtype=dtype))
+    return (
+        random_tensor(B, H, L, D, dtype=dtype),
+        random_tensor(B, H, S, D, dtype=dtype),
+        random_tensor(B, H, S, Dv, dtype=dtype),
+    )
 
 
 # --- argument builders, one list per operator: (case id, () -> (args, kwargs)) --------------
@@ -37,12 +42,14 @@ def qkv(B=2, H=2, L=3, S=4, D=3, Dv=2, dtype=torch.float32):
 
 def qkv_projection_cases():
     def make(B, L, S, Eq, Ek, Ev, E, H, biases):
-        tensors = [random_tensor(B, L, Eq, dtype=torch.float32),
-                   random_tensor(B, S, Ek, dtype=torch.float32),
-                   random_tensor(B, S, Ev, dtype=torch.float32),
-                   random_tensor(E, Eq, dtype=torch.float32),
-                   random_tensor(E, Ek, dtype=torch.float32),
-                   random_tensor(E, Ev, dtype=torch.float32)]
+        tensors = [
+            random_tensor(B, L, Eq, dtype=torch.float32),
+            random_tensor(B, S, Ek, dtype=torch.float32),
+            random_tensor(B, S, Ev, dtype=torch.float32),
+            random_tensor(E, Eq, dtype=torch.float32),
+            random_tensor(E, Ek, dtype=torch.float32),
+            random_tensor(E, Ev, dtype=torch.float32),
+        ]
         tensors += [random_tensor(E, dtype=torch.float32) if b else None for b in biases]
         return (*tensors, H), {}
 
@@ -56,14 +63,18 @@ def qkv_projection_cases():
 def qkv_projection_backward_cases():
     def make(grads_given):
         B, L, S, Eq, Ek, Ev, E, H = 2, 3, 4, 4, 3, 5, 6, 3
-        grads = [random_tensor(B, H, n, E // H, dtype=torch.float32) if given else None
-                 for n, given in zip((L, S, S), grads_given)]
-        inputs = [random_tensor(B, L, Eq, dtype=torch.float32),
-                  random_tensor(B, S, Ek, dtype=torch.float32),
-                  random_tensor(B, S, Ev, dtype=torch.float32),
-                  random_tensor(E, Eq, dtype=torch.float32),
-                  random_tensor(E, Ek, dtype=torch.float32),
-                  random_tensor(E, Ev, dtype=torch.float32)]
+        grads = [
+            random_tensor(B, H, n, E // H, dtype=torch.float32) if given else None
+            for n, given in zip((L, S, S), grads_given)
+        ]
+        inputs = [
+            random_tensor(B, L, Eq, dtype=torch.float32),
+            random_tensor(B, S, Ek, dtype=torch.float32),
+            random_tensor(B, S, Ev, dtype=torch.float32),
+            random_tensor(E, Eq, dtype=torch.float32),
+            random_tensor(E, Ek, dtype=torch.float32),
+            random_tensor(E, Ev, dtype=torch.float32),
+        ]
         return (*grads, *inputs, H), {}
 
     return [
@@ -74,6 +85,7 @@ def qkv_projection_backward_cases():
 
 def attention_argument_cases():
     """(args, kwargs) for attention and attention_with_weights (same schema)."""
+
     def plain():
         return qkv(), {}
 
@@ -116,8 +128,19 @@ def attention_forward_cases():
         attn_mask = random_tensor(2, 4, 5, dtype=torch.float32) if masks else None
         padding = random_bool_mask(2, 5) if masks else None
         rng_state = torch.tensor(RNG_STATE) if dropout_p else None
-        return (q, k, v, attn_mask, padding, dropout_p, is_causal, None, need_weights,
-                rng_state, average), {}
+        return (
+            q,
+            k,
+            v,
+            attn_mask,
+            padding,
+            dropout_p,
+            is_causal,
+            None,
+            need_weights,
+            rng_state,
+            average,
+        ), {}
 
     return [
         ("need_weights", lambda: make(True, False, False)),
@@ -141,8 +164,23 @@ def attention_backward_cases():
         )
         grad_output = random_tensor(*output.shape, dtype=torch.float32)
         grad_w = random_tensor(2, 2, 4, 5, dtype=torch.float32) if grad_weights else None
-        return (grad_output, grad_w, q, k, v, output, logsumexp, attn_mask, padding, dropout_p,
-                is_causal, None, rng_state, masks_need_grad, masks_need_grad), {}
+        return (
+            grad_output,
+            grad_w,
+            q,
+            k,
+            v,
+            output,
+            logsumexp,
+            attn_mask,
+            padding,
+            dropout_p,
+            is_causal,
+            None,
+            rng_state,
+            masks_need_grad,
+            masks_need_grad,
+        ), {}
 
     return [
         ("plain", lambda: make(False, False, False, False)),
@@ -177,9 +215,11 @@ def merge_heads_cases():
 
 def merge_heads_backward_cases():
     def make():
-        return (random_tensor(2, 4, 5, dtype=torch.float32),
-                random_tensor(2, 3, 4, 2, dtype=torch.float32),
-                random_tensor(5, 6, dtype=torch.float32)), {}
+        return (
+            random_tensor(2, 4, 5, dtype=torch.float32),
+            random_tensor(2, 3, 4, 2, dtype=torch.float32),
+            random_tensor(5, 6, dtype=torch.float32),
+        ), {}
 
     return [("plain", make)]
 
@@ -187,23 +227,31 @@ def merge_heads_backward_cases():
 def attention_with_kv_cache_cases():
     """Caches of zeros (opcheck compares mutated inputs, and the op rewrites the same entries
     on every repeated call: cache_seqlens is not advanced by the op)."""
+
     def caches():
         return torch.zeros(2, 2, 12, 3), torch.zeros(2, 2, 12, 2)
 
     def decode():
         k_cache, v_cache = caches()
-        return (random_tensor(2, 4, 1, 3, dtype=torch.float32), k_cache, v_cache,
-                random_tensor(2, 2, 1, 3, dtype=torch.float32),
-                random_tensor(2, 2, 1, 2, dtype=torch.float32),
-                torch.tensor([4, 0])), {}
+        return (
+            random_tensor(2, 4, 1, 3, dtype=torch.float32),
+            k_cache,
+            v_cache,
+            random_tensor(2, 2, 1, 3, dtype=torch.float32),
+            random_tensor(2, 2, 1, 2, dtype=torch.float32),
+            torch.tensor([4, 0]),
+        ), {}
 
     def prefill_with_mask():
         k_cache, v_cache = caches()
-        return (random_tensor(2, 2, 3, 3, dtype=torch.float32), k_cache, v_cache,
-                random_tensor(2, 2, 3, 3, dtype=torch.float32),
-                random_tensor(2, 2, 3, 2, dtype=torch.float32),
-                torch.tensor([2, 9], dtype=torch.int32)), dict(
-                    attn_mask=random_bool_mask(2, 1, 3, 12), is_causal=False, scale=0.7)
+        return (
+            random_tensor(2, 2, 3, 3, dtype=torch.float32),
+            k_cache,
+            v_cache,
+            random_tensor(2, 2, 3, 3, dtype=torch.float32),
+            random_tensor(2, 2, 3, 2, dtype=torch.float32),
+            torch.tensor([2, 9], dtype=torch.int32),
+        ), dict(attn_mask=random_bool_mask(2, 1, 3, 12), is_causal=False, scale=0.7)
 
     return [("decode", decode), ("prefill_with_mask", prefill_with_mask)]
 
@@ -237,8 +285,22 @@ def attention_varlen_backward_cases():
         args = (*_varlen_inputs(), 5, 4, 0.3, True, None, torch.tensor([5, 6]))
         output, lse = ops._attention_varlen_forward(*args)
         q, k, v, cu_q, cu_k = args[:5]
-        return (torch.randn_like(output), q, k, v, output, lse, cu_q, cu_k, 5, 4, 0.3, True,
-                None, torch.tensor([5, 6])), {}
+        return (
+            torch.randn_like(output),
+            q,
+            k,
+            v,
+            output,
+            lse,
+            cu_q,
+            cu_k,
+            5,
+            4,
+            0.3,
+            True,
+            None,
+            torch.tensor([5, 6]),
+        ), {}
 
     return [("dropout_causal", dropout_causal)]
 
@@ -252,13 +314,23 @@ CASES = {
     "attention": attention_argument_cases(),
     # Same schema and kernel as attention: the cases that differ in the weights they return.
     "attention_with_weights": [
-        case for case in attention_argument_cases()
+        case
+        for case in attention_argument_cases()
         if case[0] in ("plain", "float_mask_and_float_padding", "bool_padding_fully_masked")
-    ] + [
+    ]
+    + [
         ("averaged_weights", lambda: (qkv(), {"average_attn_weights": True})),
-        ("averaged_weights_causal_padding", lambda: (qkv(L=4, S=4), {
-            "is_causal": True, "key_padding_mask": random_bool_mask(2, 4),
-            "average_attn_weights": True})),
+        (
+            "averaged_weights_causal_padding",
+            lambda: (
+                qkv(L=4, S=4),
+                {
+                    "is_causal": True,
+                    "key_padding_mask": random_bool_mask(2, 4),
+                    "average_attn_weights": True,
+                },
+            ),
+        ),
     ],
     "_attention_forward": attention_forward_cases(),
     "_attention_backward": attention_backward_cases(),
@@ -287,10 +359,12 @@ NO_FLOAT_INPUTS = {"_attention_dropout_mask", "attention_with_kv_cache"}
 # _attention_varlen_backward's differentiable formulation loops over the sequences, reading
 # the offsets' values, which the traced tests (FakeTensor) cannot: it raises a clear
 # NotImplementedError there (test_varlen.py covers its double backward in eager mode).
-NO_GRAD_VARIANT = {("_attention_varlen_backward", "dropout_causal"),
-                   ("_attention_backward", "grad_weights_causal"),
-                   ("_attention_backward", "float_masks_without_grad"),
-                   ("_attention_backward", "dropout_grad_weights")}
+NO_GRAD_VARIANT = {
+    ("_attention_varlen_backward", "dropout_causal"),
+    ("_attention_backward", "grad_weights_causal"),
+    ("_attention_backward", "float_masks_without_grad"),
+    ("_attention_backward", "dropout_grad_weights"),
+}
 
 
 def variants(name, case_id):
@@ -300,8 +374,9 @@ def variants(name, case_id):
 
 
 PARAMS = [
-    pytest.param(name, build, requires_grad,
-                 id=f"{name}-{case_id}-{'grad' if requires_grad else 'nograd'}")
+    pytest.param(
+        name, build, requires_grad, id=f"{name}-{case_id}-{'grad' if requires_grad else 'nograd'}"
+    )
     for name, cases in CASES.items()
     for case_id, build in cases
     for requires_grad in variants(name, case_id)
@@ -329,7 +404,14 @@ def test_every_registered_operator_has_opcheck_cases():
 
 def test_the_expected_operators_are_registered():
     assert set(registered_operators()) >= {
-        "qkv_projection", "qkv_projection_backward", "attention", "attention_with_weights",
-        "_attention_forward", "_attention_backward", "_attention_dropout_mask", "merge_heads",
-        "merge_heads_backward", "attention_with_kv_cache",
+        "qkv_projection",
+        "qkv_projection_backward",
+        "attention",
+        "attention_with_weights",
+        "_attention_forward",
+        "_attention_backward",
+        "_attention_dropout_mask",
+        "merge_heads",
+        "merge_heads_backward",
+        "attention_with_kv_cache",
     }

@@ -1,4 +1,5 @@
 """The installed package: version, build information and the operator registrations."""
+
 import importlib.metadata
 import re
 
@@ -11,17 +12,63 @@ ops = torch.ops.qkv_attention
 
 PUBLIC_SCHEMAS = {
     # argument names in order: public API (docs/design.md section 2), new ones only go at the end
-    "qkv_projection": ["query", "key", "value", "q_weight", "k_weight", "v_weight", "q_bias",
-                       "k_bias", "v_bias", "num_heads"],
-    "attention": ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
-                  "key_padding_mask"],
-    "attention_with_weights": ["query", "key", "value", "attn_mask", "dropout_p", "is_causal",
-                               "scale", "key_padding_mask", "average_attn_weights"],
+    "qkv_projection": [
+        "query",
+        "key",
+        "value",
+        "q_weight",
+        "k_weight",
+        "v_weight",
+        "q_bias",
+        "k_bias",
+        "v_bias",
+        "num_heads",
+    ],
+    "attention": [
+        "query",
+        "key",
+        "value",
+        "attn_mask",
+        "dropout_p",
+        "is_causal",
+        "scale",
+        "key_padding_mask",
+    ],
+    "attention_with_weights": [
+        "query",
+        "key",
+        "value",
+        "attn_mask",
+        "dropout_p",
+        "is_causal",
+        "scale",
+        "key_padding_mask",
+        "average_attn_weights",
+    ],
     "merge_heads": ["x", "out_weight", "out_bias"],
-    "attention_with_kv_cache": ["query", "k_cache", "v_cache", "key", "value", "cache_seqlens",
-                                "attn_mask", "is_causal", "scale"],
-    "attention_varlen": ["query", "key", "value", "cu_seqlens_q", "cu_seqlens_k",
-                         "max_seqlen_q", "max_seqlen_k", "dropout_p", "is_causal", "scale"],
+    "attention_with_kv_cache": [
+        "query",
+        "k_cache",
+        "v_cache",
+        "key",
+        "value",
+        "cache_seqlens",
+        "attn_mask",
+        "is_causal",
+        "scale",
+    ],
+    "attention_varlen": [
+        "query",
+        "key",
+        "value",
+        "cu_seqlens_q",
+        "cu_seqlens_k",
+        "max_seqlen_q",
+        "max_seqlen_k",
+        "dropout_p",
+        "is_causal",
+        "scale",
+    ],
 }
 # Operators with kernels of their own at these keys; the others are compositions of
 # _attention_forward or _attention_varlen_forward (CompositeImplicitAutograd), so they inherit
@@ -52,8 +99,15 @@ def test_version_is_the_same_everywhere():
 
 def test_build_info_describes_this_build():
     info = qkv_attention.build_info()
-    assert set(info) >= {"version", "torch_version", "compiler", "openmp", "cxx11_abi",
-                         "cpu_capability", "num_threads"}
+    assert set(info) >= {
+        "version",
+        "torch_version",
+        "compiler",
+        "openmp",
+        "cxx11_abi",
+        "cpu_capability",
+        "num_threads",
+    }
     # built against the torch that runs it (local suffixes such as +cpu aside)
     assert info["torch_version"] == re.match(r"\d+\.\d+\.\d+", torch.__version__).group()
     assert info["openmp"] is True  # without it at::parallel_for runs on one thread
@@ -89,8 +143,13 @@ def test_public_schemas_keep_their_argument_order():
         assert [a.name for a in schema.arguments] == arguments, name
     attention = ops.attention.default._schema.arguments
     defaults = {a.name: a.default_value for a in attention if a.has_default_value()}
-    assert defaults == {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None,
-                        "key_padding_mask": None}
+    assert defaults == {
+        "attn_mask": None,
+        "dropout_p": 0.0,
+        "is_causal": False,
+        "scale": None,
+        "key_padding_mask": None,
+    }
 
 
 def test_python_wrappers_call_the_operators():

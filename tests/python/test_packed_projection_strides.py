@@ -8,6 +8,7 @@ from the wrong rows, or a valid input was refused with an unclear storage error.
 decision is made on the real strides and offsets; every layout below must give F.linear's
 result (and gradients), whichever path it takes.
 """
+
 import itertools
 
 import pytest
@@ -29,51 +30,65 @@ def storage(n, seed):
 def layouts(E):
     """(name, q_weight, k_weight, v_weight): (E, Ein) views, most of them of one storage."""
     base = storage(3 * E * Ein + 64, seed=E)
-    yield "chunks of a contiguous (3E, Ein)", base[:3 * E * Ein].view(3 * E, Ein).chunk(3)
-    yield "chunks of a transposed (Ein, 3E)", base[:3 * E * Ein].view(Ein, 3 * E).t().chunk(3)
-    padded = base[:3 * E * (Ein + 2)].view(3 * E, Ein + 2)[:, :Ein]
+    yield "chunks of a contiguous (3E, Ein)", base[: 3 * E * Ein].view(3 * E, Ein).chunk(3)
+    yield "chunks of a transposed (Ein, 3E)", base[: 3 * E * Ein].view(Ein, 3 * E).t().chunk(3)
+    padded = base[: 3 * E * (Ein + 2)].view(3 * E, Ein + 2)[:, :Ein]
     yield "chunks of a row-padded (3E, Ein + 2)", padded.chunk(3)
-    interleaved = base[:3 * E * Ein].view(E, 3, Ein)
+    interleaved = base[: 3 * E * Ein].view(E, 3, Ein)
     yield "interleaved (E, 3, Ein)[:, i]", tuple(interleaved[:, i] for i in range(3))
     # consecutive blocks whose declared row stride differs from their spacing: the E = 1 bug
     for row_stride in (1, 3, Ein + 1, 40):
         if 2 * E * Ein + (E - 1) * row_stride + Ein <= base.numel():  # inside the storage
-            yield (f"blocks E*Ein apart with row stride {row_stride}",
-                   tuple(base.as_strided((E, Ein), (row_stride, 1), i * E * Ein)
-                         for i in range(3)))
+            yield (
+                f"blocks E*Ein apart with row stride {row_stride}",
+                tuple(base.as_strided((E, Ein), (row_stride, 1), i * E * Ein) for i in range(3)),
+            )
     # row-stride-consistent blocks with a gap: not one stacked matrix
-    yield "blocks with a gap", tuple(base.as_strided((E, Ein), (Ein, 1), i * (E * Ein + 3))
-                                     for i in range(3))
+    yield (
+        "blocks with a gap",
+        tuple(base.as_strided((E, Ein), (Ein, 1), i * (E * Ein + 3)) for i in range(3)),
+    )
     expanded = base[:Ein].view(1, Ein).expand(E, Ein)
     yield "one expanded row for all three", (expanded, expanded, expanded)
-    yield "expanded rows of three storages", tuple(storage(Ein, s).view(1, Ein).expand(E, Ein)
-                                                   for s in (1, 2, 3))
-    column = base[:3 * E * Ein].view(3 * E * Ein, 1)  # (Ein = 1 style) column stride games
-    yield "column-major blocks", tuple(column[i * E * Ein:(i + 1) * E * Ein].view(Ein, E).t()
-                                       for i in range(3))
+    yield (
+        "expanded rows of three storages",
+        tuple(storage(Ein, s).view(1, Ein).expand(E, Ein) for s in (1, 2, 3)),
+    )
+    column = base[: 3 * E * Ein].view(3 * E * Ein, 1)  # (Ein = 1 style) column stride games
+    yield (
+        "column-major blocks",
+        tuple(column[i * E * Ein : (i + 1) * E * Ein].view(Ein, E).t() for i in range(3)),
+    )
     yield "three separate tensors", tuple(storage(E * Ein, s).view(E, Ein) for s in (4, 5, 6))
 
 
 def bias_layouts(E):
     base = storage(3 * E + 16, seed=100 + E)
     yield "none", (None, None, None)
-    yield "chunks of one (3E,)", base[:3 * E].chunk(3)
-    yield "strided blocks", tuple(base.as_strided((E,), (2,), i * E) for i in range(3)) \
-        if 2 * E + 2 * (E - 1) < base.numel() else (None, None, None)
+    yield "chunks of one (3E,)", base[: 3 * E].chunk(3)
+    yield (
+        "strided blocks",
+        tuple(base.as_strided((E,), (2,), i * E) for i in range(3))
+        if 2 * E + 2 * (E - 1) < base.numel()
+        else (None, None, None),
+    )
     yield "three separate", tuple(storage(E, s) for s in (7, 8, 9))
 
 
-CASES = [(E, name, weights, bias_name, biases)
-         for E in (1, 2, 4)
-         for (name, weights), (bias_name, biases) in itertools.product(layouts(E),
-                                                                      bias_layouts(E))]
+CASES = [
+    (E, name, weights, bias_name, biases)
+    for E in (1, 2, 4)
+    for (name, weights), (bias_name, biases) in itertools.product(layouts(E), bias_layouts(E))
+]
 
 
-@pytest.mark.parametrize("E, name, weights, bias_name, biases", CASES,
-                         ids=[f"E{c[0]}-{c[1]}-bias {c[3]}" for c in CASES])
+@pytest.mark.parametrize(
+    "E, name, weights, bias_name, biases", CASES, ids=[f"E{c[0]}-{c[1]}-bias {c[3]}" for c in CASES]
+)
 @pytest.mark.parametrize("self_attention", [True, False], ids=["one-input", "three-inputs"])
-def test_projection_matches_linear_for_every_weight_layout(E, name, weights, bias_name, biases,
-                                                            self_attention):
+def test_projection_matches_linear_for_every_weight_layout(
+    E, name, weights, bias_name, biases, self_attention
+):
     num_heads = E if E <= 2 else 2
     x = storage(2 * 3 * Ein, seed=50).view(2, 3, Ein)
     inputs = (x, x, x) if self_attention else (x, x.clone(), x.clone())
@@ -92,9 +107,9 @@ def test_projection_gradients_for_strided_weight_views(E, layout):
 
     def views(base):
         if layout == 0:
-            return base[:3 * E * Ein].view(3 * E, Ein).chunk(3)
+            return base[: 3 * E * Ein].view(3 * E, Ein).chunk(3)
         if layout == 1:
-            return base[:3 * E * Ein].view(Ein, 3 * E).t().chunk(3)
+            return base[: 3 * E * Ein].view(Ein, 3 * E).t().chunk(3)
         if layout == 2:
             return tuple(base.as_strided((E, Ein), (Ein + 1, 1), i * E * Ein) for i in range(3))
         return tuple(base.as_strided((E, Ein), (1, E), i * E * Ein) for i in range(3))

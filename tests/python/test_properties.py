@@ -9,6 +9,7 @@ and gradients. derandomize=True and no example database: every run draws the sam
 CI is reproducible; a failure prints the example to rerun. At least 500 examples per run:
 ``EXAMPLES`` below sums to 620.
 """
+
 import math
 
 import pytest
@@ -145,8 +146,9 @@ def assert_matches(actual, expected, dtype, what, gradient=False):
     tolerance = dict(VS_FLOAT64_TOLERANCE[dtype])
     if gradient:
         tolerance["atol"] *= max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(actual.double(), expected.double(), **tolerance,
-                               msg=lambda m: f"{what} ({dtype}): {m}")
+    torch.testing.assert_close(
+        actual.double(), expected.double(), **tolerance, msg=lambda m: f"{what} ({dtype}): {m}"
+    )
 
 
 def masked_scores(q, k, attn_mask, key_padding_mask, is_causal, scale):
@@ -158,8 +160,11 @@ def masked_scores(q, k, attn_mask, key_padding_mask, is_causal, scale):
     for mask in (attn_mask, None if key_padding_mask is None else key_padding_mask[:, None, None]):
         if mask is None:
             continue
-        scores = (scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool
-                  else scores + mask.double())
+        scores = (
+            scores.masked_fill(~mask, -math.inf)
+            if mask.dtype == torch.bool
+            else scores + mask.double()
+        )
     if is_causal:
         L, S = scores.shape[-2:]
         scores = scores.masked_fill(torch.ones(L, S, dtype=torch.bool).triu(1), -math.inf)
@@ -169,6 +174,7 @@ def masked_scores(q, k, attn_mask, key_padding_mask, is_causal, scale):
 # ---------------------------------------------------------------------------------------------
 # attention, attention_with_weights and _attention_forward
 
+
 def draw_mask(data, generator, target_shape, dtype, label):
     """None, or a bool / float mask broadcastable to `target_shape`, in a drawn layout."""
     kind = data.draw(st.sampled_from([None, "bool", "float"]), label=f"{label} kind")
@@ -176,8 +182,10 @@ def draw_mask(data, generator, target_shape, dtype, label):
         return None
     if label == "attn_mask":
         rank = data.draw(st.integers(0, 4), label="attn_mask rank")
-        shape = [n if data.draw(st.booleans(), label=f"attn_mask dim {d} full") else 1
-                 for d, n in enumerate(target_shape[4 - rank:])]
+        shape = [
+            n if data.draw(st.booleans(), label=f"attn_mask dim {d} full") else 1
+            for d, n in enumerate(target_shape[4 - rank :])
+        ]
     else:
         shape = list(target_shape)
     layout = draw_layout(data, len(shape), label)
@@ -194,6 +202,7 @@ def draw_mask(data, generator, target_shape, dtype, label):
             v = torch.randn(s, generator=generator, dtype=torch.float64) * scale
             v = v.masked_fill(torch.rand(s, generator=generator) < minus_inf, -math.inf)
             return v.to(dtype)
+
     return laid_out(shape, layout, values)
 
 
@@ -209,16 +218,19 @@ def test_attention_matches_float64_reference(data):
     generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31), label="seed"))
     normal = normal_values(generator, dtype)
 
-    route = data.draw(st.sampled_from(["attention", "attention_with_weights",
-                                       "_attention_forward"]), label="route")
+    route = data.draw(
+        st.sampled_from(["attention", "attention_with_weights", "_attention_forward"]),
+        label="route",
+    )
     dropout_p = 0.0
     need_weights = route == "attention_with_weights"
     if route == "_attention_forward":
         dropout_p = data.draw(st.sampled_from([0.0, 0.3, 1.0]), label="dropout_p")
         need_weights = data.draw(st.booleans(), label="need_weights")
     is_causal = data.draw(st.booleans(), label="is_causal")
-    scale = data.draw(st.one_of(st.none(), st.sampled_from([0.0, -0.7]),
-                                st.floats(0.05, 2.0)), label="scale")
+    scale = data.draw(
+        st.one_of(st.none(), st.sampled_from([0.0, -0.7]), st.floats(0.05, 2.0)), label="scale"
+    )
     with_grad = data.draw(st.booleans(), label="gradients")
 
     query = leaf(laid_out((B, H, L, D), draw_layout(data, 4, "query"), normal), with_grad)
@@ -230,32 +242,59 @@ def test_attention_matches_float64_reference(data):
     if attn_mask is not None:
         attn_mask = leaf(attn_mask, mask_grad and attn_mask.is_floating_point())
     if key_padding_mask is not None:
-        key_padding_mask = leaf(key_padding_mask,
-                                mask_grad and key_padding_mask.is_floating_point())
+        key_padding_mask = leaf(
+            key_padding_mask, mask_grad and key_padding_mask.is_floating_point()
+        )
 
     weights = logsumexp = keep = None
     if route == "attention":
-        output = ops.attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
-                               key_padding_mask)
+        output = ops.attention(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, key_padding_mask
+        )
     elif route == "attention_with_weights":
-        output, weights = ops.attention_with_weights(query, key, value, attn_mask, dropout_p,
-                                                     is_causal, scale, key_padding_mask)
+        output, weights = ops.attention_with_weights(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, key_padding_mask
+        )
     else:
         rng_state = qkv_attention.ops._draw_dropout_rng_state(dropout_p)
         output, logsumexp, weights = ops._attention_forward(
-            query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale,
-            need_weights, rng_state)
+            query,
+            key,
+            value,
+            attn_mask,
+            key_padding_mask,
+            dropout_p,
+            is_causal,
+            scale,
+            need_weights,
+            rng_state,
+        )
         if dropout_p > 0:
             keep = ops._attention_dropout_mask(rng_state, B, H, L, S, dropout_p)
         if not need_weights:
             weights = None
 
-    ref = {name: reference_leaf(t) if t is not None and t.is_floating_point() else t
-           for name, t in dict(query=query, key=key, value=value, attn_mask=attn_mask,
-                               key_padding_mask=key_padding_mask).items()}
+    ref = {
+        name: reference_leaf(t) if t is not None and t.is_floating_point() else t
+        for name, t in dict(
+            query=query,
+            key=key,
+            value=value,
+            attn_mask=attn_mask,
+            key_padding_mask=key_padding_mask,
+        ).items()
+    }
     ref_output, ref_weights = reference_attention(
-        ref["query"], ref["key"], ref["value"], ref["attn_mask"], is_causal, scale,
-        ref["key_padding_mask"], keep, dropout_p)
+        ref["query"],
+        ref["key"],
+        ref["value"],
+        ref["attn_mask"],
+        is_causal,
+        scale,
+        ref["key_padding_mask"],
+        keep,
+        dropout_p,
+    )
 
     assert output.is_contiguous()
     assert_matches(output, ref_output, dtype, "output")
@@ -266,8 +305,9 @@ def test_attention_matches_float64_reference(data):
         # logsumexp, which only the backward of that empty output would read, is -inf.
         assert bool((logsumexp == -math.inf).all())
     elif logsumexp is not None:
-        expected = torch.logsumexp(masked_scores(query, key, attn_mask, key_padding_mask,
-                                                 is_causal, scale), dim=-1)
+        expected = torch.logsumexp(
+            masked_scores(query, key, attn_mask, key_padding_mask, is_causal, scale), dim=-1
+        )
         # float32 (the accumulation dtype of every type but float64): 1e-5, as for outputs.
         tolerance = VS_FLOAT64_TOLERANCE[logsumexp.dtype]
         torch.testing.assert_close(logsumexp.double(), expected, **tolerance)
@@ -275,8 +315,9 @@ def test_attention_matches_float64_reference(data):
     if not with_grad:
         return
     grad_output, grad_weights = backward_both(normal, output, ref_output, weights, ref_weights)
-    ours = dict(query=query, key=key, value=value, attn_mask=attn_mask,
-                key_padding_mask=key_padding_mask)
+    ours = dict(
+        query=query, key=key, value=value, attn_mask=attn_mask, key_padding_mask=key_padding_mask
+    )
     products = None
     for name, t in ours.items():
         if t is None or not t.requires_grad:
@@ -291,17 +332,20 @@ def test_attention_matches_float64_reference(data):
             # reaches dQ and dK through those products, which may be far larger than the
             # result. Compare against the larger of max|expected| and scale * |products| |K|.
             if products is None:
-                products = reference_score_gradient(ref, is_causal, scale, keep, dropout_p,
-                                                    grad_output, grad_weights)[1]
+                products = reference_score_gradient(
+                    ref, is_causal, scale, keep, dropout_p, grad_output, grad_weights
+                )[1]
             scale_value = scale if scale is not None else 1 / math.sqrt(max(query.size(-1), 1))
             other = (ref["key"] if name == "query" else ref["query"]).detach().double().abs()
             spread = products if name == "query" else products.transpose(-2, -1)
             through = abs(scale_value) * (spread @ other).max().item() if other.numel() else 0.0
-            bound = HALF_GRAD_TOLERANCE_OF_MAX[dtype] * max(expected.abs().max().item(), through,
-                                                           1e-3)
+            bound = HALF_GRAD_TOLERANCE_OF_MAX[dtype] * max(
+                expected.abs().max().item(), through, 1e-3
+            )
             error = (actual.double() - expected).abs().max().item()
             assert error <= bound, (
-                f"grad of {name} ({dtype}): max error {error:.3e} exceeds {bound:.3e}")
+                f"grad of {name} ({dtype}): max error {error:.3e} exceeds {bound:.3e}"
+            )
             continue
         if name in ("query", "key", "value"):
             assert_matches(actual, expected, dtype, f"grad of {name}", gradient=True)
@@ -312,8 +356,9 @@ def test_attention_matches_float64_reference(data):
         # Each d loss / d score is itself a difference of products, P dP - P delta, that cancel
         # (exactly, for a row with one key): a backward that recomputes P carries their rounding
         # too, so their magnitudes count as terms.
-        score_grad, products = reference_score_gradient(ref, is_causal, scale, keep, dropout_p,
-                                                        grad_output, grad_weights)
+        score_grad, products = reference_score_gradient(
+            ref, is_causal, scale, keep, dropout_p, grad_output, grad_weights
+        )
         terms = score_grad.abs() + products
         if name == "attn_mask":
             term_sum = terms.sum_to_size(t.shape)
@@ -325,7 +370,8 @@ def test_attention_matches_float64_reference(data):
         bound = tolerance * (expected.abs() + term_sum) + 1e-300
         assert bool((error <= bound).all()), (
             f"grad of {name} ({dtype}): max error {error.max().item():.3e}, "
-            f"worst error / bound {(error / bound).max().item():.2f}")
+            f"worst error / bound {(error / bound).max().item():.2f}"
+        )
 
 
 def reference_score_gradient(ref, is_causal, scale, keep, dropout_p, grad_output, grad_weights):
@@ -342,9 +388,17 @@ def reference_score_gradient(ref, is_causal, scale, keep, dropout_p, grad_output
     else:
         combined = probe + mask.detach()
     padding = ref["key_padding_mask"]
-    out, weights = reference_attention(q, k, v, combined, is_causal, scale,
-                                       None if padding is None else padding.detach(),
-                                       keep, dropout_p)
+    out, weights = reference_attention(
+        q,
+        k,
+        v,
+        combined,
+        is_causal,
+        scale,
+        None if padding is None else padding.detach(),
+        keep,
+        dropout_p,
+    )
     weights.retain_grad()
     loss = (out * grad_output.double()).sum()
     if grad_weights is not None:
@@ -360,6 +414,7 @@ def reference_score_gradient(ref, is_causal, scale, keep, dropout_p, grad_output
 
 # ---------------------------------------------------------------------------------------------
 # qkv_projection
+
 
 @hypothesis_settings("qkv_projection")
 @given(data=st.data())
@@ -387,12 +442,24 @@ def test_qkv_projection_matches_float64_reference(data):
         # 1/sqrt(fan_in) keeps the outputs O(1), as nn.Linear's initialisation does.
         scaled = normal_values(generator, dtype, 1.0 / math.sqrt(max(1, in_features[p])))
         weights[p] = leaf(laid_out(shape, draw_layout(data, 2, f"{p}_weight"), scaled), with_grad)
-        biases[p] = (leaf(laid_out((E,), draw_layout(data, 1, f"{p}_bias"), normal), with_grad)
-                     if data.draw(st.booleans(), label=f"{p}_bias given") else None)
+        biases[p] = (
+            leaf(laid_out((E,), draw_layout(data, 1, f"{p}_bias"), normal), with_grad)
+            if data.draw(st.booleans(), label=f"{p}_bias given")
+            else None
+        )
 
-    outputs = ops.qkv_projection(inputs["query"], inputs["key"], inputs["value"],
-                                 weights["q"], weights["k"], weights["v"],
-                                 biases["q"], biases["k"], biases["v"], H)
+    outputs = ops.qkv_projection(
+        inputs["query"],
+        inputs["key"],
+        inputs["value"],
+        weights["q"],
+        weights["k"],
+        weights["v"],
+        biases["q"],
+        biases["k"],
+        biases["v"],
+        H,
+    )
     leaves = [*inputs.values(), *weights.values(), *[b for b in biases.values() if b is not None]]
     ref_leaves = {id(t): reference_leaf(t) for t in leaves}
     ref_outputs = []
@@ -417,12 +484,14 @@ def test_qkv_projection_matches_float64_reference(data):
         if expected is None:
             expected = torch.zeros_like(ref_leaves[id(t)])
         actual = t.grad if t.grad is not None else torch.zeros_like(t)
-        assert_matches(actual, expected, dtype, f"gradient of a {tuple(t.shape)} input",
-                       gradient=True)
+        assert_matches(
+            actual, expected, dtype, f"gradient of a {tuple(t.shape)} input", gradient=True
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # merge_heads
+
 
 @hypothesis_settings("merge_heads")
 @given(data=st.data())
@@ -440,8 +509,11 @@ def test_merge_heads_matches_float64_reference(data):
     x = leaf(laid_out((B, H, L, D), draw_layout(data, 4, "x"), normal), with_grad)
     scaled = normal_values(generator, dtype, 1.0 / math.sqrt(max(1, H * D)))
     weight = leaf(laid_out((Eout, H * D), draw_layout(data, 2, "out_weight"), scaled), with_grad)
-    bias = (leaf(laid_out((Eout,), draw_layout(data, 1, "out_bias"), normal), with_grad)
-            if data.draw(st.booleans(), label="bias given") else None)
+    bias = (
+        leaf(laid_out((Eout,), draw_layout(data, 1, "out_bias"), normal), with_grad)
+        if data.draw(st.booleans(), label="bias given")
+        else None
+    )
 
     output = ops.merge_heads(x, weight, bias)
     x64, w64 = reference_leaf(x), reference_leaf(weight)
@@ -488,7 +560,8 @@ def assert_close_relative_to_max(actual, expected, tolerance, what):
     scale = max(1.0, expected.abs().max().item())
     error = (actual.double() - expected.double()).abs().max().item()
     assert error <= tolerance * scale, (
-        f"{what}: max error {error:.3e} exceeds {tolerance:.1e} x {scale:.3g}")
+        f"{what}: max error {error:.3e} exceeds {tolerance:.1e} x {scale:.3g}"
+    )
 
 
 def draw_module_mask(data, generator, shape, dtype, label):
@@ -500,11 +573,14 @@ def draw_module_mask(data, generator, shape, dtype, label):
         return None, None
     layout = draw_layout(data, len(shape), label)
     if kind == "bool":
+
         def values(s):
             return torch.rand(s, generator=generator) < 0.4
     else:
+
         def values(s):
             return torch.randn(s, generator=generator, dtype=torch.float64).to(dtype)
+
     mask = laid_out(shape, layout, values)
     # Key 0 is always visible: column 0 is False (bool) or left as it is (finite float).
     if kind == "bool":
@@ -524,15 +600,23 @@ def test_multihead_attention_matches_torch_module_in_float64(data):
     separate = data.draw(st.booleans(), label="kdim/vdim")
     kdim = data.draw(st.integers(1, 6), label="kdim") if separate else None
     vdim = data.draw(st.integers(1, 6), label="vdim") if separate else None
-    config = dict(embed_dim=E, num_heads=H, dropout=0.0,
-                  bias=data.draw(st.booleans(), label="bias"),
-                  add_bias_kv=data.draw(st.booleans(), label="add_bias_kv"),
-                  add_zero_attn=data.draw(st.booleans(), label="add_zero_attn"),
-                  kdim=kdim, vdim=vdim,
-                  batch_first=data.draw(st.booleans(), label="batch_first"))
+    config = dict(
+        embed_dim=E,
+        num_heads=H,
+        dropout=0.0,
+        bias=data.draw(st.booleans(), label="bias"),
+        add_bias_kv=data.draw(st.booleans(), label="add_bias_kv"),
+        add_zero_attn=data.draw(st.booleans(), label="add_zero_attn"),
+        kdim=kdim,
+        vdim=vdim,
+        batch_first=data.draw(st.booleans(), label="batch_first"),
+    )
     batched = data.draw(st.booleans(), label="batched")
-    N, L, S = (data.draw(st.integers(1, 3), label="N"), data.draw(st.integers(1, 6), label="L"),
-               data.draw(st.integers(1, 6), label="S"))
+    N, L, S = (
+        data.draw(st.integers(1, 3), label="N"),
+        data.draw(st.integers(1, 6), label="L"),
+        data.draw(st.integers(1, 6), label="S"),
+    )
     need_weights = data.draw(st.booleans(), label="need_weights")
     average = data.draw(st.booleans(), label="average_attn_weights")
     with_grad = data.draw(st.booleans(), label="gradients")
@@ -551,27 +635,34 @@ def test_multihead_attention_matches_torch_module_in_float64(data):
         return (N, length, features) if config["batch_first"] else (length, N, features)
 
     inputs, ref_inputs = {}, {}
-    for name, length, features in (("query", L, E), ("key", S, kdim or E),
-                                   ("value", S, vdim or E)):
+    for name, length, features in (("query", L, E), ("key", S, kdim or E), ("value", S, vdim or E)):
         shape = sequence_shape(length, features)
-        inputs[name] = leaf(laid_out(shape, draw_layout(data, len(shape), name), normal),
-                            with_grad)
+        inputs[name] = leaf(laid_out(shape, draw_layout(data, len(shape), name), normal), with_grad)
         ref_inputs[name] = reference_leaf(inputs[name])
     padding_shape = (N, S) if batched else (S,)
-    key_padding_mask, ref_padding = draw_module_mask(data, generator, padding_shape, dtype,
-                                                     "key_padding_mask")
+    key_padding_mask, ref_padding = draw_module_mask(
+        data, generator, padding_shape, dtype, "key_padding_mask"
+    )
     mask_3d = data.draw(st.booleans(), label="attn_mask 3-D")
     attn_shape = ((N * H if batched else H), L, S) if mask_3d else (L, S)
     attn_mask, ref_attn = draw_module_mask(data, generator, attn_shape, dtype, "attn_mask")
     if not with_grad:
         ours.requires_grad_(False)
 
-    out, weights = ours(*inputs.values(), key_padding_mask=key_padding_mask,
-                        need_weights=need_weights, attn_mask=attn_mask,
-                        average_attn_weights=average)
-    ref_out, ref_weights = theirs(*ref_inputs.values(), key_padding_mask=ref_padding,
-                                  need_weights=need_weights, attn_mask=ref_attn,
-                                  average_attn_weights=average)
+    out, weights = ours(
+        *inputs.values(),
+        key_padding_mask=key_padding_mask,
+        need_weights=need_weights,
+        attn_mask=attn_mask,
+        average_attn_weights=average,
+    )
+    ref_out, ref_weights = theirs(
+        *ref_inputs.values(),
+        key_padding_mask=ref_padding,
+        need_weights=need_weights,
+        attn_mask=ref_attn,
+        average_attn_weights=average,
+    )
     tolerance = MODULE_TOLERANCE_OF_MAX[dtype]
     assert out.dtype == dtype
     assert_close_relative_to_max(out, ref_out, tolerance, "output")

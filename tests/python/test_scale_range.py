@@ -8,6 +8,7 @@ a scale is refused, naming it. Any scale the accumulation dtype holds is accepte
 scores that stay finite the result is torch's: a softmax that is uniform (tiny scales) or a hard
 maximum (huge ones).
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,8 +28,9 @@ def inputs(dtype):
     # |q . k| <= 4 * 0.5 * 0.5 * ... small: the scores are at most ~|scale|, so a scale below
     # the accumulation dtype's max / 100 keeps every score finite.
     generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.rand(2, 2, n, 4, dtype=torch.float64, generator=generator) - 0.5
-               for n in (5, 7, 7))
+    q, k, v = (
+        torch.rand(2, 2, n, 4, dtype=torch.float64, generator=generator) - 0.5 for n in (5, 7, 7)
+    )
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
@@ -41,11 +43,12 @@ def scales(dtype):
 @pytest.mark.parametrize("scale", [1e39, -1e39, 1e300, 3.5e38])
 def test_a_scale_the_accumulation_dtype_cannot_hold_is_refused_naming_it(dtype, scale):
     q, k, v = inputs(dtype)
-    for call in (lambda: ops.attention(q, k, v, None, 0.0, False, scale),
-                 lambda: ops.attention_with_weights(q, k, v, None, 0.0, False, scale),
-                 lambda: ops._attention_forward(q, k, v, None, None, 0.0, False, scale, False),
-                 lambda: qkv_attention.functional.scaled_dot_product_attention(
-                     q, k, v, scale=scale)):
+    for call in (
+        lambda: ops.attention(q, k, v, None, 0.0, False, scale),
+        lambda: ops.attention_with_weights(q, k, v, None, 0.0, False, scale),
+        lambda: ops._attention_forward(q, k, v, None, None, 0.0, False, scale, False),
+        lambda: qkv_attention.functional.scaled_dot_product_attention(q, k, v, scale=scale),
+    ):
         with pytest.raises(RuntimeError, match=r"scale = .* overflows Float, in which"):
             call()
 
@@ -59,8 +62,9 @@ def test_scales_near_the_range_give_torchs_finite_result(dtype):
         assert torch.isfinite(ours).all(), scale
         if not torch.isfinite(theirs).all():
             continue  # torch overflows where we do not: finite is all we promise there
-        torch.testing.assert_close(ours, theirs, **SAME_DTYPE_TOLERANCE[dtype],
-                                   msg=f"scale {scale}")
+        torch.testing.assert_close(
+            ours, theirs, **SAME_DTYPE_TOLERANCE[dtype], msg=f"scale {scale}"
+        )
 
 
 def test_float64_accepts_scales_beyond_float32():

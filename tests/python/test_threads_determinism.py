@@ -15,6 +15,7 @@
 
 Shapes are odd and large enough that at::parallel_for splits the work into many chunks.
 """
+
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -35,8 +36,8 @@ def _randn(generator, *shape, dtype, scale=1.0):
 # Each case: a function of (dtype, seed) returning the inputs, and a function of the inputs
 # returning every output and gradient (forward, then backward of a fixed random projection).
 
-def attention_inputs(dtype, seed, B=2, H=3, L=67, S=131, D=24, Dv=40, causal=True,
-                     dropout_p=0.0):
+
+def attention_inputs(dtype, seed, B=2, H=3, L=67, S=131, D=24, Dv=40, causal=True, dropout_p=0.0):
     g = torch.Generator().manual_seed(seed)
     return dict(
         query=_randn(g, B, H, L, D, dtype=dtype),
@@ -45,19 +46,21 @@ def attention_inputs(dtype, seed, B=2, H=3, L=67, S=131, D=24, Dv=40, causal=Tru
         value=_randn(g, B, H, S, Dv, dtype=dtype),
         attn_mask=_randn(g, 1, H, L, S, dtype=dtype),  # broadcast over B, with gradient
         key_padding_mask=torch.rand(B, S, generator=g) < 0.9,
-        is_causal=causal, dropout_p=dropout_p,
+        is_causal=causal,
+        dropout_p=dropout_p,
         grad_output=_randn(g, B, H, L, Dv, dtype=dtype),
         grad_weights=_randn(g, B, H, L, S, dtype=dtype),
     )
 
 
 def run_attention(inputs, seed=1234):
-    q, k, v, mask = (inputs[n].detach().requires_grad_() for n in
-                     ("query", "key", "value", "attn_mask"))
+    q, k, v, mask = (
+        inputs[n].detach().requires_grad_() for n in ("query", "key", "value", "attn_mask")
+    )
     torch.manual_seed(seed)  # the dropout draw
-    out, weights = ops.attention_with_weights(q, k, v, mask, inputs["dropout_p"],
-                                              inputs["is_causal"], None,
-                                              inputs["key_padding_mask"])
+    out, weights = ops.attention_with_weights(
+        q, k, v, mask, inputs["dropout_p"], inputs["is_causal"], None, inputs["key_padding_mask"]
+    )
     ((out * inputs["grad_output"]).sum() + (weights * inputs["grad_weights"]).sum()).backward()
     return [out, weights, q.grad, k.grad, v.grad, mask.grad]
 
@@ -65,7 +68,8 @@ def run_attention(inputs, seed=1234):
 def projection_inputs(dtype, seed, B=3, L=67, S=129, Eq=80, Ek=72, Ev=56, E=96, H=4):
     g = torch.Generator().manual_seed(seed)
     return dict(
-        query=_randn(g, B, L, Eq, dtype=dtype), key=_randn(g, B, S, Ek, dtype=dtype),
+        query=_randn(g, B, L, Eq, dtype=dtype),
+        key=_randn(g, B, S, Ek, dtype=dtype),
         value=_randn(g, B, S, Ev, dtype=dtype),
         weights=[_randn(g, E, n, dtype=dtype, scale=n**-0.5) for n in (Eq, Ek, Ev)],
         biases=[_randn(g, E, dtype=dtype) for _ in range(3)],
@@ -84,9 +88,12 @@ def run_projection(inputs):
 
 def merge_inputs(dtype, seed, B=3, H=4, L=67, D=24, Eout=72):
     g = torch.Generator().manual_seed(seed)
-    return dict(x=_randn(g, B, H, L, D, dtype=dtype),
-                weight=_randn(g, Eout, H * D, dtype=dtype, scale=(H * D) ** -0.5),
-                bias=_randn(g, Eout, dtype=dtype), grad=_randn(g, B, L, Eout, dtype=dtype))
+    return dict(
+        x=_randn(g, B, H, L, D, dtype=dtype),
+        weight=_randn(g, Eout, H * D, dtype=dtype, scale=(H * D) ** -0.5),
+        bias=_randn(g, Eout, dtype=dtype),
+        grad=_randn(g, B, L, Eout, dtype=dtype),
+    )
 
 
 def run_merge(inputs):
@@ -99,11 +106,18 @@ def run_merge(inputs):
 def packed_projection_inputs(dtype, seed, B=3, L=67, E=96, H=4, position_major=False):
     """Self-attention as nn.MultiheadAttention calls it: one input, in_proj_weight.chunk(3)."""
     g = torch.Generator().manual_seed(seed)
-    x = _randn(g, L, B, E, dtype=dtype).transpose(0, 1) if position_major else \
-        _randn(g, B, L, E, dtype=dtype)
-    return dict(x=x, weight=_randn(g, 3 * E, E, dtype=dtype, scale=E**-0.5),
-                bias=_randn(g, 3 * E, dtype=dtype), num_heads=H,
-                grads=[_randn(g, B, H, L, E // H, dtype=dtype) for _ in range(3)])
+    x = (
+        _randn(g, L, B, E, dtype=dtype).transpose(0, 1)
+        if position_major
+        else _randn(g, B, L, E, dtype=dtype)
+    )
+    return dict(
+        x=x,
+        weight=_randn(g, 3 * E, E, dtype=dtype, scale=E**-0.5),
+        bias=_randn(g, 3 * E, dtype=dtype),
+        num_heads=H,
+        grads=[_randn(g, B, H, L, E // H, dtype=dtype) for _ in range(3)],
+    )
 
 
 def run_packed_projection(inputs):
@@ -115,33 +129,58 @@ def run_packed_projection(inputs):
 
 CASES = {
     "attention": (attention_inputs, run_attention),
-    "attention_dropout": (lambda dtype, seed: attention_inputs(dtype, seed, dropout_p=0.3),
-                          run_attention),
+    "attention_dropout": (
+        lambda dtype, seed: attention_inputs(dtype, seed, dropout_p=0.3),
+        run_attention,
+    ),
     "attention_noncausal_long_rows": (
-        lambda dtype, seed: attention_inputs(dtype, seed, B=1, H=1, L=9, S=1031, D=8, Dv=8,
-                                             causal=False), run_attention),
+        lambda dtype, seed: attention_inputs(
+            dtype, seed, B=1, H=1, L=9, S=1031, D=8, Dv=8, causal=False
+        ),
+        run_attention,
+    ),
 }
 GEMM_CASES = {
     "qkv_projection": (projection_inputs, run_projection),
     # Tall and skinny: B*L = 4096 rows into E = 16 (a long reduction in the weight gradient).
-    "qkv_projection_tall": (lambda dtype, seed: projection_inputs(
-        dtype, seed, B=32, L=128, S=128, Eq=16, Ek=16, Ev=16, E=16, H=2), run_projection),
+    "qkv_projection_tall": (
+        lambda dtype, seed: projection_inputs(
+            dtype, seed, B=32, L=128, S=128, Eq=16, Ek=16, Ev=16, E=16, H=2
+        ),
+        run_projection,
+    ),
     # Few rows (B*L = 7) and long rows: a threaded MKL GEMM splits these reductions.
-    "qkv_projection_few_rows": (lambda dtype, seed: projection_inputs(
-        dtype, seed, B=1, L=7, S=7, Eq=512, Ek=100, Ev=2048, E=16, H=2), run_projection),
+    "qkv_projection_few_rows": (
+        lambda dtype, seed: projection_inputs(
+            dtype, seed, B=1, L=7, S=7, Eq=512, Ek=100, Ev=2048, E=16, H=2
+        ),
+        run_projection,
+    ),
     "qkv_projection_packed": (packed_projection_inputs, run_packed_projection),
-    "qkv_projection_packed_position_major": (lambda dtype, seed: packed_projection_inputs(
-        dtype, seed, B=2, L=33, E=40, H=5, position_major=True), run_packed_projection),
+    "qkv_projection_packed_position_major": (
+        lambda dtype, seed: packed_projection_inputs(
+            dtype, seed, B=2, L=33, E=40, H=5, position_major=True
+        ),
+        run_packed_projection,
+    ),
     # The module benchmark's size, B*L = 2048 rows of E = 512: many tiles per GEMM.
-    "qkv_projection_packed_many_tiles": (lambda dtype, seed: packed_projection_inputs(
-        dtype, seed, B=4, L=512, E=512, H=8), run_packed_projection),
+    "qkv_projection_packed_many_tiles": (
+        lambda dtype, seed: packed_projection_inputs(dtype, seed, B=4, L=512, E=512, H=8),
+        run_packed_projection,
+    ),
     "merge_heads": (merge_inputs, run_merge),
-    "merge_heads_tall": (lambda dtype, seed: merge_inputs(dtype, seed, B=32, H=2, L=128, D=8,
-                                                          Eout=16), run_merge),
-    "merge_heads_few_rows": (lambda dtype, seed: merge_inputs(dtype, seed, B=1, H=8, L=7, D=64,
-                                                              Eout=256), run_merge),
-    "merge_heads_many_tiles": (lambda dtype, seed: merge_inputs(dtype, seed, B=4, H=8, L=512,
-                                                                D=64, Eout=512), run_merge),
+    "merge_heads_tall": (
+        lambda dtype, seed: merge_inputs(dtype, seed, B=32, H=2, L=128, D=8, Eout=16),
+        run_merge,
+    ),
+    "merge_heads_few_rows": (
+        lambda dtype, seed: merge_inputs(dtype, seed, B=1, H=8, L=7, D=64, Eout=256),
+        run_merge,
+    ),
+    "merge_heads_many_tiles": (
+        lambda dtype, seed: merge_inputs(dtype, seed, B=4, H=8, L=512, D=64, Eout=512),
+        run_merge,
+    ),
 }
 ALL_CASES = {**CASES, **GEMM_CASES}
 
@@ -151,13 +190,16 @@ def assert_bitwise_equal(results, expected, what):
     for i, (a, b) in enumerate(zip(results, expected)):
         assert a.dtype == b.dtype and a.shape == b.shape, (what, i)
         # Compare the bits, so that NaN == NaN and -0.0 != 0.0 would both show.
-        same = torch.equal(a.detach().contiguous().view(torch.uint8),
-                           b.detach().contiguous().view(torch.uint8))
+        same = torch.equal(
+            a.detach().contiguous().view(torch.uint8), b.detach().contiguous().view(torch.uint8)
+        )
         if not same:
             diff = (a.double() - b.double()).abs()
-            raise AssertionError(f"{what}: result {i} of shape {tuple(a.shape)} differs, max "
-                                 f"|difference| {diff.max().item():.3e}, relative to max "
-                                 f"{(diff.max() / b.double().abs().max()).item():.3e}")
+            raise AssertionError(
+                f"{what}: result {i} of shape {tuple(a.shape)} differs, max "
+                f"|difference| {diff.max().item():.3e}, relative to max "
+                f"{(diff.max() / b.double().abs().max()).item():.3e}"
+            )
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
@@ -197,8 +239,14 @@ CALLS_PER_THREAD = 6
 def test_concurrent_calls_from_python_threads_agree_with_serial_calls(dtype):
     """Every op (no dropout) from 8 Python threads at once, each on its own inputs: every
     result is bitwise the serial one."""
-    names = ["attention", "attention_noncausal_long_rows", "qkv_projection",
-             "qkv_projection_few_rows", "merge_heads", "merge_heads_few_rows"]
+    names = [
+        "attention",
+        "attention_noncausal_long_rows",
+        "qkv_projection",
+        "qkv_projection_few_rows",
+        "merge_heads",
+        "merge_heads_few_rows",
+    ]
     work = [(name, seed) for name in names for seed in range(3)]
     inputs = {(n, s): ALL_CASES[n][0](dtype, s) for n, s in work}
     serial = {(n, s): ALL_CASES[n][1](inputs[(n, s)]) for n, s in work}
@@ -235,8 +283,9 @@ def test_concurrent_dropout_calls_draw_distinct_streams_and_match_their_masks():
         out = []
         for _ in range(3):
             rng_state = qkv_attention.ops._draw_dropout_rng_state(p)
-            output, _, weights = ops._attention_forward(q, k, v, None, None, p, False, None, True,
-                                                        rng_state)
+            output, _, weights = ops._attention_forward(
+                q, k, v, None, None, p, False, None, True, rng_state
+            )
             out.append((output, weights, rng_state))
         return out
 

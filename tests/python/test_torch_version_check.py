@@ -1,5 +1,6 @@
 """import qkv_attention refuses a torch release other than the one it was built against, naming
 both, before it loads the C++ extension (python/qkv_attention/_torch_check.py)."""
+
 import subprocess
 import sys
 
@@ -20,8 +21,11 @@ def test_release_ignores_the_local_label():
 
 @pytest.mark.parametrize("running", ["2.13.1", "2.12.0+cpu", "3.13.0"])
 def test_another_release_raises_naming_both(running):
-    with pytest.raises(ImportError, match=r"built against torch 2\.13\.0\+cpu, but torch "
-                                          + running.replace(".", r"\.").replace("+", r"\+")):
+    with pytest.raises(
+        ImportError,
+        match=r"built against torch 2\.13\.0\+cpu, but torch "
+        + running.replace(".", r"\.").replace("+", r"\+"),
+    ):
         _torch_check.check_torch_version("2.13.0+cpu", running)
 
 
@@ -40,8 +44,9 @@ def test_import_fails_before_loading_the_extension_under_another_torch():
         "    print('ImportError:', e)\n"
         "print('loaded _C:', 'qkv_attention._C' in sys.modules)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     assert f"built against torch {BUILT}, but torch 2.12.1+cpu is installed" in result.stdout
     assert "loaded _C: False" in result.stdout

@@ -2,6 +2,7 @@
 module gives exactly the eager module's outputs, weights and gradients with every kind of
 mask; it saves and loads; a scripted torch TransformerEncoderLayer/Encoder holding our module
 after replace_attention runs our module (never torch's fused layer kernel)."""
+
 import io
 
 import pytest
@@ -41,8 +42,10 @@ MASKS = {
     "float_key_padding_mask": lambda: dict(key_padding_mask=torch.randn(N, S, dtype=f64)),
     "both_bool": lambda: dict(attn_mask=torch.rand(L, S) > 0.7, key_padding_mask=padding(N)),
     "causal_hint": lambda: dict(
-        attn_mask=torch.triu(torch.ones(L, S, dtype=torch.bool), diagonal=1), is_causal=True,
-        need_weights=False),
+        attn_mask=torch.triu(torch.ones(L, S, dtype=torch.bool), diagonal=1),
+        is_causal=True,
+        need_weights=False,
+    ),
     "per_head_weights": lambda: dict(average_attn_weights=False),
     "no_weights": lambda: dict(need_weights=False),
 }
@@ -53,7 +56,9 @@ def inputs(config, batched=True):
     lead = (N,) if batched else ()
 
     def make(length, features):
-        shape = (*lead, length, features) if config.get("batch_first") else (length, *lead, features)
+        shape = (
+            (*lead, length, features) if config.get("batch_first") else (length, *lead, features)
+        )
         return torch.randn(*shape, dtype=f64, requires_grad=True)
 
     return make(L, E), make(S, kdim), make(S, vdim)
@@ -143,13 +148,20 @@ def test_scripting_leaves_the_eager_module_and_its_hook_alone():
     assert list(module._forward_pre_hooks.values()) == hooks_before and len(hooks_before) == 1
 
 
-@pytest.mark.parametrize("bad, message", [
-    (lambda q, k, v: (q[..., :-1], k, v), "was expecting embedding dimension of 16"),
-    (lambda q, k, v: (q, k, v, torch.zeros(N, S + 1, dtype=torch.bool)),
-     r"key_padding_mask must have shape \(N, S\) = \(2, 6\)"),
-    (lambda q, k, v: (q.float(), k.float(), v.float()),
-     "query has dtype torch.float32 but the module's parameters have dtype torch.float64"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (lambda q, k, v: (q[..., :-1], k, v), "was expecting embedding dimension of 16"),
+        (
+            lambda q, k, v: (q, k, v, torch.zeros(N, S + 1, dtype=torch.bool)),
+            r"key_padding_mask must have shape \(N, S\) = \(2, 6\)",
+        ),
+        (
+            lambda q, k, v: (q.float(), k.float(), v.float()),
+            "query has dtype torch.float32 but the module's parameters have dtype torch.float64",
+        ),
+    ],
+)
 def test_scripted_module_raises_with_the_eager_message(bad, message):
     module = qkv_attention.MultiheadAttention(E, HEADS, dtype=f64)
     scripted = torch.jit.script(module)
@@ -170,12 +182,15 @@ def profiled_op_names(fn):
 @pytest.mark.parametrize("wrapper", ["layer", "encoder"])
 def test_scripted_encoder_layer_after_replace_runs_our_module(training, wrapper):
     torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(E, HEADS, dim_feedforward=32, dropout=0.0,
-                                       batch_first=True, dtype=f64)
-    model = layer if wrapper == "layer" else nn.TransformerEncoder(
-        layer, 2, enable_nested_tensor=False)
-    original = nn.TransformerEncoderLayer(E, HEADS, dim_feedforward=32, dropout=0.0,
-                                          batch_first=True, dtype=f64)
+    layer = nn.TransformerEncoderLayer(
+        E, HEADS, dim_feedforward=32, dropout=0.0, batch_first=True, dtype=f64
+    )
+    model = (
+        layer if wrapper == "layer" else nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    )
+    original = nn.TransformerEncoderLayer(
+        E, HEADS, dim_feedforward=32, dropout=0.0, batch_first=True, dtype=f64
+    )
     original.load_state_dict(layer.state_dict())
     model = replace_attention(model).train(training)
     scripted = torch.jit.script(model)
@@ -188,8 +203,9 @@ def test_scripted_encoder_layer_after_replace_runs_our_module(training, wrapper)
         result = scripted(x, src_key_padding_mask=mask)
         if wrapper == "layer":
             original.train(training)
-            torch.testing.assert_close(result, original(x, src_key_padding_mask=mask),
-                                       atol=1e-10, rtol=1e-10)
+            torch.testing.assert_close(
+                result, original(x, src_key_padding_mask=mask), atol=1e-10, rtol=1e-10
+            )
     assert torch.equal(result, expected)
     assert "aten::_transformer_encoder_layer_fwd" not in names
     assert any(name.startswith("qkv_attention::") for name in names), sorted(names)

@@ -3,6 +3,7 @@ dense op and torch's SDPA, in float64 with gradients to 1e-10; causal, GQA, L !=
 sequence, lengths 0, 1, odd and one long among short ones; dropout reproducible and equal to
 the dense op's mask of the sequence's stream; gradcheck, gradgradcheck, opcheck,
 torch.compile; float32 / bfloat16 loose cases; offset errors; empty work."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,17 +34,16 @@ def per_sequence(fn, q, k, v, cu_q, cu_k):
     """fn(q_b (1, H, L, D), k_b, v_b, b) -> (1, H, L, Dv) for each sequence, packed again."""
     outs = []
     for b in range(cu_q.numel() - 1):
-        qb = q[cu_q[b]:cu_q[b + 1]].transpose(0, 1).unsqueeze(0)
-        kb = k[cu_k[b]:cu_k[b + 1]].transpose(0, 1).unsqueeze(0)
-        vb = v[cu_k[b]:cu_k[b + 1]].transpose(0, 1).unsqueeze(0)
+        qb = q[cu_q[b] : cu_q[b + 1]].transpose(0, 1).unsqueeze(0)
+        kb = k[cu_k[b] : cu_k[b + 1]].transpose(0, 1).unsqueeze(0)
+        vb = v[cu_k[b] : cu_k[b + 1]].transpose(0, 1).unsqueeze(0)
         outs.append(fn(qb, kb, vb, b)[0].transpose(0, 1))
     return torch.cat(outs)
 
 
 def run_varlen(q, k, v, cu_q, cu_k, **kw):
     lq, lk = (cu_q[1:] - cu_q[:-1]).tolist(), (cu_k[1:] - cu_k[:-1]).tolist()
-    return qops.attention_varlen(q, k, v, cu_q, cu_k, max(lq, default=0), max(lk, default=0),
-                                 **kw)
+    return qops.attention_varlen(q, k, v, cu_q, cu_k, max(lq, default=0), max(lk, default=0), **kw)
 
 
 CASES = {
@@ -63,8 +63,9 @@ def lengths_of(name):
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
-def test_matches_dense_op_and_torch_sdpa_per_sequence_values_and_gradients(case, is_causal,
-                                                                           kv_heads):
+def test_matches_dense_op_and_torch_sdpa_per_sequence_values_and_gradients(
+    case, is_causal, kv_heads
+):
     lq, lk = lengths_of(case)
     q, k, v, cu_q, cu_k = packed(lq, lk, H=4, Hkv=kv_heads, D=8, Dv=6)
     inputs = [t.requires_grad_() for t in (q, k, v)]
@@ -78,14 +79,17 @@ def test_matches_dense_op_and_torch_sdpa_per_sequence_values_and_gradients(case,
     def torch_sdpa(qb, kb, vb, b):
         L, S = qb.size(2), kb.size(2)
         if L == 0:
-            return qb.new_zeros(1, qb.size(1), 0, vb.size(-1)) + 0 * qb.sum() + 0 * kb.sum() \
+            return (
+                qb.new_zeros(1, qb.size(1), 0, vb.size(-1))
+                + 0 * qb.sum()
+                + 0 * kb.sum()
                 + 0 * vb.sum()
+            )
         if S == 0:  # a query without keys gives zeros (the dense op's fully masked row)
             return qb.new_zeros(1, qb.size(1), L, vb.size(-1)) + 0 * qb.sum() + 0 * vb.sum()
         mask = torch.ones(L, S, dtype=torch.bool).tril() if is_causal else None
         # A causal row past the keys' end still sees keys; a row before none: zeros (ours).
-        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=0.3,
-                                             enable_gqa=True)
+        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=0.3, enable_gqa=True)
         return torch.nan_to_num(out)
 
     for reference in (ours, torch_sdpa):
@@ -138,8 +142,9 @@ def test_dropout_gradcheck_and_gradgradcheck_with_a_fixed_rng_state():
     rng_state = torch.tensor([1234, 5678])
 
     def fn(q, k, v):
-        return ops._attention_varlen_forward(q, k, v, cu_q, cu_k, 3, 3, 0.4, False, None,
-                                             rng_state)[0]
+        return ops._attention_varlen_forward(
+            q, k, v, cu_q, cu_k, 3, 3, 0.4, False, None, rng_state
+        )[0]
 
     assert torch.autograd.gradcheck(fn, args)
     assert torch.autograd.gradgradcheck(fn, args)
@@ -152,15 +157,15 @@ def test_dropout_equals_the_dense_op_on_each_sequence_stream(is_causal):
     q, k, v, cu_q, cu_k = packed([5, 0, 9, 2], [7, 3, 9, 4], H=4, Hkv=2, D=8, Dv=8)
     rng_state = torch.tensor([987654321, 2**62 + 11])
     args = [t.requires_grad_() for t in (q, k, v)]
-    out = ops._attention_varlen_forward(q, k, v, cu_q, cu_k, 9, 9, 0.3, is_causal, None,
-                                        rng_state)[0]
+    out = ops._attention_varlen_forward(q, k, v, cu_q, cu_k, 9, 9, 0.3, is_causal, None, rng_state)[
+        0
+    ]
     grad = torch.randn_like(out)
     grads = torch.autograd.grad(out, args, grad)
 
     def dense(qb, kb, vb, b):
         state = torch.tensor([rng_state[0].item(), rng_state[1].item() + b])
-        return ops._attention_forward(qb, kb, vb, None, None, 0.3, is_causal, None, False,
-                                      state)[0]
+        return ops._attention_forward(qb, kb, vb, None, None, 0.3, is_causal, None, False, state)[0]
 
     ref_args = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     expected = per_sequence(dense, *ref_args, cu_q, cu_k)
@@ -190,16 +195,36 @@ def test_opcheck():
     for t in (q, k, v):
         t.requires_grad_()
     torch.library.opcheck(ops.attention_varlen.default, (q, k, v, cu_q, cu_k, 5, 4))
-    torch.library.opcheck(ops.attention_varlen.default,
-                          (q, k, v, cu_q.int(), cu_k.int(), 5, 4, 0.0, True, 0.5))
+    torch.library.opcheck(
+        ops.attention_varlen.default, (q, k, v, cu_q.int(), cu_k.int(), 5, 4, 0.0, True, 0.5)
+    )
     rng_state = torch.tensor([1, 2])
-    torch.library.opcheck(ops._attention_varlen_forward.default,
-                          (q, k, v, cu_q, cu_k, 5, 4, 0.2, True, None, rng_state))
-    out, lse = ops._attention_varlen_forward(q.detach(), k.detach(), v.detach(), cu_q, cu_k, 5,
-                                             4, 0.2, True, None, rng_state)
-    torch.library.opcheck(ops._attention_varlen_backward.default,
-                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse,
-                           cu_q, cu_k, 5, 4, 0.2, True, None, rng_state))
+    torch.library.opcheck(
+        ops._attention_varlen_forward.default,
+        (q, k, v, cu_q, cu_k, 5, 4, 0.2, True, None, rng_state),
+    )
+    out, lse = ops._attention_varlen_forward(
+        q.detach(), k.detach(), v.detach(), cu_q, cu_k, 5, 4, 0.2, True, None, rng_state
+    )
+    torch.library.opcheck(
+        ops._attention_varlen_backward.default,
+        (
+            torch.randn_like(out),
+            q.detach(),
+            k.detach(),
+            v.detach(),
+            out,
+            lse,
+            cu_q,
+            cu_k,
+            5,
+            4,
+            0.2,
+            True,
+            None,
+            rng_state,
+        ),
+    )
     plain = [t.detach() for t in (q, k, v)]
     torch.library.opcheck(ops.attention_varlen.default, (*plain, cu_q, cu_k, 5, 4))
 
@@ -224,8 +249,7 @@ def test_compile_fullgraph_with_backward():
 
 # bfloat16 against float64: 8-bit mantissa, the output (a weighted mean of O(1) values) rounded
 # once plus the rounded P before P V: a few 2^-8 at most. float32: sums of <= 130 terms, 1e-5.
-LOOSE = {torch.float32: dict(atol=1e-5, rtol=1e-5),
-         torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+LOOSE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
 
 
 @pytest.mark.parametrize("dtype", list(LOOSE))
@@ -252,50 +276,108 @@ def test_vmap_over_samples_equals_per_sample_calls():
     q, k, v, cu_q, cu_k = packed([2, 3], [4, 1])
     qs, ks, vs = (torch.stack([t, t * 0.5]) for t in (q, k, v))
     out = torch.func.vmap(lambda a, b, c: qops.attention_varlen(a, b, c, cu_q, cu_k, 3, 4))(
-        qs, ks, vs)
+        qs, ks, vs
+    )
     for n in range(2):
         torch.testing.assert_close(out[n], run_varlen(qs[n], ks[n], vs[n], cu_q, cu_k), **F64)
 
 
 # ---- errors and empty work ----
 
+
 def bad_call(**changes):
     q, k, v, cu_q, cu_k = packed([2, 3], [4, 1])
-    args = dict(query=q, key=k, value=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                max_seqlen_q=3, max_seqlen_k=4)
+    args = dict(
+        query=q,
+        key=k,
+        value=v,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        max_seqlen_q=3,
+        max_seqlen_k=4,
+    )
     args.update(changes)
     return lambda: qops.attention_varlen(**args)
 
 
 BAD = [
-    ("start", dict(cu_seqlens_q=torch.tensor([1, 2, 5])), RuntimeError,
-     r"cu_seqlens_q must start at 0, but cu_seqlens_q\[0\] = 1"),
-    ("decreasing", dict(cu_seqlens_k=torch.tensor([0, 4, 3, 5]),
-                        cu_seqlens_q=torch.tensor([0, 2, 5, 5])), RuntimeError,
-     r"cu_seqlens_k must be non-decreasing, but cu_seqlens_k\[2\] = 3 < cu_seqlens_k\[1\] = 4"),
-    ("end", dict(cu_seqlens_q=torch.tensor([0, 2, 4])), RuntimeError,
-     r"cu_seqlens_q must end at the number of packed query rows \(5\), but "
-     r"cu_seqlens_q\[2\] = 4"),
-    ("batch", dict(cu_seqlens_k=torch.tensor([0, 5])), RuntimeError,
-     r"cu_seqlens_k has 2 entries \(1 sequences\) but cu_seqlens_q has 3 \(2 sequences\)"),
-    ("dtype", dict(cu_seqlens_q=torch.tensor([0., 2., 5.])), TypeError,
-     r"cu_seqlens_q must be int32 or int64, but has dtype Float"),
-    ("rank", dict(cu_seqlens_k=torch.tensor([[0, 4, 5]])), RuntimeError,
-     r"cu_seqlens_k must have shape \(B \+ 1,\)"),
-    ("max", dict(max_seqlen_q=2), RuntimeError,
-     r"sequence 1 has 3 query rows .*more than max_seqlen_q = 2"),
-    ("heads", dict(key=torch.randn(5, 3, 8, dtype=torch.float64),
-                   value=torch.randn(5, 3, 8, dtype=torch.float64)), RuntimeError,
-     r"key has 3 heads and query has 4"),
-    ("features", dict(key=torch.randn(5, 4, 7, dtype=torch.float64)), RuntimeError,
-     r"key has 7 features per head but query has 8"),
-    ("value_rows", dict(value=torch.randn(6, 4, 8, dtype=torch.float64)), RuntimeError,
-     r"value has 6 rows \(total_k\) but key has 5"),
-    ("query_rank", dict(query=torch.randn(1, 5, 4, 8, dtype=torch.float64)), RuntimeError,
-     r"query must be 3-D \(total_q, H, D\), but has shape \[1, 5, 4, 8\]"),
+    (
+        "start",
+        dict(cu_seqlens_q=torch.tensor([1, 2, 5])),
+        RuntimeError,
+        r"cu_seqlens_q must start at 0, but cu_seqlens_q\[0\] = 1",
+    ),
+    (
+        "decreasing",
+        dict(cu_seqlens_k=torch.tensor([0, 4, 3, 5]), cu_seqlens_q=torch.tensor([0, 2, 5, 5])),
+        RuntimeError,
+        r"cu_seqlens_k must be non-decreasing, but cu_seqlens_k\[2\] = 3 < cu_seqlens_k\[1\] = 4",
+    ),
+    (
+        "end",
+        dict(cu_seqlens_q=torch.tensor([0, 2, 4])),
+        RuntimeError,
+        r"cu_seqlens_q must end at the number of packed query rows \(5\), but "
+        r"cu_seqlens_q\[2\] = 4",
+    ),
+    (
+        "batch",
+        dict(cu_seqlens_k=torch.tensor([0, 5])),
+        RuntimeError,
+        r"cu_seqlens_k has 2 entries \(1 sequences\) but cu_seqlens_q has 3 \(2 sequences\)",
+    ),
+    (
+        "dtype",
+        dict(cu_seqlens_q=torch.tensor([0.0, 2.0, 5.0])),
+        TypeError,
+        r"cu_seqlens_q must be int32 or int64, but has dtype Float",
+    ),
+    (
+        "rank",
+        dict(cu_seqlens_k=torch.tensor([[0, 4, 5]])),
+        RuntimeError,
+        r"cu_seqlens_k must have shape \(B \+ 1,\)",
+    ),
+    (
+        "max",
+        dict(max_seqlen_q=2),
+        RuntimeError,
+        r"sequence 1 has 3 query rows .*more than max_seqlen_q = 2",
+    ),
+    (
+        "heads",
+        dict(
+            key=torch.randn(5, 3, 8, dtype=torch.float64),
+            value=torch.randn(5, 3, 8, dtype=torch.float64),
+        ),
+        RuntimeError,
+        r"key has 3 heads and query has 4",
+    ),
+    (
+        "features",
+        dict(key=torch.randn(5, 4, 7, dtype=torch.float64)),
+        RuntimeError,
+        r"key has 7 features per head but query has 8",
+    ),
+    (
+        "value_rows",
+        dict(value=torch.randn(6, 4, 8, dtype=torch.float64)),
+        RuntimeError,
+        r"value has 6 rows \(total_k\) but key has 5",
+    ),
+    (
+        "query_rank",
+        dict(query=torch.randn(1, 5, 4, 8, dtype=torch.float64)),
+        RuntimeError,
+        r"query must be 3-D \(total_q, H, D\), but has shape \[1, 5, 4, 8\]",
+    ),
     ("value_dtype", dict(value=torch.randn(5, 4, 8)), TypeError, r"value"),
-    ("nested_offsets", dict(cu_seqlens_q=torch.nested.nested_tensor(
-        [torch.tensor([0, 2, 5])])), NotImplementedError, r"cu_seqlens_q"),
+    (
+        "nested_offsets",
+        dict(cu_seqlens_q=torch.nested.nested_tensor([torch.tensor([0, 2, 5])])),
+        NotImplementedError,
+        r"cu_seqlens_q",
+    ),
 ]
 
 
@@ -343,8 +425,9 @@ def test_unsupported_layout_names_the_argument():
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_many_short_sequences_match_whatever_the_thread_count(threads):
-    lengths = [int(x) for x in torch.randint(0, 20, (50,), generator=torch.Generator()
-                                             .manual_seed(1))] + [300]
+    lengths = [
+        int(x) for x in torch.randint(0, 20, (50,), generator=torch.Generator().manual_seed(1))
+    ] + [300]
     q, k, v, cu_q, cu_k = packed(lengths, lengths, H=2, Hkv=2, D=8, Dv=8, dtype=torch.float32)
     previous = torch.get_num_threads()
     try:
@@ -355,7 +438,8 @@ def test_many_short_sequences_match_whatever_the_thread_count(threads):
     torch.set_num_threads(1)
     try:
         reference = per_sequence(
-            lambda a, b, c, _: qops.attention(a, b, c, is_causal=True), q, k, v, cu_q, cu_k)
+            lambda a, b, c, _: qops.attention(a, b, c, is_causal=True), q, k, v, cu_q, cu_k
+        )
     finally:
         torch.set_num_threads(previous)
     torch.testing.assert_close(out, reference, atol=0, rtol=0)
@@ -370,8 +454,21 @@ def test_differentiating_the_backward_of_traced_offsets_raises_clearly():
     with FakeTensorMode() as mode:
         fq, fk, fv = (mode.from_tensor(t).requires_grad_() for t in (q, k, v))
         fcu_q, fcu_k = mode.from_tensor(cu_q), mode.from_tensor(cu_k)
-        out, lse = ops._attention_varlen_forward(fq, fk, fv, fcu_q, fcu_k, 3, 4, 0.0, False,
-                                                 None)
+        out, lse = ops._attention_varlen_forward(fq, fk, fv, fcu_q, fcu_k, 3, 4, 0.0, False, None)
         with pytest.raises(NotImplementedError, match="reads the offsets' values"):
-            ops._attention_varlen_backward(torch.ones_like(out), fq, fk, fv, out.detach(), lse,
-                                           fcu_q, fcu_k, 3, 4, 0.0, False, None, None)
+            ops._attention_varlen_backward(
+                torch.ones_like(out),
+                fq,
+                fk,
+                fv,
+                out.detach(),
+                lse,
+                fcu_q,
+                fcu_k,
+                3,
+                4,
+                0.0,
+                False,
+                None,
+                None,
+            )

@@ -1,6 +1,7 @@
 """torch.func.vmap over every op: the same results as per-sample calls, the randomness modes
 honoured with dropout, gradients through vmap, and the grad-family transforms refused with an
 error that names the limitation and the alternative (the autograd stays in C++)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,8 @@ TOL = dict(rtol=1e-12, atol=1e-12)
 def randn(*shape, seed=0, requires_grad=False):
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, dtype=torch.float64, generator=generator).requires_grad_(
-        requires_grad)
+        requires_grad
+    )
 
 
 def per_sample(fn, in_dims, *args):
@@ -54,9 +56,10 @@ ATTENTION_IN_DIMS = [
 
 
 def attention_args(in_dims):
-    q, k, v = (randn(*((N,) if d == 0 else ()), B, H, n, f, seed=i)
-               for i, (n, f, d) in enumerate([(L, D, in_dims[0]), (S, D, in_dims[1]),
-                                               (S, Dv, in_dims[2])]))
+    q, k, v = (
+        randn(*((N,) if d == 0 else ()), B, H, n, f, seed=i)
+        for i, (n, f, d) in enumerate([(L, D, in_dims[0]), (S, D, in_dims[1]), (S, Dv, in_dims[2])])
+    )
     mask = randn(*((N,) if in_dims[3] == 0 else ()), H, L, S, seed=4)
     padding = randn(*((N,) if in_dims[4] == 0 else ()), B, S, seed=5)
     return q, k, v, mask, padding
@@ -76,8 +79,7 @@ def test_attention_vmap_with_a_bool_mask_and_another_vmapped_dimension():
     mask = torch.rand(B, 1, L, S, generator=torch.Generator().manual_seed(1)) < 0.7
     fn = lambda q, k, v: ops.attention(q, k, v, mask)  # noqa: E731
     expected = torch.stack([fn(q[:, n], k[:, n], v[:, n]) for n in range(N)], dim=1)
-    torch.testing.assert_close(torch.func.vmap(fn, in_dims=1, out_dims=1)(q, k, v), expected,
-                               **TOL)
+    torch.testing.assert_close(torch.func.vmap(fn, in_dims=1, out_dims=1)(q, k, v), expected, **TOL)
 
 
 @pytest.mark.parametrize("need_weights", [False, True])
@@ -85,7 +87,8 @@ def test_attention_forward_vmap_matches_per_sample_calls(need_weights):
     in_dims = (0, 0, 0, 0, 0, None)
     q, k, v, mask, padding = attention_args(in_dims)
     fn = lambda q, k, v, m, p, rng: ops._attention_forward(  # noqa: E731
-        q, k, v, m, p, 0.0, False, None, need_weights, rng)
+        q, k, v, m, p, 0.0, False, None, need_weights, rng
+    )
     actual = torch.func.vmap(fn, in_dims=in_dims)(q, k, v, mask, padding, None)
     expected = per_sample(fn, in_dims, q, k, v, mask, padding, None)
     assert_all_close(actual[:2], expected[:2])
@@ -111,6 +114,7 @@ def test_vmap_folds_the_samples_into_one_kernel_call_without_dropout():
 
 
 # ---- dropout and vmap's randomness modes ----
+
 
 def dropout_args():
     # Softmax weights are strictly positive (no mask), so a zero weight is a dropped one.
@@ -140,8 +144,9 @@ def test_randomness_error_raises_in_the_module_with_dropout():
         torch.func.vmap(lambda x: mha(x, x, x)[0], randomness="error")(x)
     mha.eval()  # no dropout in eval mode
     out = torch.func.vmap(lambda x: mha(x, x, x)[0], randomness="error")(x)
-    torch.testing.assert_close(out, torch.stack([mha(x[n], x[n], x[n])[0] for n in range(N)]),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        out, torch.stack([mha(x[n], x[n], x[n])[0] for n in range(N)]), rtol=1e-5, atol=1e-6
+    )
 
 
 def check_weights_are_dropout_of_softmax(q, k, v, out, weights, p):
@@ -155,8 +160,9 @@ def check_weights_are_dropout_of_softmax(q, k, v, out, weights, p):
 
 def test_randomness_same_gives_every_sample_one_mask():
     q, k, v = dropout_args()
-    out, weights = torch.func.vmap(weights_fn(0.5), in_dims=(0, None, None),
-                                   randomness="same")(q, k, v)
+    out, weights = torch.func.vmap(weights_fn(0.5), in_dims=(0, None, None), randomness="same")(
+        q, k, v
+    )
     kept = weights != 0
     for n in range(1, N):
         assert torch.equal(kept[n], kept[0])
@@ -169,8 +175,9 @@ def test_randomness_same_is_the_mask_of_one_unbatched_call():
     # the mask the unbatched call has.
     q, k, v = dropout_args()
     torch.manual_seed(21)
-    _, weights = torch.func.vmap(weights_fn(0.5), in_dims=(0, None, None),
-                                 randomness="same")(q, k, v)
+    _, weights = torch.func.vmap(weights_fn(0.5), in_dims=(0, None, None), randomness="same")(
+        q, k, v
+    )
     torch.manual_seed(21)
     _, unbatched = ops.attention_with_weights(q[0], k, v, None, 0.5)
     for n in range(N):
@@ -180,8 +187,9 @@ def test_randomness_same_is_the_mask_of_one_unbatched_call():
 def test_randomness_different_gives_each_sample_its_own_mask():
     q, k, v = dropout_args()
     q = q[:1].expand(N, *q.shape[1:])  # the same query in every sample: only the masks differ
-    out, weights = torch.func.vmap(weights_fn(0.5), in_dims=(0, None, None),
-                                   randomness="different")(q, k, v)
+    out, weights = torch.func.vmap(
+        weights_fn(0.5), in_dims=(0, None, None), randomness="different"
+    )(q, k, v)
     kept = weights != 0
     for n in range(1, N):
         # B*H*L*S = 120 draws at p = 0.5: equal patterns have probability 2^-120
@@ -195,8 +203,11 @@ def test_randomness_modes_reproduce_under_manual_seed():
         results = []
         for _ in range(2):
             torch.manual_seed(8)
-            results.append(torch.func.vmap(weights_fn(0.3), in_dims=(0, None, None),
-                                           randomness=randomness)(q, k, v))
+            results.append(
+                torch.func.vmap(weights_fn(0.3), in_dims=(0, None, None), randomness=randomness)(
+                    q, k, v
+                )
+            )
         assert torch.equal(results[0][1], results[1][1]), randomness
 
 
@@ -208,7 +219,8 @@ def test_attention_forward_with_dropout_is_a_pure_function_of_rng_state(rng_batc
     rng = torch.tensor([[11, 1], [12, 2], [13, 3]]) if rng_batched else torch.tensor([11, 1])
     in_dims = (0, None, None, 0 if rng_batched else None)
     fn = lambda q, k, v, rng: ops._attention_forward(  # noqa: E731
-        q, k, v, None, None, 0.4, True, None, True, rng)
+        q, k, v, None, None, 0.4, True, None, True, rng
+    )
     actual = torch.func.vmap(fn, in_dims=in_dims, randomness="error")(q, k, v, rng)
     expected = per_sample(fn, in_dims, q, k, v, rng)
     for a, e in zip(actual, expected):
@@ -223,33 +235,47 @@ def test_dropout_mask_vmap_over_rng_states_matches_per_sample_calls():
 
 # ---- the backward ops ----
 
+
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
-@pytest.mark.parametrize("in_dims", [(0, None, 0, 0, 0, 0, 0, None),
-                                     (0, 0, None, None, None, None, None, None)], ids=str)
+@pytest.mark.parametrize(
+    "in_dims", [(0, None, 0, 0, 0, 0, 0, None), (0, 0, None, None, None, None, None, None)], ids=str
+)
 def test_attention_backward_vmap_matches_per_sample_calls(in_dims, dropout_p):
     q, k, v = randn(B, H, L, D, seed=1), randn(B, H, S, D, seed=2), randn(B, H, S, Dv, seed=3)
     mask = randn(1, H, L, S, seed=4)
     rng = torch.tensor([5, 6]) if dropout_p else None
-    output, logsumexp, _ = ops._attention_forward(q, k, v, mask, None, dropout_p, True, None,
-                                                  False, rng)
-    batched = lambda t, d: t.unsqueeze(0).repeat(N, *[1] * t.dim()) + randn(  # noqa: E731
-        N, *t.shape, seed=9) * 1e-3 if d == 0 else t
+    output, logsumexp, _ = ops._attention_forward(
+        q, k, v, mask, None, dropout_p, True, None, False, rng
+    )
+    batched = lambda t, d: (
+        t.unsqueeze(0).repeat(N, *[1] * t.dim())
+        + randn(  # noqa: E731
+            N, *t.shape, seed=9
+        )
+        * 1e-3
+        if d == 0
+        else t
+    )
     grad_output, grad_weights = randn(B, H, L, Dv, seed=7), randn(B, H, L, S, seed=8)
-    args = [batched(t, d) for t, d in zip((grad_output, grad_weights, q, k, v, output,
-                                           logsumexp, mask), in_dims)]
+    args = [
+        batched(t, d)
+        for t, d in zip((grad_output, grad_weights, q, k, v, output, logsumexp, mask), in_dims)
+    ]
     fn = lambda go, gw, q, k, v, o, lse, m: ops._attention_backward(  # noqa: E731
-        go, gw, q, k, v, o, lse, m, None, dropout_p, True, None, rng, True, False)
+        go, gw, q, k, v, o, lse, m, None, dropout_p, True, None, rng, True, False
+    )
     assert_all_close(torch.func.vmap(fn, in_dims=in_dims)(*args), per_sample(fn, in_dims, *args))
 
 
 def test_backward_with_batched_gradients_uses_the_backward_rules():
     # autograd.grad(is_grads_batched=True) vmaps the backward ops over the gradients.
-    q, k, v = (randn(B, H, n, f, seed=i, requires_grad=True)
-               for i, (n, f) in enumerate([(L, D), (S, D), (S, Dv)]))
+    q, k, v = (
+        randn(B, H, n, f, seed=i, requires_grad=True)
+        for i, (n, f) in enumerate([(L, D), (S, D), (S, Dv)])
+    )
     out = ops.attention(q, k, v, None, 0.0, True)
     grads = randn(N, *out.shape, seed=4)
-    batched = torch.autograd.grad(out, (q, k, v), grads, is_grads_batched=True,
-                                  retain_graph=True)
+    batched = torch.autograd.grad(out, (q, k, v), grads, is_grads_batched=True, retain_graph=True)
     for n in range(N):
         single = torch.autograd.grad(out, (q, k, v), grads[n], retain_graph=True)
         assert_all_close(tuple(b[n] for b in batched), single)
@@ -260,8 +286,9 @@ def test_backward_with_batched_gradients_uses_the_backward_rules():
 E, Ein = 8, 6
 
 
-@pytest.mark.parametrize("shared_weights", [True, False], ids=["shared-weights",
-                                                                "per-sample-weights"])
+@pytest.mark.parametrize(
+    "shared_weights", [True, False], ids=["shared-weights", "per-sample-weights"]
+)
 @pytest.mark.parametrize("self_attention", [True, False], ids=["self", "cross"])
 def test_qkv_projection_vmap_matches_per_sample_calls(shared_weights, self_attention):
     x = randn(N, B, L, Ein, seed=1)
@@ -275,8 +302,10 @@ def test_qkv_projection_vmap_matches_per_sample_calls(shared_weights, self_atten
         return ops.qkv_projection(x, key, key, *weights, *biases, 2)
 
     in_dims = (0, 0, wd, wd)
-    assert_all_close(torch.func.vmap(fn, in_dims=in_dims)(x, key, in_proj, bias),
-                     per_sample(fn, in_dims, x, key, in_proj, bias))
+    assert_all_close(
+        torch.func.vmap(fn, in_dims=in_dims)(x, key, in_proj, bias),
+        per_sample(fn, in_dims, x, key, in_proj, bias),
+    )
 
 
 def test_qkv_projection_backward_vmap_matches_per_sample_calls():
@@ -284,19 +313,23 @@ def test_qkv_projection_backward_vmap_matches_per_sample_calls():
     w = [randn(E, Ein, seed=i) for i in (2, 3, 4)]
     grads = [randn(N, B, 2, L, E // 2, seed=i) for i in (5, 6, 7)]
     fn = lambda gq, gk, gv: ops.qkv_projection_backward(  # noqa: E731
-        gq, gk, gv, x, x, x, *w, 2)
+        gq, gk, gv, x, x, x, *w, 2
+    )
     assert_all_close(torch.func.vmap(fn)(*grads), per_sample(fn, (0, 0, 0), *grads))
 
 
-@pytest.mark.parametrize("shared_weights", [True, False], ids=["shared-weights",
-                                                                "per-sample-weights"])
+@pytest.mark.parametrize(
+    "shared_weights", [True, False], ids=["shared-weights", "per-sample-weights"]
+)
 def test_merge_heads_vmap_matches_per_sample_calls(shared_weights):
     x = randn(N, B, H, L, D, seed=1)
     w = randn(*(() if shared_weights else (N,)), 5, H * D, seed=2)
     b = randn(5, seed=3)
     in_dims = (0, None if shared_weights else 0, None)
-    assert_all_close(torch.func.vmap(ops.merge_heads, in_dims=in_dims)(x, w, b),
-                     per_sample(ops.merge_heads, in_dims, x, w, b))
+    assert_all_close(
+        torch.func.vmap(ops.merge_heads, in_dims=in_dims)(x, w, b),
+        per_sample(ops.merge_heads, in_dims, x, w, b),
+    )
 
 
 def test_merge_heads_backward_vmap_matches_per_sample_calls():
@@ -307,6 +340,7 @@ def test_merge_heads_backward_vmap_matches_per_sample_calls():
 
 
 # ---- gradients through vmap, and the module ----
+
 
 def test_gradients_through_vmap_are_the_per_sample_gradients():
     q = randn(N, B, H, L, D, seed=1, requires_grad=True)
@@ -322,10 +356,14 @@ def test_gradients_through_vmap_are_the_per_sample_gradients():
 def test_module_ensemble_with_functional_call_and_vmap():
     # An ensemble: N copies of the module's parameters, vmapped with functional_call.
     torch.manual_seed(0)
-    models = [qkv_attention.MultiheadAttention(8, 2, batch_first=True, dtype=torch.float64)
-              for _ in range(N)]
-    params = {name: torch.stack([dict(m.named_parameters())[name].detach() for m in models])
-              for name, _ in models[0].named_parameters()}
+    models = [
+        qkv_attention.MultiheadAttention(8, 2, batch_first=True, dtype=torch.float64)
+        for _ in range(N)
+    ]
+    params = {
+        name: torch.stack([dict(m.named_parameters())[name].detach() for m in models])
+        for name, _ in models[0].named_parameters()
+    }
     x = randn(B, L, 8, seed=1)
 
     def run(p, x):
@@ -361,19 +399,25 @@ GRAD_TRANSFORMS = {
 @pytest.mark.parametrize("transform", GRAD_TRANSFORMS, ids=str)
 @pytest.mark.parametrize("op_name", ["attention", "qkv_projection", "merge_heads"])
 def test_grad_transforms_raise_an_error_naming_the_limitation_and_the_alternative(
-        transform, op_name):
+    transform, op_name
+):
     q, k, v = randn(B, H, L, D, seed=1), randn(B, H, S, D, seed=2), randn(B, H, S, Dv, seed=3)
     x, w = randn(B, L, Ein, seed=4), randn(E, Ein, seed=5)
     out_weight = randn(5, H * D, seed=6)
     functions = {
         "attention": (lambda q: ops.attention(q, k, v).sum(), q),
-        "qkv_projection": (lambda x: sum(t.sum() for t in ops.qkv_projection(
-            x, x, x, w, w, w, None, None, None, 2)), x),
+        "qkv_projection": (
+            lambda x: sum(
+                t.sum() for t in ops.qkv_projection(x, x, x, w, w, w, None, None, None, 2)
+            ),
+            x,
+        ),
         "merge_heads": (lambda q: ops.merge_heads(q, out_weight, None).sum(), q),
     }
     f, arg = functions[op_name]
-    with pytest.raises(NotImplementedError, match=r"torch\.func's differentiating transforms") \
-            as error:
+    with pytest.raises(
+        NotImplementedError, match=r"torch\.func's differentiating transforms"
+    ) as error:
         GRAD_TRANSFORMS[transform](f, arg)
     message = str(error.value)
     assert "C++ torch::autograd::Function" in message and "torch.autograd.grad" in message

@@ -36,10 +36,9 @@ QKV_AVX512_INLINE __mmask16 first_lanes(int64_t n) {
 // registers over the whole K loop. With MR = 6 and NV = 4 that is 24 accumulators, 4 loads of B
 // and 6 broadcasts of A per 24 fused multiply-adds.
 template <int MR, int NV>
-QKV_AVX512_INLINE void gemm_tile(int64_t K, const float* __restrict a, int64_t a_row,
-                                 int64_t a_col, const float* __restrict b, int64_t ldb,
-                                 float* __restrict c, int64_t ldc, bool accumulate,
-                                 __mmask16 last) {
+QKV_AVX512_INLINE void gemm_tile(int64_t K, const float* __restrict a, int64_t a_row, int64_t a_col,
+                                 const float* __restrict b, int64_t ldb, float* __restrict c,
+                                 int64_t ldc, bool accumulate, __mmask16 last) {
   __m512 acc[MR][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
@@ -102,8 +101,7 @@ const TileFn kTiles[kTileRows][kTileVectors] = {
 QKV_AVX512_INLINE __m256i to_bf16_bits(__m512 x) {
   const __m512i bits = _mm512_castps_si512(x);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded =
-      _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
   const __mmask16 is_nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
   const __m512i result =
       _mm512_mask_blend_epi32(is_nan, _mm512_srli_epi32(rounded, 16), _mm512_set1_epi32(0x7fc0));
@@ -158,14 +156,14 @@ QKV_AVX512_INLINE uint64_t keep_word(const DropoutKey& key, uint64_t counter) {
   }
   const __m512i threshold = _mm512_set1_epi64(key.threshold);
   // 16-bit masks per output word w: counters 0..7 from a, 8..15 from b.
-  const uint64_t w0 =
-      uint64_t(kept_lanes(a.c0, threshold)) | uint64_t(kept_lanes(b.c0, threshold)) << 8;
-  const uint64_t w1 =
-      uint64_t(kept_lanes(a.c1, threshold)) | uint64_t(kept_lanes(b.c1, threshold)) << 8;
-  const uint64_t w2 =
-      uint64_t(kept_lanes(a.c2, threshold)) | uint64_t(kept_lanes(b.c2, threshold)) << 8;
-  const uint64_t w3 =
-      uint64_t(kept_lanes(a.c3, threshold)) | uint64_t(kept_lanes(b.c3, threshold)) << 8;
+  const uint64_t w0 = uint64_t(kept_lanes(a.c0, threshold)) | uint64_t(kept_lanes(b.c0, threshold))
+                                                                  << 8;
+  const uint64_t w1 = uint64_t(kept_lanes(a.c1, threshold)) | uint64_t(kept_lanes(b.c1, threshold))
+                                                                  << 8;
+  const uint64_t w2 = uint64_t(kept_lanes(a.c2, threshold)) | uint64_t(kept_lanes(b.c2, threshold))
+                                                                  << 8;
+  const uint64_t w3 = uint64_t(kept_lanes(a.c3, threshold)) | uint64_t(kept_lanes(b.c3, threshold))
+                                                                  << 8;
   // Element 4c + w is word w of counter c: interleave the four 16-bit masks.
   return _pdep_u64(w0, 0x1111111111111111ull) | _pdep_u64(w1, 0x2222222222222222ull) |
          _pdep_u64(w2, 0x4444444444444444ull) | _pdep_u64(w3, 0x8888888888888888ull);
@@ -183,8 +181,8 @@ QKV_AVX512 void Avx512Ops::gemm(int64_t M, int64_t N, int64_t K, const float* a,
     const __mmask16 last = first_lanes(width - 16 * (vectors - 1));
     for (int64_t m0 = 0; m0 < M; m0 += kTileRows) {
       const int64_t rows = std::min<int64_t>(kTileRows, M - m0);
-      kTiles[rows - 1][vectors - 1](K, a + m0 * a_row, a_row, a_col, b + n0, ldb,
-                                    c + m0 * ldc + n0, ldc, accumulate, last);
+      kTiles[rows - 1][vectors - 1](K, a + m0 * a_row, a_row, a_col, b + n0, ldb, c + m0 * ldc + n0,
+                                    ldc, accumulate, last);
     }
   }
 }
@@ -222,9 +220,9 @@ QKV_AVX512 void Avx512Ops::pack_b(const float* src, int64_t src_row, int64_t src
     return;
   }
   if (src_row == 1 && src_col <= (int64_t(1) << 26)) {  // a transpose; 32-bit gather offsets
-    const __m512i offsets = _mm512_mullo_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm512_set1_epi32(int32_t(src_col)));
+    const __m512i offsets =
+        _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                           _mm512_set1_epi32(int32_t(src_col)));
     for (int64_t n = 0; n < ld; n += 16) {
       const __mmask16 lanes = first_lanes(N - n);
       const float* column0 = src + n * src_col;
@@ -245,7 +243,6 @@ QKV_AVX512 void Avx512Ops::pack_b(const float* src, int64_t src_row, int64_t src
 #define QKV_AVX512_BF16 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,bmi2,fma,f16c")))
 #define QKV_AVX512_BF16_INLINE QKV_AVX512_BF16 __attribute__((always_inline)) inline
-
 
 namespace {
 
@@ -280,8 +277,7 @@ QKV_AVX512_BF16_INLINE void bf16_tile(int64_t K2, const uint32_t* __restrict a, 
     for (int v = 0; v < NV; ++v) b_vec[v] = (__m512bh)_mm512_loadu_si512(b_row + 32 * v);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const __m512bh a_pair =
-          (__m512bh)_mm512_set1_epi32(int32_t(a[r * a_row + k2 * a_col]));
+      const __m512bh a_pair = (__m512bh)_mm512_set1_epi32(int32_t(a[r * a_row + k2 * a_col]));
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a_pair, b_vec[v]);
     }
@@ -412,8 +408,8 @@ QKV_AVX512_BF16 void Avx512Bf16Ops::pack_b(const float* src, int64_t src_row, in
       for (int64_t k2 = 0; k2 < K2; ++k2) {
         __m512 pairs;
         if (2 * k2 + 1 < K) {
-          pairs = _mm512_castsi512_ps(_mm512_mask_i32gather_epi64(
-              _mm512_setzero_si512(), lanes, offsets, column0 + 2 * k2, 4));
+          pairs = _mm512_castsi512_ps(_mm512_mask_i32gather_epi64(_mm512_setzero_si512(), lanes,
+                                                                  offsets, column0 + 2 * k2, 4));
         } else {  // K odd: the last pair's second element is 0
           const __m256 singles =
               _mm256_mmask_i32gather_ps(_mm256_setzero_ps(), lanes, offsets, column0 + 2 * k2, 4);
@@ -451,11 +447,9 @@ QKV_AVX512_BF16 void Avx512Bf16Ops::gemm(int64_t M, int64_t N, int64_t K, const 
     for (int64_t m0 = 0; m0 < M; m0 += kTileRows) {
       const int64_t rows = std::min<int64_t>(kTileRows, M - m0);
       kBf16Tiles[rows - 1][vectors - 1](K2, pairs.data + m0 * pairs.row, pairs.row, pairs.col,
-                                        b + n0 * 2, ldb, c + m0 * ldc + n0, ldc, accumulate,
-                                        last);
+                                        b + n0 * 2, ldb, c + m0 * ldc + n0, ldc, accumulate, last);
     }
   }
 }
-
 
 }  // namespace qkv_attention::cpu::flash

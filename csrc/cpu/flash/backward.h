@@ -105,14 +105,14 @@ void flash_backward(const AttentionBackwardParams<T>& p) {
   };
   auto carve = [&](Acc* base) {
     Block blk;
-    blk.scores = base;                        // Bq x Bk
-    blk.grad_p = blk.scores + Bq * Bk;        // Bq x Bk
-    blk.weights = blk.grad_p + Bq * Bk;       // Bq x Bk
-    blk.dk = blk.weights + Bq * Bk;           // Bk x D
-    blk.dv = blk.dk + Bk * D;                 // Bk x Dv
-    blk.row_extra = blk.dv + Bk * Dv;         // Bq
-    blk.gathered = blk.row_extra + Bq;        // 2 x Bk
-    blk.gw_row = blk.gathered + 2 * Bk;       // Bk
+    blk.scores = base;                   // Bq x Bk
+    blk.grad_p = blk.scores + Bq * Bk;   // Bq x Bk
+    blk.weights = blk.grad_p + Bq * Bk;  // Bq x Bk
+    blk.dk = blk.weights + Bq * Bk;      // Bk x D
+    blk.dv = blk.dk + Bk * D;            // Bk x Dv
+    blk.row_extra = blk.dv + Bk * Dv;    // Bq
+    blk.gathered = blk.row_extra + Bq;   // 2 x Bk
+    blk.gw_row = blk.gathered + 2 * Bk;  // Bk
     blk.keep = keep_bits_at(blk.gw_row + Bk);
     return blk;
   };
@@ -124,8 +124,8 @@ void flash_backward(const AttentionBackwardParams<T>& p) {
                            const Elem* kt, bool apply_keep) {
     const int64_t b = bh / H, h = bh % H;
     const int64_t j0 = kb * Bk, nk = columns_for(p.is_causal, i0, nq, j0, std::min(Bk, S - j0));
-    Ops::gemm(nq, nk, D, query_rows.rows(b, h, i0), query_rows.ld, 1, kt, panel_ld, blk.scores,
-              Bk, false);
+    Ops::gemm(nq, nk, D, query_rows.rows(b, h, i0), query_rows.ld, 1, kt, panel_ld, blk.scores, Bk,
+              false);
     for (int64_t r = 0; r < nq; ++r) {
       const int64_t i = i0 + r, row = bh * L + i;
       Acc* s_row = blk.scores + r * Bk;
@@ -143,8 +143,8 @@ void flash_backward(const AttentionBackwardParams<T>& p) {
   // The grad_weights row (b, h, i) over keys j0 .. j0 + nk, as Acc, in blk.gw_row.
   auto grad_weights_row = [&](Block& blk, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t nk) {
     const Strides4& gs = p.grad_weights_strides;
-    convert_row<Ops>(p.grad_weights + b * gs.batch + h * gs.head + i * gs.row + j0 * gs.col,
-                     gs.col, nk, blk.gw_row);
+    convert_row<Ops>(p.grad_weights + b * gs.batch + h * gs.head + i * gs.row + j0 * gs.col, gs.col,
+                     nk, blk.gw_row);
   };
 
   // Runs body(task, block scratch, K^T panel, V^T panel) for tasks [0, count): the scratch and
@@ -298,6 +298,5 @@ void flash_backward(const AttentionBackwardParams<T>& p) {
     }
   });
 }
-
 
 QKV_FLASH_LEVEL_END

@@ -23,9 +23,9 @@ struct Blocking {
 // 24..96 x 64..512). Through BLAS, larger blocks (vec_ops.h) amortise each call's overhead.
 template <class Ops, typename T>
 Blocking forward_blocking(const AttentionInputs<T>& shape) {
-  return Blocking{std::min<int64_t>(Ops::kForwardQueries, std::max<int64_t>(shape.q_len, 1)),
-                  std::min<int64_t>(Ops::kForwardKeys,
-                                    round_up(std::max<int64_t>(shape.kv_len, 1), 16))};
+  return Blocking{
+      std::min<int64_t>(Ops::kForwardQueries, std::max<int64_t>(shape.q_len, 1)),
+      std::min<int64_t>(Ops::kForwardKeys, round_up(std::max<int64_t>(shape.kv_len, 1), 16))};
 }
 
 // Backward: 48 x 128. Three Bq x Bk blocks (scores, dP/dS, weights) and the 128-row dK and dV

@@ -97,8 +97,7 @@ void flash_decode(const AttentionForwardParams<T>& p) {
     const Strides4& qs = p.query_strides;
     for (int64_t r = 0; r < M; ++r) {
       const int64_t h = h0 + r / L, i = r % L;
-      convert_row<Ops>(p.query + b * qs.batch + h * qs.head + i * qs.row, qs.col, D,
-                       q_buf + r * D);
+      convert_row<Ops>(p.query + b * qs.batch + h * qs.head + i * qs.row, qs.col, D, q_buf + r * D);
     }
     // Scores = Q K^T over the chunk as dot products: K is read once, in place when it is
     // already Acc (a transposed copy would cost a strided gather per element).

@@ -72,8 +72,7 @@ void flash_forward(const AttentionForwardParams<T>& p) {
   // head and T == Acc); averaged over the heads, also the running sum over the heads (Bq x S).
   constexpr bool kWeightsInPlace = std::is_same_v<T, Acc>;
   const bool average = p.weights != nullptr && p.average_weights;
-  const int64_t block_size =
-      Bq * Bk + Bq * Dv + Bq * D + 3 * Bq + 2 * Bk + keep_cells<Acc>(Bk);
+  const int64_t block_size = Bq * Bk + Bq * Dv + Bq * D + 3 * Bq + 2 * Bk + keep_cells<Acc>(Bk);
   const int64_t weights_cells = p.weights == nullptr ? 0
                                 : average            ? 2 * Bq * S
                                 : kWeightsInPlace    ? 0
@@ -110,7 +109,8 @@ void flash_forward(const AttentionForwardParams<T>& p) {
     // Scores of the first nc keys of block kb for every row, masked, into dst (row stride ld);
     // row maxima to block_max. Returns nc (keys past it are hidden from all rows by causality).
     auto block_scores = [&](int64_t kb, Acc* dst, int64_t ld) {
-      const int64_t j0 = kb * Bk, nc = columns_for(p.is_causal, diagonal, nq, j0, std::min(Bk, S - j0));
+      const int64_t j0 = kb * Bk,
+                    nc = columns_for(p.is_causal, diagonal, nq, j0, std::min(Bk, S - j0));
       Ops::gemm(nq, nc, D, q, ldq, 1, key_t.at(kv_bh, kb), key_t.ld(), dst, ld, false);
       for (int64_t r = 0; r < nq; ++r) {
         MaskSegment<T, Acc> segments[AttentionInputs<T>::kMasks];

@@ -62,8 +62,8 @@ void attention_backward(const AttentionBackwardParams<T>& params) {
   }
 }
 
-#define QKV_INSTANTIATE(T)                                                      \
-  template void attention_forward<T>(const AttentionForwardParams<T>&);        \
+#define QKV_INSTANTIATE(T)                                              \
+  template void attention_forward<T>(const AttentionForwardParams<T>&); \
   template void attention_backward<T>(const AttentionBackwardParams<T>&);
 QKV_INSTANTIATE(double)
 QKV_INSTANTIATE(float)

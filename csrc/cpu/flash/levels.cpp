@@ -3,8 +3,8 @@
 // runs on every CPU before anything level-specific does.
 #include "cpu/flash/levels.h"
 
-#include <ATen/Version.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -127,8 +127,8 @@ void attention_backward_at(CpuLevel level, const AttentionBackwardParams<T>& par
   }
 }
 
-#define QKV_INSTANTIATE(T)                                                                    \
-  template void attention_forward_at<T>(CpuLevel, const AttentionForwardParams<T>&);         \
+#define QKV_INSTANTIATE(T)                                                           \
+  template void attention_forward_at<T>(CpuLevel, const AttentionForwardParams<T>&); \
   template void attention_backward_at<T>(CpuLevel, const AttentionBackwardParams<T>&);
 QKV_INSTANTIATE(double)
 QKV_INSTANTIATE(float)
@@ -162,7 +162,7 @@ void attention_dropout_mask_kernel(int64_t batch, int64_t heads, int64_t q_len, 
   });
 }
 
-#define QKV_INSTANTIATE(T)                                                      \
+#define QKV_INSTANTIATE(T)                                                     \
   template void attention_forward_kernel<T>(const AttentionForwardParams<T>&); \
   template void attention_backward_kernel<T>(const AttentionBackwardParams<T>&);
 QKV_INSTANTIATE(double)

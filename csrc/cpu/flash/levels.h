@@ -29,12 +29,12 @@ template <typename T>
 void attention_backward_at(CpuLevel level, const AttentionBackwardParams<T>& params);
 
 // The per-level entry points, defined by level_<name>.cpp through level_kernels.h.
-#define QKV_DECLARE_LEVEL_KERNELS(LEVEL)                                \
-  namespace LEVEL {                                                     \
-  template <typename T>                                                 \
-  void attention_forward(const AttentionForwardParams<T>& params);      \
-  template <typename T>                                                 \
-  void attention_backward(const AttentionBackwardParams<T>& params);    \
+#define QKV_DECLARE_LEVEL_KERNELS(LEVEL)                             \
+  namespace LEVEL {                                                  \
+  template <typename T>                                              \
+  void attention_forward(const AttentionForwardParams<T>& params);   \
+  template <typename T>                                              \
+  void attention_backward(const AttentionBackwardParams<T>& params); \
   }
 QKV_DECLARE_LEVEL_KERNELS(DEFAULT)
 #if defined(__x86_64__)

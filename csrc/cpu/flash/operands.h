@@ -86,8 +86,8 @@ class BOperands {
 
   // Blocks of `block` rows of `rows` (N rows per batch*head, C columns): B = the block itself
   // (K = rows in the block, N = C), for P V, W^T dO, dS^T Q and dS K.
-  static BOperands row_blocks(const RowsView<Acc>& rows, int64_t B, int64_t H, int64_t N,
-                              int64_t C, int64_t block) {
+  static BOperands row_blocks(const RowsView<Acc>& rows, int64_t B, int64_t H, int64_t N, int64_t C,
+                              int64_t block) {
     BOperands op(B, H, N, block);
     if constexpr (Ops::kPlainB) {
       op.view_ = rows;

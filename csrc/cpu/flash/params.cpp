@@ -95,10 +95,8 @@ std::pair<uint64_t, uint64_t> seed_and_offset(const at::Tensor& rng_state) {
 
 template <typename T>
 AttentionForwardParams<T> set_forward_params(const AttentionArguments& args,
-                                             const at::Tensor& output,
-                                             const at::Tensor& logsumexp,
-                                             const at::Tensor* weights,
-                                             bool average_weights) {
+                                             const at::Tensor& output, const at::Tensor& logsumexp,
+                                             const at::Tensor* weights, bool average_weights) {
   AttentionForwardParams<T> p;
   set_inputs(p, args);
   p.output = output.mutable_data_ptr<T>();
@@ -144,10 +142,12 @@ AttentionForwardParams<T> set_sequence_forward_params(const PackedArguments& arg
 }
 
 template <typename T>
-AttentionBackwardParams<T> set_sequence_backward_params(
-    const PackedArguments& args, const PackedSequence& sequence, const at::Tensor& output,
-    const at::Tensor& grad_output, const AccType<T>* logsumexp, T* grad_query, T* grad_key,
-    T* grad_value) {
+AttentionBackwardParams<T> set_sequence_backward_params(const PackedArguments& args,
+                                                        const PackedSequence& sequence,
+                                                        const at::Tensor& output,
+                                                        const at::Tensor& grad_output,
+                                                        const AccType<T>* logsumexp, T* grad_query,
+                                                        T* grad_key, T* grad_value) {
   AttentionBackwardParams<T> p;
   set_sequence_inputs(p, args, sequence);
   p.output_strides = packed_strides(output);
@@ -161,19 +161,18 @@ AttentionBackwardParams<T> set_sequence_backward_params(
   return p;
 }
 
-#define QKV_INSTANTIATE(T)                                                                     \
-  template AttentionForwardParams<T> set_sequence_forward_params<T>(                          \
-      const PackedArguments&, const PackedSequence&, T*, AccType<T>*);                         \
-  template AttentionBackwardParams<T> set_sequence_backward_params<T>(                        \
-      const PackedArguments&, const PackedSequence&, const at::Tensor&, const at::Tensor&,     \
-      const AccType<T>*, T*, T*, T*);                                                          \
-  template AttentionForwardParams<T> set_forward_params<T>(                                   \
-      const AttentionArguments&, const at::Tensor&, const at::Tensor&, const at::Tensor*,     \
-      bool);                                                                                  \
-  template AttentionBackwardParams<T> set_backward_params<T>(                                 \
-      const AttentionArguments&, const at::Tensor&, const at::Tensor&,                        \
-      const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,                 \
-      const at::Tensor&, const at::Tensor&, const at::Tensor*);
+#define QKV_INSTANTIATE(T)                                                                       \
+  template AttentionForwardParams<T> set_sequence_forward_params<T>(                             \
+      const PackedArguments&, const PackedSequence&, T*, AccType<T>*);                           \
+  template AttentionBackwardParams<T> set_sequence_backward_params<T>(                           \
+      const PackedArguments&, const PackedSequence&, const at::Tensor&, const at::Tensor&,       \
+      const AccType<T>*, T*, T*, T*);                                                            \
+  template AttentionForwardParams<T> set_forward_params<T>(                                      \
+      const AttentionArguments&, const at::Tensor&, const at::Tensor&, const at::Tensor*, bool); \
+  template AttentionBackwardParams<T> set_backward_params<T>(                                    \
+      const AttentionArguments&, const at::Tensor&, const at::Tensor&,                           \
+      const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&, \
+      const at::Tensor&, const at::Tensor*);
 QKV_INSTANTIATE(double)
 QKV_INSTANTIATE(float)
 QKV_INSTANTIATE(c10::BFloat16)

@@ -15,9 +15,9 @@
 namespace qkv_attention::cpu::flash {
 
 struct AttentionArguments {
-  const at::Tensor& query;  // (B, H, L, D)
-  const at::Tensor& key;    // (B, Hkv, S, D)
-  const at::Tensor& value;  // (B, Hkv, S, Dv)
+  const at::Tensor& query;                            // (B, H, L, D)
+  const at::Tensor& key;                              // (B, Hkv, S, D)
+  const at::Tensor& value;                            // (B, Hkv, S, Dv)
   const std::optional<at::Tensor>& attn_mask;         // broadcastable to (B, H, L, S)
   const std::optional<at::Tensor>& key_padding_mask;  // (B, S)
   double dropout_p;
@@ -31,8 +31,7 @@ std::pair<uint64_t, uint64_t> seed_and_offset(const at::Tensor& rng_state);
 
 template <typename T>
 AttentionForwardParams<T> set_forward_params(const AttentionArguments& args,
-                                             const at::Tensor& output,
-                                             const at::Tensor& logsumexp,
+                                             const at::Tensor& output, const at::Tensor& logsumexp,
                                              const at::Tensor* weights,
                                              bool average_weights = false);
 
@@ -70,9 +69,11 @@ AttentionForwardParams<T> set_sequence_forward_params(const PackedArguments& arg
 // logsumexp (1, H, q_len) contiguous; the gradients go to contiguous (1, heads, rows, features)
 // buffers.
 template <typename T>
-AttentionBackwardParams<T> set_sequence_backward_params(
-    const PackedArguments& args, const PackedSequence& sequence, const at::Tensor& output,
-    const at::Tensor& grad_output, const AccType<T>* logsumexp, T* grad_query, T* grad_key,
-    T* grad_value);
+AttentionBackwardParams<T> set_sequence_backward_params(const PackedArguments& args,
+                                                        const PackedSequence& sequence,
+                                                        const at::Tensor& output,
+                                                        const at::Tensor& grad_output,
+                                                        const AccType<T>* logsumexp, T* grad_query,
+                                                        T* grad_key, T* grad_value);
 
 }  // namespace qkv_attention::cpu::flash

@@ -90,7 +90,8 @@ struct VecElementwise {
       if (any_bool) x = Vec::blendv(x, neg_inf, Vec::loadu(blocked) != Vec(Acc(0)));
       x.store(s + j, count);
       if constexpr (kGenericVectors) {
-        for (int64_t t = 0; t < count; ++t) scalar_max = s[j + t] > scalar_max ? s[j + t] : scalar_max;
+        for (int64_t t = 0; t < count; ++t)
+          scalar_max = s[j + t] > scalar_max ? s[j + t] : scalar_max;
       } else {
         if (count < kWidth) x = Vec::blendv(neg_inf, x, first_lanes(count));
         // x > row_max is false for NaN, which leaves row_max as it is.
@@ -131,8 +132,8 @@ struct VecElementwise {
   // The backward of softmax and dropout for one row: with k_j = keep_j * kept_scale,
   // w = p * k (the weights, for dV; skipped when w is null) and ds = p * (dp * k - delta).
   // ds may alias dp.
-  static void softmax_grad_row(const Acc* p, const Acc* dp, const uint64_t* keep,
-                               Acc kept_scale, Acc delta, int64_t n, Acc* w, Acc* ds) {
+  static void softmax_grad_row(const Acc* p, const Acc* dp, const uint64_t* keep, Acc kept_scale,
+                               Acc delta, int64_t n, Acc* w, Acc* ds) {
     const Vec delta_v(delta), scale_v(kept_scale);
     for (int64_t j = 0; j < n; j += kWidth) {
       const int64_t count = std::min<int64_t>(kWidth, n - j);
@@ -276,8 +277,8 @@ struct VecGemm {
 
   // C[0, rows) x [0, width) (+)= A . B over the whole K; NV vectors cover `width` columns.
   template <int MR, int NV>
-  static void tile(int64_t K, const Acc* a, int64_t a_row, int64_t a_col, const Acc* b,
-                   int64_t ldb, Acc* c, int64_t ldc, int64_t width, bool accumulate) {
+  static void tile(int64_t K, const Acc* a, int64_t a_row, int64_t a_col, const Acc* b, int64_t ldb,
+                   Acc* c, int64_t ldc, int64_t width, bool accumulate) {
     constexpr int64_t W = Vec::size();
     const int64_t last = width - (NV - 1) * W;  // columns in the last vector
     Vec acc[MR][NV];
@@ -307,9 +308,12 @@ struct VecGemm {
                        const Acc* b, int64_t ldb, Acc* c, int64_t ldc, int64_t width,
                        bool accumulate) {
     switch (vectors) {
-      case 1: return tile<MR, 1>(K, a, a_row, a_col, b, ldb, c, ldc, width, accumulate);
-      case 2: return tile<MR, 2>(K, a, a_row, a_col, b, ldb, c, ldc, width, accumulate);
-      default: return tile<MR, 3>(K, a, a_row, a_col, b, ldb, c, ldc, width, accumulate);
+      case 1:
+        return tile<MR, 1>(K, a, a_row, a_col, b, ldb, c, ldc, width, accumulate);
+      case 2:
+        return tile<MR, 2>(K, a, a_row, a_col, b, ldb, c, ldc, width, accumulate);
+      default:
+        return tile<MR, 3>(K, a, a_row, a_col, b, ldb, c, ldc, width, accumulate);
     }
   }
 
@@ -325,10 +329,22 @@ struct VecGemm {
         const Acc* a_tile = a + m0 * a_row;
         Acc* c_tile = c + m0 * ldc + n0;
         switch (std::min<int64_t>(kRows, M - m0)) {
-          case 1: row_tile<1>(vectors, K, a_tile, a_row, a_col, b + n0, ldb, c_tile, ldc, width, accumulate); break;
-          case 2: row_tile<2>(vectors, K, a_tile, a_row, a_col, b + n0, ldb, c_tile, ldc, width, accumulate); break;
-          case 3: row_tile<3>(vectors, K, a_tile, a_row, a_col, b + n0, ldb, c_tile, ldc, width, accumulate); break;
-          default: row_tile<4>(vectors, K, a_tile, a_row, a_col, b + n0, ldb, c_tile, ldc, width, accumulate); break;
+          case 1:
+            row_tile<1>(vectors, K, a_tile, a_row, a_col, b + n0, ldb, c_tile, ldc, width,
+                        accumulate);
+            break;
+          case 2:
+            row_tile<2>(vectors, K, a_tile, a_row, a_col, b + n0, ldb, c_tile, ldc, width,
+                        accumulate);
+            break;
+          case 3:
+            row_tile<3>(vectors, K, a_tile, a_row, a_col, b + n0, ldb, c_tile, ldc, width,
+                        accumulate);
+            break;
+          default:
+            row_tile<4>(vectors, K, a_tile, a_row, a_col, b + n0, ldb, c_tile, ldc, width,
+                        accumulate);
+            break;
         }
       }
     }
