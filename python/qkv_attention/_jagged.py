@@ -129,6 +129,12 @@ def multihead_attention(
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """``MultiheadAttention.forward`` on nested (N, j, E) inputs (batch_first): a nested
     output of query's layout and lengths. Jagged or strided nested inputs; training or eval."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dim() != 3:  # e.g. torch.nested.nested_tensor([]), which is 1-D
+            raise AssertionError(
+                f"{name} should be unbatched 2D or batched 3D tensor but received "
+                f"{t.dim()}-D {name} tensor (nested inputs are (N, j, E))"
+            )
     if not module.batch_first:
         raise AssertionError(
             "MultiheadAttention: nested inputs need batch_first=True (they are (N, j, E))"
@@ -145,15 +151,15 @@ def multihead_attention(
             "nested inputs; use functional.scaled_dot_product_attention(is_causal=True) on "
             "jagged tensors for per-sequence causal attention)"
         )
-    if module.bias_k is not None or module.add_zero_attn:
-        raise NotImplementedError(
-            "MultiheadAttention: add_bias_kv and add_zero_attn are not supported with nested inputs"
-        )
     layout = query.layout
-    if need_weights:
-        # The weights of each sequence, zero-padded to (N, L_max, S_max) as torch's module
-        # returns them for nested input: one dense call per sequence.
-        return _per_sequence_with_weights(module, query, key, value, average_attn_weights)
+    if need_weights or module.bias_k is not None or module.add_zero_attn:
+        # One dense call per sequence: the weights of each sequence, zero-padded to
+        # (N, L_max, S_max) as torch's module returns them for nested input; and the extra
+        # key/value columns of add_bias_kv / add_zero_attn, which belong to each sequence.
+        output, weights = _per_sequence_with_weights(
+            module, query, key, value, average_attn_weights
+        )
+        return output, (weights if need_weights else None)
 
     q_values, q_offsets, max_q = _as_jagged("query", query)
     if key is query:

@@ -144,6 +144,20 @@ def test_module_jagged_matches_each_sequence_alone(training, self_attention):
         torch.testing.assert_close(grad_in[name], p.grad, **F64)
 
 
+@pytest.mark.parametrize("extra", [dict(add_bias_kv=True), dict(add_zero_attn=True),
+                                   dict(add_bias_kv=True, add_zero_attn=True)])
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_module_jagged_with_extra_key_columns_matches_each_sequence_alone(extra, need_weights):
+    module = module_pair(**extra).eval()
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(n, 16, generator=g, dtype=torch.float64) for n in (3, 1, 5)]
+    x = torch.nested.as_nested_tensor(xs, layout=torch.jagged)
+    out, weights = module(x, x, x, need_weights=need_weights)
+    assert out.is_nested and (weights is not None) == need_weights
+    expected = [module(a, a, a, need_weights=False)[0] for a in xs]
+    torch.testing.assert_close(out.values(), torch.cat(expected), **F64)
+
+
 def test_module_strided_nested_matches_torchs_fast_path():
     torch.manual_seed(0)
     theirs = torch.nn.MultiheadAttention(16, 4, batch_first=True).eval()
@@ -172,6 +186,13 @@ def test_module_jagged_refuses_masks_and_needs_batch_first():
         module(x, x, x, key_padding_mask=torch.zeros(1, 2, dtype=torch.bool))
     with pytest.raises(AssertionError, match="batch_first=True"):
         qkv_attention.MultiheadAttention(16, 4, dtype=torch.float64)(x, x, x)
+
+
+def test_module_refuses_an_empty_nested_tensor_with_torchs_message():
+    # torch.nested.nested_tensor([]) is 1-D; torch's own test expects its module's rank error.
+    empty = torch.nested.nested_tensor([])
+    with pytest.raises(AssertionError, match="received 1-D query tensor"):
+        module_pair()(empty, empty, empty)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")
