@@ -144,8 +144,10 @@ def test_module_jagged_matches_each_sequence_alone(training, self_attention):
         torch.testing.assert_close(grad_in[name], p.grad, **F64)
 
 
-@pytest.mark.parametrize("extra", [dict(add_bias_kv=True), dict(add_zero_attn=True),
-                                   dict(add_bias_kv=True, add_zero_attn=True)])
+@pytest.mark.parametrize(
+    "extra",
+    [dict(add_bias_kv=True), dict(add_zero_attn=True), dict(add_bias_kv=True, add_zero_attn=True)],
+)
 @pytest.mark.parametrize("need_weights", [False, True])
 def test_module_jagged_with_extra_key_columns_matches_each_sequence_alone(extra, need_weights):
     module = module_pair(**extra).eval()
