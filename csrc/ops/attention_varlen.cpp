@@ -193,18 +193,7 @@ void check_varlen_backward_inputs(const at::Tensor& grad_output, const at::Tenso
   check_same_dtype_and_device(op, "grad_output", grad_output, "query", query);
   TORCH_CHECK(grad_output.sym_sizes() == output.sym_sizes(), op, ": grad_output has shape ",
               grad_output.sym_sizes(), " but the output has shape ", output.sym_sizes());
-  check_defined(op, "logsumexp", logsumexp);
-  check_dense(op, "logsumexp", logsumexp);
-  const at::ScalarType lse_dtype = at::toOpMathType(query.scalar_type());
-  TORCH_CHECK_TYPE(logsumexp.scalar_type() == lse_dtype, op, ": logsumexp must be ", lse_dtype,
-                   " (the accumulation dtype of ", query.scalar_type(), "), but is ",
-                   logsumexp.scalar_type());
-  TORCH_CHECK(logsumexp.device() == query.device(), op, ": logsumexp is on ", logsumexp.device(),
-              " but query is on ", query.device());
-  TORCH_CHECK(logsumexp.dim() == 2 && logsumexp.sym_size(0) == query.sym_size(0) &&
-                  logsumexp.sym_size(1) == query.sym_size(1),
-              op, ": logsumexp must have shape (total_q, H) = ", query.sym_sizes().slice(0, 2),
-              ", but has shape ", logsumexp.sym_sizes());
+  check_logsumexp(op, logsumexp, query, 2, "(total_q, H)");
   check_tensor_elements(op, "output", output);
   check_tensor_elements(op, "grad_output", grad_output);
 }

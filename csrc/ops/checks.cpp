@@ -1,5 +1,6 @@
 #include "ops/checks.h"
 
+#include <ATen/OpMathType.h>
 #include <c10/util/Exception.h>
 #include <c10/util/safe_numerics.h>
 
@@ -50,6 +51,23 @@ void check_same_dtype_and_device(const char* op, const char* name, const at::Ten
                    reference.scalar_type(), "; all tensors must share one dtype");
   TORCH_CHECK(tensor.device() == reference.device(), op, ": ", name, " is on ", tensor.device(),
               " but ", reference_name, " is on ", reference.device());
+}
+
+void check_logsumexp(const char* op, const at::Tensor& logsumexp, const at::Tensor& query,
+                     int64_t rank, const char* layout) {
+  check_defined(op, "logsumexp", logsumexp);
+  check_dense(op, "logsumexp", logsumexp);
+  const at::ScalarType lse_dtype = at::toOpMathType(query.scalar_type());
+  TORCH_CHECK_TYPE(logsumexp.scalar_type() == lse_dtype, op, ": logsumexp must be ", lse_dtype,
+                   " (the accumulation dtype of ", query.scalar_type(), "), but is ",
+                   logsumexp.scalar_type());
+  TORCH_CHECK(logsumexp.device() == query.device(), op, ": logsumexp is on ", logsumexp.device(),
+              " but query is on ", query.device());
+  TORCH_CHECK(logsumexp.dim() == rank &&
+                  logsumexp.sym_sizes() == query.sym_sizes().slice(0, static_cast<size_t>(rank)),
+              op, ": logsumexp must have shape ", layout, " = ",
+              query.sym_sizes().slice(0, static_cast<size_t>(rank)), ", but has shape ",
+              logsumexp.sym_sizes());
 }
 
 void check_size(const char* op, const char* name, const at::Tensor& tensor, int64_t dim,

@@ -35,6 +35,12 @@ void check_input(const char* op, const char* name, const at::Tensor& tensor, int
 void check_same_dtype_and_device(const char* op, const char* name, const at::Tensor& tensor,
                                  const char* reference_name, const at::Tensor& reference);
 
+// A backward op's `logsumexp`: defined, dense, in the accumulation dtype of query's dtype, on
+// query's device, with query's first `rank` sizes; `layout` names them for the message, e.g.
+// "(B, H, L)".
+void check_logsumexp(const char* op, const at::Tensor& logsumexp, const at::Tensor& query,
+                     int64_t rank, const char* layout);
+
 // Size `dim` of `tensor` equals `expected`, which comes from `expected_from`; `what` says what
 // the size means. The message reads "attention: key has 7 features per head but query has 8
 // (key has shape [2, 4, 5, 7])".
