@@ -155,3 +155,28 @@ def test_the_module_asks_the_kernel_for_averaged_weights():
     assert weights.shape == (2, 9, 9)
     torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(weights, expected_weights, rtol=1e-5, atol=1e-6)
+
+
+def test_averaged_weights_under_vmap_equal_a_loop():
+    q, k, v = (torch.stack([t, t.flip(0)]) for t in _inputs(2, 4, 2, 6, 9, 8, 8, torch.float64))
+    batched = torch.vmap(
+        lambda q, k, v: ops.attention_with_weights(q, k, v, average_attn_weights=True)
+    )(q, k, v)
+    for i in range(2):
+        out, weights = ops.attention_with_weights(q[i], k[i], v[i], average_attn_weights=True)
+        torch.testing.assert_close(batched[0][i], out, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(batched[1][i], weights, rtol=1e-12, atol=1e-12)
+
+
+def test_averaged_weights_compile_fullgraph_with_gradients():
+    q, k, v = (t.requires_grad_() for t in _inputs(2, 4, 2, 6, 9, 8, 8, torch.float64))
+
+    def fn(q, k, v):
+        out, weights = ops.attention_with_weights(q, k, v, None, 0.0, True, None, None, True)
+        return out.sum() + (weights * torch.arange(9.0, dtype=torch.float64)).sum()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    expected = torch.autograd.grad(fn(q, k, v), (q, k, v))
+    got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
