@@ -472,3 +472,26 @@ def test_differentiating_the_backward_of_traced_offsets_raises_clearly():
                 None,
                 None,
             )
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_with_dropout_gives_the_plain_gradients(use_reentrant):
+    """Checkpointing replays the dropout draw (torch restores the RNG state), so the
+    recomputed forward uses the same masks and the gradients equal the plain run's."""
+    q, k, v, cu_q, cu_k = packed([5, 0, 9, 2], [7, 3, 9, 4], H=4, Hkv=2, D=8, Dv=8)
+
+    def fn(q, k, v):
+        return ops.attention_varlen(q, k, v, cu_q, cu_k, 9, 9, 0.3, True)
+
+    def run(checkpointed):
+        args = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        torch.manual_seed(5)
+        if checkpointed:
+            out = torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=use_reentrant)
+        else:
+            out = fn(*args)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        return [out.detach()] + [t.grad for t in args]
+
+    for got, want in zip(run(True), run(False)):
+        torch.testing.assert_close(got, want, **F64)
