@@ -69,10 +69,10 @@ test-python: build
 # level test-python runs is this CPU's best. These are the attention op's tests again with torch
 # (and so our kernels) forced down to each lower level; MKL is held to AVX2 at the avx2 level,
 # as it would be on an AVX2 machine. About 3-4 minutes per level on 2 busy cores.
-LEVEL_TESTS = tests/python/test_attention_vs_sdpa.py tests/python/test_kernel_boundaries.py \
-  tests/python/test_threads_determinism.py tests/python/test_dropout.py \
-  tests/python/test_ops_gradcheck.py tests/python/test_gqa.py tests/python/test_kv_cache.py \
-  tests/python/test_varlen.py
+LEVEL_TESTS = tests/python/ops/test_attention_vs_sdpa.py tests/python/ops/test_kernel_boundaries.py \
+  tests/python/ops/test_threads_determinism.py tests/python/ops/test_dropout.py \
+  tests/python/ops/test_ops_gradcheck.py tests/python/ops/test_gqa.py \
+  tests/python/ops/test_kv_cache.py tests/python/ops/test_varlen.py
 
 test-levels: build
 	@status=0; levels=default; \

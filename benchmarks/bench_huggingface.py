@@ -207,7 +207,7 @@ def main():
     shutil.copy(path, os.path.join(RESULTS, "hf-latest.json"))
     print(f"wrote {path}")
     if not all(r.get("same_tokens", True) for r in rows):
-        # A timing run is no correctness test (tests/python/test_huggingface.py is), but a
+        # A timing run is no correctness test (tests/python/integrations/test_huggingface.py is), but a
         # difference here is worth a look.
         print("WARNING: ours and sdpa generated different tokens", file=sys.stderr)
     return 0

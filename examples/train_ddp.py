@@ -7,7 +7,7 @@ DistributedDataParallel, gloo backend, on CPU.
 Every step all ranks draw the same global batch (the same seeded generator) and each trains on
 its own equal slice. DDP averages the gradients across ranks, so each step's update is the
 single-process update on the whole global batch, and all ranks hold identical parameters
-throughout. tests/python/test_ddp.py checks exactly that, in float64, with --save.
+throughout. tests/python/integrations/test_ddp.py checks exactly that, in float64, with --save.
 
 Under torchrun each process runs one torch thread (torchrun sets OMP_NUM_THREADS=1), so two
 processes share a 2-core machine without oversubscribing it.

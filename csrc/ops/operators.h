@@ -5,8 +5,8 @@
 // and the input checks of ops/*.cpp take their labels from here (op_label). An operator defined
 // with a composite kernel only (attention and attention_with_weights: CompositeImplicitAutograd,
 // they reach the kernels through _attention_forward; attention_varlen through
-// _attention_varlen_forward) needs no entry. A new operator with kernels
-// adds one line; tests/python/test_unsupported_layouts.py fails for a registered operator of the
+// _attention_varlen_forward) needs no entry. A new operator with kernels adds one line;
+// tests/python/robustness/test_unsupported_layouts.py fails for a registered operator of the
 // namespace that is neither here nor composite.
 #pragma once
 
