@@ -54,7 +54,7 @@ def scaled_dot_product_attention(
             broadcast against each other.
         attn_mask: broadcastable to (..., L, S); bool (True = may attend) or float (added).
         dropout_p: dropout on the attention weights (applied whenever it is > 0, as torch's).
-        is_causal: top-left causal mask; may be combined with attn_mask (torch's raises).
+        is_causal: top-left causal mask; combines with attn_mask, as torch 2.13's does on the CPU.
         scale: defaults to 1/sqrt(E).
         enable_gqa: key/value may have fewer heads (dim -3) than query, which must be a
             multiple; each key/value head serves a group of query heads.

@@ -2,8 +2,9 @@
 
 Each function calls the registered C++ operator through the dispatcher, so it gets our C++
 autograd, runs under ``torch.compile`` (the operators have Meta kernels) and passes
-``torch.library.opcheck``. Shapes use B = batch, H = heads, L = query positions,
-S = key/value positions, D = features per head, E = embedding size.
+``torch.library.opcheck``. Shapes use B = batch, H = query heads, Hkv = key/value heads
+(dividing H: grouped-query attention), L = query positions, S = key/value positions,
+D = features per head, E = embedding size.
 """
 
 from typing import Optional, Tuple
@@ -65,7 +66,8 @@ def attention(
     """``softmax(query @ key.T * scale + mask) @ value``, with dropout on the weights.
 
     Args:
-        query: (B, H, L, D).  key: (B, H, S, D).  value: (B, H, S, Dv).
+        query: (B, H, L, D).  key: (B, Hkv, S, D).  value: (B, Hkv, S, Dv), with Hkv dividing
+            H (grouped-query attention: query head h reads key/value head h // (H // Hkv)).
         attn_mask: broadcastable to (B, H, L, S); bool (True = may attend) or the query's
             float dtype (added to the scores), as in ``F.scaled_dot_product_attention``.
         dropout_p: probability of dropping a weight; kept weights are scaled by 1/(1-p).
@@ -169,18 +171,21 @@ def attention_varlen(
     )
 
 
-def _draw_dropout_rng_state(dropout_p: float) -> Optional[Tensor]:
+def _draw_dropout_rng_state(dropout_p: float, samples: Optional[int] = None) -> Optional[Tensor]:
     """The dropout stream's state for one call, drawn as ``attention`` draws it.
 
-    ``attention`` and ``attention_with_weights`` draw a (2,) int64 seed and offset with
-    ``torch.randint`` on torch's default generator (nothing when ``dropout_p`` is 0) and pass it
-    to ``_attention_forward``, which is a pure function of it. Code that calls
-    ``_attention_forward`` itself draws with this function: after the same
-    ``torch.manual_seed`` it gets the mask ``attention`` would have used.
+    ``attention``, ``attention_with_weights`` and ``attention_varlen`` draw a (2,) int64 seed
+    and offset, each uniform in [0, 2^63 - 1), with ``randint`` on torch's default CPU
+    generator (nothing when ``dropout_p`` is 0), in C++ (``draw_dropout_rng_state`` in
+    csrc/ops/attention.cpp), and pass it to their forward op, a pure function of it. Python
+    code that calls a forward op itself (tests, the vmap rules) draws here: after the same
+    ``torch.manual_seed`` it gets the state, and so the mask, the composite op would have
+    used. ``samples``: one state per sample, (samples, 2), for vmap's randomness="different".
     """
     if not dropout_p > 0:
         return None
-    return torch.randint(2**63 - 1, (2,), dtype=torch.int64, device="cpu")
+    shape = (2,) if samples is None else (samples, 2)
+    return torch.randint(2**63 - 1, shape, dtype=torch.int64, device="cpu")
 
 
 def merge_heads(x: Tensor, out_weight: Tensor, out_bias: Optional[Tensor] = None) -> Tensor:
