@@ -376,51 +376,35 @@ def check_input_dims(
 ) -> bool:
     """Ranks of the inputs and masks, as torch's module checks them (AssertionError).
     Returns whether the input is batched."""
-    if query.dim() == 3:
-        if key.dim() != 3 or value.dim() != 3:
+    rank = query.dim()
+    if rank != 2 and rank != 3:
+        raise AssertionError(
+            f"query should be unbatched 2D or batched 3D tensor but received {rank}-D query tensor"
+        )
+    which = "batched (3-D)" if rank == 3 else "unbatched (2-D)"
+    if key.dim() != rank or value.dim() != rank:
+        raise AssertionError(
+            f"For {which} `query`, expected `key` and `value` to be {rank}-D but found "
+            f"{key.dim()}-D and {value.dim()}-D tensors respectively"
+        )
+    if key_padding_mask is not None and key_padding_mask.dim() != rank - 1:
+        raise AssertionError(
+            f"For {which} `query`, expected `key_padding_mask` to be `None` or {rank - 1}-D "
+            f"but found {key_padding_mask.dim()}-D tensor instead"
+        )
+    if attn_mask is not None:
+        if attn_mask.dim() not in (2, 3):
             raise AssertionError(
-                "For batched (3-D) `query`, expected `key` and `value` to be 3-D but found "
-                f"{key.dim()}-D and {value.dim()}-D tensors respectively"
-            )
-        if key_padding_mask is not None and key_padding_mask.dim() != 2:
-            raise AssertionError(
-                "For batched (3-D) `query`, expected `key_padding_mask` to be `None` or 2-D "
-                f"but found {key_padding_mask.dim()}-D tensor instead"
-            )
-        if attn_mask is not None and attn_mask.dim() not in (2, 3):
-            raise AssertionError(
-                "For batched (3-D) `query`, expected `attn_mask` to be `None`, 2-D or 3-D "
+                f"For {which} `query`, expected `attn_mask` to be `None`, 2-D or 3-D "
                 f"but found {attn_mask.dim()}-D tensor instead"
             )
-        return True
-    if query.dim() == 2:
-        if key.dim() != 2 or value.dim() != 2:
+        expected = [num_heads, query.size(0), key.size(0)]
+        if rank == 2 and attn_mask.dim() == 3 and list(attn_mask.shape) != expected:
             raise AssertionError(
-                "For unbatched (2-D) `query`, expected `key` and `value` to be 2-D but "
-                f"found {key.dim()}-D and {value.dim()}-D tensors respectively"
+                f"Expected `attn_mask` shape to be {format_shape(expected)} "
+                f"(num_heads, L, S) but got {format_shape(list(attn_mask.shape))}"
             )
-        if key_padding_mask is not None and key_padding_mask.dim() != 1:
-            raise AssertionError(
-                "For unbatched (2-D) `query`, expected `key_padding_mask` to be `None` or "
-                f"1-D but found {key_padding_mask.dim()}-D tensor instead"
-            )
-        if attn_mask is not None:
-            if attn_mask.dim() not in (2, 3):
-                raise AssertionError(
-                    "For unbatched (2-D) `query`, expected `attn_mask` to be `None`, 2-D or "
-                    f"3-D but found {attn_mask.dim()}-D tensor instead"
-                )
-            expected = [num_heads, query.size(0), key.size(0)]
-            if attn_mask.dim() == 3 and list(attn_mask.shape) != expected:
-                raise AssertionError(
-                    f"Expected `attn_mask` shape to be {format_shape(expected)} "
-                    f"(num_heads, L, S) but got {format_shape(list(attn_mask.shape))}"
-                )
-        return False
-    raise AssertionError(
-        "query should be unbatched 2D or batched 3D tensor but received "
-        f"{query.dim()}-D query tensor"
-    )
+    return rank == 3
 
 
 def check_input_sizes(
