@@ -103,7 +103,9 @@ def scaled_dot_product_attention(
     (B, j, H, D) jagged tensor transposed with ``.transpose(1, 2)``. Each sequence attends to
     its own keys, without padding (``ops.attention_varlen``); ``is_causal`` is top-left within
     each sequence; no ``attn_mask``. The result is jagged (B, H, j, Dv) with query's lengths,
-    differentiable through the inputs' ``values()``.
+    differentiable through the inputs' ``values()``. A jagged tensor with holes (from
+    ``torch.nested.narrow``: ``lengths()`` is not None) is read as its ``lengths()`` say
+    (torch's function raises for it); the result has no holes.
 
     Returns:
         (..., L, Ev). Rows with no key to attend to are zeros, as in torch's function.
