@@ -61,6 +61,30 @@ def _causal_bias(bias: CausalBias, is_causal: bool) -> Tuple[Optional[Tensor], b
     return ones.tril(kv_len - q_len), False
 
 
+def _taken_as_is(
+    query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], enable_gqa: bool
+) -> bool:
+    """Whether the call is one the operator takes without reshaping (the common case, and the
+    one a decoding step makes per layer, so it costs only these reads): query (B, H, L, D),
+    key (B, Hkv, S, D), value (B, Hkv, S, Dv), tensors of one batch size, Hkv = H or, with
+    ``enable_gqa``, a divisor of H; ``attn_mask`` None or of 2 to 4 dims, which the operator
+    broadcasts to (B, H, L, S) as torch's function does. Sizes, dtypes and layouts are then
+    the operator's to check; any other call takes the general path below."""
+    if not (isinstance(query, Tensor) and isinstance(key, Tensor) and isinstance(value, Tensor)):
+        return False
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        return False
+    if query.is_nested or key.is_nested or value.is_nested:  # mixed with dense: the messages below
+        return False
+    if attn_mask is not None and not (isinstance(attn_mask, Tensor) and 2 <= attn_mask.dim() <= 4):
+        return False
+    batch, heads = query.shape[:2]
+    kv_heads = key.size(1)
+    if key.size(0) != batch or value.size(0) != batch or value.size(1) != kv_heads:
+        return False
+    return kv_heads == heads or (enable_gqa and kv_heads > 0 and heads % kv_heads == 0)
+
+
 def _gqa_hint(query: Tensor, key: Tensor, enable_gqa: bool) -> str:
     """A hint for batch dims that do not broadcast because key/value have fewer heads."""
     if enable_gqa or query.dim() < 3 or key.dim() < 3:
@@ -122,6 +146,12 @@ def scaled_dot_product_attention(
             return _jagged.scaled_dot_product_attention(
                 query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
             )
+        except TypeError as error:  # the operator's dtype checks, as below
+            raise InputDtypeError(str(error)) from error
+    if _taken_as_is(query, key, value, attn_mask, enable_gqa):
+        # What the operator takes as it is: nothing to reshape, and it checks the rest.
+        try:
+            return ops.attention(query, key, value, attn_mask, dropout_p, is_causal, scale)
         except TypeError as error:  # the operator's dtype checks, as below
             raise InputDtypeError(str(error)) from error
     for name, t in (("query", query), ("key", key), ("value", value), ("attn_mask", attn_mask)):
