@@ -24,8 +24,16 @@ def is_jagged(t) -> bool:
     return isinstance(t, Tensor) and t.is_nested and t.layout == torch.jagged
 
 
-def all_nested(*tensors) -> bool:
-    return all(isinstance(t, Tensor) and t.is_nested for t in tensors)
+def all_nested(query, key, value) -> bool:
+    """Whether query, key and value all are nested tensors (spelt out: called on every call)."""
+    return (
+        isinstance(query, Tensor)
+        and query.is_nested
+        and isinstance(key, Tensor)
+        and key.is_nested
+        and isinstance(value, Tensor)
+        and value.is_nested
+    )
 
 
 def _rows(t: Tensor) -> Tuple[Tensor, Tensor, int]:

@@ -72,15 +72,15 @@ def _taken_as_is(
     the operator's to check; any other call takes the general path below."""
     if not (isinstance(query, Tensor) and isinstance(key, Tensor) and isinstance(value, Tensor)):
         return False
-    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
-        return False
     if query.is_nested or key.is_nested or value.is_nested:  # mixed with dense: the messages below
+        return False
+    q_shape, k_shape, v_shape = query.shape, key.shape, value.shape
+    if len(q_shape) != 4 or len(k_shape) != 4 or len(v_shape) != 4:
         return False
     if attn_mask is not None and not (isinstance(attn_mask, Tensor) and 2 <= attn_mask.dim() <= 4):
         return False
-    batch, heads = query.shape[:2]
-    kv_heads = key.size(1)
-    if key.size(0) != batch or value.size(0) != batch or value.size(1) != kv_heads:
+    batch, heads, kv_heads = q_shape[0], q_shape[1], k_shape[1]
+    if k_shape[0] != batch or v_shape[0] != batch or v_shape[1] != kv_heads:
         return False
     return kv_heads == heads or (enable_gqa and kv_heads > 0 and heads % kv_heads == 0)
 
