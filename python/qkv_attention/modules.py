@@ -251,6 +251,12 @@ class MultiheadAttention(nn.Module):
             only on its SDPA path, need_weights=False with grad or in training; it gives NaN
             with need_weights=True and on its inference fast path).
 
+        Nested inputs: query, key and value all nested (N, j, E) tensors (jagged or strided;
+        ``batch_first=True``; not in TorchScript) attend per sequence without padding and return
+        a nested output of query's lengths and layout; the dense checks apply (key and value
+        must split into the same sequence lengths); no masks. A jagged tensor with holes
+        (``torch.nested.narrow``: ``lengths()`` is not None) is read as its lengths say.
+
         Dtypes: query, key, value and the parameters share one floating dtype, which the
         output and weights have; ``in_proj_bias`` (and ``bias_k``/``bias_v``) may have another
         floating dtype and are cast to it, as torch's module accepts. Inside
