@@ -77,7 +77,9 @@ def _taken_as_is(
     q_shape, k_shape, v_shape = query.shape, key.shape, value.shape
     if len(q_shape) != 4 or len(k_shape) != 4 or len(v_shape) != 4:
         return False
-    if attn_mask is not None and not (isinstance(attn_mask, Tensor) and 2 <= attn_mask.dim() <= 4):
+    if attn_mask is not None and not (
+        isinstance(attn_mask, Tensor) and not attn_mask.is_nested and 2 <= attn_mask.dim() <= 4
+    ):
         return False
     batch, heads, kv_heads = q_shape[0], q_shape[1], k_shape[1]
     if k_shape[0] != batch or v_shape[0] != batch or v_shape[1] != kv_heads:
