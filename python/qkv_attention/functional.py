@@ -1,7 +1,7 @@
 """``scaled_dot_product_attention`` with the signature of torch's, running on our operator."""
 
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -59,6 +59,35 @@ def _causal_bias(bias: CausalBias, is_causal: bool) -> Tuple[Optional[Tensor], b
     # Rows that see no key (L > S) give zeros, as from torch 2.13 on the CPU.
     ones = torch.ones(q_len, kv_len, dtype=torch.bool)
     return ones.tril(kv_len - q_len), False
+
+
+# What torch's function accepts for its scalar arguments (anything else: TypeError).
+_SCALAR_KINDS = (
+    ("dropout_p", 4, (float, int)),
+    ("is_causal", 5, (bool,)),
+    ("scale", 6, (float, int, type(None))),
+)
+
+
+def _run(function: Callable[..., Tensor], args: Tuple) -> Tensor:
+    """``function(*args)`` (the operator, or the jagged path that calls it; args as
+    scaled_dot_product_attention's first seven), raising what torch's function raises where the
+    operator's exception type differs: TypeError for a scalar argument of the wrong type (the
+    dispatcher raises RuntimeError), RuntimeError for a wrong dtype (the operator raises
+    TypeError; ``InputDtypeError`` is both). Costs nothing unless something is raised."""
+    try:
+        return function(*args)
+    except (TypeError, RuntimeError) as error:
+        for name, index, kinds in _SCALAR_KINDS:
+            if not isinstance(args[index], kinds):
+                raise TypeError(
+                    f"scaled_dot_product_attention: {name} must be "
+                    f"{' or '.join(kind.__name__ for kind in kinds)}, but got "
+                    f"{type(args[index]).__name__} ({args[index]!r})"
+                ) from error
+        if isinstance(error, TypeError) and not isinstance(error, InputDtypeError):
+            raise InputDtypeError(str(error)) from error
+        raise
 
 
 def _taken_as_is(
@@ -144,18 +173,13 @@ def scaled_dot_product_attention(
         attn_mask, is_causal = _causal_bias(attn_mask, is_causal)
     if _jagged.all_nested(query, key, value):
         # Jagged (B, H, j, D) inputs: packed values and offsets, no padding.
-        try:
-            return _jagged.scaled_dot_product_attention(
-                query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
-            )
-        except TypeError as error:  # the operator's dtype checks, as below
-            raise InputDtypeError(str(error)) from error
+        return _run(
+            _jagged.scaled_dot_product_attention,
+            (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa),
+        )
     if _taken_as_is(query, key, value, attn_mask, enable_gqa):
         # What the operator takes as it is: nothing to reshape, and it checks the rest.
-        try:
-            return ops.attention(query, key, value, attn_mask, dropout_p, is_causal, scale)
-        except TypeError as error:  # the operator's dtype checks, as below
-            raise InputDtypeError(str(error)) from error
+        return _run(ops.attention, (query, key, value, attn_mask, dropout_p, is_causal, scale))
     for name, t in (("query", query), ("key", key), ("value", value), ("attn_mask", attn_mask)):
         _check_tensor(name, t, optional=name == "attn_mask")
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -201,8 +225,9 @@ def scaled_dot_product_attention(
                 f"cannot be broadcast to the scores' shape {(*batch_shape, L, S)}"
             ) from error
         mask4 = _to_4d(mask_full, batch_shape)
-    try:
-        out = ops.attention(
+    out = _run(
+        ops.attention,
+        (
             _to_4d(query, batch_shape),
             _to_4d(key, kv_batch_shape),
             _to_4d(value, kv_batch_shape),
@@ -210,7 +235,6 @@ def scaled_dot_product_attention(
             dropout_p,
             is_causal,
             scale,
-        )
-    except TypeError as error:  # the operator's dtype checks; torch's raise RuntimeError
-        raise InputDtypeError(str(error)) from error
+        ),
+    )
     return out.reshape(*batch_shape, L, value.size(-1))

@@ -158,3 +158,38 @@ def test_heads_that_cannot_be_grouped_get_no_gqa_hint():
     with pytest.raises(RuntimeError, match="do not broadcast") as raised:
         sdpa(*inputs)
     assert "enable_gqa" not in str(raised.value)
+
+
+BAD_SCALARS = [
+    dict(dropout_p="0.1"),
+    dict(dropout_p=None),
+    dict(dropout_p=1j),
+    dict(scale="0.5"),
+    dict(scale=1j),
+    dict(is_causal="yes"),
+    dict(is_causal=[True]),
+]
+
+
+@pytest.mark.parametrize("kwargs", BAD_SCALARS, ids=str)
+@pytest.mark.parametrize("layout", ["dense", "grouped", "reshaped"])
+def test_a_scalar_argument_of_the_wrong_type_raises_a_type_error_as_torch(kwargs, layout):
+    """torch's function raises TypeError (its argument parser); the dispatcher would raise
+    RuntimeError for ours. On each path: the operator directly, grouped heads, 3-D inputs."""
+    heads, kv_heads = (4, 2) if layout == "grouped" else (2, 2)
+    q, k, v = qkv(3, 7, torch.float32, heads=heads, kv_heads=kv_heads)
+    if layout == "reshaped":
+        q, k, v = q[0], k[0], v[0]
+    gqa = layout == "grouped"
+    with pytest.raises(TypeError):
+        F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, **kwargs)
+    (name,) = kwargs
+    with pytest.raises(TypeError, match=rf"scaled_dot_product_attention: {name} must be"):
+        sdpa(q, k, v, enable_gqa=gqa, **kwargs)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype")
+def test_a_scalar_argument_of_the_wrong_type_with_jagged_inputs_raises_a_type_error():
+    q = jagged(torch.float32)
+    with pytest.raises(TypeError, match="scaled_dot_product_attention: dropout_p must be"):
+        sdpa(q, q, q, dropout_p="0.1")
