@@ -75,3 +75,27 @@ def test_block_runs_as_written(block, tmp_path):
         assert shown in result.stdout, (
             f"{where} says it prints {shown!r}; it printed:\n{result.stdout}"
         )
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation other than - and _ dropped,
+    spaces to hyphens."""
+    text = heading.strip().lower().replace("`", "")
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def _anchors(path: Path) -> set:
+    text = _BLOCK.sub("", path.read_text())  # a "# comment" in a block is no heading
+    return {_anchor(h) for h in re.findall(r"^#+ (.+)$", text, re.MULTILINE)}
+
+
+@pytest.mark.parametrize("path", DOCUMENTS, ids=lambda path: path.relative_to(ROOT).as_posix())
+def test_links_between_the_documents_resolve(path):
+    for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text()):
+        if re.match(r"[a-z]+://", target):
+            continue
+        file_part, _, anchor = target.partition("#")
+        linked = (path.parent / file_part).resolve() if file_part else path
+        assert linked.exists(), f"{path.name}: link to {target!r}: no such file"
+        if anchor:
+            assert anchor in _anchors(linked), f"{path.name}: link to {target!r}: no such heading"
