@@ -59,16 +59,18 @@ system-deps: system-deps-demo
 TORCH_INDEX ?=
 TORCH_PIN := $(shell sed -n 's/^torch==//p' constraints.txt)
 
-$(PY):
+# pip, not python: a venv whose creation failed half-way (Debian without python3-venv) has a
+# python but no pip, and is created again on the next run.
+$(VENV)/bin/pip:
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(if $(TORCH_INDEX),$(VENV)/bin/pip install -q torch==$(TORCH_PIN) --index-url $(TORCH_INDEX))
 
-$(VENV)/.bootstrapped-demo: requirements-demo.txt constraints.txt | $(PY)
+$(VENV)/.bootstrapped-demo: requirements-demo.txt constraints.txt | $(VENV)/bin/pip
 	$(VENV)/bin/pip install -q -r requirements-demo.txt -c constraints.txt
 	touch $@
 
-$(VENV)/.bootstrapped: requirements-dev.txt requirements-demo.txt constraints.txt | $(PY)
+$(VENV)/.bootstrapped: requirements-dev.txt requirements-demo.txt constraints.txt | $(VENV)/bin/pip
 	$(VENV)/bin/pip install -q -r requirements-dev.txt -c constraints.txt
 	touch $@
 
