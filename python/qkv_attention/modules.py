@@ -188,6 +188,19 @@ class MultiheadAttention(nn.Module):
         if self.bias_v is not None:
             xavier_normal_(self.bias_v)
 
+    def extra_repr(self) -> str:
+        # torch's module prints no fields, so without a marker a model after
+        # replace_attention would print exactly as before; the first field says whose it is.
+        fields = [
+            "implementation=qkv_attention",
+            f"embed_dim={self.embed_dim}",
+            f"num_heads={self.num_heads}",
+        ]
+        if self.kdim != self.embed_dim or self.vdim != self.embed_dim:
+            fields += [f"kdim={self.kdim}", f"vdim={self.vdim}"]
+        fields += [f"dropout={self.dropout}", f"batch_first={self.batch_first}"]
+        return ", ".join(fields)
+
     def __prepare_scriptable__(self) -> "MultiheadAttention":
         """What ``torch.jit.script`` compiles: this module without our forward pre-hook.
 
