@@ -12,7 +12,7 @@ added) and are converted to our operators' SDPA conventions (bool ``True`` = may
 ever merging ``key_padding_mask`` (B, S) and ``attn_mask`` into one (B, H, L, S) tensor: the
 operator takes both.
 
-The one deliberate difference from torch: a query row whose keys are all masked gives zero
+One difference from torch (all of them: docs/differences.md): a query row whose keys are all masked gives zero
 attention weights, so its output row is ``out_proj.bias``, and finite gradients, always. torch's
 module (2.13) does the same only on its SDPA path (need_weights=False, training or grad) and
 gives NaN with need_weights=True and on its inference fast path.
