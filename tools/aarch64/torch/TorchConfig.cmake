@@ -11,6 +11,11 @@ foreach(var QKV_AARCH64_TORCH QKV_AARCH64_STUBS)
 endforeach()
 
 set(TORCH_INSTALL_PREFIX "${QKV_AARCH64_TORCH}")
+foreach(lib libtorch_cpu.so libc10.so libnvpl_blas_lp64_gomp.so.0)
+  if(NOT EXISTS "${TORCH_INSTALL_PREFIX}/lib/${lib}")
+    message(FATAL_ERROR "${TORCH_INSTALL_PREFIX}/lib has no ${lib}: not the aarch64 torch wheel this describes")
+  endif()
+endforeach()
 set(TORCH_INCLUDE_DIRS "${TORCH_INSTALL_PREFIX}/include"
                        "${TORCH_INSTALL_PREFIX}/include/torch/csrc/api/include")
 # The wheel's own config sets no flags either: torch builds with the C++11 ABI only.
