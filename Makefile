@@ -143,6 +143,16 @@ check-aarch64: bootstrap
 	   [ -z "$$out" ] || printf "%s:\n%s\n" "$$1" "$$out"' "$$torch_include" \
 	  && echo "check-aarch64: $$(echo "$$sources" | wc -l) sources compile for aarch64 (syntax only)"
 
+# The Catch2 suite cross-built for aarch64 and run under qemu user-mode emulation, so that the
+# kernels' NEON default level runs against the float64 reference, through the dispatcher and across
+# thread counts (tools/aarch64/test.sh: Debian packages when root, torch's aarch64 wheel downloaded
+# once into ~/.cache/qkv_attention/aarch64, stub CUDA libraries, an ARM sysroot for qemu).
+# AARCH64_TEST_ARGS: Catch2 test names or tags to run instead of the whole suite.
+AARCH64_TEST_ARGS ?=
+.PHONY: test-aarch64
+test-aarch64: bootstrap
+	PYTHON=$(PY) JOBS=$(JOBS) tools/aarch64/test.sh $(AARCH64_TEST_ARGS)
+
 # The Catch2 suite built with AddressSanitizer and UndefinedBehaviorSanitizer (our sources and
 # the tests; LibTorch is not instrumented). It runs clean with the strict settings below, so
 # nothing is turned off or suppressed: leak detection stays on, stack use after return and

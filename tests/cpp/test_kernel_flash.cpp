@@ -34,6 +34,10 @@
 #if defined(__x86_64__)
 #include "cpu/flash/avx512_ops.h"
 #endif
+#if defined(__aarch64__)
+#include <ATen/cpu/vec/vec.h>
+#include <sys/auxv.h>
+#endif
 #include "reference.h"
 #include "test_support.h"
 
@@ -465,6 +469,24 @@ TEST_CASE("the kernels' level follows torch's CPU capability", "[flash][levels]"
   }
   CHECK(level_available(flash::current_level()));
 }
+
+#if defined(__aarch64__)
+TEST_CASE("on ARM the kernels run NEON code at the default level", "[flash][levels][aarch64]") {
+  // Built without SVE flags (the default level's section in csrc/sources.txt has none), at::vec
+  // is NEON: 128-bit vectors of 4 floats (its generic code on x86-64 has 8).
+  CHECK(at::vec::Vectorized<float>::size() == 4);
+  CHECK(flash::current_level() == CpuLevel::kDefault);
+  // Torch picks an SVE level only on a CPU with SVE; without one, torch's own kernels run their
+  // default build too.
+  const std::string torch_level = lowercase(at::get_cpu_capability());
+  const bool sve = (getauxval(AT_HWCAP) & HWCAP_SVE) != 0;
+  if (!sve) CHECK(torch_level == "default");
+  WARN("torch's CPU capability: " << torch_level << (sve ? " (SVE CPU)" : " (no SVE)")
+                                  << ", kernels: " << level_name(flash::current_level())
+                                  << ", Vectorized<float>::size() = "
+                                  << at::vec::Vectorized<float>::size());
+}
+#endif
 
 TEST_CASE("a level the CPU cannot run is refused with its name", "[flash][levels]") {
   bool refused_one = false;
