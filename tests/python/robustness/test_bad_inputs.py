@@ -1030,6 +1030,29 @@ def test_functional_names_enable_gqa_for_fewer_key_value_heads():
         scaled_dot_product_attention(**args)
 
 
+@pytest.mark.parametrize("op", ["attention", "attention_with_weights"])
+def test_heads_third_layout_gets_a_hint_to_transpose(op):
+    """(B, L, H, D) given where (B, H, L, D) is expected (a common layout mistake): the message
+    says so and names the fix, instead of only reporting a grouped-query mismatch."""
+    ops = torch.ops.qkv_attention
+    q, k, v = _randn(2, 10, 4, 8), _randn(2, 7, 4, 8), _randn(2, 7, 4, 8)  # (B, L|S, H, D)
+    with pytest.raises(RuntimeError, match=r"laid out \(B, L, H, D\).*transpose\(1, 2\)"):
+        getattr(ops, op)(q, k, v)
+    # The same heads counts in (B, H, L, D) order with a real grouped-query mismatch: no hint.
+    with pytest.raises(RuntimeError, match=r"must be a multiple of key's \(grouped-query") as e:
+        getattr(ops, op)(_randn(2, 3, 5, 8), _randn(2, 2, 7, 8), _randn(2, 2, 7, 8))
+    assert "transpose" not in str(e.value)
+
+
+def test_registered_op_refuses_an_undefined_required_tensor_with_a_type_error():
+    """The dispatcher passes None for a required tensor on as an undefined tensor: the op's own
+    check raises TypeError (what Python raises for a missing argument) naming it."""
+    ops = torch.ops.qkv_attention
+    q = _randn(2, 4, 5, 8)
+    with pytest.raises(TypeError, match=r"attention: key is an undefined tensor \(None\)"):
+        ops.attention(q, None, q)
+
+
 @pytest.mark.parametrize("name", list(RESOURCE_CASES))
 def test_impossible_sizes_raise_cleanly(name):
     """Sizes whose byte count overflows int64 or exceeds any allocator: an exception (any
