@@ -170,3 +170,49 @@ def test_varlen_max_seqlen_is_only_a_bound():
     exact = ops.attention_varlen(q, k, v, cu_q, cu_k, 3, 4)
     bounded = ops.attention_varlen(q, k, v, cu_q, cu_k, 2**31, 2**31)
     assert torch.equal(exact, bounded)
+
+
+@pytest.mark.parametrize("case", ALIASING[:2])
+def test_aliased_inputs_under_vmap_match_per_sample_copies(case):
+    # Two samples, each with its own caches; the aliasing view comes from the stacked caches.
+    samples = [_aliased_inputs(case) for _ in range(2)]
+    k_caches = torch.stack([s[3] for s in samples])
+    v_caches = torch.stack([s[4] for s in samples])
+    queries = torch.stack([s[0] for s in samples])
+    keys = torch.stack([s[1] for s in samples])
+    values = torch.stack([s[2] for s in samples])
+    if case == "value_is_k_cache_rows_being_written":
+        values = k_caches[:, :, :, 3:5]
+    else:
+        keys = v_caches[:, :, :, 3:5]
+    expected = [
+        _functional(queries[n], k_caches[n], v_caches[n], keys[n], values[n], samples[n][5])
+        for n in range(2)
+    ]
+    lengths = torch.stack([s[5] for s in samples])
+    with torch.no_grad():
+        out = torch.func.vmap(ops.attention_with_kv_cache)(
+            queries, k_caches, v_caches, keys, values, lengths
+        )
+    for n in range(2):
+        assert torch.equal(out[n], expected[n][0])
+        assert torch.equal(k_caches[n], expected[n][1])
+        assert torch.equal(v_caches[n], expected[n][2])
+
+
+def test_aliased_inputs_under_autocast_match_copies():
+    # bfloat16 caches, float32 inputs cast by autocast: value is a float32 copy of cache rows
+    # being written, query views the bfloat16 cache itself (no cast, the same memory).
+    query, key, value, k_cache, v_cache, lengths = _aliased_inputs(
+        "query_is_cache_rows_being_written"
+    )
+    k_cache, v_cache = k_cache.bfloat16(), v_cache.bfloat16()
+    query = k_cache.view(-1)[: query.numel()].view(query.shape)
+    expected, expected_k, expected_v = _functional(
+        query, k_cache, v_cache, key.bfloat16(), value.bfloat16(), lengths
+    )
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.attention_with_kv_cache(query, k_cache, v_cache, key, value, lengths)
+    assert torch.equal(out, expected)
+    assert torch.equal(k_cache, expected_k)
+    assert torch.equal(v_cache, expected_v)
