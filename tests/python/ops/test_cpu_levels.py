@@ -68,20 +68,40 @@ CHILD = textwrap.dedent(r"""
                 padding[:, 0] = True  # every row sees a key
             grad_output = torch.randn(B, H, L, Dv, dtype=torch.float64).to(dtype)
             runs = {}
+
+            def run_sdpa(leaves, m):
+                combined = sdpa_mask(m, padding, causal, L, S) if (
+                    m is not None or padding is not None) else None
+                if combined is not None:
+                    combined = combined.to(dtype)
+                out = F.scaled_dot_product_attention(
+                    *leaves, attn_mask=combined, is_causal=causal and combined is None,
+                    enable_gqa=Hkv != H)
+                out.backward(grad_output)
+                return out
+
             for who in ("ours", "sdpa"):
                 leaves = [t.clone().requires_grad_() for t in (q, k, v)]
                 m = mask.clone().requires_grad_() if mask is not None else None
                 if who == "ours":
                     out = ops.attention(*leaves, m, 0.0, causal, None, padding)
+                    out.backward(grad_output)
                 else:
-                    combined = sdpa_mask(m, padding, causal, L, S) if (
-                        m is not None or padding is not None) else None
-                    if combined is not None:
-                        combined = combined.to(dtype)
-                    out = F.scaled_dot_product_attention(
-                        *leaves, attn_mask=combined, is_causal=causal and combined is None,
-                        enable_gqa=Hkv != H)
-                out.backward(grad_output)
+                    try:
+                        out = run_sdpa(leaves, m)
+                    except RuntimeError as error:
+                        # torch 2.13's flash-attention CPU backward packs bfloat16 for AMX
+                        # whenever the CPU has it, also when ATEN_CPU_CAPABILITY forces a level
+                        # below avx512, and then refuses ("pack_vnni2 is only supported when
+                        # avx512 is supported"). On such a CPU the reference is SDPA's math
+                        # backend.
+                        if "pack_vnni2" not in str(error):
+                            raise
+                        from torch.nn.attention import SDPBackend, sdpa_kernel
+                        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+                        m = mask.clone().requires_grad_() if mask is not None else None
+                        with sdpa_kernel(SDPBackend.MATH):
+                            out = run_sdpa(leaves, m)
                 grads = [t.grad for t in leaves] + ([m.grad] if m is not None else [])
                 runs[who] = [out.detach()] + grads
             results[f"{name}/{dtype}"] = runs
