@@ -115,17 +115,19 @@ void flash_forward(const AttentionForwardParams<T>& p) {
     int64_t first_block = 0, last_block = 0;  // the key blocks these rows see
     band.key_blocks(i0, nq, Bk, first_block, last_block);
 
-    // Scores of the first nc keys of block kb for every row, masked, into dst (row stride ld);
-    // row maxima to block_max. Returns nc (keys past it are hidden from all rows by position).
-    auto block_scores = [&](int64_t kb, Acc* dst, int64_t ld) {
+    // Scores of keys c0 .. nc of block kb for every row, masked, into dst + c0 (dst: the
+    // block's first column, row stride ld); row maxima to block_max. Returns nc (keys past it
+    // are hidden from all rows by position).
+    auto block_scores = [&](int64_t kb, int64_t c0, Acc* dst, int64_t ld) {
       const int64_t j0 = kb * Bk, nc = band.columns(i0, nq, j0, std::min(Bk, S - j0));
-      Ops::gemm(nq, nc, D, q, ldq, 1, key_t.at(kv_bh, kb), key_t.ld(), dst, ld, false);
+      Ops::gemm(nq, nc - c0, D, q, ldq, 1, key_t.at(kv_bh, kb) + c0 * Ops::kColumnStride,
+                key_t.ld(), dst + c0, ld, false);
       for (int64_t r = 0; r < nq; ++r) {
         MaskSegment<T, Acc> segments[AttentionInputs<T>::kMasks];
-        RowScores<Acc> row = terms.row(b, h, i0 + r, j0, nc);
+        RowScores<Acc> row = terms.row(b, h, i0 + r, j0 + c0, nc - c0);
         const int count =
-            masks.segments(b, h, i0 + r, j0, nc, segments, gathered, row.bias, row.valid);
-        block_max[r] = Ops::prepare_row(dst + r * ld, nc, row, segments, count);
+            masks.segments(b, h, i0 + r, j0 + c0, nc - c0, segments, gathered, row.bias, row.valid);
+        block_max[r] = Ops::prepare_row(dst + r * ld + c0, nc - c0, row, segments, count);
       }
       return nc;
     };
@@ -137,7 +139,7 @@ void flash_forward(const AttentionForwardParams<T>& p) {
       for (int64_t kb = 0; kb < key_blocks; ++kb) {
         const int64_t j0 = kb * Bk, nk = std::min(Bk, S - j0);
         const bool seen = kb >= first_block && kb < last_block;
-        const int64_t nc = seen ? block_scores(kb, rows + j0, S) : 0;
+        const int64_t nc = seen ? block_scores(kb, 0, rows + j0, S) : 0;
         for (int64_t r = 0; r < nq; ++r) {
           Acc* hidden = rows + r * S + j0;
           std::fill(hidden + nc, hidden + nk, kNegInf);
@@ -172,15 +174,22 @@ void flash_forward(const AttentionForwardParams<T>& p) {
     }
 
     for (int64_t kb = first_block; kb < last_block; ++kb) {
-      const int64_t j0 = kb * Bk, nk = block_scores(kb, scores, Bk);
+      // Keys before the first row's window are hidden from every row: the block is taken from
+      // the vector boundary (16 keys) at or before the first key a row may see, so that a
+      // window's first block costs its visible part only.
+      const int64_t j0 = kb * Bk, c0 = std::max<int64_t>(band.begin(i0) - j0, 0) / 16 * 16;
+      const int64_t nk = block_scores(kb, c0, scores, Bk), width = nk - c0;
+      if (width <= 0) continue;
       for (int64_t r = 0; r < nq; ++r) {
         const Acc m_old = row_max[r];
         const Acc m_new = block_max[r] > m_old ? block_max[r] : m_old;
         // exp is taken relative to a finite value, 0 while the row has seen only -inf.
         const Acc m_use = m_new == kNegInf ? Acc(0) : m_new;
         const Acc alpha = m_old == kNegInf ? Acc(0) : std::exp(m_old - m_use);
-        if (dropout) Ops::keep_bits(dropout_key, uint64_t((bh * L + i0 + r) * S + j0), nk, keep);
-        const Acc sum = Ops::exp_row(scores + r * Bk, nk, m_use, dropout ? keep : nullptr);
+        if (dropout) {
+          Ops::keep_bits(dropout_key, uint64_t((bh * L + i0 + r) * S + j0 + c0), width, keep);
+        }
+        const Acc sum = Ops::exp_row(scores + r * Bk + c0, width, m_use, dropout ? keep : nullptr);
         row_sum[r] = row_sum[r] * alpha + sum;
         row_max[r] = m_new;
         if (alpha != Acc(1)) {
@@ -188,7 +197,8 @@ void flash_forward(const AttentionForwardParams<T>& p) {
           for (int64_t d = 0; d < Dv; ++d) o[d] *= alpha;
         }
       }
-      Ops::gemm(nq, Dv, nk, scores, Bk, 1, values.at(kv_bh, kb), values.ld(), out_acc, Dv, true);
+      Ops::gemm(nq, Dv, width, scores + c0, Bk, 1, values.at(kv_bh, kb) + c0 * values.ld(),
+                values.ld(), out_acc, Dv, true);
     }
 
     // out = acc / l (times the dropout scale); logsumexp = m + log(l). A row with l = 0 saw no

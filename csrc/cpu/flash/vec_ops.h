@@ -228,6 +228,7 @@ template <typename Acc>
 struct BlasGemm {
   using b_elem = Acc;
   static constexpr bool kPlainB = true;
+  static constexpr int64_t kColumnStride = 1;  // elements between columns of a B operand
   // 128 x 512 scores (256 KiB in float) per block: fewer, larger BLAS calls.
   static constexpr int64_t kForwardQueries = 128;
   static constexpr int64_t kForwardKeys = 512;
@@ -286,6 +287,7 @@ struct VecGemm {
   using Vec = at::vec::Vectorized<Acc>;
   using b_elem = Acc;
   static constexpr bool kPlainB = false;
+  static constexpr int64_t kColumnStride = 1;
   static constexpr int64_t kForwardQueries = 48;
   static constexpr int64_t kForwardKeys = 256;
   static constexpr int kRows = 4, kVectors = 3;  // 12 accumulators of 16 registers (AVX2)
