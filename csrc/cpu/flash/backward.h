@@ -136,22 +136,26 @@ void flash_backward(const AttentionBackwardParams<T>& p) {
   // P = exp(s - lse) (times the keep bits when `apply_keep`), in blk.scores; with a softcap and
   // `cap_grad`, its derivative in blk.cap_grad. Returns nc (the keys past it are hidden from
   // all these rows by position).
-  auto probabilities = [&](Block& blk, int64_t bh, int64_t i0, int64_t nq, int64_t kb,
+  // Only columns c0 .. nc are computed (c0 <= nc; the caller knows the keys before c0 hidden
+  // from all these rows).
+  auto probabilities = [&](Block& blk, int64_t bh, int64_t i0, int64_t nq, int64_t kb, int64_t c0,
                            const Elem* kt, bool apply_keep, bool cap_grad) {
     const int64_t b = bh / H, h = bh % H;
     const int64_t j0 = kb * Bk, nk = band.columns(i0, nq, j0, std::min(Bk, S - j0));
-    Ops::gemm(nq, nk, D, query_rows.rows(b, h, i0), query_rows.ld, 1, kt, panel_ld, blk.scores, Bk,
-              false);
+    const int64_t width = nk - c0;
+    Ops::gemm(nq, width, D, query_rows.rows(b, h, i0), query_rows.ld, 1,
+              kt + c0 * Ops::kColumnStride, panel_ld, blk.scores + c0, Bk, false);
     for (int64_t r = 0; r < nq; ++r) {
       const int64_t i = i0 + r, row = bh * L + i;
-      Acc* s_row = blk.scores + r * Bk;
+      Acc* s_row = blk.scores + r * Bk + c0;
       MaskSegment<T, Acc> segments[AttentionInputs<T>::kMasks];
-      RowScores<Acc> rs = terms.row(b, h, i, j0, nk);
-      if (cap_grad && capped) rs.cap_grad = blk.cap_grad + r * Bk;
-      const int count = masks.segments(b, h, i, j0, nk, segments, blk.gathered, rs.bias, rs.valid);
-      Ops::prepare_row(s_row, nk, rs, segments, count);
-      if (apply_keep) Ops::keep_bits(dropout_key, uint64_t(row * S + j0), nk, blk.keep);
-      Ops::exp_row(s_row, nk, lse2[row], apply_keep ? blk.keep : nullptr);
+      RowScores<Acc> rs = terms.row(b, h, i, j0 + c0, width);
+      if (cap_grad && capped) rs.cap_grad = blk.cap_grad + r * Bk + c0;
+      const int count =
+          masks.segments(b, h, i, j0 + c0, width, segments, blk.gathered, rs.bias, rs.valid);
+      Ops::prepare_row(s_row, width, rs, segments, count);
+      if (apply_keep) Ops::keep_bits(dropout_key, uint64_t(row * S + j0 + c0), width, blk.keep);
+      Ops::exp_row(s_row, width, lse2[row], apply_keep ? blk.keep : nullptr);
     }
     return nk;
   };
@@ -196,7 +200,7 @@ void flash_backward(const AttentionBackwardParams<T>& p) {
         // (This rarely needed pass packs K^T and V^T again for each query block.)
         pack_key_block(b * Hkv + h / group, kb, kt, vt);
         // P * keep in blk.scores; with exact_delta, dP = dO V^T in blk.grad_p.
-        const int64_t j0 = kb * Bk, nk = probabilities(blk, bh, i0, nq, kb, kt, dropout, false);
+        const int64_t j0 = kb * Bk, nk = probabilities(blk, bh, i0, nq, kb, 0, kt, dropout, false);
         if (exact_delta) {
           Ops::gemm(nq, nk, Dv, grad_out_rows.rows(b, h, i0), grad_out_rows.ld, 1, vt, panel_ld,
                     blk.grad_p, Bk, false);
@@ -288,41 +292,50 @@ void flash_backward(const AttentionBackwardParams<T>& p) {
         for (int64_t qb = first_qb; qb < last_qb; ++qb) {
           const int64_t i0 = qb * Bq, nq = std::min(Bq, L - i0);
           const Acc* d_o = grad_out_rows.rows(b, h, i0);
-          // nc <= nk: the keys this query block sees (all but causal ones past its diagonal).
-          const int64_t nc = probabilities(blk, bh, i0, nq, kb, kt, false, true);
+          // Keys c0 .. nc: from the vector boundary (16 keys) at or before the first key the
+          // block's first row may see (a window's lower edge), up to the last row's last key
+          // (causality, the window's upper edge).
+          const int64_t nc0 = band.columns(i0, nq, j0, nk);
+          const int64_t c0 = std::min(std::max<int64_t>(band.begin(i0) - j0, 0) / 16 * 16, nc0);
+          const int64_t nc = probabilities(blk, bh, i0, nq, kb, c0, kt, false, true);
+          const int64_t width = nc - c0;
           // dP = dO V^T (+ grad_weights), then W = P * keep * kept_scale and
           // dS = P * (dP * keep * kept_scale - delta).
-          Ops::gemm(nq, nc, Dv, d_o, grad_out_rows.ld, 1, vt, panel_ld, blk.grad_p, Bk, false);
+          Ops::gemm(nq, width, Dv, d_o, grad_out_rows.ld, 1, vt + c0 * Ops::kColumnStride, panel_ld,
+                    blk.grad_p + c0, Bk, false);
           // Without dropout the weights are P itself (the kept scale is 1).
           Acc* w = dropout ? blk.weights : nullptr;
           for (int64_t r = 0; r < nq; ++r) {
             const int64_t i = i0 + r, row = bh * L + i;
-            Acc* dp_row = blk.grad_p + r * Bk;
+            Acc* dp_row = blk.grad_p + r * Bk + c0;
             if (p.grad_weights) {
-              grad_weights_row(blk, b, h, i, j0, nc);
-              for (int64_t j = 0; j < nc; ++j) dp_row[j] += blk.gw_row[j];
+              grad_weights_row(blk, b, h, i, j0 + c0, width);
+              for (int64_t j = 0; j < width; ++j) dp_row[j] += blk.gw_row[j];
             }
-            if (dropout) Ops::keep_bits(dropout_key, uint64_t(row * S + j0), nc, blk.keep);
-            Ops::softmax_grad_row(blk.scores + r * Bk, dp_row, dropout ? blk.keep : nullptr,
-                                  kept_scale, delta[row], nc, w ? w + r * Bk : nullptr, dp_row);
+            if (dropout) Ops::keep_bits(dropout_key, uint64_t(row * S + j0 + c0), width, blk.keep);
+            Ops::softmax_grad_row(blk.scores + r * Bk + c0, dp_row, dropout ? blk.keep : nullptr,
+                                  kept_scale, delta[row], width, w ? w + r * Bk + c0 : nullptr,
+                                  dp_row);
             if (grad_scores) {  // d loss / d score, before the softcap's derivative
               Acc* out = grad_scores + row * S + j0;
-              std::copy(dp_row, dp_row + nc, out);
+              std::fill(out, out + c0, Acc(0));
+              std::copy(dp_row, dp_row + width, out + c0);
               std::fill(out + nc, out + nk, Acc(0));
             }
             if (capped) {  // d loss / d raw score
-              const Acc* cap_row = blk.cap_grad + r * Bk;
-              for (int64_t j = 0; j < nc; ++j) dp_row[j] *= cap_row[j];
+              const Acc* cap_row = blk.cap_grad + r * Bk + c0;
+              for (int64_t j = 0; j < width; ++j) dp_row[j] *= cap_row[j];
             }
           }
-          if (nc == 0) continue;
-          const Acc* weights = dropout ? blk.weights : blk.scores;
-          Ops::gemm(nc, Dv, nq, weights, 1, Bk, grad_outs.at(bh, qb), grad_outs.ld(), blk.dv, Dv,
-                    true);  // dV += W^T dO
-          Ops::gemm(nc, D, nq, blk.grad_p, 1, Bk, queries.at(bh, qb), queries.ld(), blk.dk, D,
-                    true);  // dK += dS^T Q
-          Ops::gemm(nq, D, nc, blk.grad_p, Bk, 1, keys.at(kv_bh, kb), keys.ld(), dq + i0 * D, D,
-                    true);  // dQ += dS K
+          if (width == 0) continue;
+          const Acc* weights = (dropout ? blk.weights : blk.scores) + c0;
+          const Acc* grad_s = blk.grad_p + c0;
+          Ops::gemm(width, Dv, nq, weights, 1, Bk, grad_outs.at(bh, qb), grad_outs.ld(),
+                    blk.dv + c0 * Dv, Dv, true);  // dV += W^T dO
+          Ops::gemm(width, D, nq, grad_s, 1, Bk, queries.at(bh, qb), queries.ld(), blk.dk + c0 * D,
+                    D, true);  // dK += dS^T Q
+          Ops::gemm(nq, D, width, grad_s, Bk, 1, keys.at(kv_bh, kb) + c0 * keys.ld(), keys.ld(),
+                    dq + i0 * D, D, true);  // dQ += dS K
         }
       }
       for (int64_t r = 0; r < nk; ++r) {
