@@ -1,6 +1,7 @@
-// Shape-only decisions of the blocked kernels: block sizes, which keys a causal row sees, how the
-// backward splits its key blocks. Nothing here reads the thread count, which must never change
-// what is computed (results are bitwise the same for any number of threads).
+// Shape-only decisions of the blocked kernels: block sizes, which keys a row sees by position
+// (causality, the sliding window), how the backward splits its key blocks. Nothing here reads the
+// thread count, which must never change what is computed (results are bitwise the same for any
+// number of threads).
 #pragma once
 
 #include <algorithm>
