@@ -591,3 +591,31 @@ TEST_CASE("timing: sliding window 512 against full causal attention, L = 4096", 
                 << " + " << median(window_b) << "; fwd+bwd ratio "
                 << median(full_s) / median(window_s));
 }
+
+// A measurement, like the one above: one decoding step (L = 1, B 1, H 8, D 64, float32) with a
+// window of 1024 keys over a cache of 16384, against a cache of 1024 keys; median of 5 each.
+TEST_CASE("timing: decoding with a window of 1024 over 16k keys against 1024 keys", "[.timing]") {
+  const CpuLevel level = flash::current_level();
+  const int64_t long_s = 16384, short_s = 1024;
+  const VC windowed = VC(1, 8, 8, 1, long_s, 64, 64).with_causal(long_s - 1).with_window(1023, 0);
+  const VC short_cache = VC(1, 8, 8, 1, short_s, 64, 64).with_causal(short_s - 1);
+  const Problem windowed_p(windowed, at::kFloat, 2), short_p(short_cache, at::kFloat, 2);
+  auto seconds = [&](const Problem& p) {
+    const auto start = std::chrono::steady_clock::now();
+    auto out = at::empty({1, 8, 1, 64}), lse = at::empty({1, 8, 1});
+    auto fwd = flash::set_forward_params<float>(p.arguments(), out, lse, nullptr);
+    p.apply(fwd);
+    flash::attention_forward_at<float>(level, fwd);
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  };
+  std::vector<double> windowed_s, short_s_times;
+  for (int rep = 0; rep < 5; ++rep) {
+    windowed_s.push_back(seconds(windowed_p));
+    short_s_times.push_back(seconds(short_p));
+  }
+  std::sort(windowed_s.begin(), windowed_s.end());
+  std::sort(short_s_times.begin(), short_s_times.end());
+  WARN("level " << level_name(level) << ", " << at::get_num_threads()
+                << " threads, median microseconds: window 1024 over 16384 keys "
+                << windowed_s[2] * 1e6 << ", 1024 keys " << short_s_times[2] * 1e6);
+}
