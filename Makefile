@@ -1,6 +1,7 @@
 # make test   bootstrap (system packages when root, a .venv with pinned torch), build, ctest, pytest,
 #             the attention tests again at the lower CPU levels, the levels' instruction check
-# make demo   bootstrap, build, then the demo: twin training, then HuggingFace models (see README)
+# make demo   the demo's bootstrap only (a C++ compiler, a .venv with torch and the demo's
+#             packages), build, then the demo: twin training, then HuggingFace models (see README)
 # make bench  bootstrap, build, then the benchmarks against torch
 #
 # Everything runs in $(VENV); nothing is installed into the system Python.
@@ -12,19 +13,31 @@ CMAKE_BUILD ?= build/cmake
 ASAN_BUILD ?= build/asan
 PYTEST_ARGS ?=
 
-.PHONY: test demo bench build bootstrap system-deps cmake-build test-cpp test-python \
-  test-levels check-isa check-aarch64 test-asan lint format clean
+.PHONY: test demo bench build bootstrap bootstrap-demo system-deps system-deps-demo cmake-build \
+  test-cpp test-python test-levels check-isa check-aarch64 test-asan lint format clean
 
 test: test-cpp test-python test-levels check-isa
 
-# Debian packages for the C++ tests and the build, and the aarch64 cross compiler of
-# check-aarch64. Installed with apt-get when running as root (as CI does); otherwise the missing
-# ones are named (the cross compiler only with a note: nothing but check-aarch64 needs it).
-system-deps:
+# The one Debian package the extension's build needs: a C++ compiler (ninja comes from pip).
+# Installed with apt-get when running as root; otherwise named, with the command to install it.
+system-deps-demo:
+	@if ! command -v g++ >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages: g++"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get update -qq && apt-get install -y -qq g++ >/dev/null; \
+	  else \
+	    echo "missing: a C++ compiler, g++ (run: sudo apt-get install g++)" >&2; exit 1; \
+	  fi; \
+	fi
+
+# Debian packages for the C++ tests and lint, and the aarch64 cross compiler of check-aarch64.
+# Installed with apt-get when running as root (as CI does); otherwise the missing ones are named
+# (the cross compiler only with a note: nothing but check-aarch64 needs it).
+system-deps: system-deps-demo
 	@missing=""; \
 	[ -f /usr/include/catch2/catch.hpp ] || missing="$$missing catch2"; \
 	command -v cmake >/dev/null || missing="$$missing cmake"; \
-	command -v g++ >/dev/null || missing="$$missing g++"; \
 	command -v ninja >/dev/null || missing="$$missing ninja-build"; \
 	command -v objdump >/dev/null || missing="$$missing binutils"; \
 	command -v clang-format >/dev/null || missing="$$missing clang-format"; \
@@ -40,17 +53,37 @@ system-deps:
 	  echo "note: make check-aarch64 needs $$optional (sudo apt-get install $$optional)"; \
 	fi
 
-$(VENV)/.bootstrapped: requirements-dev.txt constraints.txt
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu installs torch from that index first (PyTorch's
+# CPU-only wheel instead of the multi-GB CUDA build PyPI serves on Linux x86-64); empty: pip's
+# configured indexes.
+TORCH_INDEX ?=
+TORCH_PIN := $(shell sed -n 's/^torch==//p' constraints.txt)
+
+# pip, not python: a venv whose creation failed half-way (Debian without python3-venv) has a
+# python but no pip, and is created again on the next run.
+$(VENV)/bin/pip:
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
+	$(if $(TORCH_INDEX),$(VENV)/bin/pip install -q torch==$(TORCH_PIN) --index-url $(TORCH_INDEX))
+
+$(VENV)/.bootstrapped-demo: requirements-demo.txt constraints.txt | $(VENV)/bin/pip
+	$(VENV)/bin/pip install -q -r requirements-demo.txt -c constraints.txt
+	touch $@
+
+$(VENV)/.bootstrapped: requirements-dev.txt requirements-demo.txt constraints.txt | $(VENV)/bin/pip
 	$(VENV)/bin/pip install -q -r requirements-dev.txt -c constraints.txt
 	touch $@
 
+bootstrap-demo: system-deps-demo $(VENV)/.bootstrapped-demo
 bootstrap: system-deps $(VENV)/.bootstrapped
 
 # --no-build-isolation: compile against the torch in $(VENV), never a freshly downloaded one.
+# The venv's bin first on PATH: torch's build finds pip's ninja where Debian's is not installed.
+BUILD_EXTENSION = PATH="$(abspath $(VENV))/bin:$$PATH" MAX_JOBS=$(JOBS) \
+  $(VENV)/bin/pip install -q --no-build-isolation -e .
+
 build: bootstrap
-	MAX_JOBS=$(JOBS) $(VENV)/bin/pip install -q --no-build-isolation -e .
+	$(BUILD_EXTENSION)
 
 $(CMAKE_BUILD)/build.ninja: CMakeLists.txt | bootstrap
 	cmake -S . -B $(CMAKE_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release \
@@ -140,7 +173,9 @@ format: bootstrap
 	$(CXX_SOURCES) | xargs clang-format -i
 	$(PY_SOURCES) | xargs $(VENV)/bin/ruff format
 
-demo: build
+# Not `build`: the demo needs neither the test tool-chain nor the test packages.
+demo: bootstrap-demo
+	$(BUILD_EXTENSION)
 	$(PY) -m qkv_attention.check
 	$(PY) examples/train_transformer.py
 	$(PY) examples/huggingface_demo.py

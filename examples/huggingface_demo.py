@@ -12,6 +12,10 @@
    key/value heads) generating greedily with each attention: the tokens must be identical;
    we report the tokens per second and the time of each decoding step.
 
+For each, the profiler counts our operator in one forward of both models (one call per layer
+under "qkv_attention", none under "sdpa"), so the report shows that the switch took effect.
+Exits 1 when results differ or a model does not run the attention it should.
+
 Appends a section to --out/report.md (replacing an earlier one of this script, so that the
 report of `make demo` holds the twin training and this part once each) and writes
 --out/huggingface.png.
@@ -88,6 +92,15 @@ def interleaved_seconds(functions, repeats):
     return {name: statistics.median(times) for name, times in seconds.items()}
 
 
+def attention_calls(model, inputs) -> int:
+    """How many times our operator runs in one forward of ``model`` (the profiler's
+    ``qkv_attention::attention`` row): one per layer when the model runs on qkv_attention, 0 on
+    sdpa. It tells that the switch took effect, which equal outputs alone cannot."""
+    with torch.profiler.profile() as profile, torch.no_grad():
+        model(**inputs)
+    return sum(e.count for e in profile.key_averages() if e.key == "qkv_attention::attention")
+
+
 # --- part 1: MiniLM --------------------------------------------------------------------------
 
 
@@ -113,6 +126,8 @@ def minilm_part(args):
     }
     sentences = CORPUS + QUERIES
     batch = tokenizer(sentences, padding=True, return_tensors="pt")
+    small = tokenizer(sentences[:2], padding=True, return_tensors="pt")
+    calls = {name: attention_calls(model, small) for name, model in models.items()}
     embeddings = {name: embed(model, batch) for name, model in models.items()}
     difference = (embeddings["ours"] - embeddings["sdpa"]).abs().max().item()
 
@@ -135,6 +150,7 @@ def minilm_part(args):
     )
     return dict(
         difference=difference,
+        calls=calls,
         search=search,
         seconds=seconds,
         batch=(big["input_ids"].shape[0], big["input_ids"].shape[1]),
@@ -199,6 +215,9 @@ def llama_part(args):
         attention_mask=torch.ones_like(prompt_ids),
     )
 
+    calls = {
+        name: attention_calls(model, {"input_ids": prompt_ids}) for name, model in models.items()
+    }
     tokens, clocks = {}, {name: [] for name in models}
 
     def run(name):
@@ -221,6 +240,7 @@ def llama_part(args):
         step_ms[name] = [statistics.median(values) for values in zip(*per_run)]
     return dict(
         tokens=tokens,
+        calls=calls,
         seconds=seconds,
         step_ms=step_ms,
         prompt=prompt,
@@ -323,6 +343,13 @@ def plot(minilm, llama, path: Path) -> None:
     plt.close(fig)
 
 
+def calls_sentence(calls) -> str:
+    return (
+        f"`qkv_attention::attention` calls in one forward (profiler): ours {calls['ours']}, "
+        f"sdpa {calls['sdpa']}"
+    )
+
+
 def report_lines(minilm, llama, seconds_total):
     ours_s, sdpa_s = minilm["seconds"]["ours"], minilm["seconds"]["sdpa"]
     agree = minilm["search"]["ours"]["ranking"] == minilm["search"]["sdpa"]["ranking"]
@@ -341,6 +368,7 @@ def report_lines(minilm, llama, seconds_total):
         "",
         f"- largest difference of the sentence embeddings, ours vs sdpa: "
         f"{minilm['difference']:.3g}",
+        f"- {calls_sentence(minilm['calls'])}",
         f"- semantic search over {len(CORPUS)} sentences: ranking under both "
         f"{'identical' if agree else 'DIFFERENT'}",
         "",
@@ -372,6 +400,7 @@ def report_lines(minilm, llama, seconds_total):
         f"| prefill ms (with the first token) | {prefill_ms['ours']:.1f} | {prefill_ms['sdpa']:.1f} |",
         f"| ms per decoding step (median) | {decode_ms['ours']:.2f} | {decode_ms['sdpa']:.2f} |",
         "",
+        f"- {calls_sentence(llama['calls'])}",
         f"- generated tokens identical: {'yes' if same_tokens else 'NO'} "
         f"(first ten: {llama['tokens']['ours'][:10]})",
         f"- tokens/s ratio ours / sdpa: {rate['ours'] / rate['sdpa']:.2f}",
@@ -405,7 +434,7 @@ def main(argv=None) -> int:
     print(
         f"all-MiniLM-L6-v2: largest embedding difference ours vs sdpa "
         f"{minilm['difference']:.3g}; semantic search rankings "
-        f"{'identical' if agree else 'DIFFERENT'}"
+        f"{'identical' if agree else 'DIFFERENT'}; {calls_sentence(minilm['calls'])}"
     )
     for row, query in enumerate(QUERIES):
         best = minilm["search"]["ours"]["best"][row]
@@ -426,7 +455,8 @@ def main(argv=None) -> int:
         f"Llama-style decoder ({llama['layers']} layers, {llama['heads']}/{llama['kv_heads']} "
         f"heads, prompt {llama['prompt']}): {llama['new_tokens']} greedy tokens "
         f"{'identical' if same else 'DIFFERENT'}; ours {rate['ours']:.1f} tokens/s, sdpa "
-        f"{rate['sdpa']:.1f} tokens/s (ratio {rate['ours'] / rate['sdpa']:.2f})"
+        f"{rate['sdpa']:.1f} tokens/s (ratio {rate['ours'] / rate['sdpa']:.2f}); "
+        f"{calls_sentence(llama['calls'])}"
     )
 
     plot(minilm, llama, args.out / "huggingface.png")
@@ -434,8 +464,10 @@ def main(argv=None) -> int:
         args.out / "report.md", report_lines(minilm, llama, time.perf_counter() - started)
     )
     print(f"wrote {args.out / 'huggingface.png'} and a section of {args.out / 'report.md'}")
-    # Different results are a failure of the demo, not a number to read past.
-    return 0 if same and agree else 1
+    # Different results, or a model not running on what it should, are a failure of the demo,
+    # not a number to read past.
+    switched = all(part["calls"] == {"sdpa": 0, "ours": part["layers"]} for part in (minilm, llama))
+    return 0 if same and agree and switched else 1
 
 
 if __name__ == "__main__":

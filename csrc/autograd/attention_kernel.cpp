@@ -12,7 +12,9 @@
 #include "autograd/functorch_check.h"
 #include "ops/attention.h"
 #include "ops/attention_math.h"
+#include "ops/attention_problem.h"
 #include "ops/checks.h"
+#include "ops/operators.h"
 #include "ops/optional_tensor.h"
 
 namespace qkv_attention::autograd {
@@ -129,9 +131,11 @@ AttentionGrads attention_backward_autograd(
                         query.dim() == 4 && key.defined() && key.dim() == 4;
     const bool empty_output = shaped && ((value.sym_size(3) == 0 && !given(grad_weights)) ||
                                          query.sym_size(2) == 0 || key.sym_size(2) == 0);
-    check_attention_backward_inputs(grad_output, grad_weights, query, key, value, output, logsumexp,
-                                    attn_mask, key_padding_mask, dropout_p, scale, rng_state,
-                                    /*scores_materialised=*/!empty_output);
+    check_attention_backward(
+        dense_problem(op_label("_attention_backward"), query, key, value, attn_mask,
+                      key_padding_mask, dropout_p, is_causal, scale, rng_state,
+                      /*rng_state_required=*/true, /*scores_materialised=*/!empty_output),
+        {grad_output, output, logsumexp, grad_weights});
     if (empty_output) {
       auto zeros_like_mask = [&](const std::optional<at::Tensor>& mask, bool requires_grad) {
         return attention_mask_gets_grad(mask, requires_grad)

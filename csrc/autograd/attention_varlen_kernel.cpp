@@ -14,8 +14,10 @@
 
 #include "autograd/functorch_check.h"
 #include "ops/attention.h"
+#include "ops/attention_problem.h"
 #include "ops/attention_varlen.h"
 #include "ops/checks.h"
+#include "ops/operators.h"
 
 namespace qkv_attention::autograd {
 namespace {
@@ -99,12 +101,13 @@ at::Tensor packed_rows(const at::Tensor& per_sequence) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_differentiable(
     const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key,
     const at::Tensor& value, const at::Tensor& output, const at::Tensor& logsumexp,
-    const SequenceOffsets& offsets, double dropout_p, bool is_causal, std::optional<double> scale,
-    const std::optional<at::Tensor>& rng_state) {
+    const std::vector<SequenceSpan>& sequences, double dropout_p, bool is_causal,
+    std::optional<double> scale, const std::optional<at::Tensor>& rng_state) {
   std::vector<at::Tensor> grad_queries, grad_keys, grad_values;
-  for (int64_t b = 0; b < offsets.count(); ++b) {
-    const int64_t q0 = offsets.q_begin(b), L = offsets.q_len(b);
-    const int64_t k0 = offsets.k_begin(b), S = offsets.k_len(b);
+  for (const SequenceSpan& sequence : sequences) {
+    const int64_t b = sequence.index;
+    const int64_t q0 = sequence.q_begin, L = sequence.q_len;
+    const int64_t k0 = sequence.k_begin, S = sequence.k_len;
     const std::optional<at::Tensor> sequence_state =
         dropout_p > 0 ? std::optional<at::Tensor>(sequence_rng_state(*rng_state, b)) : std::nullopt;
     // The dense backward of the sequence as a batch of one; its Autograd kernel takes the
@@ -118,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_differe
     grad_keys.push_back(packed_rows(grad_k));
     grad_values.push_back(packed_rows(grad_v));
   }
-  if (offsets.count() == 0) {  // no sequence: the packed tensors have no rows
+  if (sequences.empty()) {  // no sequence: the packed tensors have no rows
     return {at::zeros_like(query), at::zeros_like(key), at::zeros_like(value)};
   }
   return {at::cat(grad_queries, 0), at::cat(grad_keys, 0), at::cat(grad_values, 0)};
@@ -134,9 +137,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_autogra
       at::GradMode::is_enabled() && (requires_grad(grad_output) || requires_grad(query) ||
                                      requires_grad(key) || requires_grad(value));
   if (differentiate) {
-    check_varlen_backward_inputs(grad_output, query, key, value, output, logsumexp, cu_seqlens_q,
-                                 cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale,
-                                 rng_state);
+    const AttentionProblem problem = packed_problem(
+        op_label("_attention_varlen_backward"), query, key, value, cu_seqlens_q, cu_seqlens_k,
+        max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale, rng_state,
+        /*rng_state_required=*/true);
+    check_attention_backward(problem, {grad_output, output, logsumexp, std::nullopt});
     // The differentiable form loops over the sequences, so it reads the offsets' values: a
     // tracer's tensors (FakeTensor, functional wrappers under torch.compile) have none.
     for (const at::Tensor* offsets : {&cu_seqlens_q, &cu_seqlens_k}) {
@@ -150,12 +155,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_autogra
           "FakeTensor) does not have; take second derivatives of attention_varlen in eager "
           "mode");
     }
-    const SequenceOffsets offsets = read_sequence_offsets(
-        "attention_varlen backward", cu_seqlens_q, cu_seqlens_k, query.size(0), key.size(0),
-        max_seqlen_q.guard_int(__FILE__, __LINE__), max_seqlen_k.guard_int(__FILE__, __LINE__));
     return attention_varlen_backward_differentiable(grad_output, query, key, value, output,
-                                                    logsumexp, offsets, dropout_p, is_causal, scale,
-                                                    rng_state);
+                                                    logsumexp, attention_sequences(problem),
+                                                    dropout_p, is_causal, scale, rng_state);
   }
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return _attention_varlen_backward(grad_output, query, key, value, output, logsumexp, cu_seqlens_q,

@@ -10,7 +10,9 @@
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
+#include "ops/attention_problem.h"
 #include "ops/attention_with_kv_cache.h"
+#include "ops/operators.h"
 
 namespace qkv_attention::autograd {
 namespace {
@@ -41,7 +43,9 @@ at::Tensor attention_with_kv_cache_autograd(const at::Tensor& query, const at::T
   if (at::GradMode::is_enabled()) {
     const char* name = first_requiring_grad(query, k_cache, v_cache, key, value, attn_mask);
     if (name != nullptr) {
-      check_kv_cache_inputs(query, k_cache, v_cache, key, value, cache_seqlens, attn_mask, scale);
+      check_attention_problem(cache_problem(op_label("attention_with_kv_cache"), query, k_cache,
+                                            v_cache, key, value, cache_seqlens, attn_mask,
+                                            is_causal, scale));
       TORCH_CHECK(false, "attention_with_kv_cache: ", name,
                   " requires grad, but this op is for inference and has no derivative. Call it "
                   "under torch.no_grad() or torch.inference_mode(), or pass detached tensors "

@@ -1,8 +1,8 @@
-// The attention operator's CPU dispatch-key kernels: input checks, allocation, the early return
-// of calls with nothing to compute, and the calls into the plain-pointer kernels of
-// cpu/attention_kernel.h (parameters filled by cpu/flash/params.h, kernels chosen per CPU level
-// by cpu/flash/levels.h). The dropout stream's seed and offset come in as the rng_state input
-// (drawn by the composite ops).
+// The attention operator's CPU dispatch-key kernels: the call as a dense problem
+// (ops/attention_problem.h), checked; allocation; the early return of calls with nothing to
+// compute; and the plain-pointer kernels of cpu/attention_kernel.h (parameters from
+// cpu/flash/params.h, kernels chosen per CPU level by cpu/flash/levels.h). The dropout stream's
+// seed and offset come in as the rng_state input (drawn by the composite ops).
 #include "cpu/attention_kernel.h"
 
 #include <ATen/ATen.h>
@@ -19,6 +19,9 @@
 #include <utility>
 
 #include "ops/attention.h"
+#include "ops/attention_problem.h"
+#include "ops/operators.h"
+#include "ops/optional_tensor.h"
 
 namespace qkv_attention::cpu {
 
@@ -31,8 +34,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu(
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     double dropout_p, bool is_causal, std::optional<double> scale, bool need_weights,
     const std::optional<at::Tensor>& rng_state, bool average_attn_weights) {
-  check_attention_inputs("attention", query, key, value, attn_mask, key_padding_mask, dropout_p,
-                         scale, rng_state, /*rng_state_required=*/true, need_weights);
+  const AttentionProblem problem =
+      dense_problem(op_label("_attention_forward"), query, key, value, attn_mask, key_padding_mask,
+                    dropout_p, is_causal, scale, rng_state, /*rng_state_required=*/true,
+                    /*scores_materialised=*/need_weights);
+  check_attention_problem(problem);
   const bool average = need_weights && average_attn_weights;
   const int64_t B = query.size(0), H = query.size(1), L = query.size(2);
   const int64_t S = key.size(2), Dv = value.size(3);
@@ -52,10 +58,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu(
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, query.scalar_type(), "attention_forward", [&] {
-        const flash::AttentionArguments args{
-            query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale, rng_state};
         const auto p = flash::set_forward_params<scalar_t>(
-            args, output, logsumexp, need_weights ? &weights : nullptr, average);
+            problem, output, logsumexp, need_weights ? &weights : nullptr, average);
         attention_forward_kernel(p);
       });
   return {output, logsumexp, weights};
@@ -77,13 +81,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     double dropout_p, bool is_causal, std::optional<double> scale,
     const std::optional<at::Tensor>& rng_state, bool attn_mask_requires_grad,
     bool key_padding_mask_requires_grad) {
-  const bool has_grad_weights = grad_weights.has_value() && grad_weights->defined();
+  const bool has_grad_weights = given(grad_weights);
   const bool attn_mask_grad = attention_mask_gets_grad(attn_mask, attn_mask_requires_grad);
   const bool padding_mask_grad =
       attention_mask_gets_grad(key_padding_mask, key_padding_mask_requires_grad);
-  check_attention_backward_inputs(grad_output, grad_weights, query, key, value, output, logsumexp,
-                                  attn_mask, key_padding_mask, dropout_p, scale, rng_state,
-                                  has_grad_weights || attn_mask_grad || padding_mask_grad);
+  const AttentionProblem problem = dense_problem(
+      op_label("_attention_backward"), query, key, value, attn_mask, key_padding_mask, dropout_p,
+      is_causal, scale, rng_state, /*rng_state_required=*/true,
+      /*scores_materialised=*/has_grad_weights || attn_mask_grad || padding_mask_grad);
+  check_attention_backward(problem, {grad_output, output, logsumexp, grad_weights});
   const int64_t B = query.size(0), H = query.size(1), L = query.size(2);
   const int64_t S = key.size(2), Dv = value.size(3);
   if (Dv == 0 && !has_grad_weights) {
@@ -107,10 +113,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, query.scalar_type(), "attention_backward", [&] {
-        const flash::AttentionArguments args{
-            query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale, rng_state};
         const auto p = flash::set_backward_params<scalar_t>(
-            args, output, grad_output, grad_weights, lse, grad_query, grad_key, grad_value,
+            problem, output, grad_output, grad_weights, lse, grad_query, grad_key, grad_value,
             grad_scores.defined() ? &grad_scores : nullptr);
         attention_backward_kernel(p);
       });

@@ -1,6 +1,7 @@
-// attention_varlen's CPU dispatch-key kernels: checks, allocation, and per sequence one call of
-// the blocked kernels (cpu/attention_kernel.h) as a batch of one, reading the packed tensors in
-// place (cpu/flash/params.h). No padding: the work is the sum over sequences of
+// attention_varlen's CPU dispatch-key kernels: the call as a packed problem
+// (ops/attention_problem.h), checked, its sequences read; allocation; and per sequence one call
+// of the blocked kernels (cpu/attention_kernel.h) as a batch of one, reading the packed tensors
+// in place (cpu/flash/params.h). No padding: the work is the sum over sequences of
 // heads x queries x keys. The sequences are shared among the threads by
 // cpu/sequence_schedule.h.
 //
@@ -22,7 +23,8 @@
 #include "cpu/large_buffer.h"
 #include "cpu/large_tensor.h"
 #include "cpu/sequence_schedule.h"
-#include "ops/attention_varlen.h"
+#include "ops/attention_problem.h"
+#include "ops/operators.h"
 
 namespace qkv_attention::cpu {
 namespace {
@@ -40,20 +42,15 @@ void heads_to_packed(const T* head_major, int64_t heads, int64_t rows, int64_t f
   }
 }
 
-std::vector<int64_t> sequence_work(const SequenceOffsets& offsets, int64_t heads) {
-  std::vector<int64_t> work(size_t(offsets.count()));
-  for (int64_t b = 0; b < offsets.count(); ++b) {
+std::vector<int64_t> sequence_work(const std::vector<SequenceSpan>& sequences, int64_t heads) {
+  std::vector<int64_t> work(sequences.size());
+  for (size_t b = 0; b < sequences.size(); ++b) {
     // Queries x keys per head, plus the rows themselves (a sequence without keys still writes
     // its zero rows); 0 only for a sequence with nothing to do.
-    const int64_t q = offsets.q_len(b), k = offsets.k_len(b);
-    work[size_t(b)] = q == 0 ? 0 : heads * (q * std::max<int64_t>(k, 1) + k);
+    const int64_t q = sequences[b].q_len, k = sequences[b].k_len;
+    work[b] = q == 0 ? 0 : heads * (q * std::max<int64_t>(k, 1) + k);
   }
   return work;
-}
-
-std::pair<uint64_t, uint64_t> stream_of(const std::optional<at::Tensor>& rng_state) {
-  if (!rng_state.has_value() || !rng_state->defined()) return {0, 0};
-  return flash::seed_and_offset(rng_state->to(at::kCPU));
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_cpu(
@@ -61,12 +58,13 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_cpu(
     const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
     int64_t max_seqlen_k, double dropout_p, bool is_causal, std::optional<double> scale,
     const std::optional<at::Tensor>& rng_state) {
-  constexpr const char* op = "attention_varlen";
-  check_varlen_inputs(op, query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                      dropout_p, scale, rng_state, /*rng_state_required=*/true);
+  const AttentionProblem problem = packed_problem(
+      op_label("_attention_varlen_forward"), query, key, value, cu_seqlens_q, cu_seqlens_k,
+      max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale, rng_state,
+      /*rng_state_required=*/true);
+  check_attention_problem(problem);
   const int64_t total_q = query.size(0), H = query.size(1), Dv = value.size(2);
-  const SequenceOffsets offsets = read_sequence_offsets(op, cu_seqlens_q, cu_seqlens_k, total_q,
-                                                        key.size(0), max_seqlen_q, max_seqlen_k);
+  const std::vector<SequenceSpan> sequences = attention_sequences(problem);
   const at::ScalarType acc = at::toOpMathType(query.scalar_type());
   at::Tensor output = empty_output({total_q, H, Dv}, query.options());
   at::Tensor logsumexp = at::empty({total_q, H}, query.options().dtype(acc));
@@ -76,26 +74,22 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_cpu(
     logsumexp.fill_(-std::numeric_limits<double>::infinity());
     return {output, logsumexp};
   }
-  const auto [seed, offset] = stream_of(rng_state);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, query.scalar_type(), "attention_varlen_forward", [&] {
         using Acc = AccType<scalar_t>;
-        const flash::PackedArguments args{query,     key,   value, dropout_p,
-                                          is_causal, scale, seed,  offset};
         // The kernels' head-major outputs, sequence b's (H, L_b, ...) block at row q_begin(b).
         LargeBuffer<scalar_t> head_major_output(size_t(total_q * H * Dv));
         LargeBuffer<Acc> head_major_lse(size_t(total_q * H));
         scalar_t* out = output.mutable_data_ptr<scalar_t>();
         Acc* lse = logsumexp.mutable_data_ptr<Acc>();
-        run_sequences(sequence_work(offsets, H), [&](int64_t b) {
-          const flash::PackedSequence sequence{b, offsets.q_begin(b), offsets.q_len(b),
-                                               offsets.k_begin(b), offsets.k_len(b)};
+        run_sequences(sequence_work(sequences, H), [&](int64_t b) {
+          const SequenceSpan& sequence = sequences[size_t(b)];
           const int64_t q0 = sequence.q_begin, L = sequence.q_len;
           scalar_t* seq_out = head_major_output.data() + q0 * H * Dv;
           Acc* seq_lse = head_major_lse.data() + q0 * H;
           attention_forward_kernel(
-              flash::set_sequence_forward_params<scalar_t>(args, sequence, seq_out, seq_lse));
+              flash::set_forward_params<scalar_t>(problem, &sequence, seq_out, seq_lse));
           heads_to_packed(seq_out, H, L, Dv, out + q0 * H * Dv);
           heads_to_packed(seq_lse, H, L, int64_t(1), lse + q0 * H);
         });
@@ -109,14 +103,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_cpu(
     const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
     int64_t max_seqlen_k, double dropout_p, bool is_causal, std::optional<double> scale,
     const std::optional<at::Tensor>& rng_state) {
-  constexpr const char* op = "attention_varlen backward";
-  check_varlen_backward_inputs(grad_output, query, key, value, output, logsumexp, cu_seqlens_q,
-                               cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale,
-                               rng_state);
+  const AttentionProblem problem = packed_problem(
+      op_label("_attention_varlen_backward"), query, key, value, cu_seqlens_q, cu_seqlens_k,
+      max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale, rng_state,
+      /*rng_state_required=*/true);
+  check_attention_backward(problem, {grad_output, output, logsumexp, std::nullopt});
   const int64_t total_q = query.size(0), H = query.size(1), D = query.size(2);
   const int64_t total_k = key.size(0), Hkv = key.size(1), Dv = value.size(2);
-  const SequenceOffsets offsets = read_sequence_offsets(op, cu_seqlens_q, cu_seqlens_k, total_q,
-                                                        total_k, max_seqlen_q, max_seqlen_k);
+  const std::vector<SequenceSpan> sequences = attention_sequences(problem);
   if (output.numel() == 0) {
     // An empty output: nothing depends on anything, every gradient is zero.
     return {at::zeros(query.sizes(), query.options()), at::zeros(key.sizes(), key.options()),
@@ -126,14 +120,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_cpu(
   // Key rows of a sequence without queries get no gradient from its (absent) task.
   at::Tensor grad_key = at::zeros(key.sizes(), key.options());
   at::Tensor grad_value = at::zeros(value.sizes(), value.options());
-  const auto [seed, offset] = stream_of(rng_state);
   const at::Tensor lse_packed = logsumexp.contiguous();  // (total_q, H)
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, query.scalar_type(), "attention_varlen_backward", [&] {
         using Acc = AccType<scalar_t>;
-        const flash::PackedArguments args{query,     key,   value, dropout_p,
-                                          is_causal, scale, seed,  offset};
         // Head-major buffers, sequence b's blocks at its first query / key row.
         LargeBuffer<Acc> head_major_lse(size_t(total_q * H));
         LargeBuffer<scalar_t> head_major_dq(size_t(total_q * H * D));
@@ -145,9 +136,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_cpu(
         scalar_t* dv_out = grad_value.mutable_data_ptr<scalar_t>();
         // Query rows of a sequence without work (no queries) do not exist; every query row
         // belongs to a sequence with work, which writes its grad_query rows.
-        run_sequences(sequence_work(offsets, H), [&](int64_t b) {
-          const flash::PackedSequence sequence{b, offsets.q_begin(b), offsets.q_len(b),
-                                               offsets.k_begin(b), offsets.k_len(b)};
+        run_sequences(sequence_work(sequences, H), [&](int64_t b) {
+          const SequenceSpan& sequence = sequences[size_t(b)];
           const int64_t q0 = sequence.q_begin, L = sequence.q_len;
           const int64_t k0 = sequence.k_begin, S = sequence.k_len;
           Acc* seq_lse = head_major_lse.data() + q0 * H;
@@ -157,8 +147,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_cpu(
           scalar_t* seq_dq = head_major_dq.data() + q0 * H * D;
           scalar_t* seq_dk = head_major_dk.data() + k0 * Hkv * D;
           scalar_t* seq_dv = head_major_dv.data() + k0 * Hkv * Dv;
-          attention_backward_kernel(flash::set_sequence_backward_params<scalar_t>(
-              args, sequence, output, grad_output, seq_lse, seq_dq, seq_dk, seq_dv));
+          attention_backward_kernel(flash::set_backward_params<scalar_t>(
+              problem, &sequence, output, grad_output, std::nullopt, seq_lse, seq_dq, seq_dk,
+              seq_dv, nullptr));
           heads_to_packed(seq_dq, H, L, D, dq_out + q0 * H * D);
           heads_to_packed(seq_dk, Hkv, S, D, dk_out + k0 * Hkv * D);
           heads_to_packed(seq_dv, Hkv, S, Dv, dv_out + k0 * Hkv * Dv);

@@ -1,10 +1,14 @@
 // Shape-only kernels of the attention operators: what torch.compile, torch.export and
-// FakeTensor see. They run the same input checks as the CPU kernels, on symbolic sizes.
+// FakeTensor see. The call becomes the same problem as on the CPU (ops/attention_problem.h),
+// checked on symbolic sizes.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
 #include "ops/attention.h"
+#include "ops/attention_problem.h"
+#include "ops/operators.h"
+#include "ops/optional_tensor.h"
 
 namespace qkv_attention::meta {
 namespace {
@@ -14,13 +18,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_meta(
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     double dropout_p, bool is_causal, std::optional<double> scale, bool need_weights,
     const std::optional<at::Tensor>& rng_state, bool average_attn_weights) {
-  check_attention_inputs("attention", query, key, value, attn_mask, key_padding_mask, dropout_p,
-                         scale, rng_state, /*rng_state_required=*/true, need_weights);
+  const AttentionProblem problem =
+      dense_problem(op_label("_attention_forward"), query, key, value, attn_mask, key_padding_mask,
+                    dropout_p, is_causal, scale, rng_state, /*rng_state_required=*/true,
+                    /*scores_materialised=*/need_weights);
+  check_attention_problem(problem);
   const c10::SymInt B = query.sym_size(0), H = query.sym_size(1), L = query.sym_size(2);
-  const c10::SymInt S = key.sym_size(2), Dv = value.sym_size(3);
-  at::Tensor output = at::empty_symint({B, H, L, Dv}, query.options());
-  at::Tensor logsumexp =
-      at::empty_symint({B, H, L}, query.options().dtype(at::toOpMathType(query.scalar_type())));
+  const c10::SymInt S = key.sym_size(2);
+  at::Tensor output = at::empty_symint(output_shape(problem), query.options());
+  at::Tensor logsumexp = at::empty_symint(
+      logsumexp_shape(problem), query.options().dtype(at::toOpMathType(query.scalar_type())));
   at::Tensor weights = !need_weights          ? at::empty({0}, query.options())
                        : average_attn_weights ? at::empty_symint({B, L, S}, query.options())
                                               : at::empty_symint({B, H, L, S}, query.options());
@@ -35,12 +42,13 @@ AttentionGrads attention_backward_meta(
     double dropout_p, bool is_causal, std::optional<double> scale,
     const std::optional<at::Tensor>& rng_state, bool attn_mask_requires_grad,
     bool key_padding_mask_requires_grad) {
-  check_attention_backward_inputs(
-      grad_output, grad_weights, query, key, value, output, logsumexp, attn_mask, key_padding_mask,
-      dropout_p, scale, rng_state,
-      (grad_weights.has_value() && grad_weights->defined()) ||
-          attention_mask_gets_grad(attn_mask, attn_mask_requires_grad) ||
-          attention_mask_gets_grad(key_padding_mask, key_padding_mask_requires_grad));
+  const AttentionProblem problem =
+      dense_problem(op_label("_attention_backward"), query, key, value, attn_mask, key_padding_mask,
+                    dropout_p, is_causal, scale, rng_state, /*rng_state_required=*/true,
+                    /*scores_materialised=*/given(grad_weights) ||
+                        attention_mask_gets_grad(attn_mask, attn_mask_requires_grad) ||
+                        attention_mask_gets_grad(key_padding_mask, key_padding_mask_requires_grad));
+  check_attention_backward(problem, {grad_output, output, logsumexp, grad_weights});
   auto mask_grad = [&](const std::optional<at::Tensor>& mask, bool requires_grad) {
     return attention_mask_gets_grad(mask, requires_grad)
                ? at::empty_symint(mask->sym_sizes(), mask->options())

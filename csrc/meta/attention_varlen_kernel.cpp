@@ -5,7 +5,8 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
-#include "ops/attention_varlen.h"
+#include "ops/attention_problem.h"
+#include "ops/operators.h"
 
 namespace qkv_attention::meta {
 namespace {
@@ -15,13 +16,14 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_meta(
     const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, c10::SymInt max_seqlen_q,
     c10::SymInt max_seqlen_k, double dropout_p, bool is_causal, std::optional<double> scale,
     const std::optional<at::Tensor>& rng_state) {
-  check_varlen_inputs("attention_varlen", query, key, value, cu_seqlens_q, cu_seqlens_k,
-                      max_seqlen_q, max_seqlen_k, dropout_p, scale, rng_state,
-                      /*rng_state_required=*/true);
-  const c10::SymInt total_q = query.sym_size(0), H = query.sym_size(1), Dv = value.sym_size(2);
-  return {
-      at::empty_symint({total_q, H, Dv}, query.options()),
-      at::empty_symint({total_q, H}, query.options().dtype(at::toOpMathType(query.scalar_type())))};
+  const AttentionProblem problem = packed_problem(
+      op_label("_attention_varlen_forward"), query, key, value, cu_seqlens_q, cu_seqlens_k,
+      max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale, rng_state,
+      /*rng_state_required=*/true);
+  check_attention_problem(problem);
+  return {at::empty_symint(output_shape(problem), query.options()),
+          at::empty_symint(logsumexp_shape(problem),
+                           query.options().dtype(at::toOpMathType(query.scalar_type())))};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_meta(
@@ -30,9 +32,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_meta(
     const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, c10::SymInt max_seqlen_q,
     c10::SymInt max_seqlen_k, double dropout_p, bool is_causal, std::optional<double> scale,
     const std::optional<at::Tensor>& rng_state) {
-  check_varlen_backward_inputs(grad_output, query, key, value, output, logsumexp, cu_seqlens_q,
-                               cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale,
-                               rng_state);
+  const AttentionProblem problem = packed_problem(
+      op_label("_attention_varlen_backward"), query, key, value, cu_seqlens_q, cu_seqlens_k,
+      max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale, rng_state,
+      /*rng_state_required=*/true);
+  check_attention_backward(problem, {grad_output, output, logsumexp, std::nullopt});
   return {at::empty_symint(query.sym_sizes(), query.options()),
           at::empty_symint(key.sym_sizes(), key.options()),
           at::empty_symint(value.sym_sizes(), value.options())};

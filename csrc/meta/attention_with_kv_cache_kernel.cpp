@@ -1,11 +1,13 @@
 // Shape-only kernel of attention_with_kv_cache: what torch.compile, torch.export and FakeTensor
-// see. It runs the CPU kernel's checks on (possibly symbolic) sizes; the values of
-// cache_seqlens are data, checked by the CPU kernel when it runs. The caches are written in
+// see. The call becomes the CPU kernel's problem (ops/attention_problem.h), checked on
+// (possibly symbolic) sizes; the values of cache_seqlens are data, checked by the CPU kernel
+// when it runs. The caches are written in
 // place by the real kernel only: here nothing is written.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include "ops/attention_with_kv_cache.h"
+#include "ops/attention_problem.h"
+#include "ops/operators.h"
 
 namespace qkv_attention::meta {
 namespace {
@@ -17,11 +19,11 @@ at::Tensor attention_with_kv_cache_meta(const at::Tensor& query, const at::Tenso
                                         const std::optional<at::Tensor>& cache_seqlens,
                                         const std::optional<at::Tensor>& attn_mask, bool is_causal,
                                         std::optional<double> scale) {
-  check_kv_cache_inputs(query, k_cache, v_cache, key, value, cache_seqlens, attn_mask, scale);
-  // (B, H, L, Dv)
-  return at::empty_symint(
-      {query.sym_size(0), query.sym_size(1), query.sym_size(2), v_cache.sym_size(3)},
-      query.options());
+  const AttentionProblem problem =
+      cache_problem(op_label("attention_with_kv_cache"), query, k_cache, v_cache, key, value,
+                    cache_seqlens, attn_mask, is_causal, scale);
+  check_attention_problem(problem);
+  return at::empty_symint(output_shape(problem), query.options());  // (B, H, L, Dv)
 }
 
 }  // namespace

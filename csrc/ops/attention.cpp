@@ -1,5 +1,6 @@
-// Schemas and typed entry points of the attention operators, and the input checks that every
-// dispatch key's kernel runs first.
+// Schemas and typed entry points of the attention operators; the composites attention and
+// attention_with_weights; the dropout stream's draw. The input checks are the family's
+// (ops/attention_problem.h).
 #include "ops/attention.h"
 
 #include <ATen/OpMathType.h>
@@ -13,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "ops/attention_problem.h"
 #include "ops/checks.h"
 #include "ops/operators.h"
 
@@ -34,9 +36,10 @@ std::optional<at::Tensor> draw_for(const at::Tensor& query, const at::Tensor& ke
                                    std::optional<double> scale,
                                    const std::optional<at::Tensor>& key_padding_mask) {
   // Bad input raises before the generator is touched.
-  check_attention_inputs(op_label("_attention_forward"), query, key, value, attn_mask,
-                         key_padding_mask, dropout_p, scale, std::nullopt,
-                         /*rng_state_required=*/false);
+  check_attention_problem(dense_problem(op_label("_attention_forward"), query, key, value,
+                                        attn_mask, key_padding_mask, dropout_p, false, scale,
+                                        std::nullopt, /*rng_state_required=*/false,
+                                        /*scores_materialised=*/false));
   return draw_dropout_rng_state(dropout_p);
 }
 
@@ -163,187 +166,8 @@ std::optional<at::Tensor> draw_dropout_rng_state(double dropout_p) {
                      at::TensorOptions().dtype(at::kLong).device(at::kCPU));
 }
 
-double attention_scale(std::optional<double> scale, int64_t head_dim) {
-  if (scale.has_value()) return *scale;
-  return head_dim > 0 ? 1.0 / std::sqrt(static_cast<double>(head_dim)) : 1.0;
-}
-
 bool attention_mask_gets_grad(const std::optional<at::Tensor>& mask, bool requires_grad) {
   return requires_grad && mask.has_value() && mask->defined() && mask->scalar_type() != at::kBool;
-}
-
-namespace {
-
-void check_mask_dtype_and_device(const char* op, const char* name, const at::Tensor& mask,
-                                 const at::Tensor& query) {
-  check_dense(op, name, mask);
-  TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool || mask.scalar_type() == query.scalar_type(), op,
-                   ": ", name, " must be bool or have the query's dtype ", query.scalar_type(),
-                   ", but has dtype ", mask.scalar_type());
-  TORCH_CHECK(mask.device() == query.device(), op, ": ", name, " is on ", mask.device(),
-              " but query is on ", query.device());
-}
-
-// The seed and offset of the dropout stream (draw_dropout_rng_state).
-void check_rng_state(const char* op, const at::Tensor& rng_state) {
-  check_defined(op, "rng_state", rng_state);
-  TORCH_CHECK_TYPE(rng_state.scalar_type() == at::kLong, op, ": rng_state must be int64, but is ",
-                   rng_state.scalar_type());
-  TORCH_CHECK(rng_state.dim() == 1 && rng_state.sym_size(0) == 2, op,
-              ": rng_state must have shape (2,), but has shape ", rng_state.sym_sizes());
-}
-
-// The product of sizes that are all known, or nothing when one is symbolic; 0 when one is 0.
-// Raises (naming `what`) when it does not fit an int64.
-std::optional<int64_t> concrete_product(const char* op, const char* what,
-                                        c10::ArrayRef<c10::SymInt> sizes) {
-  std::vector<int64_t> values;
-  for (const c10::SymInt& size : sizes) {
-    const std::optional<int64_t> value = size.maybe_as_int();
-    if (value.has_value() && *value == 0) return 0;
-    if (!value.has_value()) return std::nullopt;
-    values.push_back(*value);
-  }
-  uint64_t product = 1;
-  bool wrapped = false;
-  for (const int64_t value : values) {
-    wrapped = wrapped || c10::mul_overflows(product, uint64_t(value), &product);
-  }
-  TORCH_CHECK(!wrapped && product <= uint64_t(std::numeric_limits<int64_t>::max()), op, ": ", what,
-              " of shape ", sizes, " has more elements than an int64 can count");
-  return int64_t(product);
-}
-
-// Every tensor the attention kernels read or allocate, before any count is computed from it
-// (ops/checks.h): the inputs, the output (B, H, L, Dv), the logsumexp (B, H, L), and the scores
-// (B, H, L, S) — as a tensor when they are materialised (the returned weights, the gradient of
-// a mask), otherwise only as a count of positions, which the dropout stream's counters and the
-// kernels' index arithmetic compute in 64 bits.
-void check_attention_sizes(const char* op, const at::Tensor& query, const at::Tensor& key,
-                           const at::Tensor& value, bool scores_materialised) {
-  check_tensor_elements(op, "query", query);
-  check_tensor_elements(op, "key", key);
-  check_tensor_elements(op, "value", value);
-  const c10::SymInt B = query.sym_size(0), H = query.sym_size(1), L = query.sym_size(2);
-  const c10::SymInt S = key.sym_size(2), Dv = value.sym_size(3);
-  check_element_count(op, "the output (B, H, L, Dv)", {B, H, L, Dv});
-  check_element_count(op, "the logsumexp (B, H, L)", {B, H, L});
-  if (scores_materialised) {
-    check_element_count(op, "the attention weights (B, H, L, S)", {B, H, L, S});
-  } else {
-    concrete_product(op, "the attention scores (B, H, L, S)", {B, H, L, S});
-  }
-}
-
-}  // namespace
-
-// rng_state is optional in the schemas; with dropout it must be given (and is then checked),
-// without it it is ignored when absent and checked when given.
-void check_optional_rng_state(const char* op, const std::optional<at::Tensor>& rng_state,
-                              double dropout_p, bool required, const at::Tensor& query) {
-  const bool given = rng_state.has_value() && rng_state->defined();
-  TORCH_CHECK(given || !required || !(dropout_p > 0), op,
-              ": rng_state (the dropout stream's seed and offset, (2,) int64) must be given "
-              "when dropout_p > 0, but is None (dropout_p = ",
-              dropout_p, ")");
-  if (!given) return;
-  check_rng_state(op, *rng_state);
-  // The composite ops make rng_state on the CPU, where the kernels read it.
-  TORCH_CHECK(rng_state->device() == query.device() || rng_state->device().is_cpu(), op,
-              ": rng_state is on ", rng_state->device(), " but must be on the CPU or on query's ",
-              query.device());
-}
-
-void check_attention_inputs(const char* op, const at::Tensor& query, const at::Tensor& key,
-                            const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
-                            const std::optional<at::Tensor>& key_padding_mask, double dropout_p,
-                            std::optional<double> scale, const std::optional<at::Tensor>& rng_state,
-                            bool rng_state_required, bool scores_materialised) {
-  check_input(op, "query", query, 4, "(B, H, L, D)");
-  check_input(op, "key", key, 4, "(B, Hkv, S, D)");
-  check_input(op, "value", value, 4, "(B, Hkv, S, Dv)");
-  check_same_dtype_and_device(op, "key", key, "query", query);
-  check_same_dtype_and_device(op, "value", value, "query", query);
-  check_size(op, "key", key, 0, query.sym_size(0), "batch entries", "query");
-  // Grouped-query attention: key/value may have fewer heads, a divisor of query's.
-  const c10::SymInt& kv_heads = key.sym_size(1);
-  TORCH_CHECK(kv_heads != 0 ? query.sym_size(1) % kv_heads == 0 && query.sym_size(1) >= kv_heads
-                            : query.sym_size(1) == 0,
-              op, ": key has ", kv_heads, " heads and query has ", query.sym_size(1),
-              "; query's heads must be a multiple of key's (grouped-query attention: query head "
-              "h reads key/value head h / (query heads / key heads))");
-  check_size(op, "key", key, 3, query.sym_size(3), "features per head", "query");
-  check_size(op, "value", value, 0, query.sym_size(0), "batch entries", "query");
-  check_size(op, "value", value, 1, key.sym_size(1), "heads", "key");
-  check_size(op, "value", value, 2, key.sym_size(2), "positions", "key");
-  TORCH_CHECK(std::isfinite(dropout_p) && dropout_p >= 0.0 && dropout_p <= 1.0, op,
-              ": dropout_p must be in [0, 1], but is ", dropout_p);
-  TORCH_CHECK(!scale.has_value() || std::isfinite(*scale), op,
-              ": scale must be a finite number, but is ", scale.value_or(0.0));
-  if (scale.has_value()) {
-    check_representable(op, "scale", *scale, at::toOpMathType(query.scalar_type()),
-                        query.scalar_type());
-  }
-  check_optional_rng_state(op, rng_state, dropout_p, rng_state_required, query);
-  check_attention_sizes(op, query, key, value, scores_materialised);
-
-  if (key_padding_mask.has_value() && key_padding_mask->defined()) {
-    const at::Tensor& padding = *key_padding_mask;
-    check_mask_dtype_and_device(op, "key_padding_mask", padding, query);
-    TORCH_CHECK(padding.dim() == 2 && padding.sym_size(0) == query.sym_size(0) &&
-                    padding.sym_size(1) == key.sym_size(2),
-                op, ": key_padding_mask must have shape (B, S) = (", query.sym_size(0), ", ",
-                key.sym_size(2), "), but has shape ", padding.sym_sizes());
-    check_tensor_elements(op, "key_padding_mask", padding);
-  }
-  if (!attn_mask.has_value() || !attn_mask->defined()) return;
-  const at::Tensor& mask = *attn_mask;
-  check_mask_dtype_and_device(op, "attn_mask", mask, query);
-  check_tensor_elements(op, "attn_mask", mask);
-  const c10::SymInt target[4] = {query.sym_size(0), query.sym_size(1), query.sym_size(2),
-                                 key.sym_size(2)};
-  bool broadcastable = mask.dim() <= 4;
-  for (int64_t d = 0; broadcastable && d < mask.dim(); ++d) {
-    const c10::SymInt& size = mask.sym_size(mask.dim() - 1 - d);
-    broadcastable = size == 1 || size == target[3 - d];
-  }
-  TORCH_CHECK(broadcastable, op, ": attn_mask of shape ", mask.sym_sizes(),
-              " cannot be broadcast to the attention scores' shape (B, H, L, S) = (", target[0],
-              ", ", target[1], ", ", target[2], ", ", target[3], ")");
-}
-
-void check_attention_backward_inputs(
-    const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_weights,
-    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const at::Tensor& output, const at::Tensor& logsumexp,
-    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
-    double dropout_p, std::optional<double> scale, const std::optional<at::Tensor>& rng_state,
-    bool scores_materialised) {
-  constexpr const char* op = op_label("_attention_backward");
-  check_attention_inputs(op, query, key, value, attn_mask, key_padding_mask, dropout_p, scale,
-                         rng_state, /*rng_state_required=*/true, scores_materialised);
-  check_input(op, "output", output, 4, "(B, H, L, Dv)");
-  check_same_dtype_and_device(op, "output", output, "query", query);
-  check_size(op, "output", output, 0, query.sym_size(0), "batch entries", "query");
-  check_size(op, "output", output, 1, query.sym_size(1), "heads", "query");
-  check_size(op, "output", output, 2, query.sym_size(2), "positions", "query");
-  check_size(op, "output", output, 3, value.sym_size(3), "features per head", "value");
-  check_input(op, "grad_output", grad_output, 4, "(B, H, L, Dv)");
-  check_same_dtype_and_device(op, "grad_output", grad_output, "query", query);
-  TORCH_CHECK(grad_output.sym_sizes() == output.sym_sizes(), op, ": grad_output has shape ",
-              grad_output.sym_sizes(), " but the output has shape ", output.sym_sizes());
-  check_logsumexp(op, logsumexp, query, 3, "(B, H, L)");
-  check_tensor_elements(op, "output", output);
-  check_tensor_elements(op, "grad_output", grad_output);
-  if (grad_weights.has_value() && grad_weights->defined()) {
-    check_input(op, "grad_weights", *grad_weights, 4, "(B, H, L, S)");
-    check_same_dtype_and_device(op, "grad_weights", *grad_weights, "query", query);
-    check_size(op, "grad_weights", *grad_weights, 0, query.sym_size(0), "batch entries", "query");
-    check_size(op, "grad_weights", *grad_weights, 1, query.sym_size(1), "heads", "query");
-    check_size(op, "grad_weights", *grad_weights, 2, query.sym_size(2), "positions", "query");
-    check_size(op, "grad_weights", *grad_weights, 3, key.sym_size(2), "positions", "key");
-    check_tensor_elements(op, "grad_weights", *grad_weights);
-  }
 }
 
 void check_dropout_mask_inputs(const at::Tensor& rng_state, const c10::SymInt& batch,
@@ -356,8 +180,7 @@ void check_dropout_mask_inputs(const at::Tensor& rng_state, const c10::SymInt& b
   for (const auto& [name, size] : sizes) {
     TORCH_CHECK(*size >= 0, op, ": ", name, " must be non-negative, but is ", *size);
   }
-  TORCH_CHECK(std::isfinite(dropout_p) && dropout_p >= 0.0 && dropout_p <= 1.0, op,
-              ": dropout_p must be in [0, 1], but is ", dropout_p);
+  check_dropout_p(op, dropout_p);
   check_element_count(op, "the mask (batch, heads, q_len, kv_len)", {batch, heads, q_len, kv_len});
 }
 

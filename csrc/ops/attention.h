@@ -1,7 +1,8 @@
 // attention: softmax(query keyᵀ · scale + mask) value, with dropout on the weights.
 //
-//   query (B, H, L, D), key (B, H, S, D), value (B, H, S, Dv) -> (B, H, L, Dv)
+//   query (B, H, L, D), key (B, Hkv, S, D), value (B, Hkv, S, Dv) -> (B, H, L, Dv)
 //
+// Grouped-query attention: Hkv divides H, and query head h reads key/value head h / (H / Hkv).
 // attn_mask is broadcastable to (B, H, L, S): bool (true = may attend) or the query's float
 // dtype (added to the scores). key_padding_mask (B, S) is a second mask with the same
 // conventions, applied to every head and query: it lets MultiheadAttention pass both of its
@@ -73,35 +74,8 @@ at::Tensor _attention_dropout_mask(const at::Tensor& rng_state, c10::SymInt batc
 // calls _attention_forward itself draws the same way (qkv_attention.ops).
 std::optional<at::Tensor> draw_dropout_rng_state(double dropout_p);
 
-// The scale actually used: `scale`, or 1/sqrt(head_dim) (1 when head_dim is 0).
-double attention_scale(std::optional<double> scale, int64_t head_dim);
-
 // Whether _attention_backward returns a gradient for a mask.
 bool attention_mask_gets_grad(const std::optional<at::Tensor>& mask, bool requires_grad);
-
-// rng_state_required: whether a missing rng_state with dropout_p > 0 is an error (the kernel
-// ops) or not (the composites, which check before they draw). scores_materialised: whether
-// the call allocates a (B, H, L, S) tensor (returned weights, a mask's gradient), whose size
-// is then checked like a tensor's.
-void check_attention_inputs(const char* op, const at::Tensor& query, const at::Tensor& key,
-                            const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
-                            const std::optional<at::Tensor>& key_padding_mask, double dropout_p,
-                            std::optional<double> scale, const std::optional<at::Tensor>& rng_state,
-                            bool rng_state_required, bool scores_materialised = false);
-
-// rng_state is optional in the schemas: with dropout it must be given when `required` (the
-// kernel ops; the composites check before they draw), and when given it must be (2,) int64
-// on the CPU or on query's device.
-void check_optional_rng_state(const char* op, const std::optional<at::Tensor>& rng_state,
-                              double dropout_p, bool required, const at::Tensor& query);
-
-void check_attention_backward_inputs(
-    const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_weights,
-    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const at::Tensor& output, const at::Tensor& logsumexp,
-    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
-    double dropout_p, std::optional<double> scale, const std::optional<at::Tensor>& rng_state,
-    bool scores_materialised);
 
 void check_dropout_mask_inputs(const at::Tensor& rng_state, const c10::SymInt& batch,
                                const c10::SymInt& heads, const c10::SymInt& q_len,

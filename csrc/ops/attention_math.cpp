@@ -6,6 +6,7 @@
 
 #include <limits>
 
+#include "ops/attention_problem.h"
 #include "ops/optional_tensor.h"
 
 namespace qkv_attention {

@@ -23,7 +23,6 @@
 
 #include <optional>
 #include <tuple>
-#include <vector>
 
 namespace qkv_attention {
 
@@ -48,42 +47,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> _attention_varlen_backward(
     const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, c10::SymInt max_seqlen_q,
     c10::SymInt max_seqlen_k, double dropout_p, bool is_causal, std::optional<double> scale,
     const std::optional<at::Tensor>& rng_state);
-
-// ---- shared by the kernels of every dispatch key ----
-
-// Shapes, dtypes and devices of the inputs (not the offsets' values, which the Meta kernels
-// cannot read): what every dispatch key checks first.
-void check_varlen_inputs(const char* op, const at::Tensor& query, const at::Tensor& key,
-                         const at::Tensor& value, const at::Tensor& cu_seqlens_q,
-                         const at::Tensor& cu_seqlens_k, const c10::SymInt& max_seqlen_q,
-                         const c10::SymInt& max_seqlen_k, double dropout_p,
-                         std::optional<double> scale, const std::optional<at::Tensor>& rng_state,
-                         bool rng_state_required);
-
-void check_varlen_backward_inputs(const at::Tensor& grad_output, const at::Tensor& query,
-                                  const at::Tensor& key, const at::Tensor& value,
-                                  const at::Tensor& output, const at::Tensor& logsumexp,
-                                  const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-                                  const c10::SymInt& max_seqlen_q, const c10::SymInt& max_seqlen_k,
-                                  double dropout_p, std::optional<double> scale,
-                                  const std::optional<at::Tensor>& rng_state);
-
-// The offsets, read and checked against the packed tensors (start at 0, non-decreasing, end
-// at total_q / total_k, no sequence longer than its max_seqlen): (B + 1) entries each.
-struct SequenceOffsets {
-  std::vector<int64_t> query, key;
-  int64_t count() const { return int64_t(query.size()) - 1; }
-  int64_t q_begin(int64_t b) const { return query[size_t(b)]; }
-  int64_t q_len(int64_t b) const { return query[size_t(b) + 1] - query[size_t(b)]; }
-  int64_t k_begin(int64_t b) const { return key[size_t(b)]; }
-  int64_t k_len(int64_t b) const { return key[size_t(b) + 1] - key[size_t(b)]; }
-};
-SequenceOffsets read_sequence_offsets(const char* op, const at::Tensor& cu_seqlens_q,
-                                      const at::Tensor& cu_seqlens_k, int64_t total_q,
-                                      int64_t total_k, int64_t max_seqlen_q, int64_t max_seqlen_k);
-
-// The rng_state of sequence b's dropout stream: (seed, offset + b), wrapping as the kernels'
-// 64-bit counters do.
-at::Tensor sequence_rng_state(const at::Tensor& rng_state, int64_t b);
 
 }  // namespace qkv_attention

@@ -22,7 +22,6 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
-#include <vector>
 
 namespace qkv_attention {
 
@@ -34,20 +33,5 @@ at::Tensor attention_with_kv_cache(const at::Tensor& query, const at::Tensor& k_
                                    const std::optional<at::Tensor>& attn_mask = std::nullopt,
                                    bool is_causal = true,
                                    std::optional<double> scale = std::nullopt);
-
-// The checks every dispatch key's kernel runs first: ranks, sizes that must agree, dtypes,
-// devices, layouts, size limits, the scale. Symbolic sizes pass where they cannot be decided;
-// the values of cache_seqlens are checked by check_kv_cache_lengths, where they can be read.
-void check_kv_cache_inputs(const at::Tensor& query, const at::Tensor& k_cache,
-                           const at::Tensor& v_cache, const std::optional<at::Tensor>& key,
-                           const std::optional<at::Tensor>& value,
-                           const std::optional<at::Tensor>& cache_seqlens,
-                           const std::optional<at::Tensor>& attn_mask, std::optional<double> scale);
-
-// The valid length of each sequence before the call, read from cache_seqlens ((B,) int32 or
-// int64 on the CPU; all S_max when it is None), after checking that every one is non-negative
-// and leaves room for new_len more entries in s_max.
-std::vector<int64_t> check_kv_cache_lengths(const std::optional<at::Tensor>& cache_seqlens,
-                                            int64_t batch, int64_t new_len, int64_t s_max);
 
 }  // namespace qkv_attention

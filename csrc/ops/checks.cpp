@@ -17,7 +17,9 @@ bool is_supported_dtype(at::ScalarType dtype) {
 }
 
 void check_defined(const char* op, const char* name, const at::Tensor& tensor) {
-  TORCH_CHECK(tensor.defined(), op, ": ", name, " is an undefined tensor");
+  // TypeError, as Python gives for a missing required argument: None where a tensor must be.
+  TORCH_CHECK_TYPE(tensor.defined(), op, ": ", name,
+                   " is an undefined tensor (None); it must be a tensor");
   check_dense(op, name, tensor);
 }
 
@@ -70,6 +72,19 @@ void check_logsumexp(const char* op, const at::Tensor& logsumexp, const at::Tens
               logsumexp.sym_sizes());
 }
 
+void check_dropout_p(const char* op, double dropout_p) {
+  TORCH_CHECK(std::isfinite(dropout_p) && dropout_p >= 0.0 && dropout_p <= 1.0, op,
+              ": dropout_p must be in [0, 1], but is ", dropout_p);
+}
+
+void check_rng_state(const char* op, const at::Tensor& rng_state) {
+  check_defined(op, "rng_state", rng_state);
+  TORCH_CHECK_TYPE(rng_state.scalar_type() == at::kLong, op, ": rng_state must be int64, but is ",
+                   rng_state.scalar_type());
+  TORCH_CHECK(rng_state.dim() == 1 && rng_state.sym_size(0) == 2, op,
+              ": rng_state must have shape (2,), but has shape ", rng_state.sym_sizes());
+}
+
 void check_size(const char* op, const char* name, const at::Tensor& tensor, int64_t dim,
                 const c10::SymInt& expected, const char* what, const char* expected_from) {
   const c10::SymInt& found = tensor.sym_size(dim);
@@ -115,6 +130,18 @@ void check_element_count(const char* op, const char* name, c10::SymIntArrayRef s
                 " elements (counted as if contiguous); such a tensor cannot be computed, even "
                 "when it is an expanded (stride-0) view");
   }
+}
+
+void check_count_fits(const char* op, const char* what, c10::SymIntArrayRef sizes) {
+  uint64_t product = 1;
+  bool wrapped = false;
+  for (const c10::SymInt& size : sizes) {
+    const std::optional<int64_t> value = size.maybe_as_int();
+    if (!value.has_value() || *value == 0) return;
+    wrapped = wrapped || c10::mul_overflows(product, uint64_t(*value), &product);
+  }
+  TORCH_CHECK(!wrapped && product <= uint64_t(std::numeric_limits<int64_t>::max()), op, ": ", what,
+              " of shape ", sizes, " has more elements than an int64 can count");
 }
 
 void check_tensor_elements(const char* op, const char* name, const at::Tensor& tensor) {

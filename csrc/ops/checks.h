@@ -41,6 +41,12 @@ void check_same_dtype_and_device(const char* op, const char* name, const at::Ten
 void check_logsumexp(const char* op, const at::Tensor& logsumexp, const at::Tensor& query,
                      int64_t rank, const char* layout);
 
+// dropout_p is a probability: finite and in [0, 1].
+void check_dropout_p(const char* op, double dropout_p);
+
+// The dropout stream's state (draw_dropout_rng_state): defined, int64, shape (2,).
+void check_rng_state(const char* op, const at::Tensor& rng_state);
+
 // Size `dim` of `tensor` equals `expected`, which comes from `expected_from`; `what` says what
 // the size means. The message reads "attention: key has 7 features per head but query has 8
 // (key has shape [2, 4, 5, 7])".
@@ -68,6 +74,10 @@ constexpr int64_t kMaxSize = int64_t(1) << 36;
 // (B, H, L, S)"). Sizes that are symbolic (torch.compile with dynamic shapes) are not checked
 // here; the kernel that runs on the real sizes checks them.
 void check_element_count(const char* op, const char* name, c10::SymIntArrayRef sizes);
+
+// A count that is computed (scores, dropout-stream positions), never allocated: the product of
+// `sizes` must fit an int64. Passes when a size is 0 or symbolic (the kernel checks real sizes).
+void check_count_fits(const char* op, const char* what, c10::SymIntArrayRef sizes);
 
 // check_element_count on a tensor's own sizes (a defined tensor; an undefined one passes).
 void check_tensor_elements(const char* op, const char* name, const at::Tensor& tensor);

@@ -17,6 +17,11 @@ inline std::optional<at::Tensor> optional_if_defined(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
+// An optional argument as std::nullopt when it was not given.
+inline std::optional<at::Tensor> optional_if_given(const std::optional<at::Tensor>& t) {
+  return given(t) ? t : std::nullopt;
+}
+
 inline bool requires_grad(const at::Tensor& t) { return t.defined() && t.requires_grad(); }
 inline bool requires_grad(const std::optional<at::Tensor>& t) {
   return t.has_value() && requires_grad(*t);

@@ -394,8 +394,8 @@ def make_call(config: ParityConfig, generator: torch.Generator):
         "need_weights": config.need_weights,
         "average_attn_weights": config.average_attn_weights,
     }
-    # Key 0 is never masked, so no query row is left with nothing to attend to (torch gives
-    # NaN for such rows and we give zeros: a deliberate difference, not tested here).
+    # Key 0 is never masked, so no query row is left with nothing to attend to (torch's module
+    # gives NaN for such rows, ours zeros: docs/differences.md; not compared here).
     if config.key_padding_mask is not None:
         padded = torch.zeros(*batch, k_len, dtype=torch.bool)
         padded[..., -1] = True

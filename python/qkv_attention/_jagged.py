@@ -2,8 +2,10 @@
 ``MultiheadAttention``, computed by ``attention_varlen`` without padding.
 
 A jagged nested tensor cannot enter a custom op (its dispatch key has no kernel there), so its
-packed ``values()`` and ``offsets()`` go in instead, and the result is wrapped again with
-``torch.nested.nested_tensor_from_jagged``; autograd flows through ``values()``.
+packed rows and offsets go in instead, and the result is wrapped again with
+``torch.nested.nested_tensor_from_jagged``; autograd flows through ``values()``. The functional
+runs here whole; for the module this file only checks nested inputs and turns them into the
+packed rows that ``MultiheadAttention.forward`` projects, attends and merges on its one path.
 
 Shapes: B sequences, sequence b of L_b queries and S_b keys; H heads, D features per head,
 E embedding features; ``total_q`` = sum of L_b, ``total_k`` = sum of S_b.
@@ -14,28 +16,81 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import ops
+from . import _validation, ops
+from ._validation import ForwardInputs, ModuleSpec
 
 
 def is_jagged(t) -> bool:
     return isinstance(t, Tensor) and t.is_nested and t.layout == torch.jagged
 
 
-def all_nested(*tensors) -> bool:
-    return all(isinstance(t, Tensor) and t.is_nested for t in tensors)
+def all_nested(query, key, value) -> bool:
+    """Whether query, key and value all are nested tensors (spelt out: called on every call)."""
+    return (
+        isinstance(query, Tensor)
+        and query.is_nested
+        and isinstance(key, Tensor)
+        and key.is_nested
+        and isinstance(value, Tensor)
+        and value.is_nested
+    )
 
 
-def _offsets_and_max(nested: Tensor) -> Tuple[Tensor, int]:
-    offsets = nested.offsets()
-    max_len = nested._maybe_max_seqlen if hasattr(nested, "_maybe_max_seqlen") else None
-    if max_len is None:
-        max_len = int((offsets[1:] - offsets[:-1]).max()) if offsets.numel() > 1 else 0
-    return offsets, int(max_len)
+def _rows(t: Tensor) -> Tuple[Tensor, Tensor, int]:
+    """A nested (N, j, ...) tensor, its ragged dimension second (jagged, or strided nested), as
+    ``(rows (total, ...), offsets (N + 1,), longest length)``: sequence b is rows
+    ``offsets[b]:offsets[b + 1]``, back to back.
+
+    A jagged tensor with holes (from ``torch.nested.narrow``: ``lengths()`` is not None)
+    keeps sequence b at ``values()[offsets[b] : offsets[b] + lengths[b]]``, with unused rows
+    between sequences; those rows are gathered here into packed rows without the holes (the
+    kernels take packed rows), so each sequence is attended over its own ``lengths[b]`` rows.
+    """
+    if t.layout != torch.jagged:
+        parts = t.unbind()
+        lengths = [p.size(0) for p in parts]
+        offsets = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0)
+        rows = torch.cat(parts) if parts else t.new_empty([0] + list(t.shape[2:]))
+        return rows, offsets, max(lengths, default=0)
+    offsets, rows, lengths = t.offsets(), t.values(), t.lengths()
+    if lengths is None:
+        max_len = getattr(t, "_maybe_max_seqlen", None)
+        if max_len is None:
+            max_len = int((offsets[1:] - offsets[:-1]).max()) if offsets.numel() > 1 else 0
+        return rows, offsets, int(max_len)
+    packed = torch.zeros_like(offsets)  # (N + 1,): the offsets without the holes
+    torch.cumsum(lengths, 0, out=packed[1:])
+    # Packed row r of sequence b is row r - packed[b] + offsets[b] of values().
+    shift = torch.repeat_interleave(offsets[:-1] - packed[:-1], lengths)
+    index = shift + torch.arange(shift.numel(), dtype=shift.dtype, device=shift.device)
+    max_len = int(lengths.max()) if lengths.numel() > 0 else 0
+    return rows.index_select(0, index), packed, max_len
 
 
-def _packed_heads(name: str, t: Tensor) -> Tensor:
-    """(B, H, j, D) jagged (ragged dimension 2, as torch's SDPA takes it) -> its packed values
-    (total, H, D)."""
+def _same_lengths(
+    what: str, first: str, second: str, first_offsets: Tensor, second_offsets: Tensor
+) -> None:
+    """Raises RuntimeError (AssertionError in the module, as its dense check) when two nested
+    inputs do not split into sequences alike: count and lengths."""
+    if first_offsets is second_offsets or torch.equal(first_offsets, second_offsets):
+        return
+    if first_offsets.numel() != second_offsets.numel():
+        found = (
+            f"{first} has {first_offsets.numel() - 1} sequences and {second} has "
+            f"{second_offsets.numel() - 1}"
+        )
+    else:
+        found = (
+            f"{first}'s sequence lengths are {torch.diff(first_offsets).tolist()} and "
+            f"{second}'s are {torch.diff(second_offsets).tolist()}"
+        )
+    error = AssertionError if what == "MultiheadAttention" else RuntimeError
+    raise error(f"{what}: {first} and {second} must have the same sequence lengths, but {found}")
+
+
+def _packed_heads(name: str, t: Tensor) -> Tuple[Tensor, Tensor, int]:
+    """(B, H, j, D) jagged (ragged dimension 2, as torch's SDPA takes it) -> its packed rows
+    (total, H, D), offsets and longest length (``_rows``)."""
     if not is_jagged(t):
         kind = "a nested tensor with layout torch.strided" if t.is_nested else "a dense tensor"
         raise RuntimeError(
@@ -49,7 +104,7 @@ def _packed_heads(name: str, t: Tensor) -> Tensor:
             f".transpose(1, 2)), but has shape {tuple(t.shape)} with its ragged dimension at "
             f"index {t._ragged_idx}"
         )
-    return t.transpose(1, 2).values()  # (B, j, H, D) -> values (total, H, D)
+    return _rows(t.transpose(1, 2))  # (B, j, H, D) -> rows (total, H, D)
 
 
 def scaled_dot_product_attention(
@@ -69,24 +124,20 @@ def scaled_dot_product_attention(
             "scaled_dot_product_attention: attn_mask is not supported with jagged nested "
             "inputs (as in torch's); the sequence lengths already say which keys exist"
         )
-    q, k, v = (_packed_heads(n, t) for n, t in (("query", query), ("key", key), ("value", value)))
+    q, offsets_q, max_q = _packed_heads("query", query)
+    k, offsets_k, max_k = _packed_heads("key", key)
+    v, offsets_v, _ = _packed_heads("value", value)
     if q.size(1) != k.size(1) and not enable_gqa:
         raise RuntimeError(
             f"scaled_dot_product_attention: query has {q.size(1)} heads and key has "
             f"{k.size(1)}; pass enable_gqa=True for grouped-query attention"
         )
-    offsets_q, max_q = _offsets_and_max(query.transpose(1, 2))
-    offsets_k, max_k = _offsets_and_max(key.transpose(1, 2))
-    value_offsets = value.transpose(1, 2).offsets()
-    if value_offsets is not offsets_k and not torch.equal(value_offsets, offsets_k):
-        raise RuntimeError(
-            "scaled_dot_product_attention: key and value must have the same sequence lengths "
-            f"(offsets {offsets_k.tolist()} and {value_offsets.tolist()})"
-        )
+    name = "scaled_dot_product_attention"
+    _same_lengths(name, "key", "value", offsets_k, offsets_v)
     if offsets_q.numel() != offsets_k.numel():
         raise RuntimeError(
-            f"scaled_dot_product_attention: query has {offsets_q.numel() - 1} sequences and "
-            f"key has {offsets_k.numel() - 1}"
+            f"{name}: query has {offsets_q.numel() - 1} sequences and key has "
+            f"{offsets_k.numel() - 1}"
         )
     out = ops.attention_varlen(
         q, k, v, offsets_q, offsets_k, max_q, max_k, dropout_p, is_causal, scale
@@ -94,48 +145,30 @@ def scaled_dot_product_attention(
     return torch.nested.nested_tensor_from_jagged(out, offsets_q, max_seqlen=max_q).transpose(1, 2)
 
 
-def _as_jagged(name: str, t: Tensor) -> Tuple[Tensor, Tensor, int]:
-    """A nested (B, j, E) tensor as (values (total, E), offsets, longest length)."""
-    if t.dim() != 3:
-        raise AssertionError(
-            f"MultiheadAttention: {name} must be a nested tensor of shape (N, j, E), but has "
-            f"{t.dim()} dimensions"
-        )
-    if t.layout == torch.jagged:
-        if t._ragged_idx != 1:
-            raise AssertionError(
-                f"MultiheadAttention: {name} must be a jagged tensor (N, j, E) with its ragged "
-                f"dimension second, but it is at index {t._ragged_idx}"
-            )
-        offsets, max_len = _offsets_and_max(t)
-        return t.values(), offsets, max_len
-    parts = t.unbind()
-    lengths = [p.size(0) for p in parts]
-    offsets = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0)
-    values = torch.cat(parts) if parts else t.new_empty(0, t.size(-1))
-    return values, offsets, max(lengths, default=0)
-
-
-def multihead_attention(
-    module,
+def module_inputs(
+    spec: ModuleSpec,
     query: Tensor,
     key: Tensor,
     value: Tensor,
     key_padding_mask: Optional[Tensor],
-    need_weights: bool,
     attn_mask: Optional[Tensor],
-    average_attn_weights: bool,
     is_causal: bool,
-) -> Tuple[Tensor, Optional[Tensor]]:
-    """``MultiheadAttention.forward`` on nested (N, j, E) inputs (batch_first): a nested
-    output of query's layout and lengths. Jagged or strided nested inputs; training or eval."""
+) -> ForwardInputs:
+    """``MultiheadAttention.forward``'s checks for nested (N, j, E) inputs (batch_first), with
+    the dense path's rules and exception types, and the inputs as the operators take them:
+    the packed rows of all sequences as one batch with their offsets (``ForwardInputs``)."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         if t.dim() != 3:  # e.g. torch.nested.nested_tensor([]), which is 1-D
             raise AssertionError(
                 f"{name} should be unbatched 2D or batched 3D tensor but received "
                 f"{t.dim()}-D {name} tensor (nested inputs are (N, j, E))"
             )
-    if not module.batch_first:
+        if t.layout == torch.jagged and t._ragged_idx != 1:
+            raise AssertionError(
+                f"MultiheadAttention: {name} must be a jagged tensor (N, j, E) with its ragged "
+                f"dimension second, but it is at index {t._ragged_idx}"
+            )
+    if not spec.batch_first:
         raise AssertionError(
             "MultiheadAttention: nested inputs need batch_first=True (they are (N, j, E))"
         )
@@ -151,79 +184,54 @@ def multihead_attention(
             "nested inputs; use functional.scaled_dot_product_attention(is_causal=True) on "
             "jagged tensors for per-sequence causal attention)"
         )
-    layout = query.layout
-    if need_weights or module.bias_k is not None or module.add_zero_attn:
-        # One dense call per sequence: the weights of each sequence, zero-padded to
-        # (N, L_max, S_max) as torch's module returns them for nested input; and the extra
-        # key/value columns of add_bias_kv / add_zero_attn, which belong to each sequence.
-        output, weights = _per_sequence_with_weights(
-            module, query, key, value, average_attn_weights
-        )
-        return output, (weights if need_weights else None)
-
-    q_values, q_offsets, max_q = _as_jagged("query", query)
-    if key is query:
-        k_values, k_offsets, max_k = q_values, q_offsets, max_q
+    q_rows, q_offsets, max_q = _rows(query)
+    # One tensor passed as several inputs (self-attention) stays one: the projection then
+    # runs one GEMM for all three.
+    k_rows, k_offsets, max_k = (q_rows, q_offsets, max_q) if key is query else _rows(key)
+    if value is key:
+        v_rows, v_offsets = k_rows, k_offsets
     else:
-        k_values, k_offsets, max_k = _as_jagged("key", key)
-    v_values = k_values if value is key else _as_jagged("value", value)[0]
+        v_rows, v_offsets, _ = _rows(value)
     if q_offsets.numel() != k_offsets.numel():
         raise AssertionError(
             f"MultiheadAttention: query has {q_offsets.numel() - 1} sequences and key has "
             f"{k_offsets.numel() - 1}"
         )
-    q_weight, k_weight, v_weight = module._projection_weights()
-    bias = module.in_proj_bias
-    q_bias = k_bias = v_bias = None
-    if bias is not None:
-        q_bias, k_bias, v_bias = bias.to(q_values.dtype).chunk(3)
-    # The packed rows as one batch of total rows: (1, total, E) -> (1, H, total, D) each. The
-    # same tensor where the inputs are one (self-attention: one GEMM for all three).
-    q_in = q_values.unsqueeze(0)
-    k_in = q_in if k_values is q_values else k_values.unsqueeze(0)
-    v_in = k_in if v_values is k_values else v_values.unsqueeze(0)
-    q, k, v = ops.qkv_projection(
-        q_in, k_in, v_in, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias, module.num_heads
+    _same_lengths("MultiheadAttention", "key", "value", k_offsets, v_offsets)
+    # The dense checks of features and dtypes, on the packed rows as one batch (1, total, E).
+    q_in = q_rows.unsqueeze(0)
+    k_in = q_in if k_rows is q_rows else k_rows.unsqueeze(0)
+    v_in = k_in if v_rows is k_rows else v_rows.unsqueeze(0)
+    count = q_offsets.numel() - 1
+    given = [[count, max_q, q_rows.size(-1)], [count, max_k, k_rows.size(-1)]]
+    given.append([count, max_k, v_rows.size(-1)])
+    _validation.check_input_sizes(spec, q_in, k_in, v_in, given, "nested (N, longest, features)")
+    compute_dtype = _validation.check_dtypes(q_in, k_in, v_in, spec.parameter)
+    return ForwardInputs(
+        q_in, k_in, v_in, None, None, True, False, compute_dtype, q_offsets, k_offsets, max_q, max_k
     )
-    dropout_p = float(module.dropout) if module.training else 0.0
-    heads_out = ops.attention_varlen(
-        q[0].transpose(0, 1),
-        k[0].transpose(0, 1),
-        v[0].transpose(0, 1),
-        q_offsets,
-        k_offsets,
-        max_q,
-        max_k,
-        dropout_p,
-        False,
-        None,
-    )  # (total_q, H, D)
-    output = ops.merge_heads(
-        heads_out.transpose(0, 1).unsqueeze(0), module.out_proj.weight, module.out_proj.bias
-    )[0]  # (total_q, E)
-    return _nested_like(output, q_offsets, max_q, layout), None
 
 
-def _nested_like(values: Tensor, offsets: Tensor, max_len: int, layout) -> Tensor:
+def nested_output(rows: Tensor, offsets: Tensor, max_len: int, layout) -> Tensor:
+    """The module's output rows (total, E) as a nested (N, j, E) tensor in ``layout``, sequence
+    b being rows ``offsets[b]:offsets[b + 1]``."""
     if layout == torch.jagged:
-        return torch.nested.nested_tensor_from_jagged(values, offsets, max_seqlen=max_len)
+        return torch.nested.nested_tensor_from_jagged(rows, offsets, max_seqlen=max_len)
     bounds = offsets.tolist()
-    parts = [values[bounds[i] : bounds[i + 1]] for i in range(len(bounds) - 1)]
+    parts = [rows[bounds[i] : bounds[i + 1]] for i in range(len(bounds) - 1)]
     return torch.nested.as_nested_tensor(parts, layout=torch.strided)
 
 
-def _per_sequence_with_weights(
+def per_sequence(
     module, query: Tensor, key: Tensor, value: Tensor, average_attn_weights: bool
 ) -> Tuple[Tensor, Tensor]:
-    queries, keys, values = query.unbind(), key.unbind(), value.unbind()
-    if len(queries) != len(keys) or len(keys) != len(values):
-        raise AssertionError(
-            f"MultiheadAttention: query has {len(queries)} sequences, key {len(keys)} and value "
-            f"{len(values)}"
-        )
+    """The module on each sequence, a dense call each (inputs already checked by
+    ``module_inputs``): for the weights of each sequence, zero-padded to (N, L_max, S_max) as
+    torch's module returns them for nested input, and for the extra key/value columns of
+    add_bias_kv / add_zero_attn, which belong to each sequence."""
     outputs: List[Tensor] = []
     weights: List[Tensor] = []
-    for q, k, v in zip(queries, keys, values):
+    for q, k, v in zip(query.unbind(), key.unbind(), value.unbind()):
         out, w = module(q, k, v, need_weights=True, average_attn_weights=average_attn_weights)
         outputs.append(out)
         weights.append(w)  # (L_b, S_b) or (H, L_b, S_b)
@@ -241,5 +249,5 @@ def _per_sequence_with_weights(
     )
     lengths = [o.size(0) for o in outputs]
     offsets = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0)
-    values_out = torch.cat(outputs) if outputs else query.new_zeros(0, module.embed_dim)
-    return _nested_like(values_out, offsets, max(lengths, default=0), query.layout), padded
+    rows = torch.cat(outputs) if outputs else query.new_zeros(0, module.embed_dim)
+    return nested_output(rows, offsets, max(lengths, default=0), query.layout), padded

@@ -10,13 +10,54 @@ compile (naming a non-tensor's type) runs in eager mode only. ``check_dense`` is
 """
 
 import warnings
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 
+class ModuleSpec(NamedTuple):
+    """What the checks need to know of a ``MultiheadAttention``: its sizes and layout, and one
+    of its parameters (for the dtype it computes in)."""
+
+    embed_dim: int
+    kdim: int
+    vdim: int
+    num_heads: int
+    batch_first: bool
+    packed: bool  # one packed input projection (kdim = vdim = embed_dim)
+    parameter: Tensor
+
+
+class ForwardInputs(NamedTuple):
+    """``MultiheadAttention.forward``'s inputs, checked, as the operators take them.
+
+    Dense inputs: query (B, L, E), key (B, S, Ek), value (B, S, Ev), batch-first views (no
+    copies); ``attn_mask`` (L, S) or the view (B, H, L, S), and both masks in the operators'
+    convention (bool True = may attend, float cast to ``compute_dtype``).
+
+    Nested inputs (N sequences): the packed rows of every sequence as one batch, query
+    (1, total_q, E), key (1, total_k, Ek), value (1, total_k, Ev), with ``cu_seqlens_q`` and
+    ``cu_seqlens_k`` the (N + 1,) offsets of the sequences in them and ``max_seqlen_q/k`` the
+    longest; no masks. For dense inputs the offsets are None.
+    """
+
+    query: Tensor
+    key: Tensor
+    value: Tensor
+    attn_mask: Optional[Tensor]
+    key_padding_mask: Optional[Tensor]
+    is_batched: bool  # False for unbatched (L, E) inputs, viewed here as a batch of one
+    causal: bool  # the operator applies the causal mask itself (torch 2.13's is_causal hint)
+    compute_dtype: torch.dtype  # the query's, or the autocast dtype in a CPU autocast region
+    cu_seqlens_q: Optional[Tensor]
+    cu_seqlens_k: Optional[Tensor]
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+
 def forward_inputs(
+    spec: ModuleSpec,
     query: Tensor,
     key: Tensor,
     value: Tensor,
@@ -24,27 +65,10 @@ def forward_inputs(
     need_weights: bool,
     attn_mask: Optional[Tensor],
     is_causal: bool,
-    embed_dim: int,
-    kdim: int,
-    vdim: int,
-    num_heads: int,
-    batch_first: bool,
-    packed: bool,
-    k_proj_weight: Optional[Tensor],
-    v_proj_weight: Optional[Tensor],
-    parameter: Tensor,
-) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor], bool, bool, torch.dtype]:
-    """Checks ``MultiheadAttention.forward``'s arguments as torch's module does (same exception
-    types, messages that name the argument) and returns what the operators take:
-
-    ``(query (B, L, E), key (B, S, Ek), value (B, S, Ev), attn_mask, key_padding_mask,
-    is_batched, causal, compute_dtype)``: batch-first views (no copies); ``attn_mask`` as
-    (L, S) or the view (B, H, L, S), and both masks in the operators' convention (bool True =
-    may attend, float cast to ``compute_dtype``); ``causal``, whether the operator applies the
-    causal mask itself (torch 2.13's reading of the ``is_causal`` hint); ``compute_dtype``, the
-    dtype the operators compute in. The module's configuration comes as arguments (``packed``:
-    one packed input projection; ``parameter``: any parameter, for its dtype).
-    """
+) -> ForwardInputs:
+    """Checks ``MultiheadAttention.forward``'s dense arguments as torch's module does (same
+    exception types, messages that name the argument) and returns them as the operators take
+    them (see ``ForwardInputs``)."""
     # -- what each argument is (a dense tensor), then mask types, as torch's module
     # checks them first.
     check_tensor_argument(query, "query", optional=False)
@@ -66,10 +90,10 @@ def forward_inputs(
         )
     check_mask_dtype(attn_mask, "attn_mask")
 
-    is_batched = check_input_dims(query, key, value, key_padding_mask, attn_mask, num_heads)
+    is_batched = check_input_dims(query, key, value, key_padding_mask, attn_mask, spec.num_heads)
     # The caller's shapes, for error messages (formatted only when one is raised).
     given_shapes = [list(query.shape), list(key.shape), list(value.shape)]
-    layout = given_layout(is_batched, batch_first)
+    layout = given_layout(is_batched, spec.batch_first)
     if is_causal and attn_mask is None:
         raise RuntimeError(
             "Need attn_mask if specifying the is_causal hint. You may use the Transformer "
@@ -81,23 +105,11 @@ def forward_inputs(
         query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
         if key_padding_mask is not None:
             key_padding_mask = key_padding_mask.unsqueeze(0)  # (S,) -> (1, S)
-    elif not batch_first:
+    elif not spec.batch_first:
         query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
     batch, q_len, _ = query.shape
     kv_len = key.size(1)
-    check_input_sizes(
-        query,
-        key,
-        value,
-        embed_dim,
-        kdim,
-        vdim,
-        packed,
-        k_proj_weight,
-        v_proj_weight,
-        given_shapes,
-        layout,
-    )
+    check_input_sizes(spec, query, key, value, given_shapes, layout)
 
     # torch 2.13's reading of the hint: with no padding mask and no weights to return the
     # causal mask itself is used (attn_mask is ignored); otherwise attn_mask is used.
@@ -105,7 +117,7 @@ def forward_inputs(
     if causal:
         attn_mask = None
     if attn_mask is not None:
-        attn_mask = attn_mask_as_4d(attn_mask, batch, num_heads, q_len, kv_len)
+        attn_mask = attn_mask_as_4d(attn_mask, batch, spec.num_heads, q_len, kv_len)
     if key.size(0) != batch:
         raise RuntimeError(
             f"MultiheadAttention: key and value have batch size {key.size(0)} but query "
@@ -122,11 +134,24 @@ def forward_inputs(
             f"MultiheadAttention: key_padding_mask must have shape {expected}, but has "
             f"shape {found} ({describe_given(given_shapes, layout)})"
         )
-    compute_dtype = check_dtypes(query, key, value, parameter)
+    compute_dtype = check_dtypes(query, key, value, spec.parameter)
     attn_mask, key_padding_mask = masks_for_op(
         attn_mask, key_padding_mask, query.dtype, compute_dtype, need_weights
     )
-    return query, key, value, attn_mask, key_padding_mask, is_batched, causal, compute_dtype
+    return ForwardInputs(
+        query,
+        key,
+        value,
+        attn_mask,
+        key_padding_mask,
+        is_batched,
+        causal,
+        compute_dtype,
+        None,
+        None,
+        0,
+        0,
+    )
 
 
 def check_dense(op: str, name: str, value: Tensor) -> None:
@@ -351,77 +376,56 @@ def check_input_dims(
 ) -> bool:
     """Ranks of the inputs and masks, as torch's module checks them (AssertionError).
     Returns whether the input is batched."""
-    if query.dim() == 3:
-        if key.dim() != 3 or value.dim() != 3:
+    rank = query.dim()
+    if rank != 2 and rank != 3:
+        raise AssertionError(
+            f"query should be unbatched 2D or batched 3D tensor but received {rank}-D query tensor"
+        )
+    which = "batched (3-D)" if rank == 3 else "unbatched (2-D)"
+    if key.dim() != rank or value.dim() != rank:
+        raise AssertionError(
+            f"For {which} `query`, expected `key` and `value` to be {rank}-D but found "
+            f"{key.dim()}-D and {value.dim()}-D tensors respectively"
+        )
+    if key_padding_mask is not None and key_padding_mask.dim() != rank - 1:
+        raise AssertionError(
+            f"For {which} `query`, expected `key_padding_mask` to be `None` or {rank - 1}-D "
+            f"but found {key_padding_mask.dim()}-D tensor instead"
+        )
+    if attn_mask is not None:
+        if attn_mask.dim() not in (2, 3):
             raise AssertionError(
-                "For batched (3-D) `query`, expected `key` and `value` to be 3-D but found "
-                f"{key.dim()}-D and {value.dim()}-D tensors respectively"
-            )
-        if key_padding_mask is not None and key_padding_mask.dim() != 2:
-            raise AssertionError(
-                "For batched (3-D) `query`, expected `key_padding_mask` to be `None` or 2-D "
-                f"but found {key_padding_mask.dim()}-D tensor instead"
-            )
-        if attn_mask is not None and attn_mask.dim() not in (2, 3):
-            raise AssertionError(
-                "For batched (3-D) `query`, expected `attn_mask` to be `None`, 2-D or 3-D "
+                f"For {which} `query`, expected `attn_mask` to be `None`, 2-D or 3-D "
                 f"but found {attn_mask.dim()}-D tensor instead"
             )
-        return True
-    if query.dim() == 2:
-        if key.dim() != 2 or value.dim() != 2:
+        expected = [num_heads, query.size(0), key.size(0)]
+        if rank == 2 and attn_mask.dim() == 3 and list(attn_mask.shape) != expected:
             raise AssertionError(
-                "For unbatched (2-D) `query`, expected `key` and `value` to be 2-D but "
-                f"found {key.dim()}-D and {value.dim()}-D tensors respectively"
+                f"Expected `attn_mask` shape to be {format_shape(expected)} "
+                f"(num_heads, L, S) but got {format_shape(list(attn_mask.shape))}"
             )
-        if key_padding_mask is not None and key_padding_mask.dim() != 1:
-            raise AssertionError(
-                "For unbatched (2-D) `query`, expected `key_padding_mask` to be `None` or "
-                f"1-D but found {key_padding_mask.dim()}-D tensor instead"
-            )
-        if attn_mask is not None:
-            if attn_mask.dim() not in (2, 3):
-                raise AssertionError(
-                    "For unbatched (2-D) `query`, expected `attn_mask` to be `None`, 2-D or "
-                    f"3-D but found {attn_mask.dim()}-D tensor instead"
-                )
-            expected = [num_heads, query.size(0), key.size(0)]
-            if attn_mask.dim() == 3 and list(attn_mask.shape) != expected:
-                raise AssertionError(
-                    f"Expected `attn_mask` shape to be {format_shape(expected)} "
-                    f"(num_heads, L, S) but got {format_shape(list(attn_mask.shape))}"
-                )
-        return False
-    raise AssertionError(
-        "query should be unbatched 2D or batched 3D tensor but received "
-        f"{query.dim()}-D query tensor"
-    )
+    return rank == 3
 
 
 def check_input_sizes(
+    spec: ModuleSpec,
     query: Tensor,
     key: Tensor,
     value: Tensor,
-    embed_dim: int,
-    kdim: int,
-    vdim: int,
-    packed: bool,
-    k_proj_weight: Optional[Tensor],
-    v_proj_weight: Optional[Tensor],
     given_shapes: List[List[int]],
     given_layout: str,
 ) -> None:
     """Feature and sequence sizes (inputs already viewed as (N, seq, features)): torch's
     checks and exception types (AssertionError; RuntimeError where torch's linear fails).
-    ``packed``: the module has one packed input projection (kdim = vdim = embed_dim).
     ``given_shapes`` and ``given_layout`` describe the caller's inputs in the messages."""
+    embed_dim = spec.embed_dim
     if query.size(-1) != embed_dim:
         raise AssertionError(
             f"was expecting embedding dimension of {embed_dim}, but got "
             f"{query.size(-1)}: query has {query.size(-1)} features, embed_dim is "
             f"{embed_dim} ({describe_given(given_shapes, given_layout)})"
         )
-    if packed:
+    if spec.packed:
         if key.shape != value.shape:
             raise AssertionError(
                 "key shape does not match value shape: with kdim = vdim = embed_dim, key "
@@ -441,18 +445,15 @@ def check_input_sizes(
                 "have the same batch size and sequence length "
                 f"({describe_given(given_shapes, given_layout)})"
             )
-        for name, tensor, features, weight in [
-            ("key", key, kdim, k_proj_weight),
-            ("value", value, vdim, v_proj_weight),
-        ]:
+        for name, tensor, features in [("key", key, spec.kdim), ("value", value, spec.vdim)]:
             if tensor.size(-1) != features:
-                weight_shape = "None" if weight is None else format_shape(list(weight.shape))
                 dim_name = "kdim" if name == "key" else "vdim"
                 raise AssertionError(
                     f"expecting {name} weights shape of "
                     f"{format_shape([embed_dim, tensor.size(-1)])}, but got "
-                    f"{weight_shape}: {name} has {tensor.size(-1)} features, {dim_name} is "
-                    f"{features} ({describe_given(given_shapes, given_layout)})"
+                    f"{format_shape([embed_dim, features])}: {name} has {tensor.size(-1)} "
+                    f"features, {dim_name} is {features} "
+                    f"({describe_given(given_shapes, given_layout)})"
                 )
 
 

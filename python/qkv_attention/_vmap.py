@@ -18,6 +18,9 @@ size; per-sample shapes are the ops' own, e.g. query (B, H, L, D).
   that differ per sample (an ensemble through ``torch.func.functional_call``) they loop.
 - The backward ops loop over the samples: their weight and mask gradients are sums over each
   sample's batch, which folding would merge across samples.
+- Every rule reads its arguments and their vmapped dimensions by the names of the op's schema
+  (``_Call``), never by position, and the rules that loop over samples are one generic rule
+  (``_per_sample_rule``).
 - ``attention_with_kv_cache`` writes into its caches: the rule calls the op once per sample on
   that sample's slice of the caches (a view, so the writes land in the caller's tensors). Caches
   without the vmapped dimension would receive every sample's keys at the same positions: that
@@ -26,19 +29,37 @@ size; per-sample shapes are the ops' own, e.g. query (B, H, L, D).
   samples: each sample's packed rows come with offsets of their own.
 """
 
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+from .ops import _draw_dropout_rng_state
+
 _ops = torch.ops.qkv_attention
 
 
-def _first(t: Optional[Tensor], dim: Optional[int]) -> Optional[Tensor]:
-    """t with its vmapped dimension moved to the front (None stays None)."""
-    if t is None or dim is None:
-        return t
-    return t.movedim(dim, 0)
+class _Call:
+    """One call of an op inside vmap: its arguments and their vmapped dimensions (None where
+    not vmapped), keyed by the names of the op's schema; arguments left out take the schema's
+    defaults."""
+
+    def __init__(self, op: Any, in_dims: Sequence[Optional[int]], args: Sequence[Any], kwargs):
+        schema = op.default._schema.arguments
+        self.args: Dict[str, Any] = {
+            a.name: a.default_value for a in schema[len(args) :] if a.has_default_value()
+        }
+        self.args.update(zip((a.name for a in schema), args))
+        self.args.update(kwargs)
+        self.dims: Dict[str, Optional[int]] = dict(zip((a.name for a in schema), in_dims))
+
+    def dim(self, name: str) -> Optional[int]:
+        return self.dims.get(name)
+
+
+def _in_order(op: Any, values: Dict[str, Any], default: Any = None) -> List[Any]:
+    """``values`` as op's positional arguments, in the order of its schema."""
+    return [values.get(a.name, default) for a in op.default._schema.arguments]
 
 
 def _sample(arg: Any, dim: Optional[int], n: int) -> Any:
@@ -60,6 +81,20 @@ def _per_sample(
         return torch.stack(results), 0
     outputs = tuple(torch.stack([r[i] for r in results]) for i in range(len(results[0])))
     return outputs, tuple(0 for _ in outputs)
+
+
+def _per_sample_rule(op: Callable):
+    """The rule of an op that runs once per sample (see the file's opening comment)."""
+
+    def rule(info, in_dims, *args, **kwargs):
+        return _per_sample(op, info.batch_size, in_dims, args, kwargs)
+
+    return rule
+
+
+def _per_sample_call(op: Any, info: Any, call: _Call) -> Tuple[Any, Any]:
+    """op once per sample on the (possibly rewritten) arguments of ``call``."""
+    return _per_sample(op, info.batch_size, _in_order(op, call.dims), _in_order(op, call.args), {})
 
 
 def _fold(t: Tensor, dim: Optional[int], n: int) -> Tensor:
@@ -91,10 +126,13 @@ def _fold_attn_mask(
     return mask.expand(n, batch, *mask.shape[2:]).reshape(n * batch, *mask.shape[2:])
 
 
-def _random_state(op_name: str, info: Any, dropout_p: float) -> Tuple[Optional[Tensor], bool]:
-    """The rng_state a composite attention op draws under vmap, and whether it is batched."""
+def _random_state(op_name: str, info: Any, call: _Call) -> None:
+    """Draws the rng_state a composite op draws, as vmap's randomness says, into ``call``:
+    one state for every sample ("same"), or one per sample ("different", batched)."""
+    dropout_p = call.args["dropout_p"]
+    call.args["rng_state"], call.dims["rng_state"] = None, None
     if not dropout_p > 0:
-        return None, False
+        return
     if info.randomness == "error":
         raise RuntimeError(
             f"qkv_attention.{op_name}: vmap: called random operation while in randomness error "
@@ -106,100 +144,54 @@ def _random_state(op_name: str, info: Any, dropout_p: float) -> Tuple[Optional[T
     # Drawn as a plain tensor: vmap's mode key would batch a random op called here itself.
     vmap_mode = torch._C.DispatchKeySet(torch._C.DispatchKey.FuncTorchVmapMode)
     with torch._C._DisableFuncTorch(), torch._C._ExcludeDispatchKeyGuard(vmap_mode):
-        state = torch.randint(
-            2**63 - 1, (2,) if same else (info.batch_size, 2), dtype=torch.int64, device="cpu"
-        )
-    return state, not same
+        state = _draw_dropout_rng_state(dropout_p, None if same else info.batch_size)
+    call.args["rng_state"], call.dims["rng_state"] = state, None if same else 0
 
 
-def _attention_forward_batched(
-    info: Any,
-    in_dims: Sequence[Optional[int]],
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    attn_mask: Optional[Tensor],
-    key_padding_mask: Optional[Tensor],
-    dropout_p: float,
-    is_causal: bool,
-    scale: Optional[float],
-    need_weights: bool,
-    rng_state: Optional[Tensor] = None,
-    average_attn_weights: bool = False,
-):
+def _attention_forward_batched(info: Any, call: _Call):
+    """_attention_forward's rule on a call by name (also the composite ops' after their draw)."""
+    op = _ops._attention_forward
     n = info.batch_size
-    args = (
-        query,
-        key,
-        value,
-        attn_mask,
-        key_padding_mask,
-        dropout_p,
-        is_causal,
-        scale,
-        need_weights,
-        rng_state,
-        average_attn_weights,
-    )
-    dims = tuple(in_dims) + (None,) * (len(args) - len(in_dims))
-    if dropout_p > 0:
+    args = call.args
+    if args["dropout_p"] > 0:
         # One call per sample: each sample's mask is the one of its own call (see above).
-        return _per_sample(_ops._attention_forward, n, dims, args, {})
-    q_dim, k_dim, v_dim, mask_dim, padding_dim = dims[:5]
+        return _per_sample_call(op, info, call)
+    query, q_dim = args["query"], call.dim("query")
     batch = query.movedim(q_dim, 0).shape[1] if q_dim is not None else query.shape[0]
-    output, logsumexp, weights = _ops._attention_forward(
-        _fold(query, q_dim, n),
-        _fold(key, k_dim, n),
-        _fold(value, v_dim, n),
-        _fold_attn_mask(attn_mask, mask_dim, n, batch),
-        None if key_padding_mask is None else _fold(key_padding_mask, padding_dim, n),
-        dropout_p,
-        is_causal,
-        scale,
-        need_weights,
-        None,
-        average_attn_weights,
+    padding = args["key_padding_mask"]
+    folded = dict(args)
+    folded.update(
+        query=_fold(query, q_dim, n),
+        key=_fold(args["key"], call.dim("key"), n),
+        value=_fold(args["value"], call.dim("value"), n),
+        attn_mask=_fold_attn_mask(args["attn_mask"], call.dim("attn_mask"), n, batch),
+        key_padding_mask=None
+        if padding is None
+        else _fold(padding, call.dim("key_padding_mask"), n),
+        rng_state=None,
     )
+    output, logsumexp, weights = op(*_in_order(op, folded))
     # (n * B, ...) -> (n, B, ...): per-head (B, H, L, S) or averaged (B, L, S) weights alike.
+    need_weights = args["need_weights"]
     weights, weights_dim = (_unfold(weights, n), 0) if need_weights else (weights, None)
     return (_unfold(output, n), _unfold(logsumexp, n), weights), (0, 0, weights_dim)
 
 
+def _attention_forward_rule(info, in_dims, *args, **kwargs):
+    return _attention_forward_batched(info, _Call(_ops._attention_forward, in_dims, args, kwargs))
+
+
 def _composite_batched(op_name: str, with_weights: bool):
     """The rule of attention / attention_with_weights: draw the dropout state as vmap's
-    randomness says, then _attention_forward's rule."""
+    randomness says, then _attention_forward's rule on the same arguments by name."""
+    op = getattr(_ops, op_name)
 
-    def rule(
-        info,
-        in_dims,
-        query,
-        key,
-        value,
-        attn_mask=None,
-        dropout_p=0.0,
-        is_causal=False,
-        scale=None,
-        key_padding_mask=None,
-        average_attn_weights=False,
-    ):
-        rng_state, rng_batched = _random_state(op_name, info, dropout_p)
-        dims = (*in_dims[:4], in_dims[7] if len(in_dims) > 7 else None)
-        forward_dims = (*dims, None, None, None, None, 0 if rng_batched else None, None)
-        outputs, out_dims = _attention_forward_batched(
-            info,
-            forward_dims,
-            query,
-            key,
-            value,
-            attn_mask,
-            key_padding_mask,
-            dropout_p,
-            is_causal,
-            scale,
-            with_weights,
-            rng_state,
-            average_attn_weights,
-        )
+    def rule(info, in_dims, *args, **kwargs):
+        call = _Call(op, in_dims, args, kwargs)
+        _random_state(op_name, info, call)
+        call.args["need_weights"] = with_weights
+        call.args.setdefault("average_attn_weights", False)
+        outputs, out_dims = _attention_forward_batched(info, call)
         if with_weights:
             return (outputs[0], outputs[2]), (out_dims[0], out_dims[2])
         return outputs[0], out_dims[0]
@@ -207,73 +199,19 @@ def _composite_batched(op_name: str, with_weights: bool):
     return rule
 
 
-def _attention_backward_batched(
-    info,
-    in_dims,
-    grad_output,
-    grad_weights,
-    query,
-    key,
-    value,
-    output,
-    logsumexp,
-    attn_mask,
-    key_padding_mask,
-    dropout_p,
-    is_causal,
-    scale,
-    rng_state,
-    attn_mask_requires_grad,
-    key_padding_mask_requires_grad,
-):
-    args = (
-        grad_output,
-        grad_weights,
-        query,
-        key,
-        value,
-        output,
-        logsumexp,
-        attn_mask,
-        key_padding_mask,
-        dropout_p,
-        is_causal,
-        scale,
-        rng_state,
-        attn_mask_requires_grad,
-        key_padding_mask_requires_grad,
-    )
-    return _per_sample(_ops._attention_backward, info.batch_size, in_dims, args, {})
-
-
-def _dropout_mask_batched(info, in_dims, rng_state, batch, heads, q_len, kv_len, dropout_p):
-    args = (rng_state, batch, heads, q_len, kv_len, dropout_p)
-    return _per_sample(_ops._attention_dropout_mask, info.batch_size, in_dims, args, {})
-
-
-def _qkv_projection_batched(
-    info,
-    in_dims,
-    query,
-    key,
-    value,
-    q_weight,
-    k_weight,
-    v_weight,
-    q_bias,
-    k_bias,
-    v_bias,
-    num_heads,
-):
+def _qkv_projection_batched(info, in_dims, *args, **kwargs):
+    op = _ops.qkv_projection
+    call = _Call(op, in_dims, args, kwargs)
     n = info.batch_size
-    args = (query, key, value, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias, num_heads)
-    if any(d is not None for d in in_dims[3:9]):
-        return _per_sample(_ops.qkv_projection, n, in_dims, args, {})
+    parameters = ("q_weight", "k_weight", "v_weight", "q_bias", "k_bias", "v_bias")
+    if any(call.dim(name) is not None for name in parameters):
+        return _per_sample_call(op, info, call)
     # Fold each distinct input once: self-attention passes one tensor as query, key and value,
     # and the op recognises that (one GEMM against the stacked weights) only if it still is.
     folded: List[Tuple[Tensor, Optional[int], Tensor]] = []
 
-    def fold_once(t: Tensor, dim: Optional[int]) -> Tensor:
+    def fold_once(name: str) -> Tensor:
+        t, dim = call.args[name], call.dim(name)
         for original, original_dim, result in folded:
             if original is t and original_dim == dim:
                 return result
@@ -281,89 +219,39 @@ def _qkv_projection_batched(
         folded.append((t, dim, result))
         return result
 
-    q, k, v = _ops.qkv_projection(
-        fold_once(query, in_dims[0]),
-        fold_once(key, in_dims[1]),
-        fold_once(value, in_dims[2]),
-        q_weight,
-        k_weight,
-        v_weight,
-        q_bias,
-        k_bias,
-        v_bias,
-        num_heads,
-    )
+    values = dict(call.args, query=fold_once("query"), key=fold_once("key"))
+    values["value"] = fold_once("value")
+    q, k, v = op(*_in_order(op, values))
     return (_unfold(q, n), _unfold(k, n), _unfold(v, n)), (0, 0, 0)
 
 
-def _merge_heads_batched(info, in_dims, x, out_weight, out_bias):
+def _merge_heads_batched(info, in_dims, *args, **kwargs):
+    op = _ops.merge_heads
+    call = _Call(op, in_dims, args, kwargs)
     n = info.batch_size
-    if in_dims[1] is not None or (len(in_dims) > 2 and in_dims[2] is not None):
-        return _per_sample(_ops.merge_heads, n, in_dims, (x, out_weight, out_bias), {})
-    return _unfold(_ops.merge_heads(_fold(x, in_dims[0], n), out_weight, out_bias), n), 0
+    if call.dim("out_weight") is not None or call.dim("out_bias") is not None:
+        return _per_sample_call(op, info, call)
+    values = dict(call.args, x=_fold(call.args["x"], call.dim("x"), n))
+    return _unfold(op(*_in_order(op, values)), n), 0
 
 
-def _attention_varlen_batched(
-    info,
-    in_dims,
-    query,
-    key,
-    value,
-    cu_seqlens_q,
-    cu_seqlens_k,
-    max_seqlen_q,
-    max_seqlen_k,
-    dropout_p=0.0,
-    is_causal=False,
-    scale=None,
-):
+def _attention_varlen_batched(info, in_dims, *args, **kwargs):
     """attention_varlen: the dropout state as vmap's randomness says, then one
     _attention_varlen_forward call per sample (a sample's packed rows and offsets are a batch
     of their own; folding samples would need offsets rebuilt for every sample)."""
-    rng_state, rng_batched = _random_state("attention_varlen", info, dropout_p)
-    args = (
-        query,
-        key,
-        value,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        dropout_p,
-        is_causal,
-        scale,
-        rng_state,
-    )
-    dims = (*in_dims[:5], None, None, None, None, None, 0 if rng_batched else None)
-    outputs, out_dims = _per_sample(_ops._attention_varlen_forward, info.batch_size, dims, args, {})
+    call = _Call(_ops.attention_varlen, in_dims, args, kwargs)
+    _random_state("attention_varlen", info, call)
+    outputs, out_dims = _per_sample_call(_ops._attention_varlen_forward, info, call)
     return outputs[0], out_dims[0]
 
 
-def _backward_batched(op: Callable):
-    def rule(info, in_dims, *args):
-        return _per_sample(op, info.batch_size, in_dims, args, {})
-
-    return rule
-
-
-def _attention_with_kv_cache_batched(
-    info,
-    in_dims,
-    query,
-    k_cache,
-    v_cache,
-    key=None,
-    value=None,
-    cache_seqlens=None,
-    attn_mask=None,
-    is_causal=True,
-    scale=None,
-):
-    args = (query, k_cache, v_cache, key, value, cache_seqlens, attn_mask, is_causal, scale)
-    dims = tuple(in_dims) + (None,) * (len(args) - len(in_dims))
-    k_dim, v_dim = dims[1], dims[2]
-    writes = key is not None
-    if (k_dim is None) != (v_dim is None) or (k_dim is None and (writes or dims[5] is not None)):
+def _attention_with_kv_cache_batched(info, in_dims, *args, **kwargs):
+    op = _ops.attention_with_kv_cache
+    call = _Call(op, in_dims, args, kwargs)
+    k_dim, v_dim = call.dim("k_cache"), call.dim("v_cache")
+    writes = call.args["key"] is not None
+    shared = k_dim is None and (writes or call.dim("cache_seqlens") is not None)
+    if (k_dim is None) != (v_dim is None) or shared:
         raise RuntimeError(
             "qkv_attention.attention_with_kv_cache: vmap: k_cache and v_cache must both be "
             "vmapped (one cache per sample) when either is, when key/value are written, or when "
@@ -374,11 +262,7 @@ def _attention_with_kv_cache_batched(
             "dimension B instead"
         )
     # One call per sample on views of its caches: the op writes through them in place.
-    outputs = [
-        _ops.attention_with_kv_cache(*(_sample(a, d, n) for a, d in zip(args, dims)))
-        for n in range(info.batch_size)
-    ]
-    return torch.stack(outputs), 0
+    return _per_sample_call(op, info, call)
 
 
 def register() -> None:
@@ -386,17 +270,22 @@ def register() -> None:
     rules = {
         "attention": _composite_batched("attention", with_weights=False),
         "attention_with_weights": _composite_batched("attention_with_weights", with_weights=True),
-        "_attention_forward": _attention_forward_batched,
-        "_attention_backward": _attention_backward_batched,
-        "_attention_dropout_mask": _dropout_mask_batched,
+        "_attention_forward": _attention_forward_rule,
         "qkv_projection": _qkv_projection_batched,
-        "qkv_projection_backward": _backward_batched(_ops.qkv_projection_backward),
         "merge_heads": _merge_heads_batched,
-        "merge_heads_backward": _backward_batched(_ops.merge_heads_backward),
         "attention_with_kv_cache": _attention_with_kv_cache_batched,
         "attention_varlen": _attention_varlen_batched,
-        "_attention_varlen_forward": _backward_batched(_ops._attention_varlen_forward),
-        "_attention_varlen_backward": _backward_batched(_ops._attention_varlen_backward),
     }
+    # Ops whose samples run one call each: the backward ops (their weight and mask gradients
+    # are sums over each sample's batch), the dropout mask, and the variable-length forward.
+    for name in (
+        "_attention_backward",
+        "_attention_dropout_mask",
+        "qkv_projection_backward",
+        "merge_heads_backward",
+        "_attention_varlen_forward",
+        "_attention_varlen_backward",
+    ):
+        rules[name] = _per_sample_rule(getattr(_ops, name))
     for name, rule in rules.items():
         torch.library.register_vmap(f"qkv_attention::{name}", rule)

@@ -13,22 +13,29 @@ Two parts, each printed as a table:
    (and returned attention weights) and in the gradients of inputs and parameters. Also in that
    table: a torch.nn.TransformerEncoderLayer before and after ``replace_attention``, and
    ``qkv_attention.functional.scaled_dot_product_attention`` against torch's.
+3. **Features** beyond the module, each against a reference on the same inputs: variable-length
+   batches (``attention_varlen`` against torch's SDPA on each sequence), the KV cache (prefill
+   then decoding steps against torch's SDPA on the whole sequence), ``torch.compile`` of the
+   module (against eager), bfloat16 and float16 (against torch's SDPA in float64) and, when
+   transformers is installed, the HuggingFace plug-in (a tiny Llama-style model against sdpa).
 
-The exit code is 0 when every check passes and 1 otherwise, so the tool can gate a script.
+It first prints what was built: the package and torch versions, the compiler, and the CPU level
+the attention kernels run at. The exit code is 0 when every check passes and 1 otherwise, so the tool can gate a script.
 The cases live in ``qkv_attention._cases`` (the tests run them too); this module runs and reports
 them. It depends on the installed package only (not on the repository's tests or examples).
 """
 
 import argparse
 import copy
+import importlib.util
 import math
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from . import _cases, functional
 from ._cases import GradientCase, ParityConfig, gradient_cases, parity_configs
@@ -38,6 +45,7 @@ __all__ = [
     "gradient_cases",
     "parity_configs",
     "other_parity_checks",
+    "feature_checks",
     "run_gradient_checks",
     "run_parity_checks",
     "run_other_parity_checks",
@@ -103,17 +111,18 @@ def run_gradient_checks(
 class ParityResult:
     name: str
     output_error: float
-    gradient_error: float
+    gradient_error: Optional[float]  # None: the check has no gradients (inference only)
     tolerance: Tuple[float, float]
     seconds: float
     detail: str = ""
+    reference: str = ""  # what ours was compared with (the features' table shows it)
 
     @property
     def passed(self) -> bool:
         return (
             not self.detail
             and self.output_error <= self.tolerance[0]
-            and self.gradient_error <= self.tolerance[1]
+            and (self.gradient_error is None or self.gradient_error <= self.tolerance[1])
         )
 
 
@@ -173,13 +182,16 @@ def run_parity_checks(configs: Sequence[ParityConfig]) -> List[ParityResult]:
 
 @dataclass(frozen=True)
 class ParityCheck:
-    """A comparison with torch that is not a MultiheadAttention configuration.
+    """A comparison with a reference that is not a MultiheadAttention configuration.
 
-    ``compare()`` returns (max output error, max gradient error); float64 tolerances apply.
+    ``compare()`` returns (max output error, max gradient error or None when nothing is
+    differentiated); ``tolerance`` bounds them (float64's unless given).
     """
 
     name: str
-    compare: Callable[[], Tuple[float, float]]
+    compare: Callable[[], Tuple[float, Optional[float]]]
+    tolerance: Tuple[float, float] = _cases.TOLERANCES[_cases.F64]
+    reference: str = "torch"
 
 
 def _replace_attention_in_encoder_layer() -> Tuple[float, float]:
@@ -300,12 +312,240 @@ def run_other_parity_checks(checks: Sequence[ParityCheck]) -> List[ParityResult]
                 check.name,
                 output_error,
                 gradient_error,
-                _cases.TOLERANCES[_cases.F64],
+                check.tolerance,
                 time.perf_counter() - start,
                 detail,
+                check.reference,
             )
         )
     return results
+
+
+# --------------------------------------------------------------------------------------------
+# Part 3: features beyond the module, each against a reference
+# --------------------------------------------------------------------------------------------
+
+
+def _leaves(tensors: Sequence[Tensor], dtype: torch.dtype) -> List[Tensor]:
+    return [t.detach().to(dtype).requires_grad_() for t in tensors]
+
+
+def _output_and_gradients(function, inputs: Sequence[Tensor], grad_out: Tensor):
+    out = function(*inputs)
+    return out, torch.autograd.grad(out, inputs, grad_out.to(out.dtype))
+
+
+def _largest_differences(ours, theirs) -> Tuple[float, float]:
+    """(output error, largest gradient error) of two _output_and_gradients results."""
+    return (
+        _cases.max_abs_difference(ours[0], theirs[0]),
+        max(_cases.max_abs_difference(a, b) for a, b in zip(ours[1], theirs[1])),
+    )
+
+
+def _varlen_against_sdpa_per_sequence() -> Tuple[float, float]:
+    """attention_varlen over packed sequences of lengths 3, 0, 5 and 1 (queries) and 4, 2, 5, 3
+    (keys), causal, 4 query heads on 2 key/value heads, against torch's SDPA on each sequence."""
+    from . import ops
+
+    g = torch.Generator().manual_seed(21)
+    q_lengths, k_lengths = [3, 0, 5, 1], [4, 2, 5, 3]
+    cu_q = torch.tensor([0, *torch.tensor(q_lengths).cumsum(0).tolist()])
+    cu_k = torch.tensor([0, *torch.tensor(k_lengths).cumsum(0).tolist()])
+    q = torch.randn(sum(q_lengths), 4, 6, generator=g, dtype=_cases.F64)  # (total_q, H, D)
+    k = torch.randn(sum(k_lengths), 2, 6, generator=g, dtype=_cases.F64)  # (total_k, Hkv, D)
+    v = torch.randn(sum(k_lengths), 2, 5, generator=g, dtype=_cases.F64)  # (total_k, Hkv, Dv)
+    grad_out = torch.randn(sum(q_lengths), 4, 5, generator=g, dtype=_cases.F64)
+
+    def packed(q, k, v):
+        return ops.attention_varlen(q, k, v, cu_q, cu_k, 5, 5, is_causal=True)
+
+    def per_sequence(q, k, v):
+        outputs = []
+        for b in range(len(q_lengths)):
+            rows_q, rows_k = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+            # (L_b, H, D) -> (1, H, L_b, D); a sequence without keys gives zeros, as ours.
+            qb, kb, vb = (t.transpose(0, 1)[None] for t in (q[rows_q], k[rows_k], v[rows_k]))
+            if kb.shape[2] == 0:
+                outputs.append(q[rows_q].new_zeros(q_lengths[b], 4, 5))
+                continue
+            ob = nn.functional.scaled_dot_product_attention(
+                qb, kb, vb, is_causal=True, enable_gqa=True
+            )
+            outputs.append(ob[0].transpose(0, 1))  # (1, H, L_b, Dv) -> (L_b, H, Dv)
+        return torch.cat(outputs)
+
+    ours = _output_and_gradients(packed, _leaves((q, k, v), _cases.F64), grad_out)
+    theirs = _output_and_gradients(per_sequence, _leaves((q, k, v), _cases.F64), grad_out)
+    return _largest_differences(ours, theirs)
+
+
+def _kv_cache_against_sdpa() -> Tuple[float, None]:
+    """KVCache: a prompt of 6 then 3 one-token steps, 4 query heads on 2 key/value heads,
+    against torch's causal SDPA over the whole sequence (the last 3 rows are the steps')."""
+    from . import KVCache
+
+    g = torch.Generator().manual_seed(22)
+    q = torch.randn(2, 4, 9, 8, generator=g, dtype=_cases.F64)  # (B, H, L, D)
+    k = torch.randn(2, 2, 9, 8, generator=g, dtype=_cases.F64)  # (B, Hkv, L, D)
+    v = torch.randn(2, 2, 9, 8, generator=g, dtype=_cases.F64)
+    cache = KVCache(2, 2, max_len=16, head_dim=8, dtype=_cases.F64)
+    with torch.no_grad():
+        steps = [slice(0, 6), slice(6, 7), slice(7, 8), slice(8, 9)]
+        ours = torch.cat([cache.attend(q[:, :, s], k[:, :, s], v[:, :, s]) for s in steps], 2)
+    theirs = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    if cache.lengths.tolist() != [9, 9]:
+        raise AssertionError(f"KVCache.lengths is {cache.lengths.tolist()} after 9 tokens")
+    return _cases.max_abs_difference(ours, theirs), None
+
+
+def _compiled_module_against_eager() -> Tuple[float, float]:
+    """torch.compile(fullgraph=True) (Inductor) of the module with a padding mask, outputs and
+    input gradients against eager: our ops are opaque to the compiler, so they agree closely."""
+    from . import MultiheadAttention as OurMultiheadAttention
+
+    torch.manual_seed(23)
+    module = OurMultiheadAttention(_cases.E, _cases.HEADS, batch_first=True, dtype=_cases.F64)
+    g = torch.Generator().manual_seed(23)
+    x = torch.randn(_cases.BATCH, _cases.QLEN, _cases.E, generator=g, dtype=_cases.F64)
+    padding = torch.zeros(_cases.BATCH, _cases.QLEN, dtype=torch.bool)
+    padding[1, -2:] = True
+    grad_out = torch.randn(x.shape, generator=g, dtype=_cases.F64)
+
+    def attend(call):
+        return lambda x: call(x, x, x, key_padding_mask=padding, need_weights=False)[0]
+
+    compiled = torch.compile(module, fullgraph=True)
+    ours = _output_and_gradients(attend(compiled), _leaves((x,), _cases.F64), grad_out)
+    eager = _output_and_gradients(attend(module), _leaves((x,), _cases.F64), grad_out)
+    return _largest_differences(ours, eager)
+
+
+# Half types against float64: values of order 1 whose sums are accumulated in float32, so the
+# error is the inputs' and the output's rounding, a few units of the dtype's eps (bfloat16
+# 7.8e-3, float16 9.8e-4); torch's own SDPA in the same dtype is off by as much (measured:
+# bfloat16 7.9e-3 output, 1.4e-2 gradients; float16 9.2e-4 and 1.9e-3).
+HALF_TOLERANCES = {torch.bfloat16: (2e-2, 4e-2), torch.float16: (3e-3, 6e-3)}
+
+
+def _half_attention_against_float64(dtype: torch.dtype):
+    def compare() -> Tuple[float, float]:
+        from . import ops
+
+        g = torch.Generator().manual_seed(24)
+        # Rounded to the half type first, so that the float64 reference sees the same inputs.
+        q, k, v, grad_out = (
+            torch.randn(2, 4, 37, 16, generator=g).to(dtype).double() for _ in range(4)
+        )
+
+        def attend(q, k, v):
+            return ops.attention(q, k, v, is_causal=True)
+
+        ours = _output_and_gradients(attend, _leaves((q, k, v), dtype), grad_out)
+        reference = _output_and_gradients(
+            lambda q, k, v: nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
+            _leaves((q, k, v), _cases.F64),
+            grad_out,
+        )
+        return _largest_differences(ours, reference)
+
+    return compare
+
+
+def _huggingface_llama_against_sdpa() -> Tuple[float, float]:
+    """A 2-layer Llama-style model (4 query heads on 2 key/value heads, random weights from a
+    config, float64) with attn_implementation "qkv_attention" against "sdpa": logits of a
+    left-padded batch and the parameters' gradients of a loss on them. The profiler confirms
+    that our operator runs in every layer of one model and in no layer of the other."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .huggingface import register
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        # Weights of order 1 instead of transformers' 0.02: with tiny weights the attention
+        # barely moves the logits, and any attention would agree with sdpa.
+        initializer_range=0.5,
+    )
+    torch.manual_seed(25)
+    theirs = LlamaForCausalLM(config).to(_cases.F64)
+    theirs.set_attn_implementation("sdpa")
+    ours = copy.deepcopy(theirs)  # a config of its own: one shared config would switch both
+    ours.set_attn_implementation(register())
+    if theirs.config._attn_implementation != "sdpa":
+        raise AssertionError("the reference model no longer runs sdpa")
+    ids = torch.randint(1, 64, (2, 7), generator=torch.Generator().manual_seed(25))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    ids[1, :3], mask[1, :3] = 0, 0  # left padding
+    results: List[Tuple[Tensor, Dict[str, Tensor]]] = []
+    for model in (ours, theirs):
+        with torch.profiler.profile() as profile:
+            logits = model(input_ids=ids, attention_mask=mask).logits[mask.bool()]
+        calls = sum(e.count for e in profile.key_averages() if e.key == "qkv_attention::attention")
+        if calls != (config.num_hidden_layers if model is ours else 0):
+            raise AssertionError(
+                f"qkv_attention::attention ran {calls} times in the "
+                f"{model.config._attn_implementation} model's forward"
+            )
+        names, params = zip(*model.named_parameters())
+        grads = torch.autograd.grad(logits.square().mean(), params)
+        results.append((logits, dict(zip(names, grads))))
+    (ours_logits, ours_grads), (theirs_logits, theirs_grads) = results
+    return (
+        _cases.max_abs_difference(ours_logits, theirs_logits),
+        max(_cases.max_abs_difference(ours_grads[n], theirs_grads.get(n)) for n in ours_grads),
+    )
+
+
+def transformers_installed() -> bool:
+    return importlib.util.find_spec("transformers") is not None
+
+
+def feature_checks() -> List[ParityCheck]:
+    """Part 3; the HuggingFace check only when transformers is installed."""
+    f32 = _cases.TOLERANCES[torch.float32]
+    checks = [
+        ParityCheck(
+            "attention_varlen: 4 sequences, causal, GQA",
+            _varlen_against_sdpa_per_sequence,
+            reference="F.sdpa per sequence (float64)",
+        ),
+        ParityCheck(
+            "KVCache: prefill 6, then 3 decoding steps",
+            _kv_cache_against_sdpa,
+            reference="causal F.sdpa, whole sequence (float64)",
+        ),
+        ParityCheck(
+            "torch.compile(fullgraph=True) of the module",
+            _compiled_module_against_eager,
+            tolerance=f32,  # Inductor may reorder the few float64 sums around our ops
+            reference="the eager module (float64)",
+        ),
+    ]
+    checks += [
+        ParityCheck(
+            f"attention in {str(dtype).replace('torch.', '')}, causal",
+            _half_attention_against_float64(dtype),
+            tolerance=HALF_TOLERANCES[dtype],
+            reference="F.sdpa on the same values in float64",
+        )
+        for dtype in (torch.bfloat16, torch.float16)
+    ]
+    if transformers_installed():
+        checks.append(
+            ParityCheck(
+                "HuggingFace: Llama-style model, left padding",
+                _huggingface_llama_against_sdpa,
+                reference='the same model on "sdpa" (float64)',
+            )
+        )
+    return checks
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,18 +564,23 @@ def format_gradient_table(results: Sequence[GradientResult]) -> str:
         [r.name, r.gradcheck, r.gradgradcheck, f"{r.seconds:.2f}", "pass" if r.passed else "FAIL"]
         for r in results
     ]
-    return _table(["operator case (float64)", "gradcheck", "gradgradcheck", "s", "result"], rows)
+    return _table(
+        ["operator case (float64)", "gradcheck", "gradgradcheck", "time (s)", "result"], rows
+    )
+
+
+def _number(x: Optional[float]) -> str:
+    if x is None:
+        return "-"  # nothing differentiated
+    return "inf" if math.isinf(x) else f"{x:.1e}"
 
 
 def format_parity_table(results: Sequence[ParityResult]) -> str:
-    def number(x: float) -> str:
-        return "inf" if math.isinf(x) else f"{x:.1e}"
-
     rows = [
         [
             r.name,
-            number(r.output_error),
-            number(r.gradient_error),
+            _number(r.output_error),
+            _number(r.gradient_error),
             f"{r.tolerance[0]:.0e}/{r.tolerance[1]:.0e}",
             "pass" if r.passed else "FAIL",
         ]
@@ -346,10 +591,50 @@ def format_parity_table(results: Sequence[ParityResult]) -> str:
             "configuration (ours vs torch, same inputs)",
             "max output err",
             "max grad err",
-            "tolerance",
+            "tolerance (output/grad)",
             "result",
         ],
         rows,
+    )
+
+
+def format_feature_table(results: Sequence[ParityResult]) -> str:
+    rows = [
+        [
+            r.name,
+            r.reference,
+            _number(r.output_error),
+            _number(r.gradient_error),
+            f"{r.tolerance[0]:.0e}/{r.tolerance[1]:.0e}",
+            "pass" if r.passed else "FAIL",
+        ]
+        for r in results
+    ]
+    return _table(
+        [
+            "feature (ours)",
+            "compared with",
+            "max output err",
+            "max grad err",
+            "tolerance (output/grad)",
+            "result",
+        ],
+        rows,
+    )
+
+
+def format_build_summary(info: Dict[str, object]) -> str:
+    """build_info() as sentences: what was built, with what, and which kernels run here."""
+    on_off = {True: "on", False: "off"}
+    return "\n".join(
+        [
+            f"qkv_attention {info['version']}, built against torch {info['torch_version']} "
+            f"with {info['compiler']} (OpenMP {on_off[bool(info['openmp'])]}, "
+            f"C++11 ABI {on_off[bool(info['cxx11_abi'])]})",
+            f"running on torch {torch.__version__}; torch's CPU capability "
+            f"{info['cpu_capability']}, our attention kernels at level {info['kernel_isa']}",
+            f"threads while checking: {info['num_threads']} (--threads N to change)",
+        ]
     )
 
 
@@ -362,8 +647,9 @@ def _select(items, patterns: Optional[Sequence[str]]):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m qkv_attention.check",
-        description="gradcheck/gradgradcheck of every qkv_attention operator and parity of "
-        "qkv_attention.MultiheadAttention with torch.nn.MultiheadAttention. "
+        description="gradcheck/gradgradcheck of every qkv_attention operator, parity of "
+        "qkv_attention.MultiheadAttention with torch.nn.MultiheadAttention, and the features "
+        "(varlen, KV cache, torch.compile, half types, HuggingFace) against references. "
         "Exit code 0 when everything passes, 1 otherwise.",
     )
     parser.add_argument(
@@ -374,6 +660,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     parser.add_argument("--skip-gradcheck", action="store_true", help="skip part 1")
     parser.add_argument("--skip-parity", action="store_true", help="skip part 2")
+    parser.add_argument("--skip-features", action="store_true", help="skip part 3")
     parser.add_argument(
         "--no-gradgradcheck", action="store_true", help="first derivatives only (faster)"
     )
@@ -399,27 +686,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cases = [] if args.skip_gradcheck else _select(gradient_cases(), args.only)
     configs = [] if args.skip_parity else _select(parity_configs(), args.only)
     others = [] if args.skip_parity else _select(other_parity_checks(), args.only)
+    features = [] if args.skip_features else _select(feature_checks(), args.only)
     if args.list:
-        for item in [*cases, *configs, *others]:
+        for item in [*cases, *configs, *others, *features]:
             print(item.name)
         return 0
 
-    if not (cases or configs or others):
+    if not (cases or configs or others or features):
         print("no check matches the selection", file=sys.stderr)
         return 1
     threads_before = torch.get_num_threads()
     torch.set_num_threads(max(args.threads, 1))
     try:
-        return _run_and_report(args, cases, configs, others)
+        return _run_and_report(args, cases, configs, others, features)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _run_and_report(args, cases, configs, others) -> int:
+def _run_and_report(args, cases, configs, others, features) -> int:
     from . import build_info
 
-    print(f"qkv_attention.check: torch {torch.__version__}, threads: {torch.get_num_threads()}")
-    print(f"build: {build_info()}")
+    print(format_build_summary(build_info()))
     start = time.perf_counter()
     failures: List[Tuple[str, str]] = []
     if cases:
@@ -434,7 +721,15 @@ def _run_and_report(args, cases, configs, others) -> int:
         failures += [
             (r.name, r.detail or "error above tolerance") for r in parity_results if not r.passed
         ]
-    total = len(cases) + len(configs) + len(others)
+    if features:
+        feature_results = run_other_parity_checks(features)
+        print("\n" + format_feature_table(feature_results))
+        failures += [
+            (r.name, r.detail or "error above tolerance") for r in feature_results if not r.passed
+        ]
+    if not args.skip_features and not transformers_installed():
+        print("HuggingFace plug-in: not checked (transformers is not installed)")
+    total = len(cases) + len(configs) + len(others) + len(features)
     elapsed = time.perf_counter() - start
     if failures:
         print(f"\n{len(failures)} of {total} checks FAILED ({elapsed:.1f} s):")

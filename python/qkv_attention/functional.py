@@ -1,12 +1,14 @@
 """``scaled_dot_product_attention`` with the signature of torch's, running on our operator."""
 
 import math
-from typing import Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from . import _jagged, ops
+from ._errors import InputDtypeError
 from ._validation import check_dense
 
 __all__ = ["scaled_dot_product_attention"]
@@ -37,6 +39,96 @@ def _check_tensor(name: str, t, optional: bool) -> None:
     check_dense("scaled_dot_product_attention", name, t)
 
 
+def _causal_bias(bias: CausalBias, is_causal: bool) -> Tuple[Optional[Tensor], bool]:
+    """torch's ``CausalBias`` (``torch.nn.attention.bias.causal_upper_left`` /
+    ``causal_lower_right``) as ``(attn_mask, is_causal)`` with torch's meaning: upper-left, or
+    any variant with L = S, is ``is_causal``; lower-right lets query i see keys
+    ``j <= i + S - L`` (aligned bottom-right). torch raises for a bias with ``is_causal``."""
+    if is_causal:
+        raise ValueError("CausalBias should not be used with causal=True")
+    q_len, kv_len = bias.seq_len_q, bias.seq_len_kv
+    if bias.variant == CausalVariant.UPPER_LEFT or q_len == kv_len:
+        return None, True
+    if bias.variant != CausalVariant.LOWER_RIGHT:
+        raise ValueError(
+            f"CausalBias.variant must be a CausalVariant type, but found: {bias.variant}"
+        )
+    # Bottom-right alignment is not an argument of the public attention op (only
+    # attention_with_kv_cache aligns its causal mask so), so the (L, S) bool mask is built
+    # here, True on and below the diagonal at offset S - L, as torch's CPU path builds it.
+    # Rows that see no key (L > S) give zeros, as from torch 2.13 on the CPU.
+    ones = torch.ones(q_len, kv_len, dtype=torch.bool)
+    return ones.tril(kv_len - q_len), False
+
+
+# What torch's function accepts for its scalar arguments (anything else: TypeError).
+_SCALAR_KINDS = (
+    ("dropout_p", 4, (float, int)),
+    ("is_causal", 5, (bool,)),
+    ("scale", 6, (float, int, type(None))),
+)
+
+
+def _run(function: Callable[..., Tensor], args: Tuple) -> Tensor:
+    """``function(*args)`` (the operator, or the jagged path that calls it; args as
+    scaled_dot_product_attention's first seven), raising what torch's function raises where the
+    operator's exception type differs: TypeError for a scalar argument of the wrong type (the
+    dispatcher raises RuntimeError), RuntimeError for a wrong dtype (the operator raises
+    TypeError; ``InputDtypeError`` is both). Costs nothing unless something is raised."""
+    try:
+        return function(*args)
+    except (TypeError, RuntimeError) as error:
+        for name, index, kinds in _SCALAR_KINDS:
+            if not isinstance(args[index], kinds):
+                raise TypeError(
+                    f"scaled_dot_product_attention: {name} must be "
+                    f"{' or '.join(kind.__name__ for kind in kinds)}, but got "
+                    f"{type(args[index]).__name__} ({args[index]!r})"
+                ) from error
+        if isinstance(error, TypeError) and not isinstance(error, InputDtypeError):
+            raise InputDtypeError(str(error)) from error
+        raise
+
+
+def _taken_as_is(
+    query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], enable_gqa: bool
+) -> bool:
+    """Whether the call is one the operator takes without reshaping (the common case, and the
+    one a decoding step makes per layer, so it costs only these reads): query (B, H, L, D),
+    key (B, Hkv, S, D), value (B, Hkv, S, Dv), tensors of one batch size, Hkv = H or, with
+    ``enable_gqa``, a divisor of H; ``attn_mask`` None or of 2 to 4 dims, which the operator
+    broadcasts to (B, H, L, S) as torch's function does. Sizes, dtypes and layouts are then
+    the operator's to check; any other call takes the general path below."""
+    if not (isinstance(query, Tensor) and isinstance(key, Tensor) and isinstance(value, Tensor)):
+        return False
+    if query.is_nested or key.is_nested or value.is_nested:  # mixed with dense: the messages below
+        return False
+    q_shape, k_shape, v_shape = query.shape, key.shape, value.shape
+    if len(q_shape) != 4 or len(k_shape) != 4 or len(v_shape) != 4:
+        return False
+    if attn_mask is not None and not (
+        isinstance(attn_mask, Tensor) and not attn_mask.is_nested and 2 <= attn_mask.dim() <= 4
+    ):
+        return False
+    batch, heads, kv_heads = q_shape[0], q_shape[1], k_shape[1]
+    if k_shape[0] != batch or v_shape[0] != batch or v_shape[1] != kv_heads:
+        return False
+    return kv_heads == heads or (enable_gqa and kv_heads > 0 and heads % kv_heads == 0)
+
+
+def _gqa_hint(query: Tensor, key: Tensor, enable_gqa: bool) -> str:
+    """A hint for batch dims that do not broadcast because key/value have fewer heads."""
+    if enable_gqa or query.dim() < 3 or key.dim() < 3:
+        return ""
+    heads, kv_heads = query.size(-3), key.size(-3)
+    if kv_heads == heads or kv_heads == 0 or heads % kv_heads != 0:
+        return ""
+    return (
+        f"; query has {heads} heads (dim -3) and key/value {kv_heads}: pass enable_gqa=True "
+        "for grouped-query attention"
+    )
+
+
 def scaled_dot_product_attention(
     query: Tensor,
     key: Tensor,
@@ -52,9 +144,11 @@ def scaled_dot_product_attention(
     Args:
         query: (..., L, E).  key: (..., S, E).  value: (..., S, Ev); the leading batch dims
             broadcast against each other.
-        attn_mask: broadcastable to (..., L, S); bool (True = may attend) or float (added).
+        attn_mask: broadcastable to (..., L, S); bool (True = may attend) or float (added);
+            or torch's ``CausalBias`` (``torch.nn.attention.bias.causal_upper_left(L, S)``
+            / ``causal_lower_right(L, S)``), with torch's meaning.
         dropout_p: dropout on the attention weights (applied whenever it is > 0, as torch's).
-        is_causal: top-left causal mask; may be combined with attn_mask (torch's raises).
+        is_causal: top-left causal mask; combines with attn_mask, as torch 2.13's does on the CPU.
         scale: defaults to 1/sqrt(E).
         enable_gqa: key/value may have fewer heads (dim -3) than query, which must be a
             multiple; each key/value head serves a group of query heads.
@@ -64,16 +158,28 @@ def scaled_dot_product_attention(
     (B, j, H, D) jagged tensor transposed with ``.transpose(1, 2)``. Each sequence attends to
     its own keys, without padding (``ops.attention_varlen``); ``is_causal`` is top-left within
     each sequence; no ``attn_mask``. The result is jagged (B, H, j, Dv) with query's lengths,
-    differentiable through the inputs' ``values()``.
+    differentiable through the inputs' ``values()``. A jagged tensor with holes (from
+    ``torch.nested.narrow``: ``lengths()`` is not None) is read as its ``lengths()`` say
+    (torch's function raises for it); the result has no holes.
 
     Returns:
         (..., L, Ev). Rows with no key to attend to are zeros, as in torch's function.
+
+    Raises what torch's function raises for the same input where that is a RuntimeError:
+    a wrong dtype raises ``InputDtypeError``, a ``TypeError`` (as our operators raise it) and a
+    ``RuntimeError`` (as torch's function raises it).
     """
+    if isinstance(attn_mask, CausalBias):
+        attn_mask, is_causal = _causal_bias(attn_mask, is_causal)
     if _jagged.all_nested(query, key, value):
         # Jagged (B, H, j, D) inputs: packed values and offsets, no padding.
-        return _jagged.scaled_dot_product_attention(
-            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
+        return _run(
+            _jagged.scaled_dot_product_attention,
+            (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa),
         )
+    if _taken_as_is(query, key, value, attn_mask, enable_gqa):
+        # What the operator takes as it is: nothing to reshape, and it checks the rest.
+        return _run(ops.attention, (query, key, value, attn_mask, dropout_p, is_causal, scale))
     for name, t in (("query", query), ("key", key), ("value", value), ("attn_mask", attn_mask)):
         _check_tensor(name, t, optional=name == "attn_mask")
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -106,7 +212,7 @@ def scaled_dot_product_attention(
         raise RuntimeError(
             "scaled_dot_product_attention: the batch dims of query "
             f"{tuple(query.shape[:-2])}, key {tuple(key.shape[:-2])} and value "
-            f"{tuple(value.shape[:-2])} do not broadcast"
+            f"{tuple(value.shape[:-2])} do not broadcast{_gqa_hint(query, key, enable_gqa)}"
         ) from error
     L, S = query.size(-2), key.size(-2)
     mask4 = None
@@ -119,13 +225,16 @@ def scaled_dot_product_attention(
                 f"cannot be broadcast to the scores' shape {(*batch_shape, L, S)}"
             ) from error
         mask4 = _to_4d(mask_full, batch_shape)
-    out = ops.attention(
-        _to_4d(query, batch_shape),
-        _to_4d(key, kv_batch_shape),
-        _to_4d(value, kv_batch_shape),
-        mask4,
-        dropout_p,
-        is_causal,
-        scale,
+    out = _run(
+        ops.attention,
+        (
+            _to_4d(query, batch_shape),
+            _to_4d(key, kv_batch_shape),
+            _to_4d(value, kv_batch_shape),
+            mask4,
+            dropout_p,
+            is_causal,
+            scale,
+        ),
     )
     return out.reshape(*batch_shape, L, value.size(-1))

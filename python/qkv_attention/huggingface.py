@@ -127,13 +127,14 @@ def attention_forward(
             "qkv_attention attention does not return attention weights "
             "(output_attentions=True); use attn_implementation='eager' for them"
         )
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, Tensor) or t.dim() != 4:
-            found = f"shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(
-                f"qkv_attention attention: {name} must be (batch, heads, "
-                f"positions, features), but has {found}"
-            )
+    if not (_is_4d(query) and _is_4d(key) and _is_4d(value)):
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not _is_4d(t):
+                found = f"shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(
+                    f"qkv_attention attention: {name} must be (batch, heads, "
+                    f"positions, features), but has {found}"
+                )
 
     enable_gqa = False
     groups = getattr(module, "num_key_value_groups", 1)
@@ -189,6 +190,10 @@ def attention_forward(
     )  # (B, H, L, Dv) or, packed, (B, Hkv, groups, Dv); B broadcast from q, k, v as in sdpa
     output = output.reshape(output.shape[0], heads, q_length, value.shape[-1])  # (B, H, L, Dv)
     return output.transpose(1, 2).contiguous(), None  # (B, L, H, Dv)
+
+
+def _is_4d(t) -> bool:
+    return isinstance(t, Tensor) and t.dim() == 4
 
 
 def _pack_heads(t: Optional[Tensor], groups: int) -> Optional[Tensor]:

@@ -3,14 +3,16 @@
 Same constructor, forward, attributes, parameters, state_dict keys (in torch's order) and
 initialisation as torch's module, so a state_dict moves between the two in either direction.
 The forward runs on our operators: ``qkv_projection`` -> ``attention`` (or
-``attention_with_weights`` when the weights are asked for) -> ``merge_heads``.
+``attention_with_weights`` when the weights are asked for, ``attention_varlen`` for nested
+inputs) -> ``merge_heads``, one path for dense and nested inputs, whose checks
+(``_validation.py``, ``_jagged.py``) hand it a ``ForwardInputs``.
 
 Masks keep the conventions of torch's module at the API (bool ``True`` = masked out, float
 added) and are converted to our operators' SDPA conventions (bool ``True`` = may attend) without
 ever merging ``key_padding_mask`` (B, S) and ``attn_mask`` into one (B, H, L, S) tensor: the
 operator takes both.
 
-The one deliberate difference from torch: a query row whose keys are all masked gives zero
+One difference from torch (all of them: docs/differences.md): a query row whose keys are all masked gives zero
 attention weights, so its output row is ``out_proj.bias``, and finite gradients, always. torch's
 module (2.13) does the same only on its SDPA path (need_weights=False, training or grad) and
 gives NaN with need_weights=True and on its inference fast path.
@@ -186,6 +188,19 @@ class MultiheadAttention(nn.Module):
         if self.bias_v is not None:
             xavier_normal_(self.bias_v)
 
+    def extra_repr(self) -> str:
+        # torch's module prints no fields, so without a marker a model after
+        # replace_attention would print exactly as before; the first field says whose it is.
+        fields = [
+            "implementation=qkv_attention",
+            f"embed_dim={self.embed_dim}",
+            f"num_heads={self.num_heads}",
+        ]
+        if self.kdim != self.embed_dim or self.vdim != self.embed_dim:
+            fields += [f"kdim={self.kdim}", f"vdim={self.vdim}"]
+        fields += [f"dropout={self.dropout}", f"batch_first={self.batch_first}"]
+        return ", ".join(fields)
+
     def __prepare_scriptable__(self) -> "MultiheadAttention":
         """What ``torch.jit.script`` compiles: this module without our forward pre-hook.
 
@@ -249,6 +264,12 @@ class MultiheadAttention(nn.Module):
             only on its SDPA path, need_weights=False with grad or in training; it gives NaN
             with need_weights=True and on its inference fast path).
 
+        Nested inputs: query, key and value all nested (N, j, E) tensors (jagged or strided;
+        ``batch_first=True``; not in TorchScript) attend per sequence without padding and return
+        a nested output of query's lengths and layout; the dense checks apply (key and value
+        must split into the same sequence lengths); no masks. A jagged tensor with holes
+        (``torch.nested.narrow``: ``lengths()`` is not None) is read as its lengths say.
+
         Dtypes: query, key, value and the parameters share one floating dtype, which the
         output and weights have; ``in_proj_bias`` (and ``bias_k``/``bias_v``) may have another
         floating dtype and are cast to it, as torch's module accepts. Inside
@@ -256,69 +277,39 @@ class MultiheadAttention(nn.Module):
         parameters all count as the autocast dtype, the computation runs in it and output and
         weights come back in it, as from torch's module (float64 is left alone, as by autocast).
         """
+        spec = _validation.ModuleSpec(
+            self.embed_dim,
+            self.kdim,
+            self.vdim,
+            self.num_heads,
+            self.batch_first,
+            self._qkv_same_embed_dim,
+            self.out_proj.weight,
+        )
+        inputs: Optional[_validation.ForwardInputs] = None
         if not torch.jit.is_scripting():
             if _jagged.all_nested(query, key, value):
-                # Nested (N, j, E) inputs, jagged or strided: without padding (_jagged.py).
-                return _jagged.multihead_attention(
-                    self,
-                    query,
-                    key,
-                    value,
-                    key_padding_mask,
-                    need_weights,
-                    attn_mask,
-                    average_attn_weights,
-                    is_causal,
+                # Nested (N, j, E) inputs, jagged or strided: their packed rows (_jagged.py).
+                inputs = _jagged.module_inputs(
+                    spec, query, key, value, key_padding_mask, attn_mask, is_causal
                 )
-        query, key, value, attn_mask, key_padding_mask, is_batched, causal, compute_dtype = (
-            _validation.forward_inputs(
-                query,
-                key,
-                value,
-                key_padding_mask,
-                need_weights,
-                attn_mask,
-                is_causal,
-                self.embed_dim,
-                self.kdim,
-                self.vdim,
-                self.num_heads,
-                self.batch_first,
-                self._qkv_same_embed_dim,
-                self.k_proj_weight,
-                self.v_proj_weight,
-                self.out_proj.weight,
+                if need_weights or self.bias_k is not None or self.add_zero_attn:
+                    # Per-sequence weights and extra keys: one dense call per sequence.
+                    output, weights = _jagged.per_sequence(
+                        self, query, key, value, average_attn_weights
+                    )
+                    return output, (weights if need_weights else None)
+        if inputs is None:
+            inputs = _validation.forward_inputs(
+                spec, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal
             )
-        )  # (B, L, E), (B, S, Ek), (B, S, Ev); masks in the operators' convention
 
-        # -- projection into heads: (B, H, L, D), (B, H, S, D), (B, H, S, D).
-        q_weight, k_weight, v_weight = self._projection_weights()
-        q_bias: Optional[Tensor] = None
-        k_bias: Optional[Tensor] = None
-        v_bias: Optional[Tensor] = None
-        in_proj_bias = self.in_proj_bias
-        if in_proj_bias is not None:
-            if in_proj_bias.dtype != query.dtype and torch.is_floating_point(in_proj_bias):
-                # torch's module accepts a bias of another floating dtype (adding it to the
-                # projection in the query's dtype) and returns the query's dtype; so do we,
-                # in every layout (torch's only where its linear takes the matmul path).
-                in_proj_bias = in_proj_bias.to(compute_dtype)
-            biases = in_proj_bias.chunk(3)
-            q_bias, k_bias, v_bias = biases[0], biases[1], biases[2]
-        q, k, v = ops.qkv_projection(
-            query,
-            key,
-            value,
-            q_weight,
-            k_weight,
-            v_weight,
-            q_bias,
-            k_bias,
-            v_bias,
-            self.num_heads,
-        )
+        # -- projection into heads: (B, H, L, D), (B, H, S, D), (B, H, S, D); nested inputs are
+        # one batch of their packed rows (B = 1, L = total_q, S = total_k).
+        q, k, v = self._project(inputs)
 
         # -- extra key/value columns; masks gain matching columns that every query may see.
+        attn_mask, key_padding_mask = inputs.attn_mask, inputs.key_padding_mask
         k, v, extra = self._append_extra_keys(k, v)
         if extra:
             if attn_mask is not None:
@@ -326,30 +317,50 @@ class MultiheadAttention(nn.Module):
             if key_padding_mask is not None:
                 key_padding_mask = _append_columns(key_padding_mask, extra)
 
+        # -- attention, its output as (L, H, B, D): seen so, the heads make merge_heads write
+        # (L, B, E), torch's memory layout in every case, so that the output has torch's
+        # strides (batch_first gets the transposed view, as from torch's module).
+        # Stride-sensitive ops downstream then behave identically: e.g. nn.Dropout assigns its
+        # random draws in memory order, so a seeded run draws the same masks as with torch.
         dropout_p = float(self.dropout) if self.training else 0.0
         weights: Optional[Tensor] = None
-        if need_weights:
+        cu_seqlens_q, cu_seqlens_k = inputs.cu_seqlens_q, inputs.cu_seqlens_k
+        if cu_seqlens_q is not None and cu_seqlens_k is not None:
+            # Each sequence attends to its own keys: (H, total, D) -> (total, H, D) rows.
+            heads_out = ops.attention_varlen(
+                q[0].transpose(0, 1),
+                k[0].transpose(0, 1),
+                v[0].transpose(0, 1),
+                cu_seqlens_q,
+                cu_seqlens_k,
+                inputs.max_seqlen_q,
+                inputs.max_seqlen_k,
+                dropout_p,
+                False,
+                None,
+            ).unsqueeze(2)  # (total_q, H, D) -> (L, H, B, D) with B = 1
+        elif need_weights:
             # (B, H, L, D), and (B, L, S') averaged over the heads or (B, H, L, S')
             heads_out, head_weights = ops.attention_with_weights(
                 q, k, v, attn_mask, dropout_p, False, None, key_padding_mask, average_attn_weights
             )
-            if not is_batched:
+            if not inputs.is_batched:
                 head_weights = head_weights.squeeze(0)
             weights = head_weights
+            heads_out = heads_out.permute(2, 1, 0, 3)  # (L, H, B, D)
         else:
             heads_out = ops.attention(
-                q, k, v, attn_mask, dropout_p, causal, None, key_padding_mask
-            )  # (B, H, L, D)
+                q, k, v, attn_mask, dropout_p, inputs.causal, None, key_padding_mask
+            ).permute(2, 1, 0, 3)  # (B, H, L, D) -> (L, H, B, D)
 
-        # -- concatenate heads and project out. Seen as (L, H, B, D), the heads make
-        # merge_heads write (L, B, E): torch's memory layout in every case, so that the output
-        # has torch's strides (batch_first gets the transposed view, as from torch's module).
-        # Stride-sensitive ops downstream then behave identically: e.g. nn.Dropout assigns its
-        # random draws in memory order, so a seeded run draws the same masks as with torch.
-        output = ops.merge_heads(
-            heads_out.permute(2, 1, 0, 3), self.out_proj.weight, self.out_proj.bias
-        )  # (L, B, E)
-        if not is_batched:
+        # -- concatenate heads and project out.
+        output = ops.merge_heads(heads_out, self.out_proj.weight, self.out_proj.bias)  # (L, B, E)
+        if cu_seqlens_q is not None:
+            if not torch.jit.is_scripting():
+                return _jagged.nested_output(
+                    output[:, 0], cu_seqlens_q, inputs.max_seqlen_q, query.layout
+                ), None
+        if not inputs.is_batched:
             output = output.squeeze(1)  # (L, E)
         elif self.batch_first:
             output = output.transpose(0, 1)  # (B, L, E), a view
@@ -407,6 +418,35 @@ class MultiheadAttention(nn.Module):
                 return q_weight, k_weight, v_weight
             missing = "q_proj_weight, k_proj_weight and v_proj_weight"
         raise RuntimeError(f"MultiheadAttention: {missing} must be set, but is None")
+
+    def _project(self, inputs: _validation.ForwardInputs) -> Tuple[Tensor, Tensor, Tensor]:
+        """``qkv_projection`` of the checked inputs: (B, L, E), (B, S, Ek), (B, S, Ev) ->
+        q (B, H, L, D), k (B, H, S, D), v (B, H, S, D)."""
+        q_weight, k_weight, v_weight = self._projection_weights()
+        q_bias: Optional[Tensor] = None
+        k_bias: Optional[Tensor] = None
+        v_bias: Optional[Tensor] = None
+        in_proj_bias = self.in_proj_bias
+        if in_proj_bias is not None:
+            if in_proj_bias.dtype != inputs.query.dtype and torch.is_floating_point(in_proj_bias):
+                # torch's module accepts a bias of another floating dtype (adding it to the
+                # projection in the query's dtype) and returns the query's dtype; so do we,
+                # in every layout (torch's only where its linear takes the matmul path).
+                in_proj_bias = in_proj_bias.to(inputs.compute_dtype)
+            biases = in_proj_bias.chunk(3)
+            q_bias, k_bias, v_bias = biases[0], biases[1], biases[2]
+        return ops.qkv_projection(
+            inputs.query,
+            inputs.key,
+            inputs.value,
+            q_weight,
+            k_weight,
+            v_weight,
+            q_bias,
+            k_bias,
+            v_bias,
+            self.num_heads,
+        )
 
     def _append_extra_keys(self, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, int]:
         """Appends the add_bias_kv key/value (bias_k, bias_v are (1, 1, E)) and the

@@ -2,11 +2,12 @@
 
 Each function calls the registered C++ operator through the dispatcher, so it gets our C++
 autograd, runs under ``torch.compile`` (the operators have Meta kernels) and passes
-``torch.library.opcheck``. Shapes use B = batch, H = heads, L = query positions,
-S = key/value positions, D = features per head, E = embedding size.
+``torch.library.opcheck``. Shapes use B = batch, H = query heads, Hkv = key/value heads
+(dividing H: grouped-query attention), L = query positions, S = key/value positions,
+D = features per head, E = embedding size.
 """
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -21,6 +22,16 @@ __all__ = [
 ]
 
 _ops = torch.ops.qkv_attention
+
+
+def _none_given(op: str, names: List[str], tensors: List[Optional[Tensor]]) -> str:
+    """The message for None given for a required tensor (the dispatcher would pass it on as an
+    undefined tensor, and the op's check would say so without the Python type): a TypeError,
+    as for any other wrong type, naming the first such argument."""
+    for i in range(len(names)):
+        if tensors[i] is None:
+            return f"{op}: {names[i]} must be a Tensor, but got None"
+    return f"{op}: a required tensor is None"
 
 
 def qkv_projection(
@@ -47,6 +58,21 @@ def qkv_projection(
         q (B, H, L, E/H), k (B, H, S, E/H), v (B, H, S, E/H): ``query @ q_weight.T + q_bias``
         with its E features split into H heads, and likewise for k and v.
     """
+    if (
+        query is None
+        or key is None
+        or value is None
+        or q_weight is None
+        or k_weight is None
+        or v_weight is None
+    ):
+        raise TypeError(
+            _none_given(
+                "qkv_projection",
+                ["query", "key", "value", "q_weight", "k_weight", "v_weight"],
+                [query, key, value, q_weight, k_weight, v_weight],
+            )
+        )
     return _ops.qkv_projection(
         query, key, value, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias, num_heads
     )
@@ -65,7 +91,8 @@ def attention(
     """``softmax(query @ key.T * scale + mask) @ value``, with dropout on the weights.
 
     Args:
-        query: (B, H, L, D).  key: (B, H, S, D).  value: (B, H, S, Dv).
+        query: (B, H, L, D).  key: (B, Hkv, S, D).  value: (B, Hkv, S, Dv), with Hkv dividing
+            H (grouped-query attention: query head h reads key/value head h // (H // Hkv)).
         attn_mask: broadcastable to (B, H, L, S); bool (True = may attend) or the query's
             float dtype (added to the scores), as in ``F.scaled_dot_product_attention``.
         dropout_p: probability of dropping a weight; kept weights are scaled by 1/(1-p).
@@ -81,6 +108,8 @@ def attention(
     Returns:
         (B, H, L, Dv). A query row that may attend to no key gives zeros (not NaN).
     """
+    if query is None or key is None or value is None:
+        raise TypeError(_none_given("attention", ["query", "key", "value"], [query, key, value]))
     return _ops.attention(
         query, key, value, attn_mask, dropout_p, is_causal, scale, key_padding_mask
     )
@@ -104,6 +133,10 @@ def attention_with_weights(
     ``average_attn_weights=True`` the weights are their mean over the heads, (B, L, S),
     computed without the per-head (B, H, L, S) tensor.
     """
+    if query is None or key is None or value is None:
+        raise TypeError(
+            _none_given("attention_with_weights", ["query", "key", "value"], [query, key, value])
+        )
     return _ops.attention_with_weights(
         query,
         key,
@@ -155,6 +188,20 @@ def attention_varlen(
         (total_q, H, Dv). A query of a sequence with no keys gives a row of zeros, as a fully
         masked row of :func:`attention` does.
     """
+    if (
+        query is None
+        or key is None
+        or value is None
+        or cu_seqlens_q is None
+        or cu_seqlens_k is None
+    ):
+        raise TypeError(
+            _none_given(
+                "attention_varlen",
+                ["query", "key", "value", "cu_seqlens_q", "cu_seqlens_k"],
+                [query, key, value, cu_seqlens_q, cu_seqlens_k],
+            )
+        )
     return _ops.attention_varlen(
         query,
         key,
@@ -169,18 +216,21 @@ def attention_varlen(
     )
 
 
-def _draw_dropout_rng_state(dropout_p: float) -> Optional[Tensor]:
+def _draw_dropout_rng_state(dropout_p: float, samples: Optional[int] = None) -> Optional[Tensor]:
     """The dropout stream's state for one call, drawn as ``attention`` draws it.
 
-    ``attention`` and ``attention_with_weights`` draw a (2,) int64 seed and offset with
-    ``torch.randint`` on torch's default generator (nothing when ``dropout_p`` is 0) and pass it
-    to ``_attention_forward``, which is a pure function of it. Code that calls
-    ``_attention_forward`` itself draws with this function: after the same
-    ``torch.manual_seed`` it gets the mask ``attention`` would have used.
+    ``attention``, ``attention_with_weights`` and ``attention_varlen`` draw a (2,) int64 seed
+    and offset, each uniform in [0, 2^63 - 1), with ``randint`` on torch's default CPU
+    generator (nothing when ``dropout_p`` is 0), in C++ (``draw_dropout_rng_state`` in
+    csrc/ops/attention.cpp), and pass it to their forward op, a pure function of it. Python
+    code that calls a forward op itself (tests, the vmap rules) draws here: after the same
+    ``torch.manual_seed`` it gets the state, and so the mask, the composite op would have
+    used. ``samples``: one state per sample, (samples, 2), for vmap's randomness="different".
     """
     if not dropout_p > 0:
         return None
-    return torch.randint(2**63 - 1, (2,), dtype=torch.int64, device="cpu")
+    shape = (2,) if samples is None else (samples, 2)
+    return torch.randint(2**63 - 1, shape, dtype=torch.int64, device="cpu")
 
 
 def merge_heads(x: Tensor, out_weight: Tensor, out_bias: Optional[Tensor] = None) -> Tensor:
@@ -192,6 +242,8 @@ def merge_heads(x: Tensor, out_weight: Tensor, out_bias: Optional[Tensor] = None
     Returns:
         (B, L, Eout) = ``concat_heads(x) @ out_weight.T + out_bias``.
     """
+    if x is None or out_weight is None:
+        raise TypeError(_none_given("merge_heads", ["x", "out_weight"], [x, out_weight]))
     return _ops.merge_heads(x, out_weight, out_bias)
 
 
@@ -235,6 +287,14 @@ def attention_with_kv_cache(
     (a sequence that would overflow S_max, a negative length, a wrong shape or dtype) has
     written nothing.
     """
+    if query is None or k_cache is None or v_cache is None:
+        raise TypeError(
+            _none_given(
+                "attention_with_kv_cache",
+                ["query", "k_cache", "v_cache"],
+                [query, k_cache, v_cache],
+            )
+        )
     return _ops.attention_with_kv_cache(
         query, k_cache, v_cache, key, value, cache_seqlens, attn_mask, is_causal, scale
     )

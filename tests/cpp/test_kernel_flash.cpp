@@ -40,9 +40,9 @@
 
 namespace {
 
+using qkv_attention::AttentionProblem;
 using qkv_attention::DropoutStream;
 using qkv_attention::cpu::AccType;
-using qkv_attention::cpu::flash::AttentionArguments;
 using qkv_attention::cpu::flash::CpuLevel;
 using qkv_attention::cpu::flash::DropoutKey;
 using qkv_attention::cpu::flash::keep_bit;
@@ -129,7 +129,7 @@ struct Problem {
   at::Tensor query, key, value, grad_output, grad_weights_tensor;
   std::optional<at::Tensor> attn_mask, key_padding_mask, grad_weights;
   bool attn_mask_grad = false, padding_grad = false;
-  // (2,) int64: seed, offset. An optional here because AttentionArguments refers to one.
+  // (2,) int64: seed, offset. An optional, as AttentionProblem holds it.
   std::optional<at::Tensor> rng_state;
   at::Tensor keep;  // (B, H, L, S) bool from DropoutStream, or undefined
 
@@ -200,9 +200,9 @@ struct Problem {
     }
   }
 
-  AttentionArguments arguments() const {
-    return AttentionArguments{query,     key,      value,   attn_mask, key_padding_mask,
-                              c.dropout, c.causal, c.scale, rng_state};
+  AttentionProblem arguments() const {
+    return AttentionProblem{query,     key,      value,   attn_mask, key_padding_mask,
+                            c.dropout, c.causal, c.scale, rng_state};
   }
 };
 
@@ -222,7 +222,7 @@ KernelRun run_kernels(CpuLevel level, const Problem& p) {
   auto empty = [&](at::IntArrayRef sizes, at::ScalarType dtype) {
     return at::full(sizes, nan, at::TensorOptions().dtype(dtype));
   };
-  const AttentionArguments args = p.arguments();
+  const AttentionProblem args = p.arguments();
   KernelRun run;
   run.output = empty({c.B, c.H, c.L, c.Dv}, p.dtype);
   run.logsumexp = empty({c.B, c.H, c.L}, acc);

@@ -4,12 +4,9 @@
 #include <algorithm>
 #include <climits>
 
+#include "cpu/one_blas_thread.h"
+
 extern "C" {
-// MKL's thread-local thread count, by value (the C entry point behind mkl_service.h's
-// mkl_set_num_threads_local; the lower-case symbol itself is the Fortran one, by pointer).
-// torch's x86 builds link MKL. Weak: absent from other BLAS builds (OpenBLAS on ARM), where it
-// stays null.
-int MKL_Set_Num_Threads_Local(int threads) __attribute__((weak));
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
             const float* beta, float* c, const int* ldc);
@@ -22,22 +19,6 @@ namespace qkv_attention::cpu::flash {
 namespace {
 
 bool fits_int(int64_t x) { return x >= 0 && x <= INT_MAX; }
-
-// Each block GEMM runs on the calling thread. Inside the kernels' parallel region the BLAS
-// would not thread anyway, but a call made outside one (a single task runs on the caller) could
-// split its sums across threads, and a result would then depend on the thread count.
-class OneBlasThread {
- public:
-  OneBlasThread() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
-  ~OneBlasThread() {
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_);  // 0: the global count
-  }
-  OneBlasThread(const OneBlasThread&) = delete;
-  OneBlasThread& operator=(const OneBlasThread&) = delete;
-
- private:
-  int previous_;
-};
 
 // The column-major call behind the row-major product: C^T (N x M) = B^T (N x K) . A^T (K x M).
 // B's memory is B^T column-major (ld = ldb); A's memory is A^T column-major (ld = a_row) when

@@ -2,7 +2,7 @@
 // torch's own CPU capability (at::get_cpu_capability(), which ATEN_CPU_CAPABILITY forces), so
 // forcing torch to a level forces our kernels to the same one:
 //   avx512   AVX-512 (x86-64): at::vec 512-bit code, hand-written GEMM micro-kernels;
-//   avx2     AVX2 + FMA (x86-64): at::vec 256-bit code, BLAS block GEMMs;
+//   avx2     AVX2 + FMA (x86-64): at::vec 256-bit code, GEMMs as at::vec register tiles;
 //   default  the baseline build: at::vec's generic code on x86-64, NEON on ARM; BLAS GEMMs.
 // On ARM torch may report sve256; our kernels have no SVE build and run the NEON default.
 #pragma once

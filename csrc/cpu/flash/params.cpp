@@ -5,7 +5,7 @@
 
 #include <tuple>
 
-#include "ops/attention.h"
+#include "ops/optional_tensor.h"
 
 namespace qkv_attention::cpu::flash {
 namespace {
@@ -14,163 +14,202 @@ Strides4 strides_of(const at::Tensor& t) {
   return Strides4{t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
-template <typename T>
-void set_inputs(AttentionInputs<T>& p, const AttentionArguments& args) {
-  p.batch = args.query.size(0);
-  p.heads = args.query.size(1);
-  p.q_len = args.query.size(2);
-  p.head_dim = args.query.size(3);
-  p.kv_heads = args.key.size(1);
-  p.kv_len = args.key.size(2);
-  p.value_dim = args.value.size(3);
-  p.scale = attention_scale(args.scale, p.head_dim);
-  p.is_causal = args.is_causal;
-  p.dropout_p = args.dropout_p;
-  if (args.rng_state.has_value() && args.rng_state->defined()) {
-    std::tie(p.seed, p.offset) = seed_and_offset(*args.rng_state);
-  }
-  const std::optional<at::Tensor> masks[AttentionInputs<T>::kMasks] = {
-      args.attn_mask,
-      // (B, S) -> (B, 1, 1, S)
-      args.key_padding_mask.has_value() && args.key_padding_mask->defined()
-          ? std::optional<at::Tensor>(args.key_padding_mask->unsqueeze(1).unsqueeze(1))
-          : std::nullopt};
-  for (int m = 0; m < AttentionInputs<T>::kMasks; ++m) {
-    if (!masks[m].has_value() || !masks[m]->defined()) continue;
-    // A view with stride 0 in the broadcast dimensions; nothing is expanded in memory.
-    const at::Tensor view = masks[m]->expand({p.batch, p.heads, p.q_len, p.kv_len});
-    MaskOperand<T>& operand = p.masks[m];
-    operand.strides = strides_of(view);
-    if (view.scalar_type() == at::kBool) {
-      operand.kind = MaskKind::kBool;
-      operand.bool_data = view.const_data_ptr<bool>();
-    } else {
-      operand.kind = MaskKind::kAdditive;
-      operand.additive_data = view.const_data_ptr<T>();
-    }
-  }
-  p.query = args.query.const_data_ptr<T>();
-  p.key = args.key.const_data_ptr<T>();
-  p.value = args.value.const_data_ptr<T>();
-  p.query_strides = strides_of(args.query);
-  p.key_strides = strides_of(args.key);
-  p.value_strides = strides_of(args.value);
-}
-
-// Rows first .. of a packed (total, heads, features) tensor as a (1, heads, rows, features)
-// operand: the packed row stride becomes the row stride, the head stride stays.
+// Rows of a packed (total, heads, features) tensor as a (1, heads, rows, features) operand:
+// the packed row stride becomes the row stride, the head stride stays.
 Strides4 packed_strides(const at::Tensor& t) {
   return Strides4{0, t.stride(1), t.stride(0), t.stride(2)};
 }
 
+// A mask broadcast to (B, H, L, S) as a view with stride 0 in the broadcast dimensions
+// (nothing is expanded in memory), starting at batch entry `batch_begin`.
 template <typename T>
-void set_sequence_inputs(AttentionInputs<T>& p, const PackedArguments& args,
-                         const PackedSequence& sequence) {
-  p.batch = 1;
-  p.heads = args.query.size(1);
-  p.q_len = sequence.q_len;
-  p.head_dim = args.query.size(2);
-  p.kv_heads = args.key.size(1);
-  p.kv_len = sequence.k_len;
-  p.value_dim = args.value.size(2);
-  p.scale = attention_scale(args.scale, p.head_dim);
-  p.is_causal = args.is_causal;
-  p.dropout_p = args.dropout_p;
-  p.seed = args.seed;
-  p.offset = args.offset + uint64_t(sequence.index);  // wraps as the stream's counter does
-  p.query_strides = packed_strides(args.query);
-  p.key_strides = packed_strides(args.key);
-  p.value_strides = packed_strides(args.value);
-  p.query = args.query.const_data_ptr<T>() + sequence.q_begin * p.query_strides.row;
-  p.key = args.key.const_data_ptr<T>() + sequence.k_begin * p.key_strides.row;
-  p.value = args.value.const_data_ptr<T>() + sequence.k_begin * p.value_strides.row;
+void set_mask(MaskOperand<T>& operand, const at::Tensor& mask, at::IntArrayRef full_shape,
+              int64_t batch_begin) {
+  const at::Tensor view = mask.expand(full_shape);
+  operand.strides = strides_of(view);
+  const int64_t start = batch_begin * operand.strides.batch;
+  if (view.scalar_type() == at::kBool) {
+    operand.kind = MaskKind::kBool;
+    operand.bool_data = view.const_data_ptr<bool>() + start;
+  } else {
+    operand.kind = MaskKind::kAdditive;
+    operand.additive_data = view.const_data_ptr<T>() + start;
+  }
+}
+
+// Sizes: heads are dimension 1 and features the last in every layout; the batch and the
+// lengths are the call's (a sequence is a batch of one).
+template <typename T>
+void set_sizes(AttentionInputs<T>& p, const AttentionProblem& problem, int64_t batch, int64_t q_len,
+               int64_t kv_len) {
+  p.batch = batch;
+  p.heads = problem.query.size(1);
+  p.kv_heads = problem.key.size(1);
+  p.q_len = q_len;
+  p.kv_len = kv_len;
+  p.head_dim = problem.query.size(-1);
+  p.value_dim = problem.value.size(-1);
+}
+
+// query/key/value read through `strides`, starting at query row or batch entry `query_start`
+// and key/value row or batch entry `key_start` (rows of a packed batch: by_row; batch entries of
+// a cache or a dense call otherwise).
+template <typename T>
+void set_operands(AttentionInputs<T>& p, const AttentionProblem& problem,
+                  Strides4 (*strides)(const at::Tensor&), int64_t query_start, int64_t key_start,
+                  bool by_row) {
+  p.query_strides = strides(problem.query);
+  p.key_strides = strides(problem.key);
+  p.value_strides = strides(problem.value);
+  auto step = [by_row](const Strides4& st) { return by_row ? st.row : st.batch; };
+  p.query = problem.query.const_data_ptr<T>() + query_start * step(p.query_strides);
+  p.key = problem.key.const_data_ptr<T>() + key_start * step(p.key_strides);
+  p.value = problem.value.const_data_ptr<T>() + key_start * step(p.value_strides);
+}
+
+template <typename T>
+void set_dense_inputs(AttentionInputs<T>& p, const AttentionProblem& problem) {
+  set_sizes(p, problem, problem.query.size(0), problem.query.size(2), problem.key.size(2));
+  const std::vector<int64_t> full{p.batch, p.heads, p.q_len, p.kv_len};
+  if (given(problem.attn_mask)) set_mask(p.masks[0], *problem.attn_mask, full, 0);
+  if (given(problem.key_padding_mask)) {
+    // (B, S) -> (B, 1, 1, S)
+    set_mask(p.masks[1], problem.key_padding_mask->unsqueeze(1).unsqueeze(1), full, 0);
+  }
+  if (given(problem.rng_state)) std::tie(p.seed, p.offset) = seed_and_offset(*problem.rng_state);
+  set_operands(p, problem, strides_of, 0, 0, /*by_row=*/false);
+}
+
+// Sequence s of a packed batch: its rows of the packed tensors, its own part of the stream.
+template <typename T>
+void set_packed_inputs(AttentionInputs<T>& p, const AttentionProblem& problem,
+                       const SequenceSpan& s) {
+  set_sizes(p, problem, 1, s.q_len, s.k_len);
+  if (given(problem.rng_state)) {
+    std::tie(p.seed, p.offset) = seed_and_offset(*problem.rng_state);
+    p.offset += uint64_t(s.index);  // wraps as the stream's counter does
+  }
+  set_operands(p, problem, packed_strides, s.q_begin, s.k_begin, /*by_row=*/true);
+}
+
+// Sequence s of a cache: batch entry s.index, its first s.k_len cached positions.
+template <typename T>
+void set_cache_inputs(AttentionInputs<T>& p, const AttentionProblem& problem,
+                      const SequenceSpan& s) {
+  set_sizes(p, problem, 1, problem.query.size(2), s.k_len);
+  if (given(problem.attn_mask)) {
+    // (B, H, L, S_max) read at batch entry s.index; only its first k_len columns are read.
+    set_mask(p.masks[0], *problem.attn_mask,
+             {problem.query.size(0), p.heads, p.q_len, problem.key.size(2)}, s.index);
+  }
+  set_operands(p, problem, strides_of, s.index, s.index, /*by_row=*/false);
+}
+
+template <typename T>
+void set_inputs(AttentionInputs<T>& p, const AttentionProblem& problem,
+                const SequenceSpan* sequence) {
+  switch (problem.layout) {
+    case AttentionLayout::kDense:
+      set_dense_inputs(p, problem);
+      break;
+    case AttentionLayout::kPacked:
+      set_packed_inputs(p, problem, *sequence);
+      break;
+    case AttentionLayout::kCache:
+      set_cache_inputs(p, problem, *sequence);
+      break;
+  }
+  p.scale = attention_scale(problem.scale, p.head_dim);
+  p.is_causal = problem.is_causal;
+  p.dropout_p = problem.dropout_p;
 }
 
 }  // namespace
 
 std::pair<uint64_t, uint64_t> seed_and_offset(const at::Tensor& rng_state) {
-  const int64_t* rng = rng_state.const_data_ptr<int64_t>();
-  return {static_cast<uint64_t>(rng[0]), static_cast<uint64_t>(rng[rng_state.stride(0)])};
+  const at::Tensor state = rng_state.to(at::kCPU);
+  const int64_t* rng = state.const_data_ptr<int64_t>();
+  return {static_cast<uint64_t>(rng[0]), static_cast<uint64_t>(rng[state.stride(0)])};
 }
 
 template <typename T>
-AttentionForwardParams<T> set_forward_params(const AttentionArguments& args,
-                                             const at::Tensor& output, const at::Tensor& logsumexp,
-                                             const at::Tensor* weights, bool average_weights) {
+AttentionForwardParams<T> set_forward_params(const AttentionProblem& problem,
+                                             const SequenceSpan* sequence, T* output,
+                                             AccType<T>* logsumexp, T* weights,
+                                             bool average_weights) {
   AttentionForwardParams<T> p;
-  set_inputs(p, args);
-  p.output = output.mutable_data_ptr<T>();
-  p.logsumexp = logsumexp.mutable_data_ptr<AccType<T>>();
-  p.weights = weights != nullptr ? weights->mutable_data_ptr<T>() : nullptr;
+  set_inputs(p, problem, sequence);
+  p.causal_offset = sequence != nullptr ? sequence->causal_offset : 0;
+  p.output = output;
+  p.logsumexp = logsumexp;
+  p.weights = weights;
   p.average_weights = weights != nullptr && average_weights;
   return p;
 }
 
 template <typename T>
+AttentionForwardParams<T> set_forward_params(const AttentionProblem& problem,
+                                             const at::Tensor& output, const at::Tensor& logsumexp,
+                                             const at::Tensor* weights, bool average_weights) {
+  return set_forward_params<T>(
+      problem, nullptr, output.mutable_data_ptr<T>(), logsumexp.mutable_data_ptr<AccType<T>>(),
+      weights != nullptr ? weights->mutable_data_ptr<T>() : nullptr, average_weights);
+}
+
+template <typename T>
 AttentionBackwardParams<T> set_backward_params(
-    const AttentionArguments& args, const at::Tensor& output, const at::Tensor& grad_output,
-    const std::optional<at::Tensor>& grad_weights, const at::Tensor& logsumexp,
-    const at::Tensor& grad_query, const at::Tensor& grad_key, const at::Tensor& grad_value,
-    const at::Tensor* grad_scores) {
+    const AttentionProblem& problem, const SequenceSpan* sequence, const at::Tensor& output,
+    const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_weights,
+    const AccType<T>* logsumexp, T* grad_query, T* grad_key, T* grad_value,
+    AccType<T>* grad_scores) {
   AttentionBackwardParams<T> p;
-  set_inputs(p, args);
-  p.output = output.const_data_ptr<T>();
-  p.grad_output = grad_output.const_data_ptr<T>();
-  p.output_strides = strides_of(output);
-  p.grad_output_strides = strides_of(grad_output);
-  if (grad_weights.has_value() && grad_weights->defined()) {
+  set_inputs(p, problem, sequence);
+  if (problem.layout == AttentionLayout::kPacked) {
+    p.output_strides = packed_strides(output);
+    p.grad_output_strides = packed_strides(grad_output);
+    p.output = output.const_data_ptr<T>() + sequence->q_begin * p.output_strides.row;
+    p.grad_output = grad_output.const_data_ptr<T>() + sequence->q_begin * p.grad_output_strides.row;
+  } else {
+    p.output_strides = strides_of(output);
+    p.grad_output_strides = strides_of(grad_output);
+    p.output = output.const_data_ptr<T>();
+    p.grad_output = grad_output.const_data_ptr<T>();
+  }
+  if (given(grad_weights)) {
     p.grad_weights = grad_weights->const_data_ptr<T>();
     p.grad_weights_strides = strides_of(*grad_weights);
   }
-  p.logsumexp = logsumexp.const_data_ptr<AccType<T>>();
-  p.grad_query = grad_query.mutable_data_ptr<T>();
-  p.grad_key = grad_key.mutable_data_ptr<T>();
-  p.grad_value = grad_value.mutable_data_ptr<T>();
-  p.grad_scores = grad_scores != nullptr ? grad_scores->mutable_data_ptr<AccType<T>>() : nullptr;
-  return p;
-}
-
-template <typename T>
-AttentionForwardParams<T> set_sequence_forward_params(const PackedArguments& args,
-                                                      const PackedSequence& sequence, T* output,
-                                                      AccType<T>* logsumexp) {
-  AttentionForwardParams<T> p;
-  set_sequence_inputs(p, args, sequence);
-  p.output = output;
-  p.logsumexp = logsumexp;
-  return p;
-}
-
-template <typename T>
-AttentionBackwardParams<T> set_sequence_backward_params(const PackedArguments& args,
-                                                        const PackedSequence& sequence,
-                                                        const at::Tensor& output,
-                                                        const at::Tensor& grad_output,
-                                                        const AccType<T>* logsumexp, T* grad_query,
-                                                        T* grad_key, T* grad_value) {
-  AttentionBackwardParams<T> p;
-  set_sequence_inputs(p, args, sequence);
-  p.output_strides = packed_strides(output);
-  p.grad_output_strides = packed_strides(grad_output);
-  p.output = output.const_data_ptr<T>() + sequence.q_begin * p.output_strides.row;
-  p.grad_output = grad_output.const_data_ptr<T>() + sequence.q_begin * p.grad_output_strides.row;
   p.logsumexp = logsumexp;
   p.grad_query = grad_query;
   p.grad_key = grad_key;
   p.grad_value = grad_value;
+  p.grad_scores = grad_scores;
   return p;
 }
 
+template <typename T>
+AttentionBackwardParams<T> set_backward_params(
+    const AttentionProblem& problem, const at::Tensor& output, const at::Tensor& grad_output,
+    const std::optional<at::Tensor>& grad_weights, const at::Tensor& logsumexp,
+    const at::Tensor& grad_query, const at::Tensor& grad_key, const at::Tensor& grad_value,
+    const at::Tensor* grad_scores) {
+  return set_backward_params<T>(
+      problem, nullptr, output, grad_output, grad_weights, logsumexp.const_data_ptr<AccType<T>>(),
+      grad_query.mutable_data_ptr<T>(), grad_key.mutable_data_ptr<T>(),
+      grad_value.mutable_data_ptr<T>(),
+      grad_scores != nullptr ? grad_scores->mutable_data_ptr<AccType<T>>() : nullptr);
+}
+
 #define QKV_INSTANTIATE(T)                                                                       \
-  template AttentionForwardParams<T> set_sequence_forward_params<T>(                             \
-      const PackedArguments&, const PackedSequence&, T*, AccType<T>*);                           \
-  template AttentionBackwardParams<T> set_sequence_backward_params<T>(                           \
-      const PackedArguments&, const PackedSequence&, const at::Tensor&, const at::Tensor&,       \
-      const AccType<T>*, T*, T*, T*);                                                            \
   template AttentionForwardParams<T> set_forward_params<T>(                                      \
-      const AttentionArguments&, const at::Tensor&, const at::Tensor&, const at::Tensor*, bool); \
+      const AttentionProblem&, const SequenceSpan*, T*, AccType<T>*, T*, bool);                  \
+  template AttentionForwardParams<T> set_forward_params<T>(                                      \
+      const AttentionProblem&, const at::Tensor&, const at::Tensor&, const at::Tensor*, bool);   \
   template AttentionBackwardParams<T> set_backward_params<T>(                                    \
-      const AttentionArguments&, const at::Tensor&, const at::Tensor&,                           \
+      const AttentionProblem&, const SequenceSpan*, const at::Tensor&, const at::Tensor&,        \
+      const std::optional<at::Tensor>&, const AccType<T>*, T*, T*, T*, AccType<T>*);             \
+  template AttentionBackwardParams<T> set_backward_params<T>(                                    \
+      const AttentionProblem&, const at::Tensor&, const at::Tensor&,                             \
       const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&, \
       const at::Tensor&, const at::Tensor*);
 QKV_INSTANTIATE(double)

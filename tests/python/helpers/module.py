@@ -5,7 +5,6 @@ torch ops. Imported as ``from helpers.module import ...``."""
 import math
 from typing import Dict, List, Optional
 
-import pytest
 import torch
 from torch import nn
 

@@ -1,9 +1,12 @@
 """``python -m qkv_attention.check``: exit code 0 when all is well, non-zero when a check fails.
 
 Failures are injected by monkeypatching what the tool calls: an operator with a wrong
-gradient, one without a double backward, one that raises, and a module whose output is off.
+gradient, one without a double backward, one that raises, a module whose output is off, a
+varlen op that is off, a KV cache that does not advance, and a HuggingFace model that does not
+run our operator.
 """
 
+import re
 import subprocess
 import sys
 
@@ -62,12 +65,31 @@ def test_check_tool_exits_zero_and_prints_every_check_as_passed():
     names = [case.name for case in check.gradient_cases()]
     names += [config.name for config in check.parity_configs()]
     names += [other.name for other in check.other_parity_checks()]
+    names += [feature.name for feature in check.feature_checks()]
     lines = result.stdout.splitlines()
     for name in names:
         row = [line for line in lines if line.startswith(name + " ")]
         assert row, f"no table row for {name!r}"
         assert row[0].rstrip().endswith("pass"), row[0]
     assert f"all {len(names)} checks passed" in result.stdout
+    # A summary in words, not build_info()'s dict.
+    assert "{'" not in result.stdout
+    assert "our attention kernels at level" in result.stdout
+    # Every column has a header that says what it holds (cells are 2+ spaces apart).
+    headers = {
+        "operator case": ["gradcheck", "gradgradcheck", "time (s)", "result"],
+        "configuration": ["max output err", "max grad err", "tolerance (output/grad)", "result"],
+        "feature": [
+            "compared with",
+            "max output err",
+            "max grad err",
+            "tolerance (output/grad)",
+            "result",
+        ],
+    }
+    for first, rest in headers.items():
+        (line,) = [line for line in lines if line.startswith(first)]
+        assert re.split(r"\s{2,}", line.strip())[1:] == rest, line
 
 
 def test_check_tool_fails_on_an_op_with_a_wrong_gradient(monkeypatch, capsys):
@@ -152,7 +174,68 @@ def test_check_tool_lists_checks_and_rejects_an_empty_selection(capsys):
     assert check.main(["--list"]) == 0
     listed = capsys.readouterr().out.splitlines()
     assert len(listed) == (
-        len(check.gradient_cases()) + len(check.parity_configs()) + len(check.other_parity_checks())
+        len(check.gradient_cases())
+        + len(check.parity_configs())
+        + len(check.other_parity_checks())
+        + len(check.feature_checks())
     )
     assert "functional.sdpa vs F.sdpa: enable_gqa" in listed
     assert check.main(["--only", "no check has this name"]) == 1
+
+
+def test_the_features_cover_varlen_kv_cache_compile_half_types_and_huggingface():
+    names = " | ".join(feature.name for feature in check.feature_checks())
+    for feature in ("attention_varlen", "KVCache", "torch.compile", "bfloat16", "float16"):
+        assert feature in names
+    assert "HuggingFace" in names  # transformers is installed in the test environment
+
+
+def test_check_tool_fails_when_varlen_differs(monkeypatch, capsys):
+    real_varlen = qkv_attention.ops.attention_varlen
+    selection = ["--skip-gradcheck", "--skip-parity", "--only", "attention_varlen"]
+    assert check.main(selection) == 0
+    monkeypatch.setattr(
+        qkv_attention.ops,
+        "attention_varlen",
+        lambda *args, **kwargs: real_varlen(*args, **kwargs) * (1 + 1e-9),
+    )
+    assert check.main(selection) == 1
+    assert (
+        _cells(capsys.readouterr().out, "attention_varlen: 4 sequences, causal, GQA")[-1] == "FAIL"
+    )
+
+
+def test_check_tool_fails_when_the_kv_cache_does_not_advance(monkeypatch, capsys):
+    real_attend = qkv_attention.KVCache.attend
+
+    def attend_without_advancing(self, *args, **kwargs):
+        lengths = self.lengths.clone()
+        output = real_attend(self, *args, **kwargs)
+        self.lengths.copy_(lengths)
+        return output
+
+    monkeypatch.setattr(qkv_attention.KVCache, "attend", attend_without_advancing)
+    assert check.main(["--skip-gradcheck", "--skip-parity", "--only", "KVCache"]) == 1
+    out = capsys.readouterr().out
+    assert _cells(out, "KVCache: prefill 6, then 3 decoding steps")[-1] == "FAIL"
+
+
+def test_check_tool_fails_when_the_huggingface_model_does_not_run_our_op(monkeypatch, capsys):
+    """The plug-in registered under our name but pointing at sdpa: equal logits, and yet the
+    check must fail, since our operator never ran."""
+    import qkv_attention.huggingface as plug_in
+
+    monkeypatch.setattr(plug_in, "register", lambda: "sdpa")
+    assert check.main(["--skip-gradcheck", "--skip-parity", "--only", "HuggingFace"]) == 1
+    out = capsys.readouterr().out
+    assert "qkv_attention::attention ran 0 times" in out
+
+
+def test_check_tool_says_when_it_cannot_check_huggingface(monkeypatch, capsys):
+    monkeypatch.setattr(check, "transformers_installed", lambda: False)
+    assert not [f for f in check.feature_checks() if "HuggingFace" in f.name]
+    assert check.main(["--skip-gradcheck", "--skip-parity", "--only", "float16"]) == 0
+    assert (
+        "HuggingFace plug-in: not checked (transformers is not installed)"
+        in capsys.readouterr().out
+    )

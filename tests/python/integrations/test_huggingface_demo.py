@@ -62,6 +62,8 @@ def test_demo_minilm_embeddings_and_search_agree_with_sdpa(quick_demo):
         ).group(1)
     )
     assert difference <= 1e-5  # unit vectors in float32; measured 1.3e-7
+    # all-MiniLM-L6-v2 has 6 layers: our operator runs in each of them, and never under sdpa.
+    assert "`qkv_attention::attention` calls in one forward (profiler): ours 6, sdpa 0" in report
     assert "ranking under both identical" in report
     assert "semantic search rankings identical" in stdout
     # The search finds what a reader expects (the pretrained weights are really in use).
@@ -84,6 +86,8 @@ def test_demo_minilm_embeddings_and_search_agree_with_sdpa(quick_demo):
 def test_demo_llama_generates_the_same_tokens_and_reports_rates(quick_demo):
     _, stdout, report = quick_demo
     assert "generated tokens identical: yes" in report
+    layers = int(re.search(r"### Llama-style decoder, random weights \((\d+) layers", report)[1])
+    assert f"calls in one forward (profiler): ours {layers}, sdpa 0" in report.split("### Llama")[1]
     assert re.search(
         r"8 greedy tokens identical; ours \d+\.\d tokens/s, sdpa \d+\.\d tokens/s", stdout
     )

@@ -195,9 +195,11 @@ def test_to_and_double_convert_like_any_module():
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)
-def test_repr_matches_torch(config):
+def test_repr_is_torchs_plus_one_line_naming_the_implementation(config):
     theirs, ours = module_pair(dtype=torch.float32, **config)
-    assert repr(ours) == repr(theirs)
+    first, fields, *rest = repr(ours).splitlines()
+    assert fields.strip().startswith("implementation=qkv_attention, ")
+    assert "\n".join([first, *rest]) == repr(theirs)  # torch's module prints no fields
 
 
 def test_constructor_rejects_bad_sizes_like_torch():

@@ -415,7 +415,8 @@ ERRORS = {
     ),
     "mask_shape": (
         _change(attn_mask=lambda a: torch.ones(1, 1, 1, 15, dtype=torch.bool)),
-        r"attn_mask of shape \[1, 1, 1, 15\] cannot be broadcast to \(B, H, L, S_max\) = "
+        r"attn_mask of shape \[1, 1, 1, 15\] cannot be broadcast to the attention scores' "
+        r"shape \(B, H, L, S_max\) = "
         r"\(3, 4, 1, 16\)",
     ),
     "mask_dtype": (

@@ -389,11 +389,12 @@ def test_bad_input_raises_naming_the_argument(name, changes, error, message):
 
 
 def test_size_overflow_is_refused_before_allocation():
+    # max_seqlen is only a bound: nothing is computed from it, so a huge one is no overflow
+    # (tests/python/ops/test_kv_cache_aliasing.py has sequences with keys too).
     q = torch.empty(0, 4, 8).expand(0, 4, 8)
     huge = 2**40
     cu = torch.tensor([0, 0])
-    with pytest.raises(RuntimeError, match="more elements than an int64 can count"):
-        ops.attention_varlen(q, q, q, cu, cu, huge, huge)
+    assert ops.attention_varlen(q, q, q, cu, cu, huge, huge).shape == (0, 4, 8)
     big = torch.empty(1, 1, 1).expand(2**40, 2**10, 2**10)
     with pytest.raises(RuntimeError, match="attention_varlen: query has size 1099511627776"):
         ops.attention_varlen(big, big, big, cu, cu, 1, 1)

@@ -976,6 +976,58 @@ def test_bad_input_raises_an_exception_naming_the_argument(case_id):
         # docs/design.md section 2: a wrong dtype raises TypeError (torch's convention for
         # dtype errors).
         assert "TypeError" in result["bases"], f"{result['raised']} for a dtype error: {message}"
+    if case.mutation.startswith("dtype_") and case.op == "functional.sdpa":
+        # The drop-in raises what torch's function raises for a wrong dtype (RuntimeError),
+        # as a class that is our ops' TypeError too.
+        assert {"RuntimeError", "TypeError"} <= set(result["bases"]), (
+            f"{result['raised']} (bases {result['bases']}) for a dtype error: {message}"
+        )
+
+
+# The ops.py wrapper of each op whose required tensors it checks for None.
+_WRAPPED_OPS = (
+    "attention",
+    "attention_with_weights",
+    "attention_varlen",
+    "qkv_projection",
+    "merge_heads",
+    "attention_with_kv_cache",
+)
+
+
+def _none_cases():
+    if __name__ == "__main__":
+        return []
+    cases = []
+    for spec in OPS:
+        if spec.name in _WRAPPED_OPS:
+            for arg_name, arg in spec.args.items():
+                if isinstance(arg, TensorArg) and not arg.optional:
+                    cases.append(f"{spec.name}/{arg_name}")
+    return cases
+
+
+@pytest.mark.parametrize("case", _none_cases())
+def test_python_wrapper_refuses_none_for_a_required_tensor_with_a_type_error(case):
+    """``qkv_attention.ops.attention(q, None, v)``: a TypeError naming the argument, as for any
+    other wrong type (the dispatcher itself would pass None on as an undefined tensor)."""
+    import qkv_attention
+
+    op_name, arg_name = case.split("/")
+    spec = next(s for s in OPS if s.name == op_name)
+    args = spec.make_args()
+    args[arg_name] = None
+    with pytest.raises(TypeError, match=rf"{op_name}: {arg_name} must be a Tensor, but got None"):
+        getattr(qkv_attention.ops, op_name)(**args)
+
+
+def test_functional_names_enable_gqa_for_fewer_key_value_heads():
+    from qkv_attention.functional import scaled_dot_product_attention
+
+    args = _sdpa_args()
+    args["query"] = _randn(2, 6, 4, 5)  # 6 query heads, 3 key/value heads, no enable_gqa
+    with pytest.raises(RuntimeError, match=r"enable_gqa=True"):
+        scaled_dot_product_attention(**args)
 
 
 @pytest.mark.parametrize("name", list(RESOURCE_CASES))

@@ -217,10 +217,12 @@ CASES = [
         "the output (total_q, H, Dv)",
     ),
     (
+        # Counted from the real lengths (max_seqlen is only a bound): 2^30 * 2^17 * 2^17.
         "attention_varlen: one sequence's scores overflow int64",
-        "ops.attention_varlen(huge(2, 2**30, 1), huge(2, 2**30, 1), huge(2, 2**30, 1), "
-        "torch.tensor([0, 2]), torch.tensor([0, 2]), 2**35, 2**35)",
-        "the scores of one sequence (H, max_seqlen_q, max_seqlen_k)",
+        "ops.attention_varlen(huge(2**17, 2**30, 1), huge(2**17, 2**30, 1), "
+        "huge(2**17, 2**30, 1), torch.tensor([0, 2**17]), torch.tensor([0, 2**17]), "
+        "2**17, 2**17)",
+        "a sequence's attention scores (H, L_b, S_b)",
     ),
     (
         "_attention_varlen_backward: grad_output of a huge Dv",

@@ -1,0 +1,137 @@
+// One attention call of the family — attention, attention_with_weights, attention_varlen,
+// attention_with_kv_cache, and their backward ops — described once, checked once.
+//
+// How a call reaches the kernels (docs/design.md section 5):
+//   1. The op's kernel (CPU or Meta, forward or backward) builds an AttentionProblem from its
+//      arguments: dense_problem, packed_problem or cache_problem. Nothing else is read from the
+//      arguments afterwards.
+//   2. check_attention_problem runs every rule on the (possibly symbolic) sizes, with one
+//      wording per rule; check_attention_backward adds the backward's tensors.
+//   3. The CPU kernels read the data-dependent parts once (attention_sequences: the offsets of
+//      a packed batch, the valid lengths of a cache) and cpu/flash/params.h turns the problem
+//      (and one sequence of it) into the kernels' parameter struct.
+// A new variant of attention is a field here, a rule in check_attention_problem, a line in
+// set_params and the kernel's code; the ops' glue only passes the argument along.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/SymInt.h>
+
+#include <optional>
+#include <vector>
+
+namespace qkv_attention {
+
+enum class AttentionLayout {
+  kDense,   // query (B, H, L, D), key (B, Hkv, S, D), value (B, Hkv, S, Dv)
+  kPacked,  // query (total_q, H, D), key (total_k, Hkv, D), value (total_k, Hkv, Dv), offsets
+  kCache,   // query (B, H, L, D), key/value = the caches (B, Hkv, S_max, D / Dv)
+};
+
+struct AttentionProblem {
+  // The first nine members are a dense call's arguments, in the schema's order, so that
+  // AttentionProblem{query, key, value, attn_mask, ...} describes one (tests build them so).
+  at::Tensor query;
+  at::Tensor key;                              // kCache: k_cache
+  at::Tensor value;                            // kCache: v_cache
+  std::optional<at::Tensor> attn_mask;         // broadcastable to (B, H, L, S) (kCache: S_max)
+  std::optional<at::Tensor> key_padding_mask;  // (B, S), kDense only
+  double dropout_p = 0.0;
+  bool is_causal = false;
+  std::optional<double> scale;
+  std::optional<at::Tensor> rng_state;  // (2,) int64: the dropout stream's seed and offset
+
+  AttentionLayout layout = AttentionLayout::kDense;
+  const char* op = "attention";  // the label messages give the op (ops/operators.h)
+  // Whether a missing rng_state with dropout_p > 0 is an error: true for the kernel ops, false
+  // for the composites, which check before they draw the state.
+  bool rng_state_required = true;
+  // Whether the call allocates a (B, H, L, S) tensor (returned weights, a mask's gradient),
+  // whose size is then checked like a tensor's.
+  bool scores_materialised = false;
+
+  // kPacked: (B + 1,) offsets of the sequences' query and key rows, and bounds of the lengths.
+  at::Tensor cu_seqlens_q{}, cu_seqlens_k{};
+  c10::SymInt max_seqlen_q = 0, max_seqlen_k = 0;
+
+  // kCache: the new entries written into the caches (B, Hkv, L_new, D / Dv), and each
+  // sequence's valid length before the call ((B,) int32/int64; none: all S_max are valid).
+  std::optional<at::Tensor> new_key{}, new_value{}, cache_seqlens{};
+
+  // The names of key and value in messages ("k_cache" for a cache).
+  const char* key_name() const;
+  const char* value_name() const;
+  bool has_dropout() const { return dropout_p > 0; }
+};
+
+AttentionProblem dense_problem(const char* op, const at::Tensor& query, const at::Tensor& key,
+                               const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
+                               const std::optional<at::Tensor>& key_padding_mask, double dropout_p,
+                               bool is_causal, std::optional<double> scale,
+                               const std::optional<at::Tensor>& rng_state, bool rng_state_required,
+                               bool scores_materialised);
+
+AttentionProblem packed_problem(const char* op, const at::Tensor& query, const at::Tensor& key,
+                                const at::Tensor& value, const at::Tensor& cu_seqlens_q,
+                                const at::Tensor& cu_seqlens_k, const c10::SymInt& max_seqlen_q,
+                                const c10::SymInt& max_seqlen_k, double dropout_p, bool is_causal,
+                                std::optional<double> scale,
+                                const std::optional<at::Tensor>& rng_state,
+                                bool rng_state_required);
+
+AttentionProblem cache_problem(const char* op, const at::Tensor& query, const at::Tensor& k_cache,
+                               const at::Tensor& v_cache, const std::optional<at::Tensor>& key,
+                               const std::optional<at::Tensor>& value,
+                               const std::optional<at::Tensor>& cache_seqlens,
+                               const std::optional<at::Tensor>& attn_mask, bool is_causal,
+                               std::optional<double> scale);
+
+// Every rule of the family on the problem's (possibly symbolic) sizes: ranks, dtypes, devices,
+// layouts, sizes that must agree, grouped-query heads, masks, dropout_p, scale, rng_state, the
+// size limits of ops/checks.h for everything read or allocated, the offsets' and lengths'
+// tensors. The values of offsets and lengths are data: attention_sequences checks them.
+void check_attention_problem(const AttentionProblem& problem);
+
+// What a backward op receives besides the problem: the forward's output and logsumexp, the
+// gradient of the output and (kDense, optional) of the weights.
+struct AttentionBackwardTensors {
+  const at::Tensor& grad_output;
+  const at::Tensor& output;
+  const at::Tensor& logsumexp;
+  const std::optional<at::Tensor>& grad_weights;
+};
+
+// check_attention_problem, then the backward's own tensors against it.
+void check_attention_backward(const AttentionProblem& problem,
+                              const AttentionBackwardTensors& tensors);
+
+// The shapes of the forward's output and logsumexp (the accumulation dtype): (B, H, L, Dv) and
+// (B, H, L); packed (total_q, H, Dv) and (total_q, H); for a cache, the logsumexp is the
+// kernel's scratch and not returned.
+std::vector<c10::SymInt> output_shape(const AttentionProblem& problem);
+std::vector<c10::SymInt> logsumexp_shape(const AttentionProblem& problem);
+
+// The scale the kernels use: `scale`, or 1/sqrt(D) (1 when D is 0).
+double attention_scale(std::optional<double> scale, int64_t head_dim);
+
+// One sequence of a packed batch or of a cache: query rows q_begin .. q_begin + q_len and key
+// rows k_begin .. k_begin + k_len (a cache: positions 0 .. valid length after the write),
+// causal_offset = the diagonal's shift (query i sees keys j <= i + causal_offset): 0 top-left
+// (dense and packed), k_len - q_len bottom-right (a cache's new queries follow its keys).
+struct SequenceSpan {
+  int64_t index = 0, q_begin = 0, q_len = 0, k_begin = 0, k_len = 0, causal_offset = 0;
+  // kCache: where the new entries go (the valid length before the call) and how many.
+  int64_t write_at = 0, write_len = 0;
+};
+
+// The sequences of a packed or cache problem, their values read (on the CPU) and checked:
+// offsets start at 0, never decrease, end at the packed totals and stay within max_seqlen;
+// cache lengths are non-negative and leave room for the new entries. A problem that passed
+// check_attention_problem; the tensors hold real data.
+std::vector<SequenceSpan> attention_sequences(const AttentionProblem& problem);
+
+// The rng_state of sequence b of a packed batch: (seed, offset + b), wrapping as the kernels'
+// 64-bit counters do, so each sequence has a part of the stream of its own.
+at::Tensor sequence_rng_state(const at::Tensor& rng_state, int64_t b);
+
+}  // namespace qkv_attention
