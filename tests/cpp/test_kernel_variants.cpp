@@ -28,14 +28,15 @@
 #include "cpu/flash/params.h"
 #include "cpu/philox.h"
 #include "kernel_levels.h"
+#include "ops/attention_problem.h"
 #include "reference.h"
 #include "test_support.h"
 
 namespace {
 
+using qkv_attention::AttentionProblem;
 using qkv_attention::DropoutStream;
 using qkv_attention::cpu::AttentionInputs;
-using qkv_attention::cpu::flash::AttentionArguments;
 using qkv_attention::cpu::flash::CpuLevel;
 using qkv_attention::cpu::flash::level_name;
 namespace flash = qkv_attention::cpu::flash;
@@ -174,9 +175,9 @@ struct Problem {
     }
   }
 
-  AttentionArguments arguments() const {
-    return AttentionArguments{query,     key,      value,   attn_mask, key_padding_mask,
-                              c.dropout, c.causal, c.scale, rng_state};
+  AttentionProblem arguments() const {
+    return AttentionProblem{query,     key,      value,   attn_mask, key_padding_mask,
+                            c.dropout, c.causal, c.scale, rng_state};
   }
 
   // The variant fields of the kernels' parameters (what the op front end will fill in).
@@ -210,7 +211,7 @@ KernelRun run_kernels(CpuLevel level, const Problem& p) {
   auto empty = [&](at::IntArrayRef sizes, at::ScalarType dtype) {
     return at::full(sizes, std::numeric_limits<double>::quiet_NaN(), at::dtype(dtype));
   };
-  const AttentionArguments args = p.arguments();
+  const AttentionProblem args = p.arguments();
   KernelRun run;
   auto forward = [&](at::Tensor& out, at::Tensor& lse, at::Tensor* weights, bool average) {
     auto params = flash::set_forward_params<T>(args, out, lse, weights, average);
