@@ -2,13 +2,20 @@
 // elements, (B, H, L, D) order, stride 0 where a dimension is broadcast), never tensors; the
 // structs below are filled in one place (cpu/flash/params.cpp) from the op's tensors.
 //
-// Semantics, shared by forward and backward:
-//   score[i, j] = scale * q_i . k_j + masks[i, j]     (bool mask: -inf where it is false;
-//                                                      causal: -inf where j > i, or
-//                                                      j > i + causal_offset in the forward)
-//   p[i, j]     = softmax_j(score[i, :]); a row with no finite score gives p = 0
+// Semantics, shared by forward and backward (o = causal_offset, the causal alignment):
+//   raw[i, j]   = scale * q_i . k_j
+//   score[i, j] = cap(raw[i, j]) - slope[b, h] * |i + o - j| + masks[i, j]
+//                 cap(x) = softcap * tanh(x / softcap) when softcap > 0, else x; bool mask:
+//                 -inf where it is false; causal: -inf where j > i + o; sliding window: -inf
+//                 unless i + o - window_left <= j <= i + o + window_right
+//   p[i, j]     = exp(score[i, j]) / (exp(sink[h]) + sum_k exp(score[i, k])), the sink term
+//                 only with sinks; a row with no finite score gives p = 0
 //   w[i, j]     = p[i, j] * keep[i, j] / (1 - dropout_p)     (the returned weights)
 //   out_i       = sum_j w[i, j] v_j
+// The logsumexp saved for the backward is log(exp(sink[h]) + sum_k exp(score[i, k])) (the sink
+// term only with sinks), so that exp(score - logsumexp) recomputes p, and exp(sink - logsumexp)
+// the sink's share; -inf for a row with no finite score and no sink.
+// A sliding window skips the key blocks outside the band: work in proportion to L x window.
 // Query head h reads key/value head h / (heads / kv_heads) (grouped-query attention; kv_heads
 // equals heads for plain multi-head attention).
 // Accumulation is in AccType<T> (float for bfloat16/float16); with AVX-512 BF16 the bfloat16
@@ -51,6 +58,25 @@ struct AttentionInputs {
   int64_t batch = 0, heads = 0, kv_heads = 0, q_len = 0, kv_len = 0, head_dim = 0, value_dim = 0;
   double scale = 1.0;
   bool is_causal = false;
+  // The causal alignment o: causal rows see keys j <= i + o, and the window and ALiBi are
+  // centred on i + o. 0 is the ops' top-left alignment; S - L aligns the last query with the
+  // last key (bottom-right, as a KV cache's new queries follow the keys already cached). Rows
+  // that see no key give zeros. The backward must be given the forward's value.
+  int64_t causal_offset = 0;
+  // Sliding window: query i sees key j only if i + o - window_left <= j <= i + o + window_right;
+  // -1 leaves that side open (both -1: no window).
+  int64_t window_left = -1, window_right = -1;
+  // > 0: raw scores become softcap * tanh(raw / softcap) (after the scale, before ALiBi and the
+  // masks); 0: no cap.
+  double softcap = 0.0;
+  // ALiBi: score[b, h, i, j] -= alibi_slopes[b * alibi_batch_stride + h] * |i + o - j|;
+  // alibi_batch_stride is 0 for (H,) slopes, H for (B, H). Null: no ALiBi. AccType<T> (float
+  // for half types, double for double) so that float64 problems keep float64 slopes.
+  const AccType<T>* alibi_slopes = nullptr;
+  int64_t alibi_batch_stride = 0;
+  // Attention sinks, (H,): one extra logit per query head in each row's softmax denominator,
+  // with no value; not scaled, capped, masked or dropped out. Null: none. AccType<T>, as above.
+  const AccType<T>* sinks = nullptr;
   double dropout_p = 0.0;
   uint64_t seed = 0, offset = 0;  // the dropout stream (cpu/philox.h)
 
@@ -69,10 +95,6 @@ struct AttentionInputs {
 
 template <typename T>
 struct AttentionForwardParams : AttentionInputs<T> {
-  // Causal: query i sees keys j <= i + causal_offset. 0 is the ops' top-left alignment;
-  // S - L aligns the last query with the last key (bottom-right, as a KV cache's new queries
-  // follow the keys already cached). Rows that see no key give zeros. Forward only.
-  int64_t causal_offset = 0;
   T* output = nullptr;              // (B, H, L, Dv), contiguous
   AccType<T>* logsumexp = nullptr;  // (B, H, L), contiguous; -inf for empty rows
   T* weights = nullptr;             // (B, H, L, S), contiguous, or null when not requested
@@ -93,6 +115,9 @@ struct AttentionBackwardParams : AttentionInputs<T> {
   // d loss / d score, (B, H, L, S) contiguous; null unless a mask needs a gradient (the caller
   // reduces it to the mask's shape).
   AccType<T>* grad_scores = nullptr;
+  // d loss / d sinks, (H,); written when sinks is set and this is not null. Summed over the
+  // batch and the rows in one fixed order, so bitwise the same for any thread count.
+  AccType<T>* grad_sinks = nullptr;
 };
 
 template <typename T>

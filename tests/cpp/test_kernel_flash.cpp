@@ -38,6 +38,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <sys/auxv.h>
 #endif
+#include "kernel_levels.h"
 #include "reference.h"
 #include "test_support.h"
 
@@ -55,23 +56,10 @@ using qkv_attention::cpu::flash::level_name;
 namespace flash = qkv_attention::cpu::flash;
 namespace testing = qkv_attention::testing;
 using testing::IsCloseTo;
+using testing::kAllLevels;
+using testing::runnable_levels;
+using testing::ThreadCountGuard;
 using testing::Tolerance;
-
-constexpr CpuLevel kAllLevels[] = {CpuLevel::kDefault, CpuLevel::kAvx2, CpuLevel::kAvx512};
-
-std::vector<CpuLevel> runnable_levels() {
-  std::vector<CpuLevel> levels;
-  for (CpuLevel level : kAllLevels) {
-    if (level_available(level)) levels.push_back(level);
-  }
-  return levels;
-}
-
-// Restores the thread count a test changed, however it ends.
-struct ThreadCountGuard {
-  int saved = at::get_num_threads();
-  ~ThreadCountGuard() { at::set_num_threads(saved); }
-};
 
 std::vector<float> random_floats(size_t n, uint32_t seed, float scale = 1.0f) {
   std::mt19937 gen(seed);

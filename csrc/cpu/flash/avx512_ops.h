@@ -14,6 +14,7 @@ namespace qkv_attention::cpu::flash {
 struct Avx512Ops {
   using b_elem = float;
   static constexpr bool kPlainB = true;
+  static constexpr int64_t kColumnStride = 1;     // elements between columns of a B operand
   static constexpr int64_t kForwardQueries = 48;  // 8 register tiles of 6 rows
   static constexpr int64_t kForwardKeys = 256;
   static int64_t packed_ld(int64_t N) { return round_up(N, 16); }
@@ -37,6 +38,7 @@ struct Avx512Ops {
 struct Avx512Bf16Ops : Avx512Ops {
   using b_elem = uint16_t;
   static constexpr bool kPlainB = false;
+  static constexpr int64_t kColumnStride = 2;  // B[k, n] pairs with B[k + 1, n]
   static constexpr int64_t kForwardKeys = 512;
   static int64_t packed_size(int64_t K, int64_t N) { return (K + 1) / 2 * 2 * packed_ld(N); }
 

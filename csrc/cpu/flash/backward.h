@@ -10,6 +10,11 @@
 // own or a half-precision mask gradient needs an exact delta (see below).
 // Each task owns its outputs and walks its loops in a fixed order, so the results are bitwise
 // the same whatever the number of threads and whichever thread runs a task.
+// The variants (cpu/attention_kernel.h): the logsumexp includes the sink, so the recomputed P
+// does too; dS passes through the softcap's derivative 1 - tanh^2 before dQ and dK; the key
+// blocks a block of queries cannot see by position (causality, the sliding window) are skipped
+// from both sides; d loss / d sink_h = -sum over the rows of head h of exp(sink_h - lse) delta,
+// summed per head in one fixed order.
 #pragma once
 
 #include <algorithm>
@@ -24,6 +29,7 @@
 #include "cpu/flash/level_namespace.h"
 #include "cpu/flash/operands.h"
 #include "cpu/flash/row_masks.h"
+#include "cpu/flash/score_terms.h"
 #include "cpu/flash/workspace.h"
 
 QKV_FLASH_LEVEL_BEGIN
@@ -37,7 +43,9 @@ void flash_backward(const AttentionBackwardParams<T>& p) {
   const int64_t Hkv = p.kv_heads, group = p.group_size(), BHkv = B * Hkv;
   Acc* grad_scores = p.grad_scores;
   if (BH == 0) return;
+  const bool sink_grad = p.sinks != nullptr && p.grad_sinks != nullptr;
   if (L == 0 || S == 0) {  // nothing attends to anything: all gradients are zero
+    if (sink_grad) std::fill(p.grad_sinks, p.grad_sinks + H, Acc(0));
     std::fill(p.grad_query, p.grad_query + BH * L * D, T(0));
     std::fill(p.grad_key, p.grad_key + BHkv * S * D, T(0));
     std::fill(p.grad_value, p.grad_value + BHkv * S * Dv, T(0));
@@ -72,6 +80,9 @@ void flash_backward(const AttentionBackwardParams<T>& p) {
   };
 
   const Acc scale = static_cast<Acc>(p.scale);
+  const ScoreTerms<T, Acc> terms(p);
+  const KeyBand& band = terms.band();
+  const bool capped = terms.softcap();
   const Acc kept_scale = static_cast<Acc>(kept_scale_of(p.dropout_p));
   const bool dropout = p.dropout_p > 0;
   const DropoutKey dropout_key = DropoutKey::make(p.seed, p.offset, p.dropout_p);
@@ -97,10 +108,13 @@ void flash_backward(const AttentionBackwardParams<T>& p) {
   });
 
   // Scratch per thread: scores/P, dP/dS, W (Bq x Bk each); the dK and dV accumulators; per-row
-  // sums; gathered masks and the grad_weights row; keep bits.
-  const int64_t slot_floats = 3 * Bq * Bk + Bk * D + Bk * Dv + Bq + 3 * Bk + keep_cells<Acc>(Bk);
+  // sums; gathered masks and the grad_weights row; with a softcap its derivative (Bq x Bk);
+  // keep bits.
+  const int64_t cap_cells = capped ? Bq * Bk : 0;
+  const int64_t slot_floats =
+      3 * Bq * Bk + Bk * D + Bk * Dv + Bq + 3 * Bk + cap_cells + keep_cells<Acc>(Bk);
   struct Block {  // one slot's buffers
-    Acc *scores, *grad_p, *weights, *dk, *dv, *row_extra, *gathered, *gw_row;
+    Acc *scores, *grad_p, *weights, *dk, *dv, *row_extra, *gathered, *gw_row, *cap_grad;
     uint64_t* keep;
   };
   auto carve = [&](Acc* base) {
@@ -113,29 +127,35 @@ void flash_backward(const AttentionBackwardParams<T>& p) {
     blk.row_extra = blk.dv + Bk * Dv;    // Bq
     blk.gathered = blk.row_extra + Bq;   // 2 x Bk
     blk.gw_row = blk.gathered + 2 * Bk;  // Bk
-    blk.keep = keep_bits_at(blk.gw_row + Bk);
+    blk.cap_grad = blk.gw_row + Bk;      // Bq x Bk, with a softcap
+    blk.keep = keep_bits_at(blk.cap_grad + cap_cells);
     return blk;
   };
 
   // Masked scores of rows i0 .. i0 + nq against the first nc keys of block kb, then
-  // P = exp(s - lse) (times the keep bits when `apply_keep`), in blk.scores. Returns nc (the
-  // keys past it are hidden from all these rows by causality).
-  auto probabilities = [&](Block& blk, int64_t bh, int64_t i0, int64_t nq, int64_t kb,
-                           const Elem* kt, bool apply_keep) {
+  // P = exp(s - lse) (times the keep bits when `apply_keep`), in blk.scores; with a softcap and
+  // `cap_grad`, its derivative in blk.cap_grad. Returns nc (the keys past it are hidden from
+  // all these rows by position).
+  // Only columns c0 .. nc are computed (c0 <= nc; the caller knows the keys before c0 hidden
+  // from all these rows).
+  auto probabilities = [&](Block& blk, int64_t bh, int64_t i0, int64_t nq, int64_t kb, int64_t c0,
+                           const Elem* kt, bool apply_keep, bool cap_grad) {
     const int64_t b = bh / H, h = bh % H;
-    const int64_t j0 = kb * Bk, nk = columns_for(p.is_causal, i0, nq, j0, std::min(Bk, S - j0));
-    Ops::gemm(nq, nk, D, query_rows.rows(b, h, i0), query_rows.ld, 1, kt, panel_ld, blk.scores, Bk,
-              false);
+    const int64_t j0 = kb * Bk, nk = band.columns(i0, nq, j0, std::min(Bk, S - j0));
+    const int64_t width = nk - c0;
+    Ops::gemm(nq, width, D, query_rows.rows(b, h, i0), query_rows.ld, 1,
+              kt + c0 * Ops::kColumnStride, panel_ld, blk.scores + c0, Bk, false);
     for (int64_t r = 0; r < nq; ++r) {
       const int64_t i = i0 + r, row = bh * L + i;
-      Acc* s_row = blk.scores + r * Bk;
+      Acc* s_row = blk.scores + r * Bk + c0;
       MaskSegment<T, Acc> segments[AttentionInputs<T>::kMasks];
-      Acc bias = 0;
-      int64_t valid = visible_in_block(p.is_causal, i, j0, nk);
-      const int count = masks.segments(b, h, i, j0, nk, segments, blk.gathered, bias, valid);
-      Ops::prepare_row(s_row, nk, scale, bias, valid, segments, count);
-      if (apply_keep) Ops::keep_bits(dropout_key, uint64_t(row * S + j0), nk, blk.keep);
-      Ops::exp_row(s_row, nk, lse2[row], apply_keep ? blk.keep : nullptr);
+      RowScores<Acc> rs = terms.row(b, h, i, j0 + c0, width);
+      if (cap_grad && capped) rs.cap_grad = blk.cap_grad + r * Bk + c0;
+      const int count =
+          masks.segments(b, h, i, j0 + c0, width, segments, blk.gathered, rs.bias, rs.valid);
+      Ops::prepare_row(s_row, width, rs, segments, count);
+      if (apply_keep) Ops::keep_bits(dropout_key, uint64_t(row * S + j0 + c0), width, blk.keep);
+      Ops::exp_row(s_row, width, lse2[row], apply_keep ? blk.keep : nullptr);
     }
     return nk;
   };
@@ -174,11 +194,13 @@ void flash_backward(const AttentionBackwardParams<T>& p) {
       const int64_t bh = task / query_blocks, qb = task % query_blocks;
       const int64_t b = bh / H, h = bh % H, i0 = qb * Bq, nq = std::min(Bq, L - i0);
       std::fill(blk.row_extra, blk.row_extra + nq, Acc(0));
-      for (int64_t kb = 0; kb < key_blocks_for(p.is_causal, p.kv_len, i0, nq, Bk); ++kb) {
+      int64_t first_block = 0, last_block = 0;
+      band.key_blocks(i0, nq, Bk, first_block, last_block);
+      for (int64_t kb = first_block; kb < last_block; ++kb) {
         // (This rarely needed pass packs K^T and V^T again for each query block.)
         pack_key_block(b * Hkv + h / group, kb, kt, vt);
         // P * keep in blk.scores; with exact_delta, dP = dO V^T in blk.grad_p.
-        const int64_t j0 = kb * Bk, nk = probabilities(blk, bh, i0, nq, kb, kt, dropout);
+        const int64_t j0 = kb * Bk, nk = probabilities(blk, bh, i0, nq, kb, 0, kt, dropout, false);
         if (exact_delta) {
           Ops::gemm(nq, nk, Dv, grad_out_rows.rows(b, h, i0), grad_out_rows.ld, 1, vt, panel_ld,
                     blk.grad_p, Bk, false);
@@ -199,6 +221,24 @@ void flash_backward(const AttentionBackwardParams<T>& p) {
       for (int64_t r = 0; r < nq; ++r) {
         Acc& d = delta[bh * L + i0 + r];
         d = (exact_delta ? Acc(0) : d) + blk.row_extra[r] * kept_scale;
+      }
+    });
+  }
+
+  // d loss / d sink_h = -sum over the rows (b, i) of head h of p_sink delta, p_sink =
+  // exp(sink_h - lse): per head, in (b, i) order.
+  if (sink_grad) {
+    at::parallel_for(0, H, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t h = begin; h < end; ++h) {
+        const Acc sink = terms.sink(h);
+        Acc sum = 0;
+        for (int64_t b = 0; b < B; ++b) {
+          for (int64_t i = 0; i < L; ++i) {
+            const int64_t row = (b * H + h) * L + i;
+            sum += std::exp(sink - lse2[row]) * delta[row];
+          }
+        }
+        p.grad_sinks[h] = -sum;
       }
     });
   }
@@ -228,54 +268,74 @@ void flash_backward(const AttentionBackwardParams<T>& p) {
     // Key blocks g, g + groups, ...: interleaved, so that causal groups get equal work.
     for (int64_t kb = g; kb < key_blocks; kb += groups) {
       const int64_t j0 = kb * Bk, nk = std::min(Bk, S - j0);
-      pack_key_block(kv_bh, kb, kt, vt);
       std::fill(blk.dk, blk.dk + nk * D, Acc(0));
       std::fill(blk.dv, blk.dv + nk * Dv, Acc(0));
-      // Causal: rows before j0 see none of these keys.
-      const int64_t first_qb = p.is_causal ? std::min(j0 / Bq, query_blocks) : 0;
+      // The query blocks with a row that may see one of these keys (causality, the window).
+      int64_t first_row = 0, last_row = 0;
+      band.rows_seeing(j0, nk, L, first_row, last_row);
+      const int64_t first_qb = first_row / Bq;
+      const int64_t last_qb = last_row > first_row ? ceil_div(last_row, Bq) : first_qb;
+      if (last_qb > first_qb) pack_key_block(kv_bh, kb, kt, vt);
       for (int64_t h = first_head; h < first_head + group; ++h) {
         const int64_t bh = b * H + h;
         Acc* dq = dq_of(bh, g);
-        if (grad_scores) {
-          for (int64_t i = 0; i < std::min(first_qb * Bq, L); ++i) {
-            Acc* row = grad_scores + (bh * L + i) * S + j0;
-            std::fill(row, row + nk, Acc(0));
-          }
+        if (grad_scores) {  // the rows of the query blocks that see none of these keys
+          auto zero_rows = [&](int64_t from, int64_t to) {
+            for (int64_t i = from; i < to; ++i) {
+              Acc* row = grad_scores + (bh * L + i) * S + j0;
+              std::fill(row, row + nk, Acc(0));
+            }
+          };
+          zero_rows(0, std::min(first_qb * Bq, L));
+          zero_rows(std::min(last_qb * Bq, L), L);
         }
-        for (int64_t qb = first_qb; qb < query_blocks; ++qb) {
+        for (int64_t qb = first_qb; qb < last_qb; ++qb) {
           const int64_t i0 = qb * Bq, nq = std::min(Bq, L - i0);
           const Acc* d_o = grad_out_rows.rows(b, h, i0);
-          // nc <= nk: the keys this query block sees (all but causal ones past its diagonal).
-          const int64_t nc = probabilities(blk, bh, i0, nq, kb, kt, false);
+          // Keys c0 .. nc: from the vector boundary (16 keys) at or before the first key the
+          // block's first row may see (a window's lower edge), up to the last row's last key
+          // (causality, the window's upper edge).
+          const int64_t nc0 = band.columns(i0, nq, j0, nk);
+          const int64_t c0 = std::min(std::max<int64_t>(band.begin(i0) - j0, 0) / 16 * 16, nc0);
+          const int64_t nc = probabilities(blk, bh, i0, nq, kb, c0, kt, false, true);
+          const int64_t width = nc - c0;
           // dP = dO V^T (+ grad_weights), then W = P * keep * kept_scale and
           // dS = P * (dP * keep * kept_scale - delta).
-          Ops::gemm(nq, nc, Dv, d_o, grad_out_rows.ld, 1, vt, panel_ld, blk.grad_p, Bk, false);
+          Ops::gemm(nq, width, Dv, d_o, grad_out_rows.ld, 1, vt + c0 * Ops::kColumnStride, panel_ld,
+                    blk.grad_p + c0, Bk, false);
           // Without dropout the weights are P itself (the kept scale is 1).
           Acc* w = dropout ? blk.weights : nullptr;
           for (int64_t r = 0; r < nq; ++r) {
             const int64_t i = i0 + r, row = bh * L + i;
-            Acc* dp_row = blk.grad_p + r * Bk;
+            Acc* dp_row = blk.grad_p + r * Bk + c0;
             if (p.grad_weights) {
-              grad_weights_row(blk, b, h, i, j0, nc);
-              for (int64_t j = 0; j < nc; ++j) dp_row[j] += blk.gw_row[j];
+              grad_weights_row(blk, b, h, i, j0 + c0, width);
+              for (int64_t j = 0; j < width; ++j) dp_row[j] += blk.gw_row[j];
             }
-            if (dropout) Ops::keep_bits(dropout_key, uint64_t(row * S + j0), nc, blk.keep);
-            Ops::softmax_grad_row(blk.scores + r * Bk, dp_row, dropout ? blk.keep : nullptr,
-                                  kept_scale, delta[row], nc, w ? w + r * Bk : nullptr, dp_row);
-            if (grad_scores) {
+            if (dropout) Ops::keep_bits(dropout_key, uint64_t(row * S + j0 + c0), width, blk.keep);
+            Ops::softmax_grad_row(blk.scores + r * Bk + c0, dp_row, dropout ? blk.keep : nullptr,
+                                  kept_scale, delta[row], width, w ? w + r * Bk + c0 : nullptr,
+                                  dp_row);
+            if (grad_scores) {  // d loss / d score, before the softcap's derivative
               Acc* out = grad_scores + row * S + j0;
-              std::copy(dp_row, dp_row + nc, out);
+              std::fill(out, out + c0, Acc(0));
+              std::copy(dp_row, dp_row + width, out + c0);
               std::fill(out + nc, out + nk, Acc(0));
             }
+            if (capped) {  // d loss / d raw score
+              const Acc* cap_row = blk.cap_grad + r * Bk + c0;
+              for (int64_t j = 0; j < width; ++j) dp_row[j] *= cap_row[j];
+            }
           }
-          if (nc == 0) continue;
-          const Acc* weights = dropout ? blk.weights : blk.scores;
-          Ops::gemm(nc, Dv, nq, weights, 1, Bk, grad_outs.at(bh, qb), grad_outs.ld(), blk.dv, Dv,
-                    true);  // dV += W^T dO
-          Ops::gemm(nc, D, nq, blk.grad_p, 1, Bk, queries.at(bh, qb), queries.ld(), blk.dk, D,
-                    true);  // dK += dS^T Q
-          Ops::gemm(nq, D, nc, blk.grad_p, Bk, 1, keys.at(kv_bh, kb), keys.ld(), dq + i0 * D, D,
-                    true);  // dQ += dS K
+          if (width == 0) continue;
+          const Acc* weights = (dropout ? blk.weights : blk.scores) + c0;
+          const Acc* grad_s = blk.grad_p + c0;
+          Ops::gemm(width, Dv, nq, weights, 1, Bk, grad_outs.at(bh, qb), grad_outs.ld(),
+                    blk.dv + c0 * Dv, Dv, true);  // dV += W^T dO
+          Ops::gemm(width, D, nq, grad_s, 1, Bk, queries.at(bh, qb), queries.ld(), blk.dk + c0 * D,
+                    D, true);  // dK += dS^T Q
+          Ops::gemm(nq, D, width, grad_s, Bk, 1, keys.at(kv_bh, kb) + c0 * keys.ld(), keys.ld(),
+                    dq + i0 * D, D, true);  // dQ += dS K
         }
       }
       for (int64_t r = 0; r < nk; ++r) {

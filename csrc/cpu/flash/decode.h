@@ -4,7 +4,10 @@
 // K and V once, in place (only the chunk is repacked, in the task's own scratch), for all the
 // query heads of its group and all their query rows, and leaves a partial output and its
 // logsumexp. The partials are then merged exactly, in chunk order:
-//   lse = log sum_c exp(lse_c),   out = sum_c exp(lse_c - lse) * out_c.
+//   lse = log (exp(sink) + sum_c exp(lse_c)),   out = sum_c exp(lse_c - lse) * out_c,
+// the sink term only with attention sinks: it enters once, here. Only the chunks holding keys
+// that some query row may see (causality, the sliding window) are read: a window of W keys over
+// a long cache reads about W keys per row.
 // The chunking depends on the shape only, so results are bitwise the same for any thread count.
 #pragma once
 
@@ -19,6 +22,7 @@
 #include "cpu/flash/level_namespace.h"
 #include "cpu/flash/operands.h"
 #include "cpu/flash/row_masks.h"
+#include "cpu/flash/score_terms.h"
 #include "cpu/flash/workspace.h"
 
 QKV_FLASH_LEVEL_BEGIN
@@ -42,12 +46,16 @@ void flash_decode(const AttentionForwardParams<T>& p) {
   const int64_t B = p.batch, H = p.heads, L = p.q_len, S = p.kv_len;
   const int64_t D = p.head_dim, Dv = p.value_dim;
   const int64_t Hkv = p.kv_heads, G = p.group_size();
-  const int64_t Sc = kDecodeChunk, chunks = ceil_div(S, Sc);
   const int64_t M = G * L;  // rows of one task: the group's query heads x their query rows
-  const Acc scale = static_cast<Acc>(p.scale);
   const bool dropout = p.dropout_p > 0;
   const DropoutKey dropout_key = DropoutKey::make(p.seed, p.offset, p.dropout_p);
   const RowMasks<T, Acc> masks(p);
+  const ScoreTerms<T, Acc> terms(p);
+  // The chunks first_chunk .. first_chunk + chunks hold every key some row may see.
+  const int64_t Sc = kDecodeChunk;
+  int64_t first_chunk = 0, last_chunk = 0;
+  terms.band().key_blocks(0, L, Sc, first_chunk, last_chunk);
+  const int64_t chunks = last_chunk - first_chunk;
 
   // K read in place when it already is Acc with unit column stride; V too when the level's GEMM
   // takes a plain row-major B.
@@ -64,15 +72,15 @@ void flash_decode(const AttentionForwardParams<T>& p) {
       M * D + M * Sc + Sc * D + Sc * Dv + M * Dv + 2 * M + 2 * Sc + keep_cells<Acc>(Sc);
   // Partial outputs, (B, H, L, chunks, Dv), and their logsumexps, (B, H, L, chunks).
   LargeBuffer<Acc> part_out(size_t(std::max<int64_t>(B * H * L * chunks * Dv, 1)));
-  LargeBuffer<Acc> part_lse(size_t(B * H * L * chunks));
+  LargeBuffer<Acc> part_lse(size_t(std::max<int64_t>(B * H * L * chunks, 1)));
 
   TaskPool pool(B * Hkv * chunks);
   Scratch<Acc> scratch(pool.slots(), slot_size);
   LargeBuffer<Elem> panels(size_t(pool.slots() * vp_size));
   pool.run([&](int64_t task, int64_t slot) {
-    const int64_t kv_bh = task / chunks, c = task % chunks;
+    const int64_t kv_bh = task / chunks, c = task % chunks;  // c counts from first_chunk
     const int64_t b = kv_bh / Hkv, hkv = kv_bh % Hkv, h0 = hkv * G;
-    const int64_t j0 = c * Sc, nk = std::min(Sc, S - j0);
+    const int64_t j0 = (first_chunk + c) * Sc, nk = std::min(Sc, S - j0);
     Acc* q_buf = scratch.slot(slot);
     Acc* scores = q_buf + M * D;
     Acc* k_buf = scores + M * Sc;
@@ -83,15 +91,6 @@ void flash_decode(const AttentionForwardParams<T>& p) {
     Acc* gathered = row_sum + M;
     uint64_t* keep = keep_bits_at(gathered + 2 * Sc);
     Elem* vp = panels.data() + slot * vp_size;
-    if (p.is_causal && j0 >= L + p.causal_offset) {  // no query row reaches this chunk
-      for (int64_t r = 0; r < M; ++r) {
-        const int64_t row = (b * H + h0 + r / L) * L + r % L;
-        std::fill(part_out.data() + (row * chunks + c) * Dv,
-                  part_out.data() + (row * chunks + c + 1) * Dv, Acc(0));
-        part_lse[row * chunks + c] = kNegInf;
-      }
-      return;
-    }
 
     // (G, L, D): the query rows of the group, as Acc.
     const Strides4& qs = p.query_strides;
@@ -123,10 +122,9 @@ void flash_decode(const AttentionForwardParams<T>& p) {
       const int64_t h = h0 + r / L, i = r % L, row = (b * H + h) * L + i;
       Acc* s_row = scores + r * Sc;
       MaskSegment<T, Acc> segments[AttentionInputs<T>::kMasks];
-      Acc bias = 0;
-      int64_t valid = visible_in_block(p.is_causal, i + p.causal_offset, j0, nk);
-      const int count = masks.segments(b, h, i, j0, nk, segments, gathered, bias, valid);
-      const Acc m = Ops::prepare_row(s_row, nk, scale, bias, valid, segments, count);
+      RowScores<Acc> rs = terms.row(b, h, i, j0, nk);
+      const int count = masks.segments(b, h, i, j0, nk, segments, gathered, rs.bias, rs.valid);
+      const Acc m = Ops::prepare_row(s_row, nk, rs, segments, count);
       row_max[r] = m == kNegInf ? Acc(0) : m;  // exp relative to a finite value
       if (dropout) Ops::keep_bits(dropout_key, uint64_t(row * S + j0), nk, keep);
       row_sum[r] = Ops::exp_row(s_row, nk, row_max[r], dropout ? keep : nullptr);
@@ -172,26 +170,33 @@ void flash_decode(const AttentionForwardParams<T>& p) {
     }
   });
 
-  // Merge, per query row, in chunk order. NaN in any chunk's logsumexp gives NaN out.
+  // Merge, per query row, in chunk order, the sink first. NaN in any chunk's logsumexp gives
+  // NaN out.
   const Acc kept_scale = static_cast<Acc>(kept_scale_of(p.dropout_p));
   at::parallel_for(0, B * H * L, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const Acc* lse = part_lse.data() + row * chunks;
-      Acc top = kNegInf;
+      const Acc sink = terms.sink(row / L % H);
+      Acc top = sink;
       bool nan = false;
       for (int64_t c = 0; c < chunks; ++c) {
         nan = nan || std::isnan(lse[c]);
         top = lse[c] > top ? lse[c] : top;
       }
       T* out_row = p.output + row * Dv;
-      if (top == kNegInf && !nan) {  // no chunk saw a key
+      if (top == kNegInf && !nan) {  // no chunk saw a key, and no sink
         std::fill(out_row, out_row + Dv, T(0));
         p.logsumexp[row] = kNegInf;
         continue;
       }
-      Acc total = 0;
+      Acc total = sink == kNegInf ? Acc(0) : std::exp(sink - top);
       for (int64_t c = 0; c < chunks; ++c) total += std::exp(lse[c] - top);
       const Acc row_lse = nan ? std::numeric_limits<Acc>::quiet_NaN() : top + std::log(total);
+      if (chunks == 0) {  // only the sink: no value
+        std::fill(out_row, out_row + Dv, T(0));
+        p.logsumexp[row] = row_lse;
+        continue;
+      }
       Acc* acc = part_out.data() + row * chunks * Dv;  // chunk 0's slot gathers the sum
       const Acc w0 = std::exp(lse[0] - row_lse);
       for (int64_t d = 0; d < Dv; ++d) acc[d] *= w0;

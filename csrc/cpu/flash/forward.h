@@ -4,8 +4,10 @@
 // Per task = (batch*head, block of Bq queries): for each block of Bk keys, the Bq x Bk scores (a
 // GEMM against the prepacked K^T panel), masks, then an online softmax (running max m and sum l
 // per row, the output accumulator rescaled when m grows) and O += P V (a GEMM). Only Bq x Bk
-// scores exist at a time; the logsumexp m + log(l) is saved for the backward. Causal blocks past
-// the diagonal are skipped whole. When the weights are requested, the whole (Bq x S) rows of
+// scores exist at a time; the logsumexp m + log(l) is saved for the backward. Key blocks that
+// causality or the sliding window hide from a whole block of queries are skipped (blocking.h's
+// KeyBand). With attention sinks, every row's softmax starts from its sink: m = sink, l = 1
+// (the sink's exp), no value. When the weights are requested, the whole (Bq x S) rows of
 // scores are computed once into them, and the output is multiplied from the weights; averaged
 // over the heads, a task runs one block of queries of every head of a batch entry and sums
 // their rows, so no per-head (B, H, L, S) tensor exists. With grouped-query attention the query
@@ -28,6 +30,7 @@
 #include "cpu/flash/level_namespace.h"
 #include "cpu/flash/operands.h"
 #include "cpu/flash/row_masks.h"
+#include "cpu/flash/score_terms.h"
 #include "cpu/flash/workspace.h"
 
 QKV_FLASH_LEVEL_BEGIN
@@ -41,9 +44,12 @@ void flash_forward(const AttentionForwardParams<T>& p) {
   const int64_t Hkv = p.kv_heads, group = p.group_size();
   Acc* logsumexp = p.logsumexp;
   if (BH == 0 || L == 0) return;
-  if (S == 0) {  // no key at all: every row is empty
+  if (S == 0) {  // no key at all: every row is empty (its logsumexp is the sink, if any)
     std::fill(p.output, p.output + BH * L * Dv, T(0));
-    std::fill(logsumexp, logsumexp + BH * L, kNegInf);
+    const ScoreTerms<T, Acc> terms(p);
+    for (int64_t bh = 0; bh < BH; ++bh) {
+      std::fill(logsumexp + bh * L, logsumexp + (bh + 1) * L, terms.sink(bh % H));
+    }
     return;
   }
   if (use_split_kv(p)) return flash_decode<T, Ops>(p);  // few queries, many keys
@@ -60,11 +66,12 @@ void flash_forward(const AttentionForwardParams<T>& p) {
       operand_rows<Ops>(p.value, p.value_strides, B, Hkv, S, Dv, value_storage);
   const auto values = BOperands<Ops>::row_blocks(value_rows, B, Hkv, S, Dv, Bk);
 
-  const Acc scale = static_cast<Acc>(p.scale);
   const Acc kept_scale = static_cast<Acc>(kept_scale_of(p.dropout_p));
   const bool dropout = p.dropout_p > 0;
   const DropoutKey dropout_key = DropoutKey::make(p.seed, p.offset, p.dropout_p);
   const RowMasks<T, Acc> masks(p);
+  const ScoreTerms<T, Acc> terms(p);
+  const KeyBand& band = terms.band();
 
   // Per slot: scores (Bq x Bk), output accumulator (Bq x Dv), query rows (Bq x D), row max, row
   // sum and block max (Bq each), gathered masks (2 x Bk), keep bits. With weights requested,
@@ -100,24 +107,27 @@ void flash_forward(const AttentionForwardParams<T>& p) {
 
     int64_t ldq = 0;
     const Acc* q = rows_as_acc<Ops>(p.query, p.query_strides, b, h, i0, nq, D, q_buf, ldq);
-    std::fill(row_max, row_max + nq, kNegInf);
-    std::fill(row_sum, row_sum + nq, Acc(0));
+    // The softmax starts from the sink (m = sink, l = exp(sink - m) = 1) or from nothing.
+    const Acc sink = terms.sink(h);
+    std::fill(row_max, row_max + nq, sink);
+    std::fill(row_sum, row_sum + nq, sink == kNegInf ? Acc(0) : Acc(1));
     std::fill(out_acc, out_acc + nq * Dv, Acc(0));
-    const int64_t diagonal = i0 + p.causal_offset;  // the causal diagonal of row i0
-    const int64_t visible_blocks = key_blocks_for(p.is_causal, p.kv_len, diagonal, nq, Bk);
+    int64_t first_block = 0, last_block = 0;  // the key blocks these rows see
+    band.key_blocks(i0, nq, Bk, first_block, last_block);
 
-    // Scores of the first nc keys of block kb for every row, masked, into dst (row stride ld);
-    // row maxima to block_max. Returns nc (keys past it are hidden from all rows by causality).
-    auto block_scores = [&](int64_t kb, Acc* dst, int64_t ld) {
-      const int64_t j0 = kb * Bk,
-                    nc = columns_for(p.is_causal, diagonal, nq, j0, std::min(Bk, S - j0));
-      Ops::gemm(nq, nc, D, q, ldq, 1, key_t.at(kv_bh, kb), key_t.ld(), dst, ld, false);
+    // Scores of keys c0 .. nc of block kb for every row, masked, into dst + c0 (dst: the
+    // block's first column, row stride ld); row maxima to block_max. Returns nc (keys past it
+    // are hidden from all rows by position).
+    auto block_scores = [&](int64_t kb, int64_t c0, Acc* dst, int64_t ld) {
+      const int64_t j0 = kb * Bk, nc = band.columns(i0, nq, j0, std::min(Bk, S - j0));
+      Ops::gemm(nq, nc - c0, D, q, ldq, 1, key_t.at(kv_bh, kb) + c0 * Ops::kColumnStride,
+                key_t.ld(), dst + c0, ld, false);
       for (int64_t r = 0; r < nq; ++r) {
         MaskSegment<T, Acc> segments[AttentionInputs<T>::kMasks];
-        Acc bias = 0;
-        int64_t valid = visible_in_block(p.is_causal, diagonal + r, j0, nc);
-        const int count = masks.segments(b, h, i0 + r, j0, nc, segments, gathered, bias, valid);
-        block_max[r] = Ops::prepare_row(dst + r * ld, nc, scale, bias, valid, segments, count);
+        RowScores<Acc> row = terms.row(b, h, i0 + r, j0 + c0, nc - c0);
+        const int count =
+            masks.segments(b, h, i0 + r, j0 + c0, nc - c0, segments, gathered, row.bias, row.valid);
+        block_max[r] = Ops::prepare_row(dst + r * ld + c0, nc - c0, row, segments, count);
       }
       return nc;
     };
@@ -128,7 +138,8 @@ void flash_forward(const AttentionForwardParams<T>& p) {
     if (rows != nullptr) {
       for (int64_t kb = 0; kb < key_blocks; ++kb) {
         const int64_t j0 = kb * Bk, nk = std::min(Bk, S - j0);
-        const int64_t nc = kb < visible_blocks ? block_scores(kb, rows + j0, S) : 0;
+        const bool seen = kb >= first_block && kb < last_block;
+        const int64_t nc = seen ? block_scores(kb, 0, rows + j0, S) : 0;
         for (int64_t r = 0; r < nq; ++r) {
           Acc* hidden = rows + r * S + j0;
           std::fill(hidden + nc, hidden + nk, kNegInf);
@@ -138,18 +149,20 @@ void flash_forward(const AttentionForwardParams<T>& p) {
       for (int64_t r = 0; r < nq; ++r) {
         const int64_t row = bh * L + i0 + r;
         Acc* w = rows + r * S;
+        // row_max started from the sink; the sink's exp starts the sum.
         const Acc m_use = row_max[r] == kNegInf ? Acc(0) : row_max[r];
-        Acc l = 0;
+        Acc l = sink == kNegInf ? Acc(0) : std::exp(sink - m_use);
         for (int64_t j0 = 0; j0 < S; j0 += Bk) {  // block by block: the keep bits of Bk keys
           const int64_t nk = std::min(Bk, S - j0);
           if (dropout) Ops::keep_bits(dropout_key, uint64_t(row * S + j0), nk, keep);
           l += Ops::exp_row(w + j0, nk, m_use, dropout ? keep : nullptr);
         }
-        // A row with l = 0 saw no key: zero weights (exp of -inf), zero output, lse -inf.
+        // A row with l = 0 saw no key and has no sink: zero weights (exp of -inf), zero output,
+        // lse -inf. With a sink but no key: zero weights and output, lse = sink.
         logsumexp[row] = l == Acc(0) ? kNegInf : m_use + std::log(l);
         Ops::from_acc(w, S, l == Acc(0) ? Acc(0) : kept_scale / l, w);
       }
-      for (int64_t kb = 0; kb < visible_blocks; ++kb) {
+      for (int64_t kb = first_block; kb < last_block; ++kb) {
         const int64_t j0 = kb * Bk, nk = std::min(Bk, S - j0);
         Ops::gemm(nq, Dv, nk, rows + j0, S, 1, values.at(kv_bh, kb), values.ld(), out_acc, Dv,
                   true);
@@ -160,16 +173,23 @@ void flash_forward(const AttentionForwardParams<T>& p) {
       return;
     }
 
-    for (int64_t kb = 0; kb < visible_blocks; ++kb) {
-      const int64_t j0 = kb * Bk, nk = block_scores(kb, scores, Bk);
+    for (int64_t kb = first_block; kb < last_block; ++kb) {
+      // Keys before the first row's window are hidden from every row: the block is taken from
+      // the vector boundary (16 keys) at or before the first key a row may see, so that a
+      // window's first block costs its visible part only.
+      const int64_t j0 = kb * Bk, c0 = std::max<int64_t>(band.begin(i0) - j0, 0) / 16 * 16;
+      const int64_t nk = block_scores(kb, c0, scores, Bk), width = nk - c0;
+      if (width <= 0) continue;
       for (int64_t r = 0; r < nq; ++r) {
         const Acc m_old = row_max[r];
         const Acc m_new = block_max[r] > m_old ? block_max[r] : m_old;
         // exp is taken relative to a finite value, 0 while the row has seen only -inf.
         const Acc m_use = m_new == kNegInf ? Acc(0) : m_new;
         const Acc alpha = m_old == kNegInf ? Acc(0) : std::exp(m_old - m_use);
-        if (dropout) Ops::keep_bits(dropout_key, uint64_t((bh * L + i0 + r) * S + j0), nk, keep);
-        const Acc sum = Ops::exp_row(scores + r * Bk, nk, m_use, dropout ? keep : nullptr);
+        if (dropout) {
+          Ops::keep_bits(dropout_key, uint64_t((bh * L + i0 + r) * S + j0 + c0), width, keep);
+        }
+        const Acc sum = Ops::exp_row(scores + r * Bk + c0, width, m_use, dropout ? keep : nullptr);
         row_sum[r] = row_sum[r] * alpha + sum;
         row_max[r] = m_new;
         if (alpha != Acc(1)) {
@@ -177,11 +197,13 @@ void flash_forward(const AttentionForwardParams<T>& p) {
           for (int64_t d = 0; d < Dv; ++d) o[d] *= alpha;
         }
       }
-      Ops::gemm(nq, Dv, nk, scores, Bk, 1, values.at(kv_bh, kb), values.ld(), out_acc, Dv, true);
+      Ops::gemm(nq, Dv, width, scores + c0, Bk, 1, values.at(kv_bh, kb) + c0 * values.ld(),
+                values.ld(), out_acc, Dv, true);
     }
 
     // out = acc / l (times the dropout scale); logsumexp = m + log(l). A row with l = 0 saw no
-    // key: zeros and -inf. NaN in l (a NaN score) gives NaN out.
+    // key and has no sink: zeros and -inf (with a sink and no key: l = 1, zeros and the sink).
+    // NaN in l (a NaN score) gives NaN out.
     for (int64_t r = 0; r < nq; ++r) {
       const int64_t row = bh * L + i0 + r;
       const Acc l = row_sum[r];

@@ -121,6 +121,8 @@ void set_inputs(AttentionInputs<T>& p, const AttentionProblem& problem,
   }
   p.scale = attention_scale(problem.scale, p.head_dim);
   p.is_causal = problem.is_causal;
+  // The causal (and window, ALiBi) alignment: a cache's new queries follow its keys.
+  p.causal_offset = sequence != nullptr ? sequence->causal_offset : 0;
   p.dropout_p = problem.dropout_p;
 }
 
@@ -139,7 +141,6 @@ AttentionForwardParams<T> set_forward_params(const AttentionProblem& problem,
                                              bool average_weights) {
   AttentionForwardParams<T> p;
   set_inputs(p, problem, sequence);
-  p.causal_offset = sequence != nullptr ? sequence->causal_offset : 0;
   p.output = output;
   p.logsumexp = logsumexp;
   p.weights = weights;

@@ -22,6 +22,7 @@
 #include "cpu/flash/dropout_bits.h"
 #include "cpu/flash/level_namespace.h"
 #include "cpu/flash/row_masks.h"
+#include "cpu/flash/score_terms.h"
 #include "cpu/rounding.h"
 
 QKV_FLASH_LEVEL_BEGIN
@@ -53,19 +54,39 @@ struct VecElementwise {
     return Vec::loadu(factors);
   }
 
-  // Turns raw dot products s[0, n) into scores: s * scale + bias + the masks (additive masks
-  // added, a false bool gives -inf) for j < valid, -inf for j >= valid. Returns the largest
-  // score, ignoring NaN (-inf when every score is -inf); NaN scores stay NaN.
+  // Turns raw dot products s[0, n) into scores (cpu/attention_kernel.h): s * scale, capped
+  // when row.softcap > 0, minus ALiBi's slope * |distance - j|, plus row.bias and the masks
+  // (additive masks added, a false bool gives -inf), and -inf outside [row.first, row.valid).
+  // Returns the largest score, ignoring NaN (-inf when every score is -inf); NaN scores stay
+  // NaN.
   template <typename T>
-  static Acc prepare_row(Acc* s, int64_t n, Acc scale, Acc bias, int64_t valid,
+  static Acc prepare_row(Acc* s, int64_t n, const RowScores<Acc>& row,
                          const MaskSegment<T, Acc>* masks, int mask_count) {
     constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
-    const Vec neg_inf(kNegInf), scale_v(scale), bias_v(bias);
+    const Vec neg_inf(kNegInf), scale_v(row.scale), bias_v(row.bias);
+    const Vec cap_v(row.softcap), slope_v(row.slope), distance_v(row.distance);
+    const bool capped = row.softcap > Acc(0), alibi = row.slope != Acc(0);
+    const int64_t first = row.first, valid = row.valid;
     Vec row_max = neg_inf;
     Acc scalar_max = kNegInf;
     for (int64_t j = 0; j < n; j += kWidth) {
       const int64_t count = std::min<int64_t>(kWidth, n - j);
-      Vec x = Vec::loadu(s + j, count) * scale_v + bias_v;
+      Vec x;
+      if (!capped && !alibi) {
+        x = Vec::loadu(s + j, count) * scale_v + bias_v;
+      } else {
+        x = Vec::loadu(s + j, count) * scale_v;
+        if (capped) {
+          const Vec t = (x / cap_v).tanh();
+          if (row.cap_grad) (Vec(Acc(1)) - t * t).store(row.cap_grad + j, count);
+          x = t * cap_v;
+        }
+        if (alibi) {
+          // |i + o - (j0 + j + t)| for lane t: small integers, exact in Acc.
+          x = x - slope_v * (distance_v - Vec::arange(static_cast<Acc>(j), Acc(1))).abs();
+        }
+        x = x + bias_v;
+      }
       bool any_bool = false;
       __at_align__ Acc blocked[kWidth];
       __at_align__ Acc added[kWidth];
@@ -87,6 +108,7 @@ struct VecElementwise {
         }
       }
       if (valid - j < count) x = Vec::blendv(neg_inf, x, first_lanes(valid - j));
+      if (first > j) x = Vec::blendv(x, neg_inf, first_lanes(first - j));
       if (any_bool) x = Vec::blendv(x, neg_inf, Vec::loadu(blocked) != Vec(Acc(0)));
       x.store(s + j, count);
       if constexpr (kGenericVectors) {
@@ -206,6 +228,7 @@ template <typename Acc>
 struct BlasGemm {
   using b_elem = Acc;
   static constexpr bool kPlainB = true;
+  static constexpr int64_t kColumnStride = 1;  // elements between columns of a B operand
   // 128 x 512 scores (256 KiB in float) per block: fewer, larger BLAS calls.
   static constexpr int64_t kForwardQueries = 128;
   static constexpr int64_t kForwardKeys = 512;
@@ -264,6 +287,7 @@ struct VecGemm {
   using Vec = at::vec::Vectorized<Acc>;
   using b_elem = Acc;
   static constexpr bool kPlainB = false;
+  static constexpr int64_t kColumnStride = 1;
   static constexpr int64_t kForwardQueries = 48;
   static constexpr int64_t kForwardKeys = 256;
   static constexpr int kRows = 4, kVectors = 3;  // 12 accumulators of 16 registers (AVX2)
