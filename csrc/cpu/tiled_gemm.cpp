@@ -56,7 +56,7 @@ TilePlan plan_tiles(int64_t rows, int64_t cols, int64_t depth, int64_t min_rows,
 void gemm_tile(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                const std::optional<at::Tensor>& bias) {
   at::Tensor result = out;         // the ATen out= functions take a mutable handle
-  const OneBlasThread one_thread;  // the tile is the task: its sums stay on this thread
+  const OneGemmThread one_thread;  // the tile is the task: its sums stay on this thread
   if (given(bias)) {
     at::addmm_out(result, *bias, a, b);
   } else {
