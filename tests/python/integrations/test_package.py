@@ -165,6 +165,10 @@ def test_public_schemas_keep_their_argument_order():
         "is_causal": False,
         "scale": None,
         "key_padding_mask": None,
+        "window_size": [-1, -1],
+        "softcap": 0.0,
+        "alibi_slopes": None,
+        "sinks": None,
     }
 
 
