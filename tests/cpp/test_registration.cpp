@@ -157,7 +157,8 @@ TEST_CASE("attention_with_kv_cache declares the caches it writes and nothing els
   using Names = std::vector<std::string>;
   const c10::FunctionSchema& schema = op::handle("qkv_attention::attention_with_kv_cache").schema();
   CHECK(argument_names(schema) == Names{"query", "k_cache", "v_cache", "key", "value",
-                                        "cache_seqlens", "attn_mask", "is_causal", "scale"});
+                                        "cache_seqlens", "attn_mask", "is_causal", "scale",
+                                        "window_size", "softcap", "alibi_slopes", "sinks"});
   CHECK(schema.is_mutable());
   const auto& args = schema.arguments();
   for (size_t i = 0; i < args.size(); ++i) {
