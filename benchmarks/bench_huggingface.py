@@ -1,7 +1,8 @@
 """transformers models with attn_implementation="qkv_attention" against "sdpa" (`make bench`).
 
     python benchmarks/bench_huggingface.py           # the full set (a few minutes)
-    python benchmarks/bench_huggingface.py --quick   # shorter prompt, fewer repetitions
+    python benchmarks/bench_huggingface.py --quick   # shorter prompts, fewer repetitions
+    python benchmarks/bench_huggingface.py --cases prefill   # only the sliding-window prefill rows
 
 Cases, all float32, same weights and inputs on both sides:
 - generation: a Llama-style decoder with random weights (4 layers, hidden 512, 8 query heads /
@@ -244,6 +245,13 @@ def main():
     parser.add_argument("--window", type=int, default=512, help="sliding window, prefill rows")
     parser.add_argument("--prefill-repeats", type=int, default=3)
     parser.add_argument(
+        "--cases",
+        nargs="+",
+        choices=("generation", "minilm", "prefill"),
+        default=["generation", "minilm", "prefill"],
+        help="which cases to run (default all)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=0,
@@ -258,7 +266,7 @@ def main():
         args.prefill, args.prefill_repeats = 1024, 2
 
     rows = []
-    for cache in (None, "static"):
+    for cache in (None, "static") if "generation" in args.cases else ():
         row = bench_generation(args, cache)
         rows.append(row)
         print(
@@ -270,15 +278,16 @@ def main():
             f"tokens identical: {row['same_tokens']}",
             flush=True,
         )
-    row = bench_minilm(args)
-    rows.append(row)
-    print(
-        f"{row['case']}: {row['sentences']} sentences x {row['tokens']} tokens: ours "
-        f"{row['ours_ms']:.1f} ms, sdpa {row['sdpa_ms']:.1f} ms; sdpa/ours {row['speedup']:.2f}x",
-        flush=True,
-    )
-
-    for kind in ("gpt-oss", "mistral"):
+    if "minilm" in args.cases:
+        row = bench_minilm(args)
+        rows.append(row)
+        print(
+            f"{row['case']}: {row['sentences']} sentences x {row['tokens']} tokens: ours "
+            f"{row['ours_ms']:.1f} ms, sdpa {row['sdpa_ms']:.1f} ms; sdpa/ours "
+            f"{row['speedup']:.2f}x",
+            flush=True,
+        )
+    for kind in ("gpt-oss", "mistral") if "prefill" in args.cases else ():
         row = bench_prefill(args, kind)
         rows.append(row)
         others = [name for name in ("eager", "sdpa") if f"{name}_ms" in row]
