@@ -406,6 +406,20 @@ def test_sliding_layers_get_no_mask_without_padding_and_a_mask_with_it():
     ids, mask = left_padded_batch(lengths=(9, 3))
     model.generate(input_ids=ids, attention_mask=mask, **settings)
     assert not any(no_mask for _, no_mask, _ in seen[:2])  # prefill: padding among the keys
-    # The padding (positions 0-5) leaves the window in the last decoding step (query position
-    # 12 sees 9-12).
+    # The padding (positions 0-5) has left the window in the last decoding step (its query,
+    # position 11, sees 8-11).
     assert all(no_mask for _, no_mask, _ in seen[-2:])
+
+    # A static cache: a prefill as long as the window gets no mask either; its decoding steps
+    # get transformers' (B, 1, 1, window) mask, which transformers asks for whenever a cache
+    # can be compiled and the query is one token.
+    seen.clear()
+    ids, _ = left_padded_batch(lengths=(9, 9))
+    model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        cache_implementation="static",
+        **settings,
+    )
+    assert all(no_mask for _, no_mask, _ in seen[:2])
+    assert not any(no_mask for _, no_mask, _ in seen[2:])
