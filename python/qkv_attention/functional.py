@@ -65,9 +65,8 @@ def _causal_bias(
         raise ValueError(
             "scaled_dot_product_attention: window_size and alibi_slopes are measured from query "
             f"i (top-left), so they cannot be combined with causal_lower_right({q_len}, {kv_len}) "
-            "where L != S; shift the window by S - L yourself (window_size=(left - (S - L), "
-            "right + S - L) with is_causal=False) or use ops.attention_with_kv_cache, whose "
-            "alignment is bottom-right"
+            "where L != S; give the band as attn_mask, or use ops.attention_with_kv_cache, "
+            "whose alignment is bottom-right"
         )
     # Bottom-right alignment is not an argument of the public attention op (only
     # attention_with_kv_cache aligns its causal mask so), so the (L, S) bool mask is built
