@@ -12,8 +12,9 @@ attention goes through ``ALL_ATTENTION_FUNCTIONS`` (Llama, Mistral, Qwen, BERT, 
 that layers pass by keyword are computed by the operator: ``sliding_window`` (Mistral, Qwen2,
 Gemma 2/3, Cohere2, gpt-oss), ``softcap`` (Gemma 2) and attention sinks (gpt-oss's ``s_aux``).
 
-transformers is an optional dependency: this module imports it only inside :func:`register`,
-and ``import qkv_attention`` never imports this module.
+transformers is an optional dependency: this module imports it only inside its functions
+(:func:`register` and the mask function it registers), and ``import qkv_attention`` never
+imports this module.
 """
 
 import logging
