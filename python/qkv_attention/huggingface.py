@@ -83,25 +83,27 @@ def build_mask(
     ``sdpa_mask``): ``sdpa_mask``'s result, except for the layers of a sliding window.
 
     A sliding-window causal mask (``create_sliding_window_causal_mask``: ``local_size`` = the
-    window w) is returned as None when it holds nothing but the band, so that no (B, 1, L, S)
-    mask is built and the operator skips the key blocks outside the window: no padding among
-    the S keys, and the keys end at the last query (``q_offset + L == kv_offset + S``, true of
-    prefill, decoding and chunked prefill with dynamic caches and with static ones once full).
-    :func:`attention_forward` then applies causality and the window ``sliding_window``
-    bottom-right aligned. Every other sliding-window mask is built in full (a None there would
-    read as that alignment), as is any other ``local_size`` mask (chunked attention).
+    window w) whose keys end at the last query (``q_offset + L == kv_offset + S``, true of
+    prefill, decoding and chunked prefill with dynamic caches, and with static ones once full)
+    is the causal band of width w aligned bottom-right, which :func:`attention_forward` lets the
+    operator apply (``sliding_window``), skipping the key blocks outside the window. Without
+    padding among the S keys that is all the mask holds: None is returned and no (B, 1, L, S)
+    mask is built. With padding the mask is built and marked (``_BAND``) as holding that band,
+    so that the operator can still skip the key blocks outside the window. Every other
+    sliding-window mask is built in full and unmarked (a None there would read as that
+    alignment), as is any other ``local_size`` mask (chunked attention).
     """
     from transformers.masking_utils import causal_mask_function, sdpa_mask
 
     if mask_function is None:
         mask_function = causal_mask_function
+    aligned = False
     if local_size is not None:
-        if allow_is_causal_skip and _band_only(
-            q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, local_size
-        ):
+        aligned = _aligned_band(q_length, kv_length, q_offset, kv_offset, mask_function, local_size)
+        if aligned and allow_is_causal_skip and _no_padding(attention_mask, kv_length, kv_offset):
             return None
         allow_is_causal_skip = False
-    return sdpa_mask(
+    mask = sdpa_mask(
         batch_size,
         q_length,
         kv_length,
@@ -113,23 +115,34 @@ def build_mask(
         allow_is_causal_skip=allow_is_causal_skip,
         **kwargs,
     )
+    if aligned and isinstance(mask, Tensor):
+        # Lost if a model slices or copies the mask: it is then used as any mask is.
+        setattr(mask, _BAND, local_size)
+    return mask
 
 
-def _band_only(
-    q_length, kv_length, q_offset, kv_offset, mask_function, padding_mask, window
-) -> bool:
-    """Whether the mask ``build_mask`` was asked for is exactly the causal band of width
-    ``window`` over all S keys, aligned bottom-right: what the operator applies without a mask.
+# The attribute build_mask sets on a mask that holds the causal band of this width, aligned
+# bottom-right, and padding: the window can then be given to the operator beside the mask.
+_BAND = "_qkv_attention_sliding_window"
 
-    Read only outside tracing (a traced mask or offset has no values to read) and only for the
-    mask function ``create_sliding_window_causal_mask`` passes when nothing is combined with it,
-    ``sliding_window_causal_mask_function(window)``; anything else builds the mask."""
+
+def _aligned_band(q_length, kv_length, q_offset, kv_offset, mask_function, window) -> bool:
+    """Whether the mask ``build_mask`` was asked for is the causal band of width ``window``,
+    aligned bottom-right over the S keys (and padding): the mask function
+    ``create_sliding_window_causal_mask`` passes when nothing is combined with it,
+    ``sliding_window_causal_mask_function(window)``, and keys that end at the last query.
+
+    False while tracing (a traced offset has no value to read): the mask is then built and
+    used as it is."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     if _sliding_window_of(mask_function) != window:
         return False
-    if int(q_offset) + q_length != int(kv_offset) + kv_length:
-        return False
+    return int(q_offset) + q_length == int(kv_offset) + kv_length
+
+
+def _no_padding(padding_mask: Optional[Tensor], kv_length: int, kv_offset) -> bool:
+    """Whether the 2-D padding mask (B, positions) lets every one of the S keys be seen."""
     if padding_mask is None:
         return True
     from transformers.masking_utils import prepare_padding_mask
@@ -277,9 +290,15 @@ def attention_forward(
 
     q_length, kv_length = query.shape[2], key.shape[2]
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    if sliding_window is not None and attention_mask is None and is_causal:
-        key, value, position_bias, is_causal, window = _bottom_right_band(
-            key, value, position_bias, q_length, sliding_window
+    band_mask = (
+        sliding_window is not None
+        and attention_mask is not None
+        and getattr(attention_mask, _BAND, None) == sliding_window
+    )
+    if sliding_window is not None and is_causal and (attention_mask is None or band_mask):
+        # No mask, or build_mask's band with padding: the window is aligned bottom-right.
+        key, value, position_bias, attention_mask, is_causal, window = _bottom_right_band(
+            key, value, position_bias, attention_mask, q_length, sliding_window
         )
         if window != (-1, -1):
             variants["window_size"] = window
@@ -347,15 +366,17 @@ def _head_sinks(s_aux, sinks, heads: int) -> Optional[Tensor]:
     return value
 
 
-def _bottom_right_band(key, value, position_bias, q_length: int, window: int):
+def _bottom_right_band(key, value, position_bias, mask, q_length: int, window: int):
     """The causal band of width ``window`` for L queries that are the last L of the S keys'
     positions, as the operator takes it: only the last S' = min(S, L + window - 1) keys can
-    be seen, so the others are dropped; then query i (key position i + S' - L) sees
-    i + S' - L - (window - 1) <= j <= i + S' - L, which is ``window_size = (window - 1 - d, d)``
-    with d = S' - L and is_causal only when d = 0 (top-left and bottom-right then agree).
+    be seen, so the others are dropped (and the mask's columns for them, if there is a mask:
+    build_mask's band with padding, which the window then only repeats); then query i (key
+    position i + S' - L) sees i + S' - L - (window - 1) <= j <= i + S' - L, which is
+    ``window_size = (window - 1 - d, d)`` with d = S' - L and is_causal only when d = 0
+    (top-left and bottom-right then agree).
 
-    Returns (key, value, position_bias, is_causal, window_size); (-1, -1) where nothing is
-    hidden (one query over at most ``window`` keys)."""
+    Returns (key, value, position_bias, mask, is_causal, window_size); (-1, -1) where nothing
+    is hidden (one query over at most ``window`` keys)."""
     kv_length = key.shape[2]
     if not isinstance(window, int) or window < 1:
         raise ValueError(
@@ -363,8 +384,9 @@ def _bottom_right_band(key, value, position_bias, q_length: int, window: int):
         )
     if kv_length < q_length:
         raise ValueError(
-            f"qkv_attention attention: with sliding_window and no mask the {q_length} queries "
-            f"must be the last positions of the keys, but there are only {kv_length} keys"
+            f"qkv_attention attention: with sliding_window (and no mask of its own) the "
+            f"{q_length} queries must be the last positions of the keys, but there are only "
+            f"{kv_length} keys"
         )
     kept = min(kv_length, q_length + window - 1)
     if kept < kv_length:
@@ -372,10 +394,12 @@ def _bottom_right_band(key, value, position_bias, q_length: int, window: int):
         value = value[:, :, kv_length - kept :]
         if position_bias is not None:
             position_bias = position_bias[..., kv_length - kept :]
+        if mask is not None:
+            mask = mask[..., kv_length - kept :]  # (B, 1, L, S')
     shift = kept - q_length
     if q_length == 1:
-        return key, value, position_bias, False, (-1, -1)
-    return key, value, position_bias, shift == 0, (window - 1 - shift, shift)
+        return key, value, position_bias, mask, False, (-1, -1)
+    return key, value, position_bias, mask, shift == 0, (window - 1 - shift, shift)
 
 
 def _is_4d(t) -> bool:

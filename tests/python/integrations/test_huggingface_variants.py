@@ -46,6 +46,7 @@ from transformers.masking_utils import (
 )
 
 from qkv_attention import huggingface
+from qkv_attention.functional import scaled_dot_product_attention
 
 NAME = huggingface.register()
 
@@ -423,3 +424,40 @@ def test_sliding_layers_get_no_mask_without_padding_and_a_mask_with_it():
     )
     assert all(no_mask for _, no_mask, _ in seen[:2])
     assert not any(no_mask for _, no_mask, _ in seen[2:])
+
+
+def test_padded_sliding_layers_still_give_the_window_to_the_operator(monkeypatch):
+    """With padding among the keys the band mask is built, marked by build_mask, and the
+    window goes to the operator beside it (so its kernel skips the key blocks outside it); a
+    mask that is not build_mask's (here a copy) is used alone, with the same result."""
+    calls = []
+
+    def recording(query, key, value, attn_mask=None, **kwargs):
+        calls.append((kwargs.get("window_size"), key.shape[2], attn_mask is not None))
+        return scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(huggingface, "scaled_dot_product_attention", recording)
+    ids, mask = left_padded_batch(lengths=(11, 7, 3))
+    _, model = twins("mistral", torch.float32)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    assert calls == [((WINDOW - 1, 0), 11, True)] * 2
+
+    band = huggingface.build_mask(
+        batch_size=3,
+        q_length=11,
+        kv_length=11,
+        mask_function=sliding_window_causal_mask_function(WINDOW),
+        attention_mask=mask.bool(),
+        local_size=WINDOW,
+    )
+    query, key, value = random_attention_inputs(B=3, L=11, S=11)
+    calls.clear()
+    marked, _ = huggingface.attention_forward(
+        Layer(2), query, key, value, band, sliding_window=WINDOW
+    )
+    copied, _ = huggingface.attention_forward(
+        Layer(2), query, key, value, band.clone(), sliding_window=WINDOW
+    )
+    assert [window for window, _, _ in calls] == [(WINDOW - 1, 0), None]
+    torch.testing.assert_close(marked, copied, atol=1e-12, rtol=1e-12)
