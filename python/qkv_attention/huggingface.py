@@ -234,9 +234,10 @@ def attention_forward(
             mask or causality into one float mask as sdpa does.
         sliding_window: w: query at position p sees the keys at positions p - w < j <= p. With
             a mask, the mask already holds the band (it is built whenever the band is not all
-            it holds, see :func:`build_mask`); without one, the S keys end at the last query
-            (bottom-right): the operator applies causality and the window itself, reading only
-            the last L + w - 1 keys.
+            it holds, see :func:`build_mask`); without one, or with the mask build_mask marks
+            as the band and padding, the S keys end at the last query (bottom-right): the
+            operator applies causality and the window itself, reading only the last
+            L + w - 1 keys.
         softcap: the scores become softcap * tanh(score / softcap) before the masks (Gemma 2).
         s_aux, sinks: (H,) attention sinks (gpt-oss passes ``s_aux``): one logit per head in
             every row's softmax denominator, with no value; differentiable.
