@@ -177,6 +177,27 @@ def gradient_cases() -> List[GradientCase]:
             _qkv,
         ),
         GradientCase(
+            "attention: window (1, 0) causal, softcap, ALiBi, sinks",
+            lambda q, k, v, sinks: att(
+                q,
+                k,
+                v,
+                is_causal=True,
+                window_size=(1, 0),
+                softcap=2.0,
+                alibi_slopes=torch.tensor([0.25, 0.5], dtype=F64),
+                sinks=sinks,
+            ),
+            lambda g: (*_qkv(g), _randn(g, _H)),
+        ),
+        GradientCase(
+            "attention_with_weights: window (0, 1), sinks, float mask, averaged",
+            lambda q, k, v, m, sinks: attw(
+                q, k, v, m, window_size=(0, 1), sinks=sinks, average_attn_weights=True
+            ),
+            lambda g: (*_qkv(g), _randn(g, _B, 1, _L, _S), _randn(g, _H)),
+        ),
+        GradientCase(
             "_attention_forward: output and weights",
             lambda q, k, v: _attention_forward_outputs(q, k, v),
             _qkv,
