@@ -844,10 +844,16 @@ def test_autocast_bfloat16_with_float32_sinks_and_slopes():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         (out,) = run_ours(t, variant)
     assert out.dtype == torch.bfloat16
-    # The reference on the inputs autocast rounds (the slopes and sinks may stay float32).
+    # Autocast casts query, key, value and the float masks; float32 slopes and sinks stay
+    # float32 (half ones become float32): the same call by hand gives the same bits.
     rounded = {
-        n: x.to(torch.bfloat16) if n in ("query", "key", "value") else x for n, x in t.items()
+        n: x.detach().to(torch.bfloat16)
+        if n in ("query", "key", "value")
+        or (n == "attn_mask" and x is not None and x.is_floating_point())
+        else x
+        for n, x in t.items()
     }
+    assert torch.equal(out, run_ours(rounded, variant)[0])
     reference, _ = run_reference(rounded, variant)
     torch.testing.assert_close(out.double(), reference, atol=2.0**-6, rtol=2.0**-6)
     grads = torch.autograd.grad(out, differentiable(t), torch.ones_like(out))
