@@ -309,13 +309,15 @@ def test_windows_across_many_key_blocks_match_the_reference(variant, shape):
 
 
 # The split-KV decoding path: L <= 16 queries against more than 2 chunks of 256 keys; the sink
-# enters once, in the merge of the chunks.
+# enters once, in the merge of the chunks. attention aligns top-left (o = 0), so the windows
+# reach far keys through their right side here (the KV cache tests below align bottom-right).
 DECODE_VARIANTS = {
     "sinks": Variant(sinks=1.0),
-    "window_reaching_three_chunks": Variant(window_size=(600, 0), is_causal=True, sinks=0.0),
-    "window_inside_one_chunk": Variant(window_size=(100, 0), is_causal=True),
+    "window_reaching_three_chunks": Variant(window_size=(-1, 600), sinks=0.0),
+    "window_inside_one_chunk": Variant(window_size=(2, 100)),
+    "window_causal": Variant(window_size=(3, 0), is_causal=True, sinks=0.5),
     "softcap_alibi_sinks": Variant(softcap=2.0, alibi="batch", sinks=-1.0),
-    "all": Variant(window_size=(700, 3), softcap=3.0, alibi="heads", sinks=2.0),
+    "all": Variant(window_size=(3, 700), softcap=3.0, alibi="heads", sinks=2.0),
 }
 
 
@@ -343,6 +345,8 @@ def test_decoding_path_matches_the_reference(variant, L):
 def test_lower_precision_within_tolerance_of_the_reference(dtype, sinks_dtype, shape):
     shapes = {**SHAPES, **BLOCK_SHAPES, "decode": Shape(B=2, H=4, Hkv=2, L=3, S=900, D=16, Dv=8)}
     variant = Variant(window_size=(300, 1), softcap=3.0, alibi="heads", sinks=1.0, is_causal=True)
+    if shape == "decode":  # a band of 700 keys (top-left alignment: through its right side)
+        variant = replace(variant, window_size=(1, 700), is_causal=False)
     t = make_inputs(shapes[shape], variant, dtype=dtype, sinks_dtype=sinks_dtype)
     leaves = differentiable(t)
     ours = run_ours(t, variant)
@@ -739,8 +743,8 @@ def test_thread_count_does_not_change_any_bit(case, dtype, restore_threads):
         if case == "blocks"
         else Shape(B=2, H=4, Hkv=2, L=5, S=1300, D=16, Dv=8)
     )
-    if case == "decode":
-        variant = replace(variant, window_size=(900, 0))
+    if case == "decode":  # a band of 900 keys (top-left alignment: through its right side)
+        variant = replace(variant, window_size=(2, 900), is_causal=False)
     t = make_inputs(shape, variant, dtype=dtype)
     torch.set_num_threads(1)
     expected = _run_all_outputs_and_grads(t, variant, 0.2)
