@@ -845,6 +845,72 @@ def test_vmap_matches_per_sample_calls(sinks_dim, slopes_dim):
             torch.testing.assert_close(a[n], b, rtol=1e-12, atol=1e-12)
 
 
+def test_vmap_with_dropout_matches_per_sample_calls_with_their_states():
+    """randomness="different": each sample draws its own state, as a call of its own would
+    (the vmap rule calls the op per sample); a window and sinks ride along."""
+    N, B, H, L, S, D, p = 3, 2, 2, 5, 7, 4, 0.4
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(N, B, H, n, D, generator=g, dtype=torch.float64) for n in (L, S, S))
+    sinks = torch.randn(H, generator=g, dtype=torch.float64)
+
+    def fn(q, k, v):
+        return qops.attention(q, k, v, None, p, window_size=(2, 1), sinks=sinks)
+
+    torch.manual_seed(5)
+    batched = torch.func.vmap(fn, randomness="different")(q, k, v)
+    torch.manual_seed(5)
+    states = qkv_attention.ops._draw_dropout_rng_state(p, samples=N)
+    for n in range(N):
+        keep = ops._attention_dropout_mask(states[n], B, H, L, S, p)
+        expected, _ = reference_attention(
+            q[n], k[n], v[n], dropout_keep=keep, dropout_p=p, window_size=(2, 1), sinks=sinks
+        )
+        torch.testing.assert_close(batched[n], expected, **VALUES_F64)
+
+
+def test_vmap_of_varlen_and_kv_cache_with_the_variants_matches_per_sample_calls():
+    N, H, D = 2, 2, 8
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(N, 5, H, D, generator=g, dtype=torch.float64) for _ in range(3))
+    cu = _offsets([2, 3])
+    sinks = torch.randn(N, H, generator=g, dtype=torch.float64)
+    slopes = torch.rand(2, H, generator=g, dtype=torch.float64)
+
+    def varlen(q, k, v, sinks):
+        return qops.attention_varlen(
+            q,
+            k,
+            v,
+            cu,
+            cu,
+            3,
+            3,
+            is_causal=True,
+            window_size=(1, 0),
+            softcap=2.0,
+            alibi_slopes=slopes,
+            sinks=sinks,
+        )
+
+    batched = torch.func.vmap(varlen)(q, k, v, sinks)
+    for n in range(N):
+        torch.testing.assert_close(batched[n], varlen(q[n], k[n], v[n], sinks[n]), **VALUES_F64)
+
+    caches = [torch.randn(N, 2, 1, 16, D, generator=g, dtype=torch.float64) for _ in range(2)]
+    query = torch.randn(N, 2, H, 1, D, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([9, 16])
+
+    def step(query, k_cache, v_cache, sinks):
+        return qops.attention_with_kv_cache(
+            query, k_cache, v_cache, None, None, lengths, window_size=(3, 0), sinks=sinks
+        )
+
+    batched = torch.func.vmap(step)(query, *caches, sinks)
+    for n in range(N):
+        expected = step(query[n], caches[0][n], caches[1][n], sinks[n])
+        torch.testing.assert_close(batched[n], expected, **VALUES_F64)
+
+
 def test_autocast_bfloat16_with_float32_sinks_and_slopes():
     variant = VARIANTS["all"]
     t = make_inputs(SHAPES["gqa_L_lt_S_bool_mask"], variant, dtype=torch.float32)
