@@ -503,8 +503,12 @@ def _offsets(lengths):
     return torch.tensor([0] + list(lengths), dtype=torch.int64).cumsum(0)
 
 
-def run_varlen_and_reference(lq, lk, variant, H=4, Hkv=2, D=8, Dv=6, dtype=torch.float64):
-    """Ours on the packed sequences and the reference on each sequence alone, packed again."""
+def run_varlen_and_reference(
+    lq, lk, variant, H=4, Hkv=2, D=8, Dv=6, dtype=torch.float64, dropout_p=0.0
+):
+    """Ours on the packed sequences and the reference on each sequence alone, packed again.
+    With dropout, sequence b's mask is the one of the stream (seed, offset + b) of the state
+    the op draws."""
     g = torch.Generator().manual_seed(3)
     B = len(lq)
     q = torch.randn(sum(lq), H, D, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
@@ -519,6 +523,9 @@ def run_varlen_and_reference(lq, lk, variant, H=4, Hkv=2, D=8, Dv=6, dtype=torch
         sinks = (torch.randn(H, generator=g, dtype=torch.float64) + variant.sinks).to(dtype)
         sinks.requires_grad_()
     cu_q, cu_k = _offsets(lq), _offsets(lk)
+    torch.manual_seed(13)
+    rng_state = qkv_attention.ops._draw_dropout_rng_state(dropout_p)
+    torch.manual_seed(13)
     out = qops.attention_varlen(
         q,
         k,
@@ -527,6 +534,7 @@ def run_varlen_and_reference(lq, lk, variant, H=4, Hkv=2, D=8, Dv=6, dtype=torch
         cu_k,
         max(lq),
         max(lk),
+        dropout_p=dropout_p,
         is_causal=variant.is_causal,
         scale=variant.scale,
         window_size=variant.window_size,
@@ -541,10 +549,17 @@ def run_varlen_and_reference(lq, lk, variant, H=4, Hkv=2, D=8, Dv=6, dtype=torch
             x[c[b] : c[b + 1]].transpose(0, 1).unsqueeze(0)
             for x, c in ((q, cu_q), (k, cu_k), (v, cu_k))
         )
+        keep = None
+        if dropout_p > 0:
+            state = torch.tensor([rng_state[0].item(), rng_state[1].item() + b])
+            L_b, S_b = qb.size(2), kb.size(2)
+            keep = ops._attention_dropout_mask(state, 1, H, L_b, S_b, dropout_p)
         ref, _ = reference_attention(
             qb,
             kb,
             vb,
+            dropout_keep=keep,
+            dropout_p=dropout_p,
             is_causal=variant.is_causal,
             scale=variant.scale,
             window_size=variant.window_size,
@@ -575,6 +590,18 @@ def test_varlen_matches_the_reference_per_sequence(variant, lengths):
     ours = torch.autograd.grad(out, leaves, grad)
     theirs = torch.autograd.grad(reference, leaves, grad)
     for mine, expected in zip(ours, theirs):
+        torch.testing.assert_close(mine, expected, **GRADS_F64)
+
+
+def test_varlen_dropout_matches_the_reference_with_each_sequences_mask():
+    out, reference, leaves = run_varlen_and_reference(
+        [4, 0, 9, 30], [7, 3, 9, 25], VARIANTS["all"], dropout_p=0.3
+    )
+    torch.testing.assert_close(out, reference, **VALUES_F64)
+    grad = torch.randn_like(out)
+    for mine, expected in zip(
+        torch.autograd.grad(out, leaves, grad), torch.autograd.grad(reference, leaves, grad)
+    ):
         torch.testing.assert_close(mine, expected, **GRADS_F64)
 
 
