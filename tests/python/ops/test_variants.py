@@ -637,9 +637,12 @@ def test_varlen_gradcheck_with_sinks():
 # ---- attention_with_kv_cache ------------------------------------------------------------------
 
 
-def kv_cache_case(lengths, L, L_new, S_max, variant, H=4, Hkv=2, D=16, Dv=8, dtype=torch.float64):
+def kv_cache_case(
+    lengths, L, L_new, S_max, variant, H=4, Hkv=2, D=16, Dv=8, dtype=torch.float64, mask=False
+):
     """Ours on NaN-filled caches against the reference on each sequence's n_b = lengths[b] +
-    L_new valid entries, aligned bottom-right (o = n_b - L)."""
+    L_new valid entries, aligned bottom-right (o = n_b - L). ``mask``: a random bool attn_mask
+    (B, 1, L, S_max) too, cut to each sequence's valid columns for the reference."""
     g = torch.Generator().manual_seed(5)
     B = len(lengths)
 
@@ -658,6 +661,7 @@ def kv_cache_case(lengths, L, L_new, S_max, variant, H=4, Hkv=2, D=16, Dv=8, dty
     sinks = None
     if variant.sinks is not None:
         sinks = (torch.randn(H, generator=g, dtype=torch.float64) + variant.sinks).to(dtype)
+    attn_mask = torch.rand(B, 1, L, S_max, generator=g) < 0.8 if mask else None
     with torch.no_grad():
         out = qops.attention_with_kv_cache(
             query,
@@ -666,6 +670,7 @@ def kv_cache_case(lengths, L, L_new, S_max, variant, H=4, Hkv=2, D=16, Dv=8, dty
             key,
             value,
             torch.tensor(lengths),
+            attn_mask,
             is_causal=variant.is_causal,
             scale=variant.scale,
             window_size=variant.window_size,
@@ -680,6 +685,7 @@ def kv_cache_case(lengths, L, L_new, S_max, variant, H=4, Hkv=2, D=16, Dv=8, dty
             query[b : b + 1],
             k_cache[b : b + 1, :, :n_b],
             v_cache[b : b + 1, :, :n_b],
+            None if attn_mask is None else attn_mask[b : b + 1, :, :, :n_b],
             is_causal=variant.is_causal,
             scale=variant.scale,
             window_size=variant.window_size,
@@ -727,6 +733,14 @@ def test_kv_cache_split_path_matches_the_reference_bottom_right(variant, L):
     """n_b > 512 valid keys and L <= 16 queries: the split-KV decoding path."""
     out, reference = kv_cache_case([700, 1500], L, L, 1600, KV_DECODE_VARIANTS[variant])
     assert not out.isnan().any()
+    torch.testing.assert_close(out, reference, **VALUES_F64)
+
+
+@pytest.mark.parametrize("path", ["general", "split"])
+@pytest.mark.parametrize("variant", ["window_causal", "all"])
+def test_kv_cache_with_a_mask_and_the_variants(variant, path):
+    lengths, S_max = ([5, 23], 64) if path == "general" else ([700, 1500], 1600)
+    out, reference = kv_cache_case(lengths, 3, 3, S_max, KV_VARIANTS[variant], mask=True)
     torch.testing.assert_close(out, reference, **VALUES_F64)
 
 
