@@ -400,6 +400,41 @@ def test_rows_that_see_no_key_give_zeros_and_zero_gradients(sinks):
     check_float64(t, variant, with_weights=True)
 
 
+@pytest.mark.parametrize("S", [7, 600])
+def test_strided_slopes_and_sinks_read_by_their_strides(S):
+    """Slopes (B, H) transposed from (H, B) and expanded from (1, H), sinks every other
+    element of a longer tensor: the results of their contiguous copies (forward, decoding)."""
+    B, H, L, D = 2, 4, 5, 8
+    q, k, v = (torch.randn(B, H, n, D, dtype=torch.float64) for n in (L, S, S))
+    sinks = torch.randn(2 * H, dtype=torch.float64)[::2]
+    for slopes in (
+        torch.rand(H, B, dtype=torch.float64).t(),
+        torch.rand(1, H, dtype=torch.float64).expand(B, H),
+    ):
+        assert not slopes.is_contiguous()
+        strided = qops.attention(q, k, v, window_size=(3, 400), alibi_slopes=slopes, sinks=sinks)
+        contiguous = qops.attention(
+            q,
+            k,
+            v,
+            window_size=(3, 400),
+            alibi_slopes=slopes.contiguous(),
+            sinks=sinks.contiguous(),
+        )
+        assert torch.equal(strided, contiguous)
+
+
+def test_sinks_of_minus_infinity_are_no_sinks():
+    """exp(-inf) = 0 adds nothing to the denominator: the output of no sinks, and a zero
+    gradient for them (not NaN)."""
+    q, k, v = (torch.randn(2, 3, n, 8, dtype=torch.float64) for n in (5, 9, 9))
+    sinks = torch.full((3,), -math.inf, dtype=torch.float64, requires_grad=True)
+    out = qops.attention(q, k, v, sinks=sinks)
+    torch.testing.assert_close(out, qops.attention(q, k, v), **VALUES_F64)
+    (grad,) = torch.autograd.grad(out.sum(), sinks)
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
 # ---- dropout ----------------------------------------------------------------------------------
 
 
