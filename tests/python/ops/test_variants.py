@@ -14,8 +14,10 @@ not from our kernels).
 - attention_with_kv_cache, its general and its split-KV path, against the reference with the
   bottom-right alignment o = n_b - L of each sequence.
 - bitwise the same results (grad of sinks included) with 1, 2 and 3 threads.
-- torch.compile(fullgraph=True) with gradients of sinks; torch.func.vmap; CPU autocast.
-- errors naming the argument.
+- torch.compile(fullgraph=True) with gradients of sinks; torch.func.vmap (every op, sinks
+  per sample, dropout); CPU autocast (float32 slopes and sinks stay float32).
+- strided and expanded slopes and sinks; sinks of -inf are no sinks; errors naming the
+  argument.
 The Makefile runs this file at every CPU level (LEVEL_TESTS).
 """
 
@@ -1008,6 +1010,21 @@ def test_autocast_bfloat16_with_float32_sinks_and_slopes():
     grads = torch.autograd.grad(out, differentiable(t), torch.ones_like(out))
     sinks_grad = grads[-1]
     assert sinks_grad.dtype == torch.float32 and sinks_grad.abs().sum() > 0
+
+
+def test_autocast_bfloat16_varlen_with_float32_sinks():
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(7, 4, 8, generator=g, requires_grad=True) for _ in range(3))
+    sinks = torch.randn(4, generator=g, requires_grad=True)
+    cu = _offsets([3, 4])
+    kwargs = dict(window_size=(1, 0), is_causal=True, softcap=3.0, sinks=sinks)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = qops.attention_varlen(q, k, v, cu, cu, 4, 4, **kwargs)
+    assert out.dtype == torch.bfloat16
+    by_hand = [t.detach().to(torch.bfloat16) for t in (q, k, v)]
+    assert torch.equal(out, qops.attention_varlen(*by_hand, cu, cu, 4, 4, **kwargs))
+    grads = torch.autograd.grad(out, (q, sinks), torch.ones_like(out))
+    assert grads[0].dtype == torch.float32 and grads[1].dtype == torch.float32
 
 
 # ---- errors -----------------------------------------------------------------------------------
