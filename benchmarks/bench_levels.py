@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 # (name, B, H, L, D, causal, mode)
 SHAPES = [
@@ -83,6 +84,20 @@ def child(reps: int):
     )
 
 
+def print_summary(report):
+    """The ratios as one row per level: the four shapes in float32, then in bfloat16."""
+    print(f"\n## torch/ours ({time.strftime('%Y-%m-%d %H:%M %Z')}, load {os.getloadavg()[0]:.2f})")
+    shapes = " / ".join(f"{name} {mode}" for name, *_, mode in SHAPES)
+    print(f"| level | float32: {shapes} | bfloat16, same |")
+    print("|---|---|---|")
+    for label, result in report.items():
+        cells = []
+        for dtype in DTYPES:
+            ratios = [row["ratio"] for row in result["rows"] if row["dtype"] == dtype]
+            cells.append(" / ".join(f"{r:.2f}" for r in ratios))
+        print(f"| {label} | {cells[0]} | {cells[1]} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -121,7 +136,8 @@ def main():
         report[label] = result
         print(
             f"\n## level {label}: kernel_isa={result['kernel_isa']} "
-            f"torch={result['torch_level']} threads={result['threads']}"
+            f"torch={result['torch_level']} threads={result['threads']} "
+            f"load average {os.getloadavg()[0]:.2f}"
         )
         print(
             f"| {'shape':<26} | {'mode':<7} | {'dtype':<8} | {'ours ms':>8} | {'torch ms':>8} | "
@@ -132,6 +148,7 @@ def main():
                 f"| {row['shape']:<26} | {row['mode']:<7} | {row['dtype']:<8} | "
                 f"{row['ours_ms']:8.2f} | {row['torch_ms']:8.2f} | {row['ratio']:10.2f} |"
             )
+    print_summary(report)
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "levels-latest.json"), "w") as f:
         json.dump(report, f, indent=1)
