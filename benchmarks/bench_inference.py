@@ -1,13 +1,15 @@
-"""Inference against torch (`make bench`): decoding, grouped-query attention, and the module in
-eval with its default need_weights=True.
+"""Inference against torch (`make bench`): decoding, grouped-query attention, the module at
+small and longer shapes (eval and training), and the per-call cost of each Python path.
 
-    python benchmarks/bench_inference.py [--quick]
+    python benchmarks/bench_inference.py [--quick] [--parts module,overhead]
 
 Both sides run in this process, interleaved (ours, torch, torch, ours, ...) after a warm-up;
 each time is the median of the repetitions and the ratio is torch / ours (> 1: ours faster).
 Decoding (one query against a long key/value history) is memory-bound: its rows also give the
 bytes of K and V read per second, against a triad (a = b + s * c over 256 MiB) measured in the
-same run. Writes benchmarks/results/inference-latest.json.
+same run. The per-call rows run one thread and compare each of our entry points (the op, the
+functional, the HuggingFace attention function) with its torch counterpart at a decoding step's
+size. Writes benchmarks/results/inference-latest.json.
 """
 
 import argparse
@@ -92,62 +94,145 @@ def gqa_training_rows(reps):
 
 
 def module_rows(reps):
+    """The module against torch's: the small shapes (B8 L128, B16 L64) with need_weights both
+    ways, the longer ones with torch's default need_weights=True; eval and training each."""
     rows = []
-    for B, L, E, H in [(8, 128, 512, 8), (1, 1024, 512, 8), (4, 512, 512, 8)]:
+    shapes = [(8, 128, 512, 8, (False, True)), (16, 64, 512, 8, (False, True))]
+    shapes += [(1, 1024, 512, 8, (True,)), (4, 512, 512, 8, (True,))]
+    for B, L, E, H, weights in shapes:
         torch.manual_seed(0)
-        theirs_mod = torch.nn.MultiheadAttention(E, H, batch_first=True).eval()
-        ours_mod = qkv_attention.MultiheadAttention(E, H, batch_first=True).eval()
+        theirs_mod = torch.nn.MultiheadAttention(E, H, batch_first=True)
+        ours_mod = qkv_attention.MultiheadAttention(E, H, batch_first=True)
         ours_mod.load_state_dict(theirs_mod.state_dict())
         x = torch.randn(B, L, E)
         for label, grad in (("eval", False), ("train", True)):
+            for need_weights in weights:
 
-            def run(mod):
-                def step():
-                    if grad:
-                        out, w = mod(x, x, x)  # need_weights=True, torch's default
-                        (out.sum() + w.sum()).backward()
-                    else:
-                        with torch.no_grad():
-                            mod(x, x, x)
+                def run(mod):
+                    def step():
+                        if grad:
+                            out, w = mod(x, x, x, need_weights=need_weights)
+                            loss = out.sum() if w is None else out.sum() + w.sum()
+                            loss.backward()
+                        else:
+                            with torch.no_grad():
+                                mod(x, x, x, need_weights=need_weights)
 
-                return step
+                    return step
 
-            if grad:
-                ours_mod.train()
-                theirs_mod.train()
-            t_ours, t_torch = interleaved_medians(run(ours_mod), run(theirs_mod), reps)
-            rows.append(
-                {
-                    "case": f"module {label} need_weights B{B} L{L} E{E} H{H}",
-                    "ours_ms": 1e3 * t_ours,
-                    "torch_ms": 1e3 * t_torch,
-                    "ratio": t_torch / t_ours,
-                }
-            )
-            ours_mod.eval()
-            theirs_mod.eval()
+                ours_mod.train(grad)
+                theirs_mod.train(grad)
+                t_ours, t_torch = interleaved_medians(run(ours_mod), run(theirs_mod), reps)
+                rows.append(
+                    {
+                        "case": f"module {label} weights={int(need_weights)} B{B} L{L} E{E} H{H}",
+                        "ours_ms": 1e3 * t_ours,
+                        "torch_ms": 1e3 * t_torch,
+                        "ratio": t_torch / t_ours,
+                    }
+                )
     return rows
+
+
+class _GroupedLayer(torch.nn.Module):
+    """What transformers' attention functions read from a Llama-style layer."""
+
+    num_key_value_groups = 4
+    is_causal = True
+
+
+def overhead_rows(reps):
+    """Per-call cost at a decoding step's size, one thread: one query against 512 keys,
+    H 8 / Hkv 2, D 64. The op, our functional and our HuggingFace function against SDPA and
+    transformers' sdpa function, each pair interleaved; the gap to the reference is the Python
+    and dispatch cost of each path."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        q = torch.randn(1, 8, 1, 64)
+        k, v = torch.randn(1, 2, 512, 64), torch.randn(1, 2, 512, 64)
+        sdpa = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
+        pairs = [
+            (
+                "op (grouped heads) vs SDPA",
+                lambda: torch.ops.qkv_attention.attention(q, k, v),
+                sdpa,
+            ),
+            (
+                "functional(enable_gqa) vs SDPA",
+                lambda: qkv_attention.functional.scaled_dot_product_attention(
+                    q, k, v, enable_gqa=True
+                ),
+                sdpa,
+            ),
+        ]
+        try:
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+            from qkv_attention.huggingface import attention_forward
+        except ImportError:
+            pass  # transformers is optional: no HuggingFace row
+        else:
+            layer = _GroupedLayer()
+            pairs.append(
+                (
+                    "HF attention function vs transformers sdpa",
+                    lambda: attention_forward(layer, q, k, v, None, scaling=0.125),
+                    lambda: sdpa_attention_forward(layer, q, k, v, None, scaling=0.125),
+                )
+            )
+        rows = []
+        with torch.no_grad():
+            for name, ours, theirs in pairs:
+                t_ours, t_torch = interleaved_medians(ours, theirs, reps)
+                rows.append(
+                    {
+                        "case": f"1 thread B1 H8/2 L1 S512 D64: {name}",
+                        "ours_ms": 1e3 * t_ours,
+                        "torch_ms": 1e3 * t_torch,
+                        "ratio": t_torch / t_ours,
+                    }
+                )
+        return rows
+    finally:
+        torch.set_num_threads(threads)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--parts",
+        default="decode,gqa,module,overhead",
+        help="comma-separated subset of decode, gqa, module, overhead",
+    )
     args = parser.parse_args()
     reps = 7 if args.quick else 21
-    triad = triad_bandwidth()
-    rows = decode_rows(reps, triad) + gqa_training_rows(max(3, reps // 3)) + module_rows(reps)
+    parts = args.parts.split(",")
+    triad = triad_bandwidth() if "decode" in parts else float("nan")
+    rows = []
+    if "decode" in parts:
+        rows += decode_rows(reps, triad)
+    if "gqa" in parts:
+        rows += gqa_training_rows(max(3, reps // 3))
+    if "module" in parts:
+        rows += module_rows(reps)
+    if "overhead" in parts:
+        rows += overhead_rows(20 * reps)
     info = qkv_attention.build_info()
     print(
         f"kernel_isa={info['kernel_isa']} threads={torch.get_num_threads()} "
-        f"triad={triad / 1e9:.1f} GB/s"
+        f"triad={triad / 1e9:.1f} GB/s load average {os.getloadavg()[0]:.2f} "
+        f"{time.strftime('%Y-%m-%d %H:%M %Z')}"
     )
     print(
-        f"| {'case':<44} | {'ours ms':>8} | {'torch ms':>8} | {'torch/ours':>10} | {'of triad':>8} |"
+        f"| {'case':<68} | {'ours ms':>8} | {'torch ms':>8} | {'torch/ours':>10} | {'of triad':>8} |"
     )
     for row in rows:
         share = f"{100 * row['bandwidth_share']:.0f}%" if "bandwidth_share" in row else ""
         print(
-            f"| {row['case']:<44} | {row['ours_ms']:8.2f} | {row['torch_ms']:8.2f} | "
+            f"| {row['case']:<68} | {row['ours_ms']:8.3f} | {row['torch_ms']:8.3f} | "
             f"{row['ratio']:10.2f} | {share:>8} |"
         )
     os.makedirs(RESULTS, exist_ok=True)

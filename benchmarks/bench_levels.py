@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 # (name, B, H, L, D, causal, mode)
 SHAPES = [
@@ -30,6 +31,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 def child(reps: int):
     import torch
     import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import qkv_attention
 
@@ -59,6 +61,21 @@ def child(reps: int):
                 lambda q, k, v: torch.ops.qkv_attention.attention(q, k, v, None, 0.0, causal)
             )
             theirs = run(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+            torch_backend = "flash"
+            try:
+                theirs()
+            except RuntimeError as error:
+                # On a CPU with AMX, torch 2.13's flash attention refuses bfloat16 when a level
+                # below avx512 is forced (pack_vnni2): its math backend is then what torch runs.
+                if "pack_vnni2" not in str(error):
+                    raise
+                torch_backend = "math"
+                flash_only = theirs
+
+                def theirs():
+                    with sdpa_kernel(SDPBackend.MATH):
+                        flash_only()
+
             t_ours, t_torch = interleaved_medians(ours, theirs, reps)
             rows.append(
                 {
@@ -68,6 +85,7 @@ def child(reps: int):
                     "ours_ms": 1e3 * t_ours,
                     "torch_ms": 1e3 * t_torch,
                     "ratio": t_torch / t_ours,
+                    "torch_backend": torch_backend,
                 }
             )
     info = qkv_attention.build_info()
@@ -81,6 +99,25 @@ def child(reps: int):
             }
         )
     )
+
+
+def print_summary(report):
+    """The ratios as one row per level: the four shapes in float32, then in bfloat16."""
+    print(f"\n## torch/ours ({time.strftime('%Y-%m-%d %H:%M %Z')}, load {os.getloadavg()[0]:.2f})")
+    shapes = " / ".join(f"{name} {mode}" for name, *_, mode in SHAPES)
+    print(f"| level | float32: {shapes} | bfloat16, same |")
+    print("|---|---|---|")  # m: against torch's math backend (its flash refused the level)
+    for label, result in report.items():
+        cells = []
+        for dtype in DTYPES:
+            cells.append(
+                " / ".join(
+                    f"{row['ratio']:.2f}" + ("m" if row["torch_backend"] == "math" else "")
+                    for row in result["rows"]
+                    if row["dtype"] == dtype
+                )
+            )
+        print(f"| {label} | {cells[0]} | {cells[1]} |")
 
 
 def main():
@@ -121,17 +158,20 @@ def main():
         report[label] = result
         print(
             f"\n## level {label}: kernel_isa={result['kernel_isa']} "
-            f"torch={result['torch_level']} threads={result['threads']}"
+            f"torch={result['torch_level']} threads={result['threads']} "
+            f"load average {os.getloadavg()[0]:.2f}"
         )
         print(
             f"| {'shape':<26} | {'mode':<7} | {'dtype':<8} | {'ours ms':>8} | {'torch ms':>8} | "
-            f"{'torch/ours':>10} |"
+            f"{'torch/ours':>10} | torch's |"
         )
         for row in result["rows"]:
             print(
                 f"| {row['shape']:<26} | {row['mode']:<7} | {row['dtype']:<8} | "
-                f"{row['ours_ms']:8.2f} | {row['torch_ms']:8.2f} | {row['ratio']:10.2f} |"
+                f"{row['ours_ms']:8.2f} | {row['torch_ms']:8.2f} | {row['ratio']:10.2f} | "
+                f"{row['torch_backend']:<7} |"
             )
+    print_summary(report)
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "levels-latest.json"), "w") as f:
         json.dump(report, f, indent=1)

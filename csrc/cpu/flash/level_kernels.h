@@ -33,6 +33,15 @@ using FloatOps = VecTiledOps<float>;
 #else
 using FloatOps = VecOps<float>;
 #endif
+#if defined(CPU_CAPABILITY_AVX2)
+// The AVX2 forward through BLAS, in its 128 x 512 blocks: there MKL's AVX2 GEMM (what torch's
+// kernel calls) beat the micro-kernels on 48 x 256 blocks (B2 H8 L1024 D64, one thread: the
+// GEMMs took 9875 perf samples against torch's 6770). The backward's 48 x 128 blocks stay with
+// the micro-kernels, which beat BLAS calls on blocks that small.
+using ForwardFloatOps = VecOps<float>;
+#else
+using ForwardFloatOps = FloatOps;
+#endif
 
 template <typename T>
 void attention_forward(const AttentionForwardParams<T>& params) {
@@ -44,7 +53,7 @@ void attention_forward(const AttentionForwardParams<T>& params) {
       if (cpu_has_avx512_bf16()) return flash_forward<T, Bf16DotOps>(params);
     }
 #endif
-    flash_forward<T, FloatOps>(params);
+    flash_forward<T, ForwardFloatOps>(params);
   }
 }
 

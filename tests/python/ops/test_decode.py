@@ -12,7 +12,7 @@ import qkv_attention  # noqa: F401
 
 ops = torch.ops.qkv_attention
 
-CHUNK = 256  # cpu/flash/decode.h: kDecodeChunk; the split path starts above 2 chunks
+CHUNK = 256  # cpu/flash/decode.h: kDecodeChunk; the split path starts above 1 chunk
 LENGTHS = [1, 7, 255, 256, 257, 511, 512, 513, 700, 1025, 3 * CHUNK + 17]
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
