@@ -166,15 +166,19 @@ at::Tensor _attention_dropout_mask(const at::Tensor& rng_state, c10::SymInt batc
   return op.call(rng_state, batch, heads, q_len, kv_len, dropout_p);
 }
 
-std::optional<at::Tensor> draw_dropout_rng_state(double dropout_p) {
+std::optional<at::Tensor> draw_dropout_rng_state(double dropout_p, std::optional<int64_t> samples) {
   if (!(dropout_p > 0)) return std::nullopt;
   // (2,) int64 on the CPU, where the kernels read it: the seed and the offset of the stream,
   // each uniform in [0, 2^63 - 1), from torch's default CPU generator.
   // The device is named (not left to the default): torch.compile's activation checkpointing
   // replays random ops per device, and finds the device of one without tensor inputs only
   // there ("Backend not supported for None" otherwise, under aot_eager).
-  return at::randint(std::numeric_limits<int64_t>::max(), {2},
-                     at::TensorOptions().dtype(at::kLong).device(at::kCPU));
+  const at::TensorOptions options = at::TensorOptions().dtype(at::kLong).device(at::kCPU);
+  if (samples.has_value()) {
+    TORCH_CHECK(*samples >= 0, "draw_dropout_rng_state: samples must be >= 0, but is ", *samples);
+    return at::randint(std::numeric_limits<int64_t>::max(), {*samples, 2}, options);
+  }
+  return at::randint(std::numeric_limits<int64_t>::max(), {2}, options);
 }
 
 bool attention_mask_gets_grad(const std::optional<at::Tensor>& mask, bool requires_grad) {

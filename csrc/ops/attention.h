@@ -95,9 +95,12 @@ at::Tensor _attention_dropout_mask(const at::Tensor& rng_state, c10::SymInt batc
 
 // The dropout stream's state for one call: (2,) int64 (seed, offset) drawn with at::randint
 // from torch's default CPU generator (so torch.manual_seed reproduces a call), or nothing when
-// dropout_p is 0 (no random number is drawn). The composite ops call it; Python code that
-// calls _attention_forward itself draws the same way (qkv_attention.ops).
-std::optional<at::Tensor> draw_dropout_rng_state(double dropout_p);
+// dropout_p is 0 (no random number is drawn); with `samples`, one state per sample,
+// (samples, 2) (vmap's randomness="different"). The one home of the draw: the composite ops call
+// it, and Python code that calls a kernel op itself (the vmap rules, tests) calls it through
+// qkv_attention._C (qkv_attention.ops._draw_dropout_rng_state).
+std::optional<at::Tensor> draw_dropout_rng_state(double dropout_p,
+                                                 std::optional<int64_t> samples = std::nullopt);
 
 // Whether _attention_backward returns a gradient for a mask.
 bool attention_mask_gets_grad(const std::optional<at::Tensor>& mask, bool requires_grad);

@@ -1,11 +1,13 @@
 // qkv_attention._C: loading it registers the operators (torch.ops.qkv_attention.*); it also
-// says what it was built with.
+// says what it was built with, and draws the dropout stream's state for Python callers of the
+// kernel ops (the one draw of ops/attention.h).
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <torch/extension.h>
 #include <torch/headeronly/version.h>
 
 #include "cpu/flash/levels.h"
+#include "ops/attention.h"
 
 #ifndef QKV_ATTENTION_VERSION
 #define QKV_ATTENTION_VERSION "unknown"
@@ -51,4 +53,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", &build_info,
         "What this extension was built with: its version, the torch version it was compiled "
         "against, the compiler, OpenMP on/off, the C++ ABI and the CPU capability.");
+  m.def("_draw_dropout_rng_state", &qkv_attention::draw_dropout_rng_state,
+        pybind11::arg("dropout_p"), pybind11::arg("samples") = pybind11::none(),
+        "The dropout stream's state as the composite ops draw it: (2,) int64, or (samples, 2); "
+        "None when dropout_p is 0.");
 }

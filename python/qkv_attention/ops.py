@@ -12,6 +12,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import _C
+
 __all__ = [
     "qkv_projection",
     "attention",
@@ -267,16 +269,13 @@ def _draw_dropout_rng_state(dropout_p: float, samples: Optional[int] = None) -> 
 
     ``attention``, ``attention_with_weights`` and ``attention_varlen`` draw a (2,) int64 seed
     and offset, each uniform in [0, 2^63 - 1), with ``randint`` on torch's default CPU
-    generator (nothing when ``dropout_p`` is 0), in C++ (``draw_dropout_rng_state`` in
-    csrc/ops/attention.cpp), and pass it to their forward op, a pure function of it. Python
-    code that calls a forward op itself (tests, the vmap rules) draws here: after the same
-    ``torch.manual_seed`` it gets the state, and so the mask, the composite op would have
+    generator (nothing when ``dropout_p`` is 0), and pass it to their forward op, a pure
+    function of it. Python code that calls a forward op itself (tests, the vmap rules) draws
+    with the same C++ function (``draw_dropout_rng_state`` in csrc/ops/attention.cpp): after the
+    same ``torch.manual_seed`` it gets the state, and so the mask, the composite op would have
     used. ``samples``: one state per sample, (samples, 2), for vmap's randomness="different".
     """
-    if not dropout_p > 0:
-        return None
-    shape = (2,) if samples is None else (samples, 2)
-    return torch.randint(2**63 - 1, shape, dtype=torch.int64, device="cpu")
+    return _C._draw_dropout_rng_state(float(dropout_p), samples)
 
 
 def merge_heads(x: Tensor, out_weight: Tensor, out_bias: Optional[Tensor] = None) -> Tensor:
