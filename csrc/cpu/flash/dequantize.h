@@ -9,14 +9,9 @@
 // subtraction, so no float32 subnormal (which a flush-to-zero setting would lose) is formed.
 #pragma once
 
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-
-#include <algorithm>
 #include <bit>
 #include <cstdint>
 #include <limits>
-#include <type_traits>
 
 #include "cpu/attention_kernel.h"
 #include "cpu/flash/level_namespace.h"
@@ -93,24 +88,6 @@ void dequantize_rows(const QuantizedRows& q, const Strides4& st, int64_t b, int6
     }
     dequantize_row(q.storage, first + r * st.row, st.col, cols, scales[r * q.scale_row],
                    dst + r * cols);
-  }
-}
-
-// dst (cols x rows, row stride ld_dst) = src (rows x cols, row stride ld_src) transposed, for
-// rows <= 16: at::vec's register transposes of 16 x 16 blocks where it has them.
-template <typename Acc>
-void transpose_rows(const Acc* src, int64_t ld_src, int64_t rows, int64_t cols, Acc* dst,
-                    int64_t ld_dst) {
-  int64_t c = 0;
-  if constexpr (std::is_same_v<Acc, float>) {
-    if (rows == 16) {
-      for (; c + 16 <= cols; c += 16) {
-        at::vec::transpose_mxn<float, 16, 16>(src + c, ld_src, dst + c * ld_dst, ld_dst);
-      }
-    }
-  }
-  for (; c < cols; ++c) {
-    for (int64_t r = 0; r < rows; ++r) dst[c * ld_dst + r] = src[r * ld_src + c];
   }
 }
 
