@@ -196,6 +196,7 @@ bench: build
 	$(PY) benchmarks/bench_inference.py
 	$(PY) benchmarks/bench_kv_cache.py
 	$(PY) benchmarks/bench_varlen.py
+	$(PY) benchmarks/bench_variants.py
 	$(PY) benchmarks/bench_huggingface.py
 
 clean:

@@ -5,10 +5,12 @@
 // entries and be thrown away, and the caller's cache would miss them. Their dtype is the one
 // the user chose for inference (a bfloat16 cache is the usual way to use lower precision here),
 // so the floating inputs (query, key, value, a float attn_mask) are cast to it and the output
-// has it. Bool masks, the int lengths, and everything outside autocast pass as they are.
+// has it. Bool masks, the int lengths, and everything outside autocast pass as they are;
+// alibi_slopes and sinks in a half type become float32 (cast.h).
 #include <torch/library.h>
 
 #include "autocast/cast.h"
+#include "ops/attention_signatures.h"
 #include "ops/attention_with_kv_cache.h"
 #include "ops/checks.h"
 
@@ -30,29 +32,26 @@ std::optional<at::Tensor> to_dtype(const std::optional<at::Tensor>& t, at::Scala
   return to_dtype(*t, dtype);
 }
 
-at::Tensor attention_with_kv_cache_autocast(const at::Tensor& query, const at::Tensor& k_cache,
-                                            const at::Tensor& v_cache,
-                                            const std::optional<at::Tensor>& key,
-                                            const std::optional<at::Tensor>& value,
-                                            const std::optional<at::Tensor>& cache_seqlens,
-                                            const std::optional<at::Tensor>& attn_mask,
-                                            bool is_causal, std::optional<double> scale) {
+at::Tensor attention_with_kv_cache_autocast(AttentionProblem p) {
   BelowAutocast below;
   // A cache of a dtype the op does not compute in: nothing is cast, the checks name it.
-  if (!is_dense(k_cache) || !is_supported_dtype(k_cache.scalar_type())) {
-    return attention_with_kv_cache(query, k_cache, v_cache, key, value, cache_seqlens, attn_mask,
-                                   is_causal, scale);
+  if (is_dense(p.key) && is_supported_dtype(p.key.scalar_type())) {
+    const at::ScalarType dtype = p.key.scalar_type();
+    p.query = to_dtype(p.query, dtype);
+    p.new_key = to_dtype(p.new_key, dtype);
+    p.new_value = to_dtype(p.new_value, dtype);
+    p.attn_mask = to_dtype(p.attn_mask, dtype);
+    p.variants.alibi_slopes = cast_per_head(p.variants.alibi_slopes);
+    p.variants.sinks = cast_per_head(p.variants.sinks);
   }
-  const at::ScalarType dtype = k_cache.scalar_type();
-  return attention_with_kv_cache(to_dtype(query, dtype), k_cache, v_cache, to_dtype(key, dtype),
-                                 to_dtype(value, dtype), cache_seqlens, to_dtype(attn_mask, dtype),
-                                 is_causal, scale);
+  return attention_with_kv_cache_call(p);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(qkv_attention, AutocastCPU, m) {
-  m.impl("attention_with_kv_cache", TORCH_FN(attention_with_kv_cache_autocast));
+  m.impl("attention_with_kv_cache",
+         TORCH_FN(attention_with_kv_cache_op<&attention_with_kv_cache_autocast>));
 }
 
 }  // namespace qkv_attention::autocast

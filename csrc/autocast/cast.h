@@ -11,6 +11,8 @@
 
 #include <optional>
 
+#include "ops/attention_problem.h"
+
 namespace qkv_attention::autocast {
 
 // The dtype the ops compute in inside a CPU autocast region.
@@ -24,6 +26,31 @@ inline at::Tensor cast(const at::Tensor& tensor) {
 
 inline std::optional<at::Tensor> cast(const std::optional<at::Tensor>& tensor) {
   return at::autocast::cached_cast(lower_precision(), tensor, c10::DeviceType::CPU);
+}
+
+// A per-head tensor of the variants (alibi_slopes, sinks): float32 when it is a half type, as it
+// is otherwise. The ops take these in float32 or in the inputs' dtype, and a parameter of a
+// model in float16 meets inputs in bfloat16 under autocast; float32 holds both exactly and the
+// cast is differentiable.
+inline std::optional<at::Tensor> cast_per_head(const std::optional<at::Tensor>& tensor) {
+  if (!tensor.has_value() || !tensor->defined()) return tensor;
+  const at::ScalarType dtype = tensor->scalar_type();
+  const bool half = dtype == at::kBFloat16 || dtype == at::kHalf;
+  return half && !tensor->is_nested() && tensor->layout() == at::kStrided ? tensor->to(at::kFloat)
+                                                                          : *tensor;
+}
+
+// A problem of attention or attention_varlen with its floating inputs (query, key, value, float
+// masks) in the autocast dtype and its per-head variant tensors in float32.
+inline AttentionProblem cast_problem(AttentionProblem p) {
+  p.query = cast(p.query);
+  p.key = cast(p.key);
+  p.value = cast(p.value);
+  p.attn_mask = cast(p.attn_mask);
+  p.key_padding_mask = cast(p.key_padding_mask);
+  p.variants.alibi_slopes = cast_per_head(p.variants.alibi_slopes);
+  p.variants.sinks = cast_per_head(p.variants.sinks);
+  return p;
 }
 
 // Held while an autocast kernel calls the op again: the call goes on to Autograd and CPU

@@ -11,41 +11,36 @@
 #include <torch/library.h>
 
 #include "ops/attention_problem.h"
+#include "ops/attention_signatures.h"
 #include "ops/attention_with_kv_cache.h"
 #include "ops/operators.h"
+#include "ops/optional_tensor.h"
 
 namespace qkv_attention::autograd {
 namespace {
 
-const char* first_requiring_grad(const at::Tensor& query, const at::Tensor& k_cache,
-                                 const at::Tensor& v_cache, const std::optional<at::Tensor>& key,
-                                 const std::optional<at::Tensor>& value,
-                                 const std::optional<at::Tensor>& attn_mask) {
-  auto wants_grad = [](const std::optional<at::Tensor>& t) {
-    return t.has_value() && t->defined() && t->requires_grad();
-  };
-  if (query.requires_grad()) return "query";
-  if (k_cache.requires_grad()) return "k_cache";
-  if (v_cache.requires_grad()) return "v_cache";
-  if (wants_grad(key)) return "key";
-  if (wants_grad(value)) return "value";
-  if (wants_grad(attn_mask)) return "attn_mask";
+// The first input, in schema order, that requires grad, or null.
+const char* first_requiring_grad(const AttentionProblem& p) {
+  const std::pair<const char*, const std::optional<at::Tensor>> inputs[] = {
+      {"query", p.query},
+      {"k_cache", p.key},
+      {"v_cache", p.value},
+      {"key", p.new_key},
+      {"value", p.new_value},
+      {"attn_mask", p.attn_mask},
+      {"alibi_slopes", p.variants.alibi_slopes},
+      {"sinks", p.variants.sinks}};
+  for (const auto& [name, tensor] : inputs) {
+    if (requires_grad(tensor)) return name;
+  }
   return nullptr;
 }
 
-at::Tensor attention_with_kv_cache_autograd(const at::Tensor& query, const at::Tensor& k_cache,
-                                            const at::Tensor& v_cache,
-                                            const std::optional<at::Tensor>& key,
-                                            const std::optional<at::Tensor>& value,
-                                            const std::optional<at::Tensor>& cache_seqlens,
-                                            const std::optional<at::Tensor>& attn_mask,
-                                            bool is_causal, std::optional<double> scale) {
+at::Tensor attention_with_kv_cache_autograd(AttentionProblem problem) {
   if (at::GradMode::is_enabled()) {
-    const char* name = first_requiring_grad(query, k_cache, v_cache, key, value, attn_mask);
+    const char* name = first_requiring_grad(problem);
     if (name != nullptr) {
-      check_attention_problem(cache_problem(op_label("attention_with_kv_cache"), query, k_cache,
-                                            v_cache, key, value, cache_seqlens, attn_mask,
-                                            is_causal, scale));
+      check_attention_problem(problem);
       TORCH_CHECK(false, "attention_with_kv_cache: ", name,
                   " requires grad, but this op is for inference and has no derivative. Call it "
                   "under torch.no_grad() or torch.inference_mode(), or pass detached tensors "
@@ -55,12 +50,11 @@ at::Tensor attention_with_kv_cache_autograd(const at::Tensor& query, const at::T
   at::Tensor output;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    output = attention_with_kv_cache(query, k_cache, v_cache, key, value, cache_seqlens, attn_mask,
-                                     is_causal, scale);
+    output = attention_with_kv_cache_call(problem);
   }
-  if (key.has_value() && key->defined()) {
-    torch::autograd::impl::bump_version(k_cache);
-    torch::autograd::impl::bump_version(v_cache);
+  if (given(problem.new_key)) {
+    torch::autograd::impl::bump_version(problem.key);
+    torch::autograd::impl::bump_version(problem.value);
   }
   return output;
 }
@@ -68,7 +62,8 @@ at::Tensor attention_with_kv_cache_autograd(const at::Tensor& query, const at::T
 }  // namespace
 
 TORCH_LIBRARY_IMPL(qkv_attention, Autograd, m) {
-  m.impl("attention_with_kv_cache", TORCH_FN(attention_with_kv_cache_autograd));
+  m.impl("attention_with_kv_cache",
+         TORCH_FN(attention_with_kv_cache_op<&attention_with_kv_cache_autograd>));
 }
 
 }  // namespace qkv_attention::autograd

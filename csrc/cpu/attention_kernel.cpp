@@ -20,6 +20,7 @@
 
 #include "ops/attention.h"
 #include "ops/attention_problem.h"
+#include "ops/attention_signatures.h"
 #include "ops/operators.h"
 #include "ops/optional_tensor.h"
 
@@ -29,23 +30,17 @@ namespace qkv_attention::cpu {
 // Tensor glue: checks, allocation, and the CPU registrations.
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu(
-    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
-    double dropout_p, bool is_causal, std::optional<double> scale, bool need_weights,
-    const std::optional<at::Tensor>& rng_state, bool average_attn_weights) {
-  const AttentionProblem problem =
-      dense_problem(op_label("_attention_forward"), query, key, value, attn_mask, key_padding_mask,
-                    dropout_p, is_causal, scale, rng_state, /*rng_state_required=*/true,
-                    /*scores_materialised=*/need_weights);
+AttentionForwardOutputs attention_forward_cpu(AttentionProblem problem) {
   check_attention_problem(problem);
-  const bool average = need_weights && average_attn_weights;
+  flash::convert_variant_tensors(problem);
+  const at::Tensor &query = problem.query, &key = problem.key, &value = problem.value;
+  const bool need_weights = problem.need_weights, average = problem.average_weights;
   const int64_t B = query.size(0), H = query.size(1), L = query.size(2);
   const int64_t S = key.size(2), Dv = value.size(3);
   at::Tensor output = empty_output({B, H, L, Dv}, query.options());
   at::Tensor logsumexp =
       at::empty({B, H, L}, query.options().dtype(at::toOpMathType(query.scalar_type())));
-  at::Tensor weights = !need_weights ? at::empty({0}, query.options())
+  at::Tensor weights = !need_weights ? no_gradient(query)
                        : average     ? empty_output({B, L, S}, query.options())
                                      : empty_output({B, H, L, S}, query.options());
   if (Dv == 0 && !need_weights) {
@@ -73,56 +68,62 @@ at::Tensor reduce_grad_scores(const at::Tensor& grad_scores, const at::Tensor& m
   return grad.to(mask.scalar_type()).contiguous();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
-    const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_weights,
-    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const at::Tensor& output, const at::Tensor& logsumexp,
-    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
-    double dropout_p, bool is_causal, std::optional<double> scale,
-    const std::optional<at::Tensor>& rng_state, bool attn_mask_requires_grad,
-    bool key_padding_mask_requires_grad) {
-  const bool has_grad_weights = given(grad_weights);
-  const bool attn_mask_grad = attention_mask_gets_grad(attn_mask, attn_mask_requires_grad);
+AttentionGrads attention_backward_cpu(AttentionBackwardCall call) {
+  check_attention_backward(call);
+  AttentionProblem& problem = call.problem;
+  // The gradient of sinks has their dtype; the kernels compute it in the accumulation dtype.
+  const std::optional<at::ScalarType> sinks_dtype =
+      given(problem.variants.sinks) ? std::optional(problem.variants.sinks->scalar_type())
+                                    : std::nullopt;
+  flash::convert_variant_tensors(problem);
+  const at::Tensor &query = problem.query, &key = problem.key, &value = problem.value;
+  const std::optional<at::Tensor>&attn_mask = problem.attn_mask,
+        &key_padding_mask = problem.key_padding_mask;
+  const bool has_grad_weights = given(call.grad_weights);
+  const bool attn_mask_grad = attention_mask_gets_grad(attn_mask, call.attn_mask_requires_grad);
   const bool padding_mask_grad =
-      attention_mask_gets_grad(key_padding_mask, key_padding_mask_requires_grad);
-  const AttentionProblem problem = dense_problem(
-      op_label("_attention_backward"), query, key, value, attn_mask, key_padding_mask, dropout_p,
-      is_causal, scale, rng_state, /*rng_state_required=*/true,
-      /*scores_materialised=*/has_grad_weights || attn_mask_grad || padding_mask_grad);
-  check_attention_backward(problem, {grad_output, output, logsumexp, grad_weights});
+      attention_mask_gets_grad(key_padding_mask, call.key_padding_mask_requires_grad);
   const int64_t B = query.size(0), H = query.size(1), L = query.size(2);
   const int64_t S = key.size(2), Dv = value.size(3);
+  const at::TensorOptions acc_options =
+      query.options().dtype(at::toOpMathType(query.scalar_type()));
   if (Dv == 0 && !has_grad_weights) {
     // An empty output and no gradient of the weights: nothing depends on anything, every
     // gradient is zero (the forward computed nothing either).
     auto zeros_like_mask = [&](bool wanted, const std::optional<at::Tensor>& mask) {
-      return wanted ? at::zeros(mask->sizes(), mask->options()) : at::empty({0}, query.options());
+      return wanted ? at::zeros(mask->sizes(), mask->options()) : no_gradient(query);
     };
-    return {at::zeros(query.sizes(), query.options()), at::zeros(key.sizes(), key.options()),
-            at::zeros(value.sizes(), value.options()), zeros_like_mask(attn_mask_grad, attn_mask),
-            zeros_like_mask(padding_mask_grad, key_padding_mask)};
+    return {at::zeros(query.sizes(), query.options()),
+            at::zeros(key.sizes(), key.options()),
+            at::zeros(value.sizes(), value.options()),
+            zeros_like_mask(attn_mask_grad, attn_mask),
+            zeros_like_mask(padding_mask_grad, key_padding_mask),
+            sinks_dtype ? at::zeros({H}, query.options().dtype(*sinks_dtype)) : no_gradient(query)};
   }
   at::Tensor grad_query = empty_output(query.sizes(), query.options());
   at::Tensor grad_key = empty_output(key.sizes(), key.options());
   at::Tensor grad_value = empty_output(value.sizes(), value.options());
   // d loss / d score: the gradient of an additive mask before it is summed to the mask's shape.
-  at::Tensor grad_scores = attn_mask_grad || padding_mask_grad
-                               ? empty_output({B, H, L, S}, logsumexp.options())
-                               : at::Tensor();
-  const at::Tensor lse = logsumexp.contiguous();
+  at::Tensor grad_scores =
+      attn_mask_grad || padding_mask_grad ? empty_output({B, H, L, S}, acc_options) : at::Tensor();
+  at::Tensor grad_sinks = sinks_dtype ? at::empty({H}, acc_options) : at::Tensor();
+  const at::Tensor lse = call.logsumexp.contiguous();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, query.scalar_type(), "attention_backward", [&] {
-        const auto p = flash::set_backward_params<scalar_t>(
-            problem, output, grad_output, grad_weights, lse, grad_query, grad_key, grad_value,
-            grad_scores.defined() ? &grad_scores : nullptr);
+        auto p = flash::set_backward_params<scalar_t>(
+            problem, call.output, call.grad_output, call.grad_weights, lse, grad_query, grad_key,
+            grad_value, grad_scores.defined() ? &grad_scores : nullptr);
+        if (grad_sinks.defined()) p.grad_sinks = grad_sinks.mutable_data_ptr<AccType<scalar_t>>();
         attention_backward_kernel(p);
       });
-  return {grad_query, grad_key, grad_value,
-          attn_mask_grad ? reduce_grad_scores(grad_scores, *attn_mask, false)
-                         : at::empty({0}, query.options()),
+  return {grad_query,
+          grad_key,
+          grad_value,
+          attn_mask_grad ? reduce_grad_scores(grad_scores, *attn_mask, false) : no_gradient(query),
           padding_mask_grad ? reduce_grad_scores(grad_scores, *key_padding_mask, true)
-                            : at::empty({0}, query.options())};
+                            : no_gradient(query),
+          sinks_dtype ? grad_sinks.to(*sinks_dtype) : no_gradient(query)};
 }
 
 at::Tensor attention_dropout_mask_cpu(const at::Tensor& rng_state, int64_t batch, int64_t heads,
@@ -140,8 +141,8 @@ at::Tensor attention_dropout_mask_cpu(const at::Tensor& rng_state, int64_t batch
 }  // namespace
 
 TORCH_LIBRARY_IMPL(qkv_attention, CPU, m) {
-  m.impl("_attention_forward", TORCH_FN(attention_forward_cpu));
-  m.impl("_attention_backward", TORCH_FN(attention_backward_cpu));
+  m.impl("_attention_forward", TORCH_FN(attention_forward_op<&attention_forward_cpu>));
+  m.impl("_attention_backward", TORCH_FN(attention_backward_op<&attention_backward_cpu>));
   m.impl("_attention_dropout_mask", TORCH_FN(attention_dropout_mask_cpu));
 }
 

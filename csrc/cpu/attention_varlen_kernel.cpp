@@ -24,6 +24,7 @@
 #include "cpu/large_tensor.h"
 #include "cpu/sequence_schedule.h"
 #include "ops/attention_problem.h"
+#include "ops/attention_signatures.h"
 #include "ops/operators.h"
 
 namespace qkv_attention::cpu {
@@ -53,16 +54,10 @@ std::vector<int64_t> sequence_work(const std::vector<SequenceSpan>& sequences, i
   return work;
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_cpu(
-    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-    int64_t max_seqlen_k, double dropout_p, bool is_causal, std::optional<double> scale,
-    const std::optional<at::Tensor>& rng_state) {
-  const AttentionProblem problem = packed_problem(
-      op_label("_attention_varlen_forward"), query, key, value, cu_seqlens_q, cu_seqlens_k,
-      max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale, rng_state,
-      /*rng_state_required=*/true);
+VarlenForwardOutputs attention_varlen_forward_cpu(AttentionProblem problem) {
   check_attention_problem(problem);
+  flash::convert_variant_tensors(problem);
+  const at::Tensor &query = problem.query, &value = problem.value;
   const int64_t total_q = query.size(0), H = query.size(1), Dv = value.size(2);
   const std::vector<SequenceSpan> sequences = attention_sequences(problem);
   const at::ScalarType acc = at::toOpMathType(query.scalar_type());
@@ -97,30 +92,38 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_cpu(
   return {output, logsumexp};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key,
-    const at::Tensor& value, const at::Tensor& output, const at::Tensor& logsumexp,
-    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-    int64_t max_seqlen_k, double dropout_p, bool is_causal, std::optional<double> scale,
-    const std::optional<at::Tensor>& rng_state) {
-  const AttentionProblem problem = packed_problem(
-      op_label("_attention_varlen_backward"), query, key, value, cu_seqlens_q, cu_seqlens_k,
-      max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale, rng_state,
-      /*rng_state_required=*/true);
-  check_attention_backward(problem, {grad_output, output, logsumexp, std::nullopt});
+VarlenGrads attention_varlen_backward_cpu(AttentionBackwardCall call) {
+  check_attention_backward(call);
+  AttentionProblem& problem = call.problem;
+  // The gradient of sinks has their dtype; the kernels compute it in the accumulation dtype.
+  const std::optional<at::ScalarType> sinks_dtype =
+      given(problem.variants.sinks) ? std::optional(problem.variants.sinks->scalar_type())
+                                    : std::nullopt;
+  flash::convert_variant_tensors(problem);
+  const at::Tensor &query = problem.query, &key = problem.key, &value = problem.value;
+  const at::Tensor &output = call.output, &grad_output = call.grad_output;
   const int64_t total_q = query.size(0), H = query.size(1), D = query.size(2);
   const int64_t total_k = key.size(0), Hkv = key.size(1), Dv = value.size(2);
   const std::vector<SequenceSpan> sequences = attention_sequences(problem);
+  const at::TensorOptions acc_options =
+      query.options().dtype(at::toOpMathType(query.scalar_type()));
   if (output.numel() == 0) {
     // An empty output: nothing depends on anything, every gradient is zero.
     return {at::zeros(query.sizes(), query.options()), at::zeros(key.sizes(), key.options()),
-            at::zeros(value.sizes(), value.options())};
+            at::zeros(value.sizes(), value.options()),
+            sinks_dtype ? at::zeros({H}, query.options().dtype(*sinks_dtype))
+                        : at::empty({0}, query.options())};
   }
+  // Each sequence's d loss / d sinks (B, H), summed over the sequences in order afterwards, so
+  // that the sum does not depend on which thread ran which sequence.
+  at::Tensor sequence_grad_sinks =
+      sinks_dtype ? at::zeros({int64_t(sequences.size()), H}, acc_options) : at::Tensor();
+  at::Tensor grad_sinks = sinks_dtype ? at::zeros({H}, acc_options) : at::Tensor();
   at::Tensor grad_query = empty_output(query.sizes(), query.options());
   // Key rows of a sequence without queries get no gradient from its (absent) task.
   at::Tensor grad_key = at::zeros(key.sizes(), key.options());
   at::Tensor grad_value = at::zeros(value.sizes(), value.options());
-  const at::Tensor lse_packed = logsumexp.contiguous();  // (total_q, H)
+  const at::Tensor lse_packed = call.logsumexp.contiguous();  // (total_q, H)
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, query.scalar_type(), "attention_varlen_backward", [&] {
@@ -147,22 +150,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_cpu(
           scalar_t* seq_dq = head_major_dq.data() + q0 * H * D;
           scalar_t* seq_dk = head_major_dk.data() + k0 * Hkv * D;
           scalar_t* seq_dv = head_major_dv.data() + k0 * Hkv * Dv;
-          attention_backward_kernel(flash::set_backward_params<scalar_t>(
-              problem, &sequence, output, grad_output, std::nullopt, seq_lse, seq_dq, seq_dk,
-              seq_dv, nullptr));
+          auto params = flash::set_backward_params<scalar_t>(problem, &sequence, output,
+                                                             grad_output, std::nullopt, seq_lse,
+                                                             seq_dq, seq_dk, seq_dv, nullptr);
+          if (sequence_grad_sinks.defined()) {
+            params.grad_sinks = sequence_grad_sinks.mutable_data_ptr<Acc>() + b * H;
+          }
+          attention_backward_kernel(params);
           heads_to_packed(seq_dq, H, L, D, dq_out + q0 * H * D);
           heads_to_packed(seq_dk, Hkv, S, D, dk_out + k0 * Hkv * D);
           heads_to_packed(seq_dv, Hkv, S, Dv, dv_out + k0 * Hkv * Dv);
         });
+        if (grad_sinks.defined()) {
+          const Acc* per_sequence = sequence_grad_sinks.const_data_ptr<Acc>();
+          Acc* total = grad_sinks.mutable_data_ptr<Acc>();
+          for (size_t b = 0; b < sequences.size(); ++b) {
+            for (int64_t h = 0; h < H; ++h) total[h] += per_sequence[int64_t(b) * H + h];
+          }
+        }
       });
-  return {grad_query, grad_key, grad_value};
+  return {grad_query, grad_key, grad_value,
+          sinks_dtype ? grad_sinks.to(*sinks_dtype) : at::empty({0}, query.options())};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(qkv_attention, CPU, m) {
-  m.impl("_attention_varlen_forward", TORCH_FN(attention_varlen_forward_cpu));
-  m.impl("_attention_varlen_backward", TORCH_FN(attention_varlen_backward_cpu));
+  m.impl("_attention_varlen_forward",
+         TORCH_FN(attention_varlen_forward_op<&attention_varlen_forward_cpu>));
+  m.impl("_attention_varlen_backward",
+         TORCH_FN(attention_varlen_backward_op<&attention_varlen_backward_cpu>));
 }
 
 }  // namespace qkv_attention::cpu

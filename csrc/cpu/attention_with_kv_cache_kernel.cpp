@@ -25,6 +25,7 @@
 #include "cpu/large_tensor.h"
 #include "cpu/memory_overlap.h"
 #include "ops/attention_problem.h"
+#include "ops/attention_signatures.h"
 #include "ops/operators.h"
 #include "ops/optional_tensor.h"
 
@@ -58,16 +59,11 @@ at::Tensor before_writes(const at::Tensor& input, const at::Tensor& k_cache,
   return aliased ? input.clone() : input;
 }
 
-at::Tensor attention_with_kv_cache_cpu(const at::Tensor& query, const at::Tensor& k_cache,
-                                       const at::Tensor& v_cache,
-                                       const std::optional<at::Tensor>& key,
-                                       const std::optional<at::Tensor>& value,
-                                       const std::optional<at::Tensor>& cache_seqlens,
-                                       const std::optional<at::Tensor>& attn_mask, bool is_causal,
-                                       std::optional<double> scale) {
-  AttentionProblem problem = cache_problem(kOp, query, k_cache, v_cache, key, value, cache_seqlens,
-                                           attn_mask, is_causal, scale);
+at::Tensor attention_with_kv_cache_cpu(AttentionProblem problem) {
   check_attention_problem(problem);
+  flash::convert_variant_tensors(problem);
+  // Copies: problem.query may be replaced by a copy below.
+  const at::Tensor query = problem.query, k_cache = problem.key, v_cache = problem.value;
   const std::vector<SequenceSpan> sequences = attention_sequences(problem);
   const bool writes = given(problem.new_key) && problem.new_key->size(2) > 0;
   if (writes) check_writable_caches(k_cache, v_cache);
@@ -111,7 +107,8 @@ at::Tensor attention_with_kv_cache_cpu(const at::Tensor& query, const at::Tensor
 }  // namespace
 
 TORCH_LIBRARY_IMPL(qkv_attention, CPU, m) {
-  m.impl("attention_with_kv_cache", TORCH_FN(attention_with_kv_cache_cpu));
+  m.impl("attention_with_kv_cache",
+         TORCH_FN(attention_with_kv_cache_op<&attention_with_kv_cache_cpu>));
 }
 
 }  // namespace qkv_attention::cpu

@@ -7,58 +7,42 @@
 
 #include "ops/attention.h"
 #include "ops/attention_problem.h"
+#include "ops/attention_signatures.h"
 #include "ops/operators.h"
 #include "ops/optional_tensor.h"
 
 namespace qkv_attention::meta {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_meta(
-    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
-    double dropout_p, bool is_causal, std::optional<double> scale, bool need_weights,
-    const std::optional<at::Tensor>& rng_state, bool average_attn_weights) {
-  const AttentionProblem problem =
-      dense_problem(op_label("_attention_forward"), query, key, value, attn_mask, key_padding_mask,
-                    dropout_p, is_causal, scale, rng_state, /*rng_state_required=*/true,
-                    /*scores_materialised=*/need_weights);
+AttentionForwardOutputs attention_forward_meta(AttentionProblem problem) {
   check_attention_problem(problem);
+  const at::Tensor& query = problem.query;
   const c10::SymInt B = query.sym_size(0), H = query.sym_size(1), L = query.sym_size(2);
-  const c10::SymInt S = key.sym_size(2);
+  const c10::SymInt S = problem.key.sym_size(2);
   at::Tensor output = at::empty_symint(output_shape(problem), query.options());
   at::Tensor logsumexp = at::empty_symint(
       logsumexp_shape(problem), query.options().dtype(at::toOpMathType(query.scalar_type())));
-  at::Tensor weights = !need_weights          ? at::empty({0}, query.options())
-                       : average_attn_weights ? at::empty_symint({B, L, S}, query.options())
-                                              : at::empty_symint({B, H, L, S}, query.options());
+  at::Tensor weights = !problem.need_weights     ? no_gradient(query)
+                       : problem.average_weights ? at::empty_symint({B, L, S}, query.options())
+                                                 : at::empty_symint({B, H, L, S}, query.options());
   return {output, logsumexp, weights};
 }
 
-AttentionGrads attention_backward_meta(
-    const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_weights,
-    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const at::Tensor& output, const at::Tensor& logsumexp,
-    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
-    double dropout_p, bool is_causal, std::optional<double> scale,
-    const std::optional<at::Tensor>& rng_state, bool attn_mask_requires_grad,
-    bool key_padding_mask_requires_grad) {
-  const AttentionProblem problem =
-      dense_problem(op_label("_attention_backward"), query, key, value, attn_mask, key_padding_mask,
-                    dropout_p, is_causal, scale, rng_state, /*rng_state_required=*/true,
-                    /*scores_materialised=*/given(grad_weights) ||
-                        attention_mask_gets_grad(attn_mask, attn_mask_requires_grad) ||
-                        attention_mask_gets_grad(key_padding_mask, key_padding_mask_requires_grad));
-  check_attention_backward(problem, {grad_output, output, logsumexp, grad_weights});
-  auto mask_grad = [&](const std::optional<at::Tensor>& mask, bool requires_grad) {
-    return attention_mask_gets_grad(mask, requires_grad)
-               ? at::empty_symint(mask->sym_sizes(), mask->options())
-               : at::empty({0}, query.options());
+AttentionGrads attention_backward_meta(AttentionBackwardCall call) {
+  check_attention_backward(call);
+  const AttentionProblem& p = call.problem;
+  auto empty_like_given = [&](const std::optional<at::Tensor>& t, bool wanted) {
+    return wanted ? at::empty_symint(t->sym_sizes(), t->options()) : no_gradient(p.query);
   };
-  return {at::empty_symint(query.sym_sizes(), query.options()),
-          at::empty_symint(key.sym_sizes(), key.options()),
-          at::empty_symint(value.sym_sizes(), value.options()),
-          mask_grad(attn_mask, attn_mask_requires_grad),
-          mask_grad(key_padding_mask, key_padding_mask_requires_grad)};
+  return {at::empty_symint(p.query.sym_sizes(), p.query.options()),
+          at::empty_symint(p.key.sym_sizes(), p.key.options()),
+          at::empty_symint(p.value.sym_sizes(), p.value.options()),
+          empty_like_given(p.attn_mask,
+                           attention_mask_gets_grad(p.attn_mask, call.attn_mask_requires_grad)),
+          empty_like_given(
+              p.key_padding_mask,
+              attention_mask_gets_grad(p.key_padding_mask, call.key_padding_mask_requires_grad)),
+          empty_like_given(p.variants.sinks, given(p.variants.sinks))};
 }
 
 at::Tensor attention_dropout_mask_meta(const at::Tensor& rng_state, c10::SymInt batch,
@@ -71,8 +55,8 @@ at::Tensor attention_dropout_mask_meta(const at::Tensor& rng_state, c10::SymInt 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(qkv_attention, Meta, m) {
-  m.impl("_attention_forward", TORCH_FN(attention_forward_meta));
-  m.impl("_attention_backward", TORCH_FN(attention_backward_meta));
+  m.impl("_attention_forward", TORCH_FN(attention_forward_op<&attention_forward_meta>));
+  m.impl("_attention_backward", TORCH_FN(attention_backward_op<&attention_backward_meta>));
   m.impl("_attention_dropout_mask", TORCH_FN(attention_dropout_mask_meta));
 }
 

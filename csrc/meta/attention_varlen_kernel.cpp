@@ -6,47 +6,39 @@
 #include <torch/library.h>
 
 #include "ops/attention_problem.h"
+#include "ops/attention_signatures.h"
 #include "ops/operators.h"
+#include "ops/optional_tensor.h"
 
 namespace qkv_attention::meta {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_meta(
-    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, c10::SymInt max_seqlen_q,
-    c10::SymInt max_seqlen_k, double dropout_p, bool is_causal, std::optional<double> scale,
-    const std::optional<at::Tensor>& rng_state) {
-  const AttentionProblem problem = packed_problem(
-      op_label("_attention_varlen_forward"), query, key, value, cu_seqlens_q, cu_seqlens_k,
-      max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale, rng_state,
-      /*rng_state_required=*/true);
+VarlenForwardOutputs attention_varlen_forward_meta(AttentionProblem problem) {
   check_attention_problem(problem);
+  const at::Tensor& query = problem.query;
   return {at::empty_symint(output_shape(problem), query.options()),
           at::empty_symint(logsumexp_shape(problem),
                            query.options().dtype(at::toOpMathType(query.scalar_type())))};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_meta(
-    const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key,
-    const at::Tensor& value, const at::Tensor& output, const at::Tensor& logsumexp,
-    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, c10::SymInt max_seqlen_q,
-    c10::SymInt max_seqlen_k, double dropout_p, bool is_causal, std::optional<double> scale,
-    const std::optional<at::Tensor>& rng_state) {
-  const AttentionProblem problem = packed_problem(
-      op_label("_attention_varlen_backward"), query, key, value, cu_seqlens_q, cu_seqlens_k,
-      max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale, rng_state,
-      /*rng_state_required=*/true);
-  check_attention_backward(problem, {grad_output, output, logsumexp, std::nullopt});
-  return {at::empty_symint(query.sym_sizes(), query.options()),
-          at::empty_symint(key.sym_sizes(), key.options()),
-          at::empty_symint(value.sym_sizes(), value.options())};
+VarlenGrads attention_varlen_backward_meta(AttentionBackwardCall call) {
+  check_attention_backward(call);
+  const AttentionProblem& p = call.problem;
+  const std::optional<at::Tensor>& sinks = p.variants.sinks;
+  return {at::empty_symint(p.query.sym_sizes(), p.query.options()),
+          at::empty_symint(p.key.sym_sizes(), p.key.options()),
+          at::empty_symint(p.value.sym_sizes(), p.value.options()),
+          given(sinks) ? at::empty_symint(sinks->sym_sizes(), sinks->options())
+                       : at::empty({0}, p.query.options())};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(qkv_attention, Meta, m) {
-  m.impl("_attention_varlen_forward", TORCH_FN(attention_varlen_forward_meta));
-  m.impl("_attention_varlen_backward", TORCH_FN(attention_varlen_backward_meta));
+  m.impl("_attention_varlen_forward",
+         TORCH_FN(attention_varlen_forward_op<&attention_varlen_forward_meta>));
+  m.impl("_attention_varlen_backward",
+         TORCH_FN(attention_varlen_backward_op<&attention_varlen_backward_meta>));
 }
 
 }  // namespace qkv_attention::meta

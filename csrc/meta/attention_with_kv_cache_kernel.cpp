@@ -7,29 +7,22 @@
 #include <torch/library.h>
 
 #include "ops/attention_problem.h"
+#include "ops/attention_signatures.h"
 #include "ops/operators.h"
 
 namespace qkv_attention::meta {
 namespace {
 
-at::Tensor attention_with_kv_cache_meta(const at::Tensor& query, const at::Tensor& k_cache,
-                                        const at::Tensor& v_cache,
-                                        const std::optional<at::Tensor>& key,
-                                        const std::optional<at::Tensor>& value,
-                                        const std::optional<at::Tensor>& cache_seqlens,
-                                        const std::optional<at::Tensor>& attn_mask, bool is_causal,
-                                        std::optional<double> scale) {
-  const AttentionProblem problem =
-      cache_problem(op_label("attention_with_kv_cache"), query, k_cache, v_cache, key, value,
-                    cache_seqlens, attn_mask, is_causal, scale);
+at::Tensor attention_with_kv_cache_meta(AttentionProblem problem) {
   check_attention_problem(problem);
-  return at::empty_symint(output_shape(problem), query.options());  // (B, H, L, Dv)
+  return at::empty_symint(output_shape(problem), problem.query.options());  // (B, H, L, Dv)
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(qkv_attention, Meta, m) {
-  m.impl("attention_with_kv_cache", TORCH_FN(attention_with_kv_cache_meta));
+  m.impl("attention_with_kv_cache",
+         TORCH_FN(attention_with_kv_cache_op<&attention_with_kv_cache_meta>));
 }
 
 }  // namespace qkv_attention::meta

@@ -13,14 +13,12 @@
 
 namespace qkv_attention {
 
-// The gradients of _attention_backward (see ops/attention.h) for the same arguments, less the
+// The gradients of _attention_backward (see ops/attention.h) for the same call, less the
 // forward's output and logsumexp (recomputed here); attn_mask_grad and padding_mask_grad say
 // whether each mask gets a gradient (attention_mask_gets_grad), else an empty tensor stands.
-AttentionGrads attention_backward_math(
-    const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_weights,
-    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
-    double dropout_p, bool is_causal, std::optional<double> scale,
-    const std::optional<at::Tensor>& rng_state, bool attn_mask_grad, bool padding_mask_grad);
+// The variants as the fused kernel applies them: softcap, ALiBi, the window, and sinks (whose
+// gradient is returned when they are given). A dense problem (causal alignment 0).
+AttentionGrads attention_backward_math(const AttentionBackwardCall& call, bool attn_mask_grad,
+                                       bool padding_mask_grad);
 
 }  // namespace qkv_attention

@@ -176,6 +176,55 @@ void check_cache_entries(const AttentionProblem& p) {
   }
 }
 
+// alibi_slopes and sinks: small per-head tensors of float32 or the inputs' dtype, on query's
+// device, read by the kernels in the accumulation dtype.
+void check_head_tensor(const AttentionProblem& p, const char* name, const at::Tensor& t,
+                       bool per_batch_allowed) {
+  const char* op = p.op;
+  check_dense(op, name, t);
+  const at::ScalarType dtype = p.query.scalar_type();
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == dtype, op, ": ", name,
+                   " must be float32 or have the inputs' dtype ", dtype, ", but has dtype ",
+                   t.scalar_type());
+  TORCH_CHECK(t.device() == p.query.device(), op, ": ", name, " is on ", t.device(),
+              " but query is on ", p.query.device());
+  const c10::SymInt& heads = p.query.sym_size(1);
+  const bool per_head = t.dim() == 1 && t.sym_size(0) == heads;
+  if (!per_batch_allowed) {
+    TORCH_CHECK(per_head, op, ": ", name, " must have shape (H,) = (", heads,
+                "), one value per query head, but has shape ", t.sym_sizes());
+  } else {
+    // The batch of a packed problem is its number of sequences.
+    const c10::SymInt batch =
+        p.layout == AttentionLayout::kPacked ? p.cu_seqlens_q.sym_size(0) - 1 : p.query.sym_size(0);
+    const bool per_batch_head = t.dim() == 2 && t.sym_size(0) == batch && t.sym_size(1) == heads;
+    TORCH_CHECK(per_head || per_batch_head, op, ": ", name, " must have shape (H,) = (", heads,
+                ") or (B, H) = (", batch, ", ", heads, "), but has shape ", t.sym_sizes());
+  }
+  check_tensor_elements(op, name, t);
+}
+
+void check_variants(const AttentionProblem& p) {
+  const char* op = p.op;
+  const AttentionVariants& v = p.variants;
+  TORCH_CHECK(v.window_size.size() == 2, op,
+              ": window_size must have two entries (left, right), but has ", v.window_size.size(),
+              ": ", c10::IntArrayRef(v.window_size));
+  TORCH_CHECK(v.window_size[0] >= -1 && v.window_size[1] >= -1, op,
+              ": window_size entries must be -1 (that side open) or a number of keys >= 0, but "
+              "window_size is (",
+              v.window_size[0], ", ", v.window_size[1], ")");
+  TORCH_CHECK(std::isfinite(v.softcap) && v.softcap >= 0, op,
+              ": softcap must be a finite number >= 0 (0: no cap), but is ", v.softcap);
+  if (given(v.alibi_slopes)) {
+    check_head_tensor(p, "alibi_slopes", *v.alibi_slopes, /*per_batch_allowed=*/true);
+    TORCH_CHECK(!v.alibi_slopes->requires_grad(), op,
+                ": alibi_slopes requires grad, but the slopes are not differentiable (they are "
+                "fixed per head); pass alibi_slopes.detach()");
+  }
+  if (given(v.sinks)) check_head_tensor(p, "sinks", *v.sinks, /*per_batch_allowed=*/false);
+}
+
 // Every tensor the kernels read or allocate, before any count is computed from it
 // (ops/checks.h): the inputs, the output, the logsumexp, and the scores (B, H, L, S) — as a
 // tensor when they are materialised (the returned weights, the gradient of a mask), otherwise
@@ -222,7 +271,8 @@ AttentionProblem dense_problem(const char* op, const at::Tensor& query, const at
                                const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
                                const std::optional<at::Tensor>& key_padding_mask, double dropout_p,
                                bool is_causal, std::optional<double> scale,
-                               const std::optional<at::Tensor>& rng_state, bool rng_state_required,
+                               const std::optional<at::Tensor>& rng_state,
+                               AttentionVariants variants, bool rng_state_required,
                                bool scores_materialised) {
   AttentionProblem p{query,
                      key,
@@ -233,6 +283,7 @@ AttentionProblem dense_problem(const char* op, const at::Tensor& query, const at
                      is_causal,
                      scale,
                      optional_if_given(rng_state)};
+  p.variants = std::move(variants);
   p.op = op;
   p.rng_state_required = rng_state_required;
   p.scores_materialised = scores_materialised;
@@ -245,10 +296,11 @@ AttentionProblem packed_problem(const char* op, const at::Tensor& query, const a
                                 const c10::SymInt& max_seqlen_k, double dropout_p, bool is_causal,
                                 std::optional<double> scale,
                                 const std::optional<at::Tensor>& rng_state,
-                                bool rng_state_required) {
+                                AttentionVariants variants, bool rng_state_required) {
   AttentionProblem p{query,        key,          value,
                      std::nullopt, std::nullopt, dropout_p,
                      is_causal,    scale,        optional_if_given(rng_state)};
+  p.variants = std::move(variants);
   p.layout = AttentionLayout::kPacked;
   p.op = op;
   p.rng_state_required = rng_state_required;
@@ -264,10 +316,11 @@ AttentionProblem cache_problem(const char* op, const at::Tensor& query, const at
                                const std::optional<at::Tensor>& value,
                                const std::optional<at::Tensor>& cache_seqlens,
                                const std::optional<at::Tensor>& attn_mask, bool is_causal,
-                               std::optional<double> scale) {
+                               std::optional<double> scale, AttentionVariants variants) {
   AttentionProblem p{query,        k_cache, v_cache,   optional_if_given(attn_mask),
                      std::nullopt, 0.0,     is_causal, scale,
                      std::nullopt};
+  p.variants = std::move(variants);
   p.layout = AttentionLayout::kCache;
   p.op = op;
   p.rng_state_required = false;
@@ -318,6 +371,7 @@ void check_attention_problem(const AttentionProblem& p) {
 
   if (p.layout == AttentionLayout::kPacked) check_packed_offsets(p);
   if (p.layout == AttentionLayout::kCache) check_cache_entries(p);
+  check_variants(p);
   check_problem_sizes(p);
 
   if (given(p.key_padding_mask)) {
@@ -335,7 +389,8 @@ void check_attention_problem(const AttentionProblem& p) {
   }
 }
 
-void check_attention_backward(const AttentionProblem& p, const AttentionBackwardTensors& t) {
+void check_attention_backward(const AttentionBackwardCall& t) {
+  const AttentionProblem& p = t.problem;
   check_attention_problem(p);
   const char* op = p.op;
   const Axes axes = axes_of(p.layout);

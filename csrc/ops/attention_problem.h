@@ -22,6 +22,27 @@
 
 namespace qkv_attention {
 
+// The variants of attention every op of the family takes, its four trailing arguments
+// (window_size, softcap, alibi_slopes, sinks); the defaults are plain attention. With o the
+// causal alignment (0 for the dense and packed ops, n_b - L for a cache's sequence):
+struct AttentionVariants {
+  // (left, right): query i sees key j only if i + o - left <= j <= i + o + right; -1 leaves
+  // that side open.
+  std::vector<int64_t> window_size{-1, -1};
+  // > 0: the scaled scores become softcap * tanh(score / softcap), before ALiBi and the masks.
+  double softcap = 0.0;
+  // (H,) or (B, H), float32 or the inputs' dtype: -slope * |i + o - j| added after the cap. Not
+  // differentiable.
+  std::optional<at::Tensor> alibi_slopes{};
+  // (H,), float32 or the inputs' dtype: one extra logit per head in each row's softmax
+  // denominator, with no value. Differentiable.
+  std::optional<at::Tensor> sinks{};
+
+  bool has_window() const {
+    return window_size.size() == 2 && (window_size[0] >= 0 || window_size[1] >= 0);
+  }
+};
+
 enum class AttentionLayout {
   kDense,   // query (B, H, L, D), key (B, Hkv, S, D), value (B, Hkv, S, Dv)
   kPacked,  // query (total_q, H, D), key (total_k, Hkv, D), value (total_k, Hkv, Dv), offsets
@@ -40,6 +61,7 @@ struct AttentionProblem {
   bool is_causal = false;
   std::optional<double> scale;
   std::optional<at::Tensor> rng_state;  // (2,) int64: the dropout stream's seed and offset
+  AttentionVariants variants{};
 
   AttentionLayout layout = AttentionLayout::kDense;
   const char* op = "attention";  // the label messages give the op (ops/operators.h)
@@ -49,6 +71,9 @@ struct AttentionProblem {
   // Whether the call allocates a (B, H, L, S) tensor (returned weights, a mask's gradient),
   // whose size is then checked like a tensor's.
   bool scores_materialised = false;
+  // kDense forward: whether the weights (B, H, L, S) are returned, or their mean over the
+  // heads (B, L, S) with average_weights.
+  bool need_weights = false, average_weights = false;
 
   // kPacked: (B + 1,) offsets of the sequences' query and key rows, and bounds of the lengths.
   at::Tensor cu_seqlens_q{}, cu_seqlens_k{};
@@ -68,7 +93,8 @@ AttentionProblem dense_problem(const char* op, const at::Tensor& query, const at
                                const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
                                const std::optional<at::Tensor>& key_padding_mask, double dropout_p,
                                bool is_causal, std::optional<double> scale,
-                               const std::optional<at::Tensor>& rng_state, bool rng_state_required,
+                               const std::optional<at::Tensor>& rng_state,
+                               AttentionVariants variants, bool rng_state_required,
                                bool scores_materialised);
 
 AttentionProblem packed_problem(const char* op, const at::Tensor& query, const at::Tensor& key,
@@ -77,33 +103,34 @@ AttentionProblem packed_problem(const char* op, const at::Tensor& query, const a
                                 const c10::SymInt& max_seqlen_k, double dropout_p, bool is_causal,
                                 std::optional<double> scale,
                                 const std::optional<at::Tensor>& rng_state,
-                                bool rng_state_required);
+                                AttentionVariants variants, bool rng_state_required);
 
 AttentionProblem cache_problem(const char* op, const at::Tensor& query, const at::Tensor& k_cache,
                                const at::Tensor& v_cache, const std::optional<at::Tensor>& key,
                                const std::optional<at::Tensor>& value,
                                const std::optional<at::Tensor>& cache_seqlens,
                                const std::optional<at::Tensor>& attn_mask, bool is_causal,
-                               std::optional<double> scale);
+                               std::optional<double> scale, AttentionVariants variants);
 
 // Every rule of the family on the problem's (possibly symbolic) sizes: ranks, dtypes, devices,
 // layouts, sizes that must agree, grouped-query heads, masks, dropout_p, scale, rng_state, the
+// variants (window bounds, softcap, the slopes' and sinks' shapes, dtypes and devices), the
 // size limits of ops/checks.h for everything read or allocated, the offsets' and lengths'
 // tensors. The values of offsets and lengths are data: attention_sequences checks them.
 void check_attention_problem(const AttentionProblem& problem);
 
-// What a backward op receives besides the problem: the forward's output and logsumexp, the
-// gradient of the output and (kDense, optional) of the weights.
-struct AttentionBackwardTensors {
-  const at::Tensor& grad_output;
-  const at::Tensor& output;
-  const at::Tensor& logsumexp;
-  const std::optional<at::Tensor>& grad_weights;
+// A backward op's call: the forward's problem and what the backward receives besides it, the
+// forward's output and logsumexp and the gradient of the output and (kDense, optional) of the
+// weights; which masks (kDense, additive ones) the caller wants a gradient for.
+struct AttentionBackwardCall {
+  AttentionProblem problem;
+  at::Tensor grad_output, output, logsumexp;
+  std::optional<at::Tensor> grad_weights{};
+  bool attn_mask_requires_grad = false, key_padding_mask_requires_grad = false;
 };
 
 // check_attention_problem, then the backward's own tensors against it.
-void check_attention_backward(const AttentionProblem& problem,
-                              const AttentionBackwardTensors& tensors);
+void check_attention_backward(const AttentionBackwardCall& call);
 
 // The shapes of the forward's output and logsumexp (the accumulation dtype): (B, H, L, Dv) and
 // (B, H, L); packed (total_q, H, Dv) and (total_q, H); for a cache, the logsumexp is the

@@ -13,7 +13,9 @@
 // keys. attn_mask is broadcastable to (B, H, L, S_max) (bool true = may attend, or added to the
 // scores; only its first n_b + L_new columns are read). Query head h reads key/value head
 // h / (H / Hkv). cache_seqlens None means every S_max entry is valid (key must then be None).
-// A query row that sees no key gives zeros.
+// A query row that sees no key gives zeros. The variants (ops/attention.h) are aligned
+// bottom-right as is_causal (o = n_b + L_new - L): a window (w - 1, 0) with is_causal reads only
+// the last w valid entries for the last query.
 //
 // Inference only: no autograd. Every check, the lengths included, happens before anything is
 // written, so a call that raises leaves the caches as they were.
@@ -22,6 +24,8 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+
+#include "ops/attention_problem.h"
 
 namespace qkv_attention {
 
@@ -32,6 +36,12 @@ at::Tensor attention_with_kv_cache(const at::Tensor& query, const at::Tensor& k_
                                    const std::optional<at::Tensor>& cache_seqlens = std::nullopt,
                                    const std::optional<at::Tensor>& attn_mask = std::nullopt,
                                    bool is_causal = true,
-                                   std::optional<double> scale = std::nullopt);
+                                   std::optional<double> scale = std::nullopt,
+                                   at::IntArrayRef window_size = {-1, -1}, double softcap = 0.0,
+                                   const std::optional<at::Tensor>& alibi_slopes = std::nullopt,
+                                   const std::optional<at::Tensor>& sinks = std::nullopt);
+
+// The same call from a cache problem (ops/attention_signatures.h).
+at::Tensor attention_with_kv_cache_call(const AttentionProblem& problem);
 
 }  // namespace qkv_attention

@@ -126,6 +126,20 @@ def _fold_attn_mask(
     return mask.expand(n, batch, *mask.shape[2:]).reshape(n * batch, *mask.shape[2:])
 
 
+def _fold_alibi_slopes(
+    slopes: Optional[Tensor], dim: Optional[int], n: int, batch: int
+) -> Optional[Tensor]:
+    """alibi_slopes, (H,) or (B, H) per sample, as (H,) or (N*B, H) for the folded batch."""
+    if slopes is None or (dim is None and slopes.dim() == 1):
+        return slopes  # one slope per head for every sample and batch entry
+    if dim is None:
+        return _fold(slopes, None, n)  # (B, H) -> (N*B, H)
+    slopes = slopes.movedim(dim, 0)  # (N, H) or (N, B, H)
+    if slopes.dim() == 2:
+        slopes = slopes.unsqueeze(1).expand(n, batch, slopes.shape[1])
+    return slopes.reshape(n * batch, slopes.shape[2])
+
+
 def _random_state(op_name: str, info: Any, call: _Call) -> None:
     """Draws the rng_state a composite op draws, as vmap's randomness says, into ``call``:
     one state for every sample ("same"), or one per sample ("different", batched)."""
@@ -153,8 +167,9 @@ def _attention_forward_batched(info: Any, call: _Call):
     op = _ops._attention_forward
     n = info.batch_size
     args = call.args
-    if args["dropout_p"] > 0:
-        # One call per sample: each sample's mask is the one of its own call (see above).
+    if args["dropout_p"] > 0 or call.dim("sinks") is not None:
+        # One call per sample: each sample's mask is the one of its own call (see above); sinks
+        # that differ per sample have no place in a folded batch (they are per head only).
         return _per_sample_call(op, info, call)
     query, q_dim = args["query"], call.dim("query")
     batch = query.movedim(q_dim, 0).shape[1] if q_dim is not None else query.shape[0]
@@ -168,6 +183,7 @@ def _attention_forward_batched(info: Any, call: _Call):
         key_padding_mask=None
         if padding is None
         else _fold(padding, call.dim("key_padding_mask"), n),
+        alibi_slopes=_fold_alibi_slopes(args["alibi_slopes"], call.dim("alibi_slopes"), n, batch),
         rng_state=None,
     )
     output, logsumexp, weights = op(*_in_order(op, folded))

@@ -87,6 +87,10 @@ def attention(
     is_causal: bool = False,
     scale: Optional[float] = None,
     key_padding_mask: Optional[Tensor] = None,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[Tensor] = None,
+    sinks: Optional[Tensor] = None,
 ) -> Tensor:
     """``softmax(query @ key.T * scale + mask) @ value``, with dropout on the weights.
 
@@ -104,6 +108,18 @@ def attention(
         key_padding_mask: (B, S), a second mask with attn_mask's conventions (bool True = may
             attend, or float added), applied to every head and query. Passing it separately
             spares merging it with attn_mask into a (B, H, L, S) tensor.
+        window_size: (left, right), a sliding window: query i sees keys
+            ``i - left .. i + right`` only; -1 leaves that side open. Combines with is_causal
+            and the masks. transformers' ``sliding_window=w`` is ``(w - 1, 0)`` with
+            ``is_causal=True``. Keys outside the band cost no work.
+        softcap: > 0 caps the scaled scores at ``softcap * tanh(score / softcap)`` (Gemma 2),
+            before ALiBi and the masks; 0 means no cap.
+        alibi_slopes: (H,) or (B, H), float32 or the inputs' dtype: adds
+            ``-slope[h] * |i - j|`` to the scores after the cap. Not differentiable.
+        sinks: (H,), float32 or the inputs' dtype: one extra logit per head in every row's
+            softmax denominator, with no value (gpt-oss's ``s_aux``):
+            ``p_j = exp(s_j) / (exp(sinks[h]) + sum_k exp(s_k))``. Differentiable; not scaled,
+            capped, masked or dropped out.
 
     Returns:
         (B, H, L, Dv). A query row that may attend to no key gives zeros (not NaN).
@@ -111,7 +127,18 @@ def attention(
     if query is None or key is None or value is None:
         raise TypeError(_none_given("attention", ["query", "key", "value"], [query, key, value]))
     return _ops.attention(
-        query, key, value, attn_mask, dropout_p, is_causal, scale, key_padding_mask
+        query,
+        key,
+        value,
+        attn_mask,
+        dropout_p,
+        is_causal,
+        scale,
+        key_padding_mask,
+        window_size,
+        softcap,
+        alibi_slopes,
+        sinks,
     )
 
 
@@ -125,13 +152,18 @@ def attention_with_weights(
     scale: Optional[float] = None,
     key_padding_mask: Optional[Tensor] = None,
     average_attn_weights: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[Tensor] = None,
+    sinks: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Like :func:`attention`, and also returns the attention weights (B, H, L, S).
 
     The weights are the ones that produced the output: after dropout (zeros where dropped,
     the rest scaled by 1/(1-p)). Both outputs are differentiable. With
     ``average_attn_weights=True`` the weights are their mean over the heads, (B, L, S),
-    computed without the per-head (B, H, L, S) tensor.
+    computed without the per-head (B, H, L, S) tensor. With ``sinks`` the weights exclude the
+    sink's share: a row sums to less than 1.
     """
     if query is None or key is None or value is None:
         raise TypeError(
@@ -147,6 +179,10 @@ def attention_with_weights(
         scale,
         key_padding_mask,
         average_attn_weights,
+        window_size,
+        softcap,
+        alibi_slopes,
+        sinks,
     )
 
 
@@ -161,6 +197,10 @@ def attention_varlen(
     dropout_p: float = 0.0,
     is_causal: bool = False,
     scale: Optional[float] = None,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[Tensor] = None,
+    sinks: Optional[Tensor] = None,
 ) -> Tensor:
     """:func:`attention` over B sequences of different lengths, packed without padding.
 
@@ -183,6 +223,8 @@ def attention_varlen(
             part of the stream and ``torch.manual_seed`` reproduces a call.
         is_causal: query i of a sequence sees that sequence's keys 0..i (top-left aligned).
         scale: multiplies the scores; defaults to 1/sqrt(D).
+        window_size, softcap, alibi_slopes, sinks: as :func:`attention`, per sequence
+            (top-left aligned); (B, H) slopes give sequence b row b.
 
     Returns:
         (total_q, H, Dv). A query of a sequence with no keys gives a row of zeros, as a fully
@@ -213,6 +255,10 @@ def attention_varlen(
         dropout_p,
         is_causal,
         scale,
+        window_size,
+        softcap,
+        alibi_slopes,
+        sinks,
     )
 
 
@@ -257,6 +303,10 @@ def attention_with_kv_cache(
     attn_mask: Optional[Tensor] = None,
     is_causal: bool = True,
     scale: Optional[float] = None,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[Tensor] = None,
+    sinks: Optional[Tensor] = None,
 ) -> Tensor:
     """One inference step against a key/value cache: writes the new keys and values into the
     caches in place, then attends over each sequence's valid prefix.
@@ -277,6 +327,9 @@ def attention_with_kv_cache(
         is_causal: aligned bottom-right: query i sees keys
             ``j <= cache_seqlens[b] + L_new - L + i`` (new queries follow the cached keys).
         scale: multiplies the scores; defaults to 1/sqrt(D).
+        window_size, softcap, alibi_slopes, sinks: as :func:`attention`, aligned bottom-right
+            like is_causal (query i's window is centred on key ``n_b + L_new - L + i``): with
+            ``window_size=(w - 1, 0)`` a decoding step reads only the last w valid entries.
 
     Returns:
         (B, H, L, Dv). Sequence b attends to its first ``cache_seqlens[b] + L_new`` entries
@@ -296,5 +349,17 @@ def attention_with_kv_cache(
             )
         )
     return _ops.attention_with_kv_cache(
-        query, k_cache, v_cache, key, value, cache_seqlens, attn_mask, is_causal, scale
+        query,
+        k_cache,
+        v_cache,
+        key,
+        value,
+        cache_seqlens,
+        attn_mask,
+        is_causal,
+        scale,
+        window_size,
+        softcap,
+        alibi_slopes,
+        sinks,
     )

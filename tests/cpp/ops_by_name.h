@@ -11,6 +11,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace qkv_attention::testing::by_name {
 
@@ -18,7 +19,10 @@ using OptionalTensor = std::optional<at::Tensor>;
 using Tensor2 = std::tuple<at::Tensor, at::Tensor>;
 using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Tensor4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using Tensor5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Tensor6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// The attention family's four trailing arguments: window_size, softcap, alibi_slopes, sinks.
+#define QKV_TEST_VARIANT_TYPES at::IntArrayRef, double, const OptionalTensor&, const OptionalTensor&
+inline const std::vector<int64_t> kNoWindow{-1, -1};
 using Tensor9 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                            at::Tensor, at::Tensor, at::Tensor>;
 
@@ -35,10 +39,12 @@ inline at::Tensor attention(const at::Tensor& query, const at::Tensor& key, cons
                             const OptionalTensor& attn_mask = {}, double dropout_p = 0.0,
                             bool is_causal = false, std::optional<double> scale = {},
                             const OptionalTensor& key_padding_mask = {}) {
-  static const auto op = typed<at::Tensor(
-      const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptionalTensor&, double, bool,
-      std::optional<double>, const OptionalTensor&)>("qkv_attention::attention");
-  return op.call(query, key, value, attn_mask, dropout_p, is_causal, scale, key_padding_mask);
+  static const auto op =
+      typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                       const OptionalTensor&, double, bool, std::optional<double>,
+                       const OptionalTensor&, QKV_TEST_VARIANT_TYPES)>("qkv_attention::attention");
+  return op.call(query, key, value, attn_mask, dropout_p, is_causal, scale, key_padding_mask,
+                 kNoWindow, 0.0, std::nullopt, std::nullopt);
 }
 
 inline Tensor2 attention_with_weights(const at::Tensor& query, const at::Tensor& key,
@@ -49,10 +55,10 @@ inline Tensor2 attention_with_weights(const at::Tensor& query, const at::Tensor&
                                       bool average_attn_weights = false) {
   static const auto op =
       typed<Tensor2(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptionalTensor&,
-                    double, bool, std::optional<double>, const OptionalTensor&, bool)>(
-          "qkv_attention::attention_with_weights");
+                    double, bool, std::optional<double>, const OptionalTensor&, bool,
+                    QKV_TEST_VARIANT_TYPES)>("qkv_attention::attention_with_weights");
   return op.call(query, key, value, attn_mask, dropout_p, is_causal, scale, key_padding_mask,
-                 average_attn_weights);
+                 average_attn_weights, kNoWindow, 0.0, std::nullopt, std::nullopt);
 }
 
 // (output, logsumexp, weights or empty, rng_state). rng_state is drawn as the composite ops
@@ -65,7 +71,8 @@ inline Tensor4 attention_forward(const at::Tensor& query, const at::Tensor& key,
   static const auto op =
       typed<Tensor3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptionalTensor&,
                     const OptionalTensor&, double, bool, std::optional<double>, bool,
-                    const OptionalTensor&, bool)>("qkv_attention::_attention_forward");
+                    const OptionalTensor&, bool, QKV_TEST_VARIANT_TYPES)>(
+          "qkv_attention::_attention_forward");
   const at::Tensor rng_state =
       dropout_p > 0 ? at::randint(std::numeric_limits<int64_t>::max(), {2},
                                   at::TensorOptions().dtype(at::kLong).device(at::kCPU))
@@ -73,12 +80,13 @@ inline Tensor4 attention_forward(const at::Tensor& query, const at::Tensor& key,
   auto [output, logsumexp, weights] =
       op.call(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale,
               need_weights, rng_state.defined() ? OptionalTensor(rng_state) : std::nullopt,
-              /*average_attn_weights=*/false);
+              /*average_attn_weights=*/false, kNoWindow, 0.0, std::nullopt, std::nullopt);
   return {output, logsumexp, weights, rng_state};
 }
 
-// (grad_query, grad_key, grad_value, grad_attn_mask or empty, grad_key_padding_mask or empty)
-inline Tensor5 attention_backward(const at::Tensor& grad_output, const OptionalTensor& grad_weights,
+// (grad_query, grad_key, grad_value, grad_attn_mask or empty, grad_key_padding_mask or empty,
+//  grad_sinks or empty)
+inline Tensor6 attention_backward(const at::Tensor& grad_output, const OptionalTensor& grad_weights,
                                   const at::Tensor& query, const at::Tensor& key,
                                   const at::Tensor& value, const at::Tensor& output,
                                   const at::Tensor& logsumexp, const OptionalTensor& attn_mask,
@@ -87,13 +95,14 @@ inline Tensor5 attention_backward(const at::Tensor& grad_output, const OptionalT
                                   const OptionalTensor& rng_state, bool attn_mask_requires_grad,
                                   bool key_padding_mask_requires_grad) {
   static const auto op =
-      typed<Tensor5(const at::Tensor&, const OptionalTensor&, const at::Tensor&, const at::Tensor&,
+      typed<Tensor6(const at::Tensor&, const OptionalTensor&, const at::Tensor&, const at::Tensor&,
                     const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptionalTensor&,
                     const OptionalTensor&, double, bool, std::optional<double>,
-                    const OptionalTensor&, bool, bool)>("qkv_attention::_attention_backward");
+                    const OptionalTensor&, bool, bool, QKV_TEST_VARIANT_TYPES)>(
+          "qkv_attention::_attention_backward");
   return op.call(grad_output, grad_weights, query, key, value, output, logsumexp, attn_mask,
                  key_padding_mask, dropout_p, is_causal, scale, rng_state, attn_mask_requires_grad,
-                 key_padding_mask_requires_grad);
+                 key_padding_mask_requires_grad, kNoWindow, 0.0, std::nullopt, std::nullopt);
 }
 
 inline at::Tensor attention_dropout_mask(const at::Tensor& rng_state, int64_t batch, int64_t heads,

@@ -373,7 +373,7 @@ TEST_CASE("attention_with_weights backpropagates through both the output and the
   const auto [output, logsumexp, w, rng_state] =
       op::attention_forward(in.query, in.key, in.value, in.attn_mask, in.key_padding_mask, 0.0,
                             in.is_causal, std::nullopt, true);
-  const auto [gq, gk, gv, gmask, gpadding] = op::attention_backward(
+  const auto [gq, gk, gv, gmask, gpadding, gsinks] = op::attention_backward(
       grad_output, grad_weights, in.query, in.key, in.value, output, logsumexp, in.attn_mask,
       in.key_padding_mask, 0.0, in.is_causal, std::nullopt, rng_state, true, false);
   CHECK_THAT(gq, IsCloseTo(ref.grads[0], grad_tol));

@@ -175,24 +175,22 @@ struct Problem {
     }
   }
 
+  // The problem, variants included: set_params carries them into the kernels' parameters.
   AttentionProblem arguments() const {
-    return AttentionProblem{query,     key,      value,   attn_mask, key_padding_mask,
-                            c.dropout, c.causal, c.scale, rng_state};
+    AttentionProblem problem{query,     key,      value,   attn_mask, key_padding_mask,
+                             c.dropout, c.causal, c.scale, rng_state};
+    problem.variants.window_size = {c.left, c.right};
+    problem.variants.softcap = c.softcap;
+    if (slopes.defined()) problem.variants.alibi_slopes = slopes;
+    if (sinks.defined()) problem.variants.sinks = sinks;
+    return problem;
   }
 
-  // The variant fields of the kernels' parameters (what the op front end will fill in).
+  // The causal alignment of a dense problem is 0; the cases try others (a cache's
+  // bottom-right alignment is a sequence's, which set_params gives per sequence).
   template <typename T>
   void apply(AttentionInputs<T>& params) const {
-    using Acc = qkv_attention::cpu::AccType<T>;
     params.causal_offset = c.offset;
-    params.window_left = c.left;
-    params.window_right = c.right;
-    params.softcap = c.softcap;
-    if (slopes.defined()) {
-      params.alibi_slopes = slopes.data_ptr<Acc>();
-      params.alibi_batch_stride = slopes.dim() == 2 ? c.H : 0;
-    }
-    if (sinks.defined()) params.sinks = sinks.data_ptr<Acc>();
   }
 };
 

@@ -92,8 +92,11 @@ TEST_CASE("the public schemas keep docs/design.md's argument names, order and de
           "[registration]") {
   using Names = std::vector<std::string>;
   const c10::FunctionSchema& attention = op::handle("qkv_attention::attention").schema();
-  CHECK(argument_names(attention) == Names{"query", "key", "value", "attn_mask", "dropout_p",
-                                           "is_causal", "scale", "key_padding_mask"});
+  const Names variants{"window_size", "softcap", "alibi_slopes", "sinks"};
+  Names attention_names{"query",     "key",       "value", "attn_mask",
+                        "dropout_p", "is_causal", "scale", "key_padding_mask"};
+  attention_names.insert(attention_names.end(), variants.begin(), variants.end());
+  CHECK(argument_names(attention) == attention_names);
   CHECK(attention.returns().size() == 1);
   const auto& args = attention.arguments();
   for (size_t i = 0; i < 3; ++i) CHECK_FALSE(args[i].default_value().has_value());
@@ -107,11 +110,22 @@ TEST_CASE("the public schemas keep docs/design.md's argument names, order and de
   CHECK(args[6].default_value()->isNone());
   REQUIRE(args[7].default_value().has_value());
   CHECK(args[7].default_value()->isNone());
-  // attention_with_weights takes attention's arguments, then average_attn_weights=False.
+  // The variants' defaults: no window, no cap, no slopes, no sinks.
+  REQUIRE(args[8].default_value().has_value());
+  CHECK(args[8].default_value()->toIntVector() == std::vector<int64_t>{-1, -1});
+  REQUIRE(args[9].default_value().has_value());
+  CHECK(args[9].default_value()->toDouble() == 0.0);
+  for (size_t i = 10; i < 12; ++i) {
+    REQUIRE(args[i].default_value().has_value());
+    CHECK(args[i].default_value()->isNone());
+  }
+  // attention_with_weights takes attention's arguments before the variants, then
+  // average_attn_weights=False, then the variants.
   const c10::FunctionSchema& with_weights =
       op::handle("qkv_attention::attention_with_weights").schema();
-  Names expected = argument_names(attention);
+  Names expected(attention_names.begin(), attention_names.begin() + 8);
   expected.push_back("average_attn_weights");
+  expected.insert(expected.end(), variants.begin(), variants.end());
   CHECK(argument_names(with_weights) == expected);
   REQUIRE(with_weights.arguments()[8].default_value().has_value());
   CHECK(with_weights.arguments()[8].default_value()->toBool() == false);

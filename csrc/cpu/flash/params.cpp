@@ -2,6 +2,7 @@
 #include "cpu/flash/params.h"
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 
 #include <tuple>
 
@@ -105,6 +106,22 @@ void set_cache_inputs(AttentionInputs<T>& p, const AttentionProblem& problem,
   set_operands(p, problem, strides_of, s.index, s.index, /*by_row=*/false);
 }
 
+// The variants; (B, H) slopes are read at batch entry `batch_begin` (a sequence's). The
+// tensors are in the accumulation dtype already (convert_variant_tensors).
+template <typename T>
+void set_variants(AttentionInputs<T>& p, const AttentionVariants& variants, int64_t batch_begin) {
+  using Acc = AccType<T>;
+  p.window_left = variants.window_size[0];
+  p.window_right = variants.window_size[1];
+  p.softcap = variants.softcap;
+  if (given(variants.alibi_slopes)) {
+    const at::Tensor& slopes = *variants.alibi_slopes;  // (H,) or (B, H)
+    p.alibi_batch_stride = slopes.dim() == 2 ? p.heads : 0;
+    p.alibi_slopes = slopes.const_data_ptr<Acc>() + batch_begin * p.alibi_batch_stride;
+  }
+  if (given(variants.sinks)) p.sinks = variants.sinks->const_data_ptr<Acc>();
+}
+
 template <typename T>
 void set_inputs(AttentionInputs<T>& p, const AttentionProblem& problem,
                 const SequenceSpan* sequence) {
@@ -124,9 +141,17 @@ void set_inputs(AttentionInputs<T>& p, const AttentionProblem& problem,
   // The causal (and window, ALiBi) alignment: a cache's new queries follow its keys.
   p.causal_offset = sequence != nullptr ? sequence->causal_offset : 0;
   p.dropout_p = problem.dropout_p;
+  set_variants(p, problem.variants, sequence != nullptr ? sequence->index : 0);
 }
 
 }  // namespace
+
+void convert_variant_tensors(AttentionProblem& problem) {
+  const at::ScalarType acc = at::toOpMathType(problem.query.scalar_type());
+  for (std::optional<at::Tensor>* t : {&problem.variants.alibi_slopes, &problem.variants.sinks}) {
+    if (given(*t)) *t = (*t)->to(acc).contiguous();
+  }
+}
 
 std::pair<uint64_t, uint64_t> seed_and_offset(const at::Tensor& rng_state) {
   const at::Tensor state = rng_state.to(at::kCPU);

@@ -33,6 +33,10 @@ PUBLIC_SCHEMAS = {
         "is_causal",
         "scale",
         "key_padding_mask",
+        "window_size",
+        "softcap",
+        "alibi_slopes",
+        "sinks",
     ],
     "attention_with_weights": [
         "query",
@@ -44,6 +48,10 @@ PUBLIC_SCHEMAS = {
         "scale",
         "key_padding_mask",
         "average_attn_weights",
+        "window_size",
+        "softcap",
+        "alibi_slopes",
+        "sinks",
     ],
     "merge_heads": ["x", "out_weight", "out_bias"],
     "attention_with_kv_cache": [
@@ -56,6 +64,10 @@ PUBLIC_SCHEMAS = {
         "attn_mask",
         "is_causal",
         "scale",
+        "window_size",
+        "softcap",
+        "alibi_slopes",
+        "sinks",
     ],
     "attention_varlen": [
         "query",
@@ -68,6 +80,10 @@ PUBLIC_SCHEMAS = {
         "dropout_p",
         "is_causal",
         "scale",
+        "window_size",
+        "softcap",
+        "alibi_slopes",
+        "sinks",
     ],
 }
 # Operators with kernels of their own at these keys; the others are compositions of
@@ -149,6 +165,10 @@ def test_public_schemas_keep_their_argument_order():
         "is_causal": False,
         "scale": None,
         "key_padding_mask": None,
+        "window_size": [-1, -1],
+        "softcap": 0.0,
+        "alibi_slopes": None,
+        "sinks": None,
     }
 
 
