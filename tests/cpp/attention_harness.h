@@ -161,7 +161,8 @@ inline void check_attention_against_reference(const AttentionInputs& in, uint64_
   CHECK(logsumexp.sizes().vec() == std::vector<int64_t>{B, H, L});
   {
     INFO("backward op called directly");
-    const auto [gq, gk, gv, gmask, gpadding] =
+    // grad_sinks, the sixth, is empty without sinks.
+    const auto [gq, gk, gv, gmask, gpadding, gsinks] =
         op::attention_backward(grad_output, std::nullopt, in.query, in.key, in.value, output,
                                logsumexp, in.attn_mask, in.key_padding_mask, in.dropout_p,
                                in.is_causal, in.scale, rng_state, mask_grad, padding_grad);
