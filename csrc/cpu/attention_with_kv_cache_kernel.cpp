@@ -1,9 +1,10 @@
 // The CPU kernel of attention_with_kv_cache: the call as a cache problem
 // (ops/attention_problem.h), checked, its sequences' lengths read and checked — all before
 // anything is written — then the in-place write of the new keys and values, then the attention
-// forward of cpu/attention_kernel.h once per sequence, on that sequence's valid prefix.
+// forward of cpu/attention_kernel.h once per run of consecutive sequences of one valid length
+// (once per sequence when all differ), on their valid prefix.
 //
-// Why a call per sequence: the sequences' valid lengths differ, and the forward's key/value
+// Why a call per length: the sequences' valid lengths differ, and the forward's key/value
 // operands have one S. Sequence b's first n_b + L_new cache rows (read in place through the
 // cache's strides, nothing packed beforehand) let the forward choose its own path for that
 // length (split-KV decoding for few queries against many keys), never read an entry past the
@@ -124,18 +125,28 @@ at::Tensor attention_with_kv_cache_cpu(AttentionProblem problem) {
   const int64_t B = query.size(0), H = query.size(1), L = query.size(2), Dv = v_cache.size(3);
   at::Tensor output = empty_output({B, H, L, Dv}, query.options());
   if (output.numel() == 0) return output;  // B, H, L or Dv is 0: nothing to attend
-  // The kernel's logsumexp of one sequence: scratch, not returned (no backward).
+  // The kernel's logsumexp: scratch, not returned (no backward).
   at::Tensor logsumexp =
-      at::empty({1, H, L}, query.options().dtype(at::toOpMathType(query.scalar_type())));
+      at::empty({B, H, L}, query.options().dtype(at::toOpMathType(query.scalar_type())));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, query.scalar_type(), "attention_with_kv_cache", [&] {
         using Acc = AccType<scalar_t>;
-        for (const SequenceSpan& s : sequences) {
-          // Sequence b's (1, H, L, Dv) block of the contiguous output.
+        // Consecutive sequences of one valid length are one call, a batch of them read through
+        // the batch strides from the first one's entry: one parallel region for a batch of
+        // equal lengths (the usual decoding step) instead of one per sequence, whose waits
+        // cost more than the work on a busy machine (measured: B8 H32/8 S4096 int8 decode,
+        // 2 threads on a busy machine: 156 ms with a call per sequence, 37 ms in one call).
+        for (size_t first = 0, end = 0; first < sequences.size(); first = end) {
+          const SequenceSpan& s = sequences[first];
+          for (end = first + 1; end < sequences.size() && sequences[end].k_len == s.k_len; ++end) {
+          }
+          // Sequences first .. end: their (end - first, H, L, Dv) block of the contiguous output.
           scalar_t* out = output.mutable_data_ptr<scalar_t>() + s.index * H * L * Dv;
-          attention_forward_kernel(flash::set_forward_params<scalar_t>(
-              problem, &s, out, logsumexp.mutable_data_ptr<Acc>()));
+          auto params = flash::set_forward_params<scalar_t>(
+              problem, &s, out, logsumexp.mutable_data_ptr<Acc>() + s.index * H * L);
+          params.batch = int64_t(end - first);
+          attention_forward_kernel(params);
         }
       });
   return output;
