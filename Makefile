@@ -105,7 +105,8 @@ test-python: build
 LEVEL_TESTS = tests/python/ops/test_attention_vs_sdpa.py tests/python/ops/test_kernel_boundaries.py \
   tests/python/ops/test_threads_determinism.py tests/python/ops/test_dropout.py \
   tests/python/ops/test_ops_gradcheck.py tests/python/ops/test_gqa.py \
-  tests/python/ops/test_kv_cache.py tests/python/ops/test_varlen.py
+  tests/python/ops/test_kv_cache.py tests/python/ops/test_varlen.py \
+  tests/python/ops/test_variants.py
 
 test-levels: build
 	@status=0; levels=default; \

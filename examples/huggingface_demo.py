@@ -11,6 +11,10 @@
 2. A Llama-style decoder with random weights (grouped-query attention: 8 query heads share 2
    key/value heads) generating greedily with each attention: the tokens must be identical;
    we report the tokens per second and the time of each decoding step.
+3. A gpt-oss-style decoder with random weights: a sliding window on every other layer and
+   learned attention sinks, which transformers' sdpa refuses; against its "eager" attention
+   the prompt's logits must agree and the greedy tokens be identical; we report the prefill
+   time and the tokens per second of each.
 
 For each, the profiler counts our operator in one forward of both models (one call per layer
 under "qkv_attention", none under "sdpa"), so the report shows that the switch took effect.
@@ -253,6 +257,83 @@ def llama_part(args):
     )
 
 
+# --- part 3: a gpt-oss-style decoder (sliding window, attention sinks) -----------------------
+
+
+def gpt_oss_part(args):
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    layers, hidden, heads, kv_heads = (2, 64, 4, 2) if args.quick else (4, 256, 8, 2)
+    prompt, new_tokens, window = (48, 8, 16) if args.quick else (args.prompt, args.new_tokens, 128)
+    config = GptOssConfig(
+        vocab_size=4096,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden // heads,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=window,
+        layer_types=["sliding_attention", "full_attention"] * (layers // 2),
+        initializer_range=0.1,  # as the Llama part: no near ties for greedy decoding
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    eager = GptOssForCausalLM(config).eval()
+    with torch.no_grad():  # sinks large enough to change the softmax visibly
+        for layer in eager.model.layers:
+            layer.self_attn.sinks.normal_(0.0, 2.0)
+    eager.set_attn_implementation("eager")
+    ours = copy.deepcopy(eager)
+    ours.set_attn_implementation(register())
+    models = {"eager": eager, "ours": ours}
+    prompt_ids = torch.randint(
+        3, config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(2)
+    )
+    with torch.no_grad():
+        logits = {name: model(input_ids=prompt_ids).logits for name, model in models.items()}
+    calls = {
+        name: attention_calls(model, {"input_ids": prompt_ids}) for name, model in models.items()
+    }
+    settings = dict(
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        attention_mask=torch.ones_like(prompt_ids),
+    )
+    tokens, prefill = {}, {name: [] for name in models}
+
+    def run(name):
+        clock = StepClock()
+        with torch.no_grad():
+            out = models[name].generate(prompt_ids, streamer=clock, **settings)
+        prefill[name].append(1000 * (clock.times[1] - clock.times[0]))
+        tokens[name] = out[0, prompt:].tolist()
+
+    seconds = interleaved_seconds(
+        {name: (lambda n=name: run(n)) for name in models}, 2 if args.quick else args.repeats
+    )
+    return dict(
+        tokens=tokens,
+        calls=calls,
+        seconds=seconds,
+        prefill_ms={name: statistics.median(values[1:]) for name, values in prefill.items()},
+        difference=float((logits["ours"] - logits["eager"]).abs().max()),
+        prompt=prompt,
+        new_tokens=new_tokens,
+        window=window,
+        layers=layers,
+        hidden=hidden,
+        heads=heads,
+        kv_heads=kv_heads,
+    )
+
+
 # --- output ------------------------------------------------------------------------------------
 
 
@@ -343,14 +424,14 @@ def plot(minilm, llama, path: Path) -> None:
     plt.close(fig)
 
 
-def calls_sentence(calls) -> str:
+def calls_sentence(calls, other="sdpa") -> str:
     return (
         f"`qkv_attention::attention` calls in one forward (profiler): ours {calls['ours']}, "
-        f"sdpa {calls['sdpa']}"
+        f"{other} {calls[other]}"
     )
 
 
-def report_lines(minilm, llama, seconds_total):
+def report_lines(minilm, llama, gpt_oss, seconds_total):
     ours_s, sdpa_s = minilm["seconds"]["ours"], minilm["seconds"]["sdpa"]
     agree = minilm["search"]["ours"]["ranking"] == minilm["search"]["sdpa"]["ranking"]
     same_tokens = llama["tokens"]["ours"] == llama["tokens"]["sdpa"]
@@ -404,6 +485,8 @@ def report_lines(minilm, llama, seconds_total):
         f"- generated tokens identical: {'yes' if same_tokens else 'NO'} "
         f"(first ten: {llama['tokens']['ours'][:10]})",
         f"- tokens/s ratio ours / sdpa: {rate['ours'] / rate['sdpa']:.2f}",
+        "",
+        *gpt_oss_lines(gpt_oss),
         f"- torch {torch.__version__}, threads: {torch.get_num_threads()}; part two took "
         f"{seconds_total:.0f} s",
         "",
@@ -411,6 +494,33 @@ def report_lines(minilm, llama, seconds_total):
         "",
     ]
     return lines
+
+
+def gpt_oss_lines(gpt_oss):
+    rate = {name: gpt_oss["new_tokens"] / gpt_oss["seconds"][name] for name in ("ours", "eager")}
+    same = gpt_oss["tokens"]["ours"] == gpt_oss["tokens"]["eager"]
+    return [
+        f"### gpt-oss-style decoder, random weights ({gpt_oss['layers']} layers, hidden "
+        f"{gpt_oss['hidden']}, {gpt_oss['heads']} query heads / {gpt_oss['kv_heads']} key-value "
+        f"heads, sliding window {gpt_oss['window']} on every other layer, attention sinks), "
+        "float32",
+        "",
+        "transformers' sdpa refuses this model (it cannot apply sinks); the reference is its "
+        f"`eager` attention. Greedy `generate()` of {gpt_oss['new_tokens']} tokens after a "
+        f"prompt of {gpt_oss['prompt']} tokens.",
+        "",
+        "| | qkv_attention | eager |",
+        "|---|---|---|",
+        f"| tokens per second | {rate['ours']:.1f} | {rate['eager']:.1f} |",
+        f"| prefill ms (with the first token) | {gpt_oss['prefill_ms']['ours']:.1f} | "
+        f"{gpt_oss['prefill_ms']['eager']:.1f} |",
+        "",
+        f"- largest difference of the prompt's logits, ours vs eager: {gpt_oss['difference']:.3g}",
+        f"- {calls_sentence(gpt_oss['calls'], 'eager')}",
+        f"- generated tokens identical: {'yes' if same else 'NO'} "
+        f"(first ten: {gpt_oss['tokens']['ours'][:10]})",
+        "",
+    ]
 
 
 def append_section(path: Path, lines) -> None:
@@ -459,15 +569,28 @@ def main(argv=None) -> int:
         f"{calls_sentence(llama['calls'])}"
     )
 
+    gpt_oss = gpt_oss_part(args)
+    same_gpt_oss = gpt_oss["tokens"]["ours"] == gpt_oss["tokens"]["eager"]
+    print(
+        f"gpt-oss-style decoder (sliding window {gpt_oss['window']}, attention sinks, prompt "
+        f"{gpt_oss['prompt']}): largest logit difference ours vs eager "
+        f"{gpt_oss['difference']:.3g}; {gpt_oss['new_tokens']} greedy tokens "
+        f"{'identical' if same_gpt_oss else 'DIFFERENT'}; prefill ours "
+        f"{gpt_oss['prefill_ms']['ours']:.0f} ms, eager {gpt_oss['prefill_ms']['eager']:.0f} ms; "
+        f"{calls_sentence(gpt_oss['calls'], 'eager')}"
+    )
+
     plot(minilm, llama, args.out / "huggingface.png")
     append_section(
-        args.out / "report.md", report_lines(minilm, llama, time.perf_counter() - started)
+        args.out / "report.md",
+        report_lines(minilm, llama, gpt_oss, time.perf_counter() - started),
     )
     print(f"wrote {args.out / 'huggingface.png'} and a section of {args.out / 'report.md'}")
     # Different results, or a model not running on what it should, are a failure of the demo,
     # not a number to read past.
     switched = all(part["calls"] == {"sdpa": 0, "ours": part["layers"]} for part in (minilm, llama))
-    return 0 if same and agree and switched else 1
+    switched = switched and gpt_oss["calls"] == {"eager": 0, "ours": gpt_oss["layers"]}
+    return 0 if same and agree and same_gpt_oss and switched else 1
 
 
 if __name__ == "__main__":

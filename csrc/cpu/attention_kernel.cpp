@@ -72,10 +72,7 @@ AttentionGrads attention_backward_cpu(AttentionBackwardCall call) {
   check_attention_backward(call);
   AttentionProblem& problem = call.problem;
   // The gradient of sinks has their dtype; the kernels compute it in the accumulation dtype.
-  const std::optional<at::ScalarType> sinks_dtype =
-      given(problem.variants.sinks) ? std::optional(problem.variants.sinks->scalar_type())
-                                    : std::nullopt;
-  flash::convert_variant_tensors(problem);
+  const std::optional<at::ScalarType> sinks_dtype = flash::convert_variant_tensors(problem);
   const at::Tensor &query = problem.query, &key = problem.key, &value = problem.value;
   const std::optional<at::Tensor>&attn_mask = problem.attn_mask,
         &key_padding_mask = problem.key_padding_mask;

@@ -96,10 +96,7 @@ VarlenGrads attention_varlen_backward_cpu(AttentionBackwardCall call) {
   check_attention_backward(call);
   AttentionProblem& problem = call.problem;
   // The gradient of sinks has their dtype; the kernels compute it in the accumulation dtype.
-  const std::optional<at::ScalarType> sinks_dtype =
-      given(problem.variants.sinks) ? std::optional(problem.variants.sinks->scalar_type())
-                                    : std::nullopt;
-  flash::convert_variant_tensors(problem);
+  const std::optional<at::ScalarType> sinks_dtype = flash::convert_variant_tensors(problem);
   const at::Tensor &query = problem.query, &key = problem.key, &value = problem.value;
   const at::Tensor &output = call.output, &grad_output = call.grad_output;
   const int64_t total_q = query.size(0), H = query.size(1), D = query.size(2);

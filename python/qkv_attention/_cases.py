@@ -92,8 +92,11 @@ def _attention_forward_outputs(q, k, v, need_weights=True, **kw):
     return (out, weights) if need_weights else out
 
 
-def _attention_backward_of(q, k, v, grad_out, grad_weights, **kw):
-    """Runs the forward without autograd, then differentiates through _attention_backward."""
+def _attention_backward_of(q, k, v, grad_out, grad_weights, variants=None, **kw):
+    """Runs the forward without autograd, then differentiates through _attention_backward.
+    ``variants``: the four variant arguments (window_size, softcap, alibi_slopes, sinks) as
+    keywords, given to both ops; with sinks, their gradient is returned too."""
+    variants = variants or {}
     dropout_p = kw.get("dropout_p", 0.0)
     rng = ops._draw_dropout_rng_state(dropout_p)
     with torch.no_grad():
@@ -108,6 +111,7 @@ def _attention_backward_of(q, k, v, grad_out, grad_weights, **kw):
             None,
             False,
             rng,
+            **variants,
         )
     grads = torch.ops.qkv_attention._attention_backward(
         grad_out,
@@ -125,8 +129,10 @@ def _attention_backward_of(q, k, v, grad_out, grad_weights, **kw):
         rng,
         False,
         False,
+        **variants,
     )
-    return grads[:3]  # (grad_query, grad_key, grad_value); no mask gradients asked for
+    # (grad_query, grad_key, grad_value), and grad_sinks; no mask gradients asked for
+    return grads[:3] + ((grads[5],) if variants.get("sinks") is not None else ())
 
 
 def gradient_cases() -> List[GradientCase]:
@@ -177,6 +183,27 @@ def gradient_cases() -> List[GradientCase]:
             _qkv,
         ),
         GradientCase(
+            "attention: window (1, 0) causal, softcap, ALiBi, sinks",
+            lambda q, k, v, sinks: att(
+                q,
+                k,
+                v,
+                is_causal=True,
+                window_size=(1, 0),
+                softcap=2.0,
+                alibi_slopes=torch.tensor([0.25, 0.5], dtype=F64),
+                sinks=sinks,
+            ),
+            lambda g: (*_qkv(g), _randn(g, _H)),
+        ),
+        GradientCase(
+            "attention_with_weights: window (0, 1), sinks, float mask, averaged",
+            lambda q, k, v, m, sinks: attw(
+                q, k, v, m, window_size=(0, 1), sinks=sinks, average_attn_weights=True
+            ),
+            lambda g: (*_qkv(g), _randn(g, _B, 1, _L, _S), _randn(g, _H)),
+        ),
+        GradientCase(
             "_attention_forward: output and weights",
             lambda q, k, v: _attention_forward_outputs(q, k, v),
             _qkv,
@@ -194,6 +221,23 @@ def gradient_cases() -> List[GradientCase]:
                 )
             ),
             lambda g: (*_qkv(g), _randn(g, _B, _H, _L, _DV)),
+        ),
+        GradientCase(
+            "_attention_backward: window, softcap, ALiBi, sinks",
+            lambda q, k, v, go, sinks: _attention_backward_of(
+                q,
+                k,
+                v,
+                go,
+                None,
+                variants=dict(
+                    window_size=(1, 1),
+                    softcap=2.0,
+                    alibi_slopes=torch.tensor([0.5, 0.25], dtype=F64),
+                    sinks=sinks,
+                ),
+            ),
+            lambda g: (*_qkv(g), _randn(g, _B, _H, _L, _DV), _randn(g, _H)),
         ),
     ]
 

@@ -116,9 +116,11 @@ def scaled_dot_product_attention(
     is_causal: bool,
     scale: Optional[float],
     enable_gqa: bool,
+    **variants,
 ) -> Tensor:
     """SDPA on jagged (B, H, j, D) query/key/value; returns a jagged (B, H, j, Dv) tensor with
-    query's offsets."""
+    query's offsets. ``variants``: the functional's keyword-only arguments (window_size,
+    softcap, alibi_slopes, sinks), given to ``attention_varlen`` as they are."""
     if attn_mask is not None:
         raise RuntimeError(
             "scaled_dot_product_attention: attn_mask is not supported with jagged nested "
@@ -140,7 +142,7 @@ def scaled_dot_product_attention(
             f"{offsets_k.numel() - 1}"
         )
     out = ops.attention_varlen(
-        q, k, v, offsets_q, offsets_k, max_q, max_k, dropout_p, is_causal, scale
+        q, k, v, offsets_q, offsets_k, max_q, max_k, dropout_p, is_causal, scale, **variants
     )  # (total_q, H, Dv)
     return torch.nested.nested_tensor_from_jagged(out, offsets_q, max_seqlen=max_q).transpose(1, 2)
 

@@ -62,8 +62,8 @@ def _in_order(op: Any, values: Dict[str, Any], default: Any = None) -> List[Any]
     return [values.get(a.name, default) for a in op.default._schema.arguments]
 
 
-def _sample(arg: Any, dim: Optional[int], n: int) -> Any:
-    # A list argument (window_size) comes with a list of Nones as its in_dims: not vmapped.
+def _sample(arg: Any, dim: Any, n: int) -> Any:
+    # An int[] argument (window_size) comes with one None per element: never vmapped.
     return arg.select(dim, n) if isinstance(dim, int) else arg
 
 

@@ -575,10 +575,13 @@ def _number(x: Optional[float]) -> str:
     return "inf" if math.isinf(x) else f"{x:.1e}"
 
 
-def format_parity_table(results: Sequence[ParityResult]) -> str:
+def _results_table(results: Sequence[ParityResult], subject: str, with_reference: bool) -> str:
+    """One row per result: its name (and what it was compared with), the errors, the
+    tolerances and the verdict."""
     rows = [
-        [
-            r.name,
+        [r.name]
+        + ([r.reference] if with_reference else [])
+        + [
             _number(r.output_error),
             _number(r.gradient_error),
             f"{r.tolerance[0]:.0e}/{r.tolerance[1]:.0e}",
@@ -586,41 +589,17 @@ def format_parity_table(results: Sequence[ParityResult]) -> str:
         ]
         for r in results
     ]
-    return _table(
-        [
-            "configuration (ours vs torch, same inputs)",
-            "max output err",
-            "max grad err",
-            "tolerance (output/grad)",
-            "result",
-        ],
-        rows,
-    )
+    headers = [subject] + (["compared with"] if with_reference else [])
+    headers += ["max output err", "max grad err", "tolerance (output/grad)", "result"]
+    return _table(headers, rows)
+
+
+def format_parity_table(results: Sequence[ParityResult]) -> str:
+    return _results_table(results, "configuration (ours vs torch, same inputs)", False)
 
 
 def format_feature_table(results: Sequence[ParityResult]) -> str:
-    rows = [
-        [
-            r.name,
-            r.reference,
-            _number(r.output_error),
-            _number(r.gradient_error),
-            f"{r.tolerance[0]:.0e}/{r.tolerance[1]:.0e}",
-            "pass" if r.passed else "FAIL",
-        ]
-        for r in results
-    ]
-    return _table(
-        [
-            "feature (ours)",
-            "compared with",
-            "max output err",
-            "max grad err",
-            "tolerance (output/grad)",
-            "result",
-        ],
-        rows,
-    )
+    return _results_table(results, "feature (ours)", True)
 
 
 def format_build_summary(info: Dict[str, object]) -> str:

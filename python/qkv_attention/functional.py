@@ -39,11 +39,16 @@ def _check_tensor(name: str, t, optional: bool) -> None:
     check_dense("scaled_dot_product_attention", name, t)
 
 
-def _causal_bias(bias: CausalBias, is_causal: bool) -> Tuple[Optional[Tensor], bool]:
+def _causal_bias(
+    bias: CausalBias, is_causal: bool, variants: dict
+) -> Tuple[Optional[Tensor], bool]:
     """torch's ``CausalBias`` (``torch.nn.attention.bias.causal_upper_left`` /
     ``causal_lower_right``) as ``(attn_mask, is_causal)`` with torch's meaning: upper-left, or
     any variant with L = S, is ``is_causal``; lower-right lets query i see keys
-    ``j <= i + S - L`` (aligned bottom-right). torch raises for a bias with ``is_causal``."""
+    ``j <= i + S - L`` (aligned bottom-right). torch raises for a bias with ``is_causal``.
+    ``variants`` (the keyword-only arguments given) only to refuse a lower-right bias with a
+    window or ALiBi slopes: those are measured from ``i`` (top-left), so the two alignments
+    would disagree."""
     if is_causal:
         raise ValueError("CausalBias should not be used with causal=True")
     q_len, kv_len = bias.seq_len_q, bias.seq_len_kv
@@ -53,12 +58,35 @@ def _causal_bias(bias: CausalBias, is_causal: bool) -> Tuple[Optional[Tensor], b
         raise ValueError(
             f"CausalBias.variant must be a CausalVariant type, but found: {bias.variant}"
         )
+    if (
+        variants.get("window_size", (-1, -1)) != (-1, -1)
+        or variants.get("alibi_slopes") is not None
+    ):
+        raise ValueError(
+            "scaled_dot_product_attention: window_size and alibi_slopes are measured from query "
+            f"i (top-left), so they cannot be combined with causal_lower_right({q_len}, {kv_len}) "
+            "where L != S; give the band as attn_mask, or use ops.attention_with_kv_cache, "
+            "whose alignment is bottom-right"
+        )
     # Bottom-right alignment is not an argument of the public attention op (only
     # attention_with_kv_cache aligns its causal mask so), so the (L, S) bool mask is built
     # here, True on and below the diagonal at offset S - L, as torch's CPU path builds it.
     # Rows that see no key (L > S) give zeros, as from torch 2.13 on the CPU.
     ones = torch.ones(q_len, kv_len, dtype=torch.bool)
     return ones.tril(kv_len - q_len), False
+
+
+def _slopes_4d(slopes, batch_shape) -> Tensor:
+    """ALiBi slopes for the operator's (B, H) heads from the call's batch dims (*outer, H):
+    (H,) as it is, (*outer, H) flattened to (B, H) like the inputs (a view)."""
+    if isinstance(slopes, Tensor) and slopes.dim() > 1:
+        if slopes.shape != batch_shape:
+            raise RuntimeError(
+                "scaled_dot_product_attention: alibi_slopes must be (H,) or the batch dims of "
+                f"query {tuple(batch_shape)}, but has shape {tuple(slopes.shape)}"
+            )
+        return slopes.reshape(-1, batch_shape[-1])  # (*outer, H) -> (B, H)
+    return slopes
 
 
 # What torch's function accepts for its scalar arguments (anything else: TypeError).
@@ -69,14 +97,15 @@ _SCALAR_KINDS = (
 )
 
 
-def _run(function: Callable[..., Tensor], args: Tuple) -> Tensor:
-    """``function(*args)`` (the operator, or the jagged path that calls it; args as
-    scaled_dot_product_attention's first seven), raising what torch's function raises where the
-    operator's exception type differs: TypeError for a scalar argument of the wrong type (the
-    dispatcher raises RuntimeError), RuntimeError for a wrong dtype (the operator raises
-    TypeError; ``InputDtypeError`` is both). Costs nothing unless something is raised."""
+def _run(function: Callable[..., Tensor], args: Tuple, variants: dict) -> Tensor:
+    """``function(*args, **variants)`` (the operator, or the jagged path that calls it; args as
+    scaled_dot_product_attention's first seven, ``variants`` its keyword-only arguments),
+    raising what torch's function raises where the operator's exception type differs: TypeError
+    for a scalar argument of the wrong type (the dispatcher raises RuntimeError), RuntimeError
+    for a wrong dtype (the operator raises TypeError; ``InputDtypeError`` is both). Costs
+    nothing unless something is raised."""
     try:
-        return function(*args)
+        return function(*args, **variants)
     except (TypeError, RuntimeError) as error:
         for name, index, kinds in _SCALAR_KINDS:
             if not isinstance(args[index], kinds):
@@ -138,8 +167,14 @@ def scaled_dot_product_attention(
     is_causal: bool = False,
     scale: Optional[float] = None,
     enable_gqa: bool = False,
+    *,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[Tensor] = None,
+    sinks: Optional[Tensor] = None,
 ) -> Tensor:
-    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``, plus the attention
+    variants of recent models as keyword-only arguments.
 
     Args:
         query: (..., L, E).  key: (..., S, E).  value: (..., S, Ev); the leading batch dims
@@ -153,6 +188,18 @@ def scaled_dot_product_attention(
         enable_gqa: key/value may have fewer heads (dim -3) than query, which must be a
             multiple; each key/value head serves a group of query heads.
 
+    Keyword-only, as the operators take them (``docs/api.md``); H is query's head dim (-3):
+        window_size: ``(left, right)``: query i sees key j only if
+            ``i - left <= j <= i + right`` (-1 leaves a side open); combines with ``is_causal``
+            and ``attn_mask``. transformers' ``sliding_window = w`` is ``(w - 1, 0)`` with
+            ``is_causal=True``.
+        softcap: > 0 replaces each score s (after ``scale``) by ``softcap * tanh(s / softcap)``
+            (Gemma 2), before the masks.
+        alibi_slopes: (H,) or (*batch, H) (query's batch dims), float32 or the inputs' dtype:
+            adds ``-slope * |i - j|`` to the scores after the cap. Not differentiable.
+        sinks: (H,), float32 or the inputs' dtype: one extra logit per head in every row's
+            softmax denominator, with no value (gpt-oss); differentiable.
+
     Jagged nested tensors (``layout=torch.jagged``) are accepted as torch's function takes
     them: query (B, H, j, D), key and value (B, Hkv, j, D) / (B, Hkv, j, Dv), each a
     (B, j, H, D) jagged tensor transposed with ``.transpose(1, 2)``. Each sequence attends to
@@ -162,6 +209,9 @@ def scaled_dot_product_attention(
     ``torch.nested.narrow``: ``lengths()`` is not None) is read as its ``lengths()`` say
     (torch's function raises for it); the result has no holes.
 
+    With jagged inputs the variants apply within each sequence (``ops.attention_varlen``);
+    ``alibi_slopes`` is then (H,) or (B, H).
+
     Returns:
         (..., L, Ev). Rows with no key to attend to are zeros, as in torch's function.
 
@@ -169,17 +219,28 @@ def scaled_dot_product_attention(
     a wrong dtype raises ``InputDtypeError``, a ``TypeError`` (as our operators raise it) and a
     ``RuntimeError`` (as torch's function raises it).
     """
+    if isinstance(window_size, list):
+        window_size = tuple(window_size)
+    variants = {}
+    if window_size != (-1, -1) or softcap != 0.0 or alibi_slopes is not None or sinks is not None:
+        # Only when given, so that the plain call stays exactly the operator's plain call.
+        variants = dict(
+            window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks
+        )
     if isinstance(attn_mask, CausalBias):
-        attn_mask, is_causal = _causal_bias(attn_mask, is_causal)
+        attn_mask, is_causal = _causal_bias(attn_mask, is_causal, variants)
     if _jagged.all_nested(query, key, value):
         # Jagged (B, H, j, D) inputs: packed values and offsets, no padding.
         return _run(
             _jagged.scaled_dot_product_attention,
             (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa),
+            variants,
         )
     if _taken_as_is(query, key, value, attn_mask, enable_gqa):
         # What the operator takes as it is: nothing to reshape, and it checks the rest.
-        return _run(ops.attention, (query, key, value, attn_mask, dropout_p, is_causal, scale))
+        return _run(
+            ops.attention, (query, key, value, attn_mask, dropout_p, is_causal, scale), variants
+        )
     for name, t in (("query", query), ("key", key), ("value", value), ("attn_mask", attn_mask)):
         _check_tensor(name, t, optional=name == "attn_mask")
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -225,6 +286,8 @@ def scaled_dot_product_attention(
                 f"cannot be broadcast to the scores' shape {(*batch_shape, L, S)}"
             ) from error
         mask4 = _to_4d(mask_full, batch_shape)
+    if variants.get("alibi_slopes") is not None:
+        variants["alibi_slopes"] = _slopes_4d(variants["alibi_slopes"], batch_shape)
     out = _run(
         ops.attention,
         (
@@ -236,5 +299,6 @@ def scaled_dot_product_attention(
             is_causal,
             scale,
         ),
+        variants,
     )
     return out.reshape(*batch_shape, L, value.size(-1))

@@ -1,6 +1,6 @@
 """A key/value cache for a generation loop of your own, on ``attention_with_kv_cache``."""
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -116,6 +116,10 @@ class KVCache:
         is_causal: bool = True,
         scale: Optional[float] = None,
         advance: Optional[Tensor] = None,
+        window_size: Tuple[int, int] = (-1, -1),
+        softcap: float = 0.0,
+        alibi_slopes: Optional[Tensor] = None,
+        sinks: Optional[Tensor] = None,
     ) -> Tensor:
         """Writes key/value (batch, kv_heads, L_new, ·) after each sequence's entries, attends
         query (batch, heads, L, head_dim) over them (causal aligned bottom-right, see
@@ -124,6 +128,9 @@ class KVCache:
         advance: (batch,) bool, the sequences whose length grows (default: all). A sequence
             left out still gets the new entries written after its length, so its next call
             overwrites them: a finished sequence in a batch keeps its length this way.
+        window_size, softcap, alibi_slopes, sinks: the variants of
+            :func:`qkv_attention.ops.attention`, aligned bottom-right like is_causal: with
+            ``window_size=(w - 1, 0)`` a step reads only each sequence's last w entries.
 
         Returns (batch, heads, L, value_dim). Raises, with nothing written and ``lengths``
         unchanged, when a sequence would pass ``max_len``.
@@ -138,8 +145,12 @@ class KVCache:
             attn_mask,
             is_causal,
             scale,
-            k_cache_scale=self.k_scale,
-            v_cache_scale=self.v_scale,
+            window_size,
+            softcap,
+            alibi_slopes,
+            sinks,
+            self.k_scale,
+            self.v_scale,
         )
         step = key.shape[2]
         if advance is None:

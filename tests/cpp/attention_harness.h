@@ -161,7 +161,6 @@ inline void check_attention_against_reference(const AttentionInputs& in, uint64_
   CHECK(logsumexp.sizes().vec() == std::vector<int64_t>{B, H, L});
   {
     INFO("backward op called directly");
-    // grad_sinks, the sixth, is empty without sinks.
     const auto [gq, gk, gv, gmask, gpadding, gsinks] =
         op::attention_backward(grad_output, std::nullopt, in.query, in.key, in.value, output,
                                logsumexp, in.attn_mask, in.key_padding_mask, in.dropout_p,
@@ -179,6 +178,7 @@ inline void check_attention_against_reference(const AttentionInputs& in, uint64_
     } else {
       CHECK(gpadding.numel() == 0);
     }
+    CHECK(gsinks.numel() == 0);  // no sinks, no gradient of them
   }
 
   // Route 2: `attention` under autograd.

@@ -21,7 +21,8 @@ using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Tensor4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using Tensor6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 // The attention family's four trailing arguments: window_size, softcap, alibi_slopes, sinks.
-#define QKV_TEST_VARIANT_TYPES at::IntArrayRef, double, const OptionalTensor&, const OptionalTensor&
+#define QKV_TEST_VARIANT_TYPES \
+  at::IntArrayRef, double, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&
 inline const std::vector<int64_t> kNoWindow{-1, -1};
 using Tensor9 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                            at::Tensor, at::Tensor, at::Tensor>;

@@ -19,12 +19,12 @@ namespace {
 at::Tensor attention_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q,
                             int64_t max_k, bool is_causal) {
-  static const auto handle =
-      op::typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const at::Tensor&, const at::Tensor&, c10::SymInt, c10::SymInt, double,
-                           bool, std::optional<double>)>("qkv_attention::attention_varlen");
+  static const auto handle = op::typed<at::Tensor(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      c10::SymInt, c10::SymInt, double, bool, std::optional<double>, QKV_TEST_VARIANT_TYPES)>(
+      "qkv_attention::attention_varlen");
   return handle.call(q, k, v, cu_q, cu_k, c10::SymInt(max_q), c10::SymInt(max_k), 0.0, is_causal,
-                     std::nullopt);
+                     std::nullopt, op::kNoWindow, 0.0, std::nullopt, std::nullopt);
 }
 
 at::Tensor offsets(const std::vector<int64_t>& lengths) {

@@ -108,14 +108,15 @@ TEST_CASE(
   const AttentionInputs in = random_attention_inputs(35, 1, 2, 9, 11, 8, 8, at::kFloat);
   const at::Tensor rng_state = at::tensor({int64_t(0x1234'5678'9abc), int64_t(99)}, at::kLong);
   auto run = [&] {
-    return std::get<2>(
-        op::handle("qkv_attention::_attention_forward")
-            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double, bool,
-                std::optional<double>, bool, const std::optional<at::Tensor>&, bool)>()
-            .call(in.query, in.key, in.value, std::nullopt, std::nullopt, 0.5, false, std::nullopt,
-                  true, rng_state, false));
+    return std::get<2>(op::handle("qkv_attention::_attention_forward")
+                           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                               const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                               double, bool, std::optional<double>, bool,
+                               const std::optional<at::Tensor>&, bool, QKV_TEST_VARIANT_TYPES)>()
+                           .call(in.query, in.key, in.value, std::nullopt, std::nullopt, 0.5, false,
+                                 std::nullopt, true, rng_state, false, op::kNoWindow, 0.0,
+                                 std::nullopt, std::nullopt));
   };
   const at::Tensor first = run();
   at::rand({100});

@@ -171,11 +171,15 @@ void set_inputs(AttentionInputs<T>& p, const AttentionProblem& problem,
 
 }  // namespace
 
-void convert_variant_tensors(AttentionProblem& problem) {
+std::optional<at::ScalarType> convert_variant_tensors(AttentionProblem& problem) {
+  const std::optional<at::ScalarType> sinks_dtype =
+      given(problem.variants.sinks) ? std::optional(problem.variants.sinks->scalar_type())
+                                    : std::nullopt;
   const at::ScalarType acc = at::toOpMathType(problem.query.scalar_type());
   for (std::optional<at::Tensor>* t : {&problem.variants.alibi_slopes, &problem.variants.sinks}) {
     if (given(*t)) *t = (*t)->to(acc).contiguous();
   }
+  return sinks_dtype;
 }
 
 std::pair<uint64_t, uint64_t> seed_and_offset(const at::Tensor& rng_state) {

@@ -22,7 +22,8 @@ namespace qkv_attention::cpu::flash {
 
 // alibi_slopes and sinks as the kernels read them: contiguous, in the accumulation dtype
 // (AccType of the inputs' dtype). The CPU kernels call it on a checked problem before set_params.
-void convert_variant_tensors(AttentionProblem& problem);
+// Returns the sinks' dtype as given (that of their gradient), or nothing without sinks.
+std::optional<at::ScalarType> convert_variant_tensors(AttentionProblem& problem);
 
 // The seed and offset in rng_state ((2,) int64 on the CPU, any stride).
 std::pair<uint64_t, uint64_t> seed_and_offset(const at::Tensor& rng_state);

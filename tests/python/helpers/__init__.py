@@ -100,18 +100,44 @@ def reference_attention(
     key_padding_mask=None,
     dropout_keep=None,
     dropout_p=0.0,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    sinks=None,
+    causal_offset=0,
 ):
     """Attention in float64 with plain, differentiable torch ops (never torch's SDPA).
 
-    Follows the contract of docs/design.md section 2: masks broadcast to (B, H, L, S), bool True
-    = may attend, float masks are added; top-left causal; a query row with no key to attend to
-    gives zero weights; ``dropout_keep`` (bool, (B, H, L, S)) zeroes weights, the kept ones are
-    scaled by 1/(1 - dropout_p). Returns (output (B, H, L, Dv), weights (B, H, L, S)) in float64.
+    Follows the contract of docs/design.md: key/value with fewer heads (Hkv dividing H) serve
+    query head h from head h // (H / Hkv); score(i, j) = q_i . k_j * scale; with ``softcap`` > 0
+    it becomes softcap * tanh(score / softcap); ``alibi_slopes`` ((H,) or (B, H)) then add
+    -slope_h * |i + o - j|; then the masks (broadcast to (B, H, L, S), bool True = may attend,
+    float added). Query i sees key j only where causality (j <= i + o) and ``window_size =
+    (left, right)`` (i + o - left <= j <= i + o + right, -1 an open side) allow it; o is
+    ``causal_offset``, an int or one per batch entry (the KV cache's bottom-right alignment).
+    ``sinks`` ((H,)) add exp(sinks[h]) to each row's softmax denominator, with no value. A row
+    with no key to attend to gives zero weights and zero gradient; ``dropout_keep`` (bool,
+    (B, H, L, S)) zeroes weights, the kept ones scaled by 1/(1 - dropout_p). Returns (output
+    (B, H, L, Dv), weights (B, H, L, S), the sink excluded) in float64.
     """
     q, k, v = (t.to(torch.float64) for t in (query, key, value))
+    B, H, L = q.shape[:3]
+    if k.size(1) != H:  # grouped-query heads: (B, Hkv, S, D) -> (B, H, S, D)
+        k = k.repeat_interleave(H // k.size(1), dim=1)
+        v = v.repeat_interleave(H // v.size(1), dim=1)
+    S = k.size(2)
     if scale is None:
         scale = 1.0 / math.sqrt(q.size(-1)) if q.size(-1) > 0 else 1.0
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, L, S)
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    # i + o - j for every (batch, row, key): (B, 1, L, S)
+    offsets = torch.as_tensor(causal_offset, dtype=torch.int64).reshape(-1, 1, 1, 1)
+    distance = torch.arange(L).view(1, 1, L, 1) + offsets - torch.arange(S).view(1, 1, 1, S)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(torch.float64)
+        slopes = slopes.view(1, H, 1, 1) if slopes.dim() == 1 else slopes.view(B, H, 1, 1)
+        scores = scores - slopes * distance.abs().to(torch.float64)
 
     def apply(scores, mask):
         if mask.dtype == torch.bool:
@@ -122,13 +148,25 @@ def reference_attention(
         scores = apply(scores, attn_mask)
     if key_padding_mask is not None:
         scores = apply(scores, key_padding_mask[:, None, None, :])  # (B, S) -> (B, 1, 1, S)
+    hidden = torch.zeros_like(distance, dtype=torch.bool)
     if is_causal:
-        L, S = scores.shape[-2:]
-        scores = scores.masked_fill(torch.ones(L, S, dtype=torch.bool).triu(1), -math.inf)
+        hidden |= distance < 0
+    left, right = window_size
+    if left >= 0:
+        hidden |= distance > left
+    if right >= 0:
+        hidden |= distance < -right
+    scores = scores.masked_fill(hidden, -math.inf)
     # Rows with no finite score attend to nothing: zero weights, zero gradient.
     has_key = torch.isfinite(scores).any(-1, keepdim=True)  # (B, H, L, 1)
     safe_scores = torch.where(has_key, scores, torch.zeros_like(scores))
-    weights = torch.softmax(safe_scores, dim=-1) * has_key
+    if sinks is None:
+        weights = torch.softmax(safe_scores, dim=-1) * has_key
+    else:
+        # The sink as one more column of every row's softmax, then dropped: (B, H, L, S + 1).
+        sink_column = sinks.to(torch.float64).view(1, H, 1, 1).expand(B, H, L, 1)
+        weights = torch.softmax(torch.cat([safe_scores, sink_column], dim=-1), dim=-1)
+        weights = weights[..., :S] * has_key
     if dropout_keep is not None:
         kept_scale = 1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0
         weights = weights * dropout_keep.to(torch.float64) * kept_scale

@@ -117,14 +117,14 @@ def test_importing_qkv_attention_never_imports_transformers():
     assert result.stdout.strip() == "False"
 
 
-def test_register_names_the_attention_and_sdpas_mask_function():
+def test_register_names_the_attention_and_mask_functions():
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     assert huggingface.register() == "qkv_attention" == NAME  # a second call is harmless
     assert AttentionInterface()[NAME] is huggingface.attention_forward
     # Without a mask function of the same name transformers would pass no mask at all.
-    assert AttentionMaskInterface()[NAME] is sdpa_mask
+    assert AttentionMaskInterface()[NAME] is huggingface.build_mask
 
 
 # --- the attention function against sdpa_attention_forward, argument by argument -----------
@@ -297,15 +297,6 @@ def test_attention_forward_applies_dropout_with_our_seeded_stream():
     torch.testing.assert_close(output, expected.transpose(1, 2), atol=0, rtol=0)
     undropped, _ = huggingface.attention_forward(module, query, key, value, None)
     assert not torch.allclose(output, undropped)
-
-
-def test_softcap_raises_as_in_sdpa():
-    query, key, value, _ = random_inputs()
-    module = module_like(is_causal=True)
-    with pytest.raises(ValueError, match="softcap"):
-        sdpa_attention_forward(module, query, key, value, None, softcap=30.0)
-    with pytest.raises(ValueError, match=r"does not support softcap \(got softcap=30.0\)"):
-        huggingface.attention_forward(module, query, key, value, None, softcap=30.0)
 
 
 def test_output_attentions_warns_once_and_returns_no_weights(caplog, monkeypatch):

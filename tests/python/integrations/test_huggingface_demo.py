@@ -1,6 +1,7 @@
 """The demo's part two (examples/huggingface_demo.py), run small: MiniLM and a Llama-style model
-give the same results with our attention as with sdpa, and the script appends its section and
-picture to the report of part one."""
+give the same results with our attention as with sdpa, a gpt-oss-style model (sliding window,
+attention sinks) the same as with eager, and the script appends its section and picture to the
+report of part one."""
 
 import importlib.util
 import re
@@ -96,6 +97,19 @@ def test_demo_llama_generates_the_same_tokens_and_reports_rates(quick_demo):
     assert ours > 0 and sdpa > 0
     ratio = float(re.search(r"tokens/s ratio ours / sdpa: (\S+)", report).group(1))
     assert ratio == pytest.approx(ours / sdpa, rel=0.02)  # the report rounds to 1 decimal
+
+
+def test_demo_gpt_oss_matches_eager_and_runs_on_our_operator(quick_demo):
+    _, stdout, report = quick_demo
+    gpt_oss = report.split("### gpt-oss-style decoder")[1]
+    assert "generated tokens identical: yes" in gpt_oss
+    # 2 layers in the quick run, one with a sliding window: both run our operator.
+    assert "calls in one forward (profiler): ours 2, eager 0" in gpt_oss
+    difference = float(
+        re.search(r"largest difference of the prompt's logits, ours vs eager: (\S+)", gpt_oss)[1]
+    )
+    assert difference <= 2e-4  # float32 through 2 layers
+    assert re.search(r"8 greedy tokens identical; prefill ours \d+ ms, eager \d+ ms", stdout)
 
 
 def test_a_second_run_replaces_the_section_instead_of_repeating_it(tmp_path):

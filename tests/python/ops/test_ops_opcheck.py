@@ -122,6 +122,37 @@ def attention_argument_cases():
 RNG_STATE = (123456789, 42)
 
 
+def variant_kwargs(B=2, H=2, slopes="heads", window=(2, 1)):
+    """The four variant arguments, all in use: a window, a softcap, ALiBi slopes ((H,) or
+    (B, H); never differentiated) and (H,) sinks."""
+    return dict(
+        window_size=window,
+        softcap=2.5,
+        alibi_slopes=torch.rand(H) if slopes == "heads" else torch.rand(B, H),
+        sinks=random_tensor(H, dtype=torch.float32),
+    )
+
+
+def attention_variant_cases():
+    """(args, kwargs) for attention and attention_with_weights with the variants."""
+
+    def gqa_causal_batch_slopes():
+        q = random_tensor(2, 4, 5, 3, dtype=torch.float32)
+        k, v = (random_tensor(2, 2, 6, n, dtype=torch.float32) for n in (3, 2))
+        return (q, k, v), dict(is_causal=True, **variant_kwargs(H=4, slopes="batch"))
+
+    def masks_and_variants():
+        q, k, v = qkv(L=4, S=5)
+        return (q, k, v, random_tensor(2, 1, 4, 5, dtype=torch.float32)), dict(
+            key_padding_mask=random_bool_mask(2, 5), **variant_kwargs(window=(-1, 0))
+        )
+
+    return [
+        ("variants_gqa_causal_batch_slopes", gqa_causal_batch_slopes),
+        ("variants_with_masks", masks_and_variants),
+    ]
+
+
 def attention_forward_cases():
     def make(need_weights, masks, is_causal, dropout_p=0.0, average=False):
         q, k, v = qkv(L=4, S=5)
@@ -142,7 +173,14 @@ def attention_forward_cases():
             average,
         ), {}
 
+    def variants(need_weights, dropout_p, average=False):
+        args, _ = make(need_weights, True, True, dropout_p, average)
+        return args, variant_kwargs()
+
     return [
+        ("variants_need_weights", lambda: variants(True, 0.0)),
+        ("variants_dropout", lambda: variants(False, 0.3)),
+        ("variants_averaged_weights", lambda: variants(True, 0.0, average=True)),
         ("need_weights", lambda: make(True, False, False)),
         ("masks_causal", lambda: make(False, True, True)),
         ("dropout_need_weights", lambda: make(True, False, True, 0.3)),
@@ -154,13 +192,14 @@ def attention_forward_cases():
 
 
 def attention_backward_cases():
-    def make(masks, grad_weights, masks_need_grad, is_causal, dropout_p=0.0):
+    def make(masks, grad_weights, masks_need_grad, is_causal, dropout_p=0.0, variants=False):
         q, k, v = qkv(L=4, S=5)
         attn_mask = random_tensor(2, 1, 5, dtype=torch.float32) if masks else None
         padding = random_tensor(2, 5, dtype=torch.float32) if masks else None
         rng_state = torch.tensor(RNG_STATE) if dropout_p else None
+        extra = variant_kwargs() if variants else {}
         output, logsumexp, _ = ops._attention_forward(
-            q, k, v, attn_mask, padding, dropout_p, is_causal, None, False, rng_state
+            q, k, v, attn_mask, padding, dropout_p, is_causal, None, False, rng_state, **extra
         )
         grad_output = random_tensor(*output.shape, dtype=torch.float32)
         grad_w = random_tensor(2, 2, 4, 5, dtype=torch.float32) if grad_weights else None
@@ -180,9 +219,11 @@ def attention_backward_cases():
             rng_state,
             masks_need_grad,
             masks_need_grad,
-        ), {}
+        ), extra
 
     return [
+        ("variants_sinks", lambda: make(False, False, False, True, variants=True)),
+        ("variants_masks_dropout", lambda: make(True, True, True, False, 0.3, variants=True)),
         ("plain", lambda: make(False, False, False, False)),
         ("dropout_grad_weights", lambda: make(False, True, False, False, 0.3)),
         ("grad_weights_causal", lambda: make(False, True, False, True)),
@@ -253,7 +294,20 @@ def attention_with_kv_cache_cases():
             torch.tensor([2, 9], dtype=torch.int32),
         ), dict(attn_mask=random_bool_mask(2, 1, 3, 12), is_causal=False, scale=0.7)
 
-    return [("decode", decode), ("prefill_with_mask", prefill_with_mask)]
+    def decode_variants():
+        args, _ = decode()
+        return args, variant_kwargs(H=4, slopes="batch", window=(3, 0))
+
+    def prefill_variants():
+        args, kwargs = prefill_with_mask()
+        return args, dict(kwargs, **variant_kwargs(window=(1, 1)))
+
+    return [
+        ("decode", decode),
+        ("prefill_with_mask", prefill_with_mask),
+        ("decode_variants", decode_variants),
+        ("prefill_variants", prefill_variants),
+    ]
 
 
 def _varlen_inputs():
@@ -270,20 +324,33 @@ def attention_varlen_cases():
         q, k, v, cu_q, cu_k = _varlen_inputs()
         return (q, k, v, cu_q.int(), cu_k.int(), 5, 4, 0.0, True, 0.5), {}
 
-    return [("plain", plain), ("causal_int32_scale", causal_int32_scale)]
+    def variants_causal():
+        q, k, v, cu_q, cu_k = _varlen_inputs()
+        return (q, k, v, cu_q, cu_k, 5, 4, 0.0, True), variant_kwargs(B=4, H=4, slopes="batch")
+
+    return [
+        ("plain", plain),
+        ("causal_int32_scale", causal_int32_scale),
+        ("variants_causal", variants_causal),
+    ]
 
 
 def attention_varlen_forward_cases():
     def dropout_causal():
         return (*_varlen_inputs(), 5, 4, 0.3, True, None, torch.tensor([5, 6])), {}
 
-    return [("dropout_causal", dropout_causal)]
+    def variants_dropout():
+        args, _ = dropout_causal()
+        return args, variant_kwargs(H=4)
+
+    return [("dropout_causal", dropout_causal), ("variants_dropout", variants_dropout)]
 
 
 def attention_varlen_backward_cases():
-    def dropout_causal():
+    def dropout_causal(extra=None):
+        extra = extra or {}
         args = (*_varlen_inputs(), 5, 4, 0.3, True, None, torch.tensor([5, 6]))
-        output, lse = ops._attention_varlen_forward(*args)
+        output, lse = ops._attention_varlen_forward(*args, **extra)
         q, k, v, cu_q, cu_k = args[:5]
         return (
             torch.randn_like(output),
@@ -300,9 +367,12 @@ def attention_varlen_backward_cases():
             True,
             None,
             torch.tensor([5, 6]),
-        ), {}
+        ), extra
 
-    return [("dropout_causal", dropout_causal)]
+    return [
+        ("dropout_causal", dropout_causal),
+        ("variants_dropout", lambda: dropout_causal(variant_kwargs(B=4, H=4, slopes="batch"))),
+    ]
 
 
 CASES = {
@@ -311,7 +381,7 @@ CASES = {
     "_attention_varlen_backward": attention_varlen_backward_cases(),
     "qkv_projection": qkv_projection_cases(),
     "qkv_projection_backward": qkv_projection_backward_cases(),
-    "attention": attention_argument_cases(),
+    "attention": attention_argument_cases() + attention_variant_cases(),
     # Same schema and kernel as attention: the cases that differ in the weights they return.
     "attention_with_weights": [
         case
@@ -320,6 +390,11 @@ CASES = {
     ]
     + [
         ("averaged_weights", lambda: (qkv(), {"average_attn_weights": True})),
+        *attention_variant_cases(),
+        (
+            "variants_averaged",
+            lambda: (qkv(), dict(average_attn_weights=True, **variant_kwargs())),
+        ),
         (
             "averaged_weights_causal_padding",
             lambda: (
@@ -361,9 +436,11 @@ NO_FLOAT_INPUTS = {"_attention_dropout_mask", "attention_with_kv_cache"}
 # NotImplementedError there (test_varlen.py covers its double backward in eager mode).
 NO_GRAD_VARIANT = {
     ("_attention_varlen_backward", "dropout_causal"),
+    ("_attention_varlen_backward", "variants_dropout"),
     ("_attention_backward", "grad_weights_causal"),
     ("_attention_backward", "float_masks_without_grad"),
     ("_attention_backward", "dropout_grad_weights"),
+    ("_attention_backward", "variants_masks_dropout"),
 }
 
 
@@ -387,8 +464,12 @@ PARAMS = [
 def test_opcheck(name, build, requires_grad):
     args, kwargs = build()
     if requires_grad:
+        # alibi_slopes are not differentiable (an input that requires grad raises).
         args = with_requires_grad(args)
-        kwargs = {key: with_requires_grad(value) for key, value in kwargs.items()}
+        kwargs = {
+            key: value if key == "alibi_slopes" else with_requires_grad(value)
+            for key, value in kwargs.items()
+        }
     torch.library.opcheck(getattr(ops, name).default, args, kwargs)
 
 

@@ -1,8 +1,9 @@
 """Determinism and thread safety of every op, forward and backward.
 
 - Repeated calls give bitwise-identical results (dropout too, after the same torch.manual_seed).
-- attention / attention_with_weights (forward, backward, dropout) give bitwise-identical results
-  with torch.set_num_threads(1), (2) and (3): the kernels never split a sum across threads.
+- attention / attention_with_weights (forward, backward, dropout; with a window, softcap, ALiBi
+  and sinks too, grad of sinks included) give bitwise-identical results with
+  torch.set_num_threads(1), (2) and (3): the kernels never split a sum across threads.
 - qkv_projection and merge_heads (forward and backward) give bitwise-identical results with 1, 2
   and 3 threads too: their GEMMs are cut into tiles fixed by the shape, each tile one BLAS call
   that sums its whole reduction on one thread (a plain threaded MKL GEMM with few rows splits the
@@ -37,9 +38,21 @@ def _randn(generator, *shape, dtype, scale=1.0):
 # returning every output and gradient (forward, then backward of a fixed random projection).
 
 
-def attention_inputs(dtype, seed, B=2, H=3, L=67, S=131, D=24, Dv=40, causal=True, dropout_p=0.0):
+def attention_inputs(
+    dtype, seed, B=2, H=3, L=67, S=131, D=24, Dv=40, causal=True, dropout_p=0.0, variants=False
+):
     g = torch.Generator().manual_seed(seed)
+    extra = {}
+    if variants:
+        # A window, a softcap, (B, H) ALiBi slopes and sinks (differentiated).
+        extra = dict(
+            window_size=(20, 3),
+            softcap=4.0,
+            alibi_slopes=torch.rand(B, H, generator=g).to(dtype),
+            sinks=_randn(g, H, dtype=dtype),
+        )
     return dict(
+        variants=extra,
         query=_randn(g, B, H, L, D, dtype=dtype),
         # A transposed key: the strided path.
         key=_randn(g, B, H, D, S, dtype=dtype).transpose(-1, -2),
@@ -57,12 +70,26 @@ def run_attention(inputs, seed=1234):
     q, k, v, mask = (
         inputs[n].detach().requires_grad_() for n in ("query", "key", "value", "attn_mask")
     )
+    variants = dict(inputs["variants"])
+    sinks = variants.get("sinks")
+    if sinks is not None:
+        sinks = variants["sinks"] = sinks.detach().requires_grad_()
     torch.manual_seed(seed)  # the dropout draw
     out, weights = ops.attention_with_weights(
-        q, k, v, mask, inputs["dropout_p"], inputs["is_causal"], None, inputs["key_padding_mask"]
+        q,
+        k,
+        v,
+        mask,
+        inputs["dropout_p"],
+        inputs["is_causal"],
+        None,
+        inputs["key_padding_mask"],
+        **variants,
     )
     ((out * inputs["grad_output"]).sum() + (weights * inputs["grad_weights"]).sum()).backward()
-    return [out, weights, q.grad, k.grad, v.grad, mask.grad]
+    return [out, weights, q.grad, k.grad, v.grad, mask.grad] + (
+        [sinks.grad] if sinks is not None else []
+    )
 
 
 def projection_inputs(dtype, seed, B=3, L=67, S=129, Eq=80, Ek=72, Ev=56, E=96, H=4):
@@ -131,6 +158,10 @@ CASES = {
     "attention": (attention_inputs, run_attention),
     "attention_dropout": (
         lambda dtype, seed: attention_inputs(dtype, seed, dropout_p=0.3),
+        run_attention,
+    ),
+    "attention_variants_dropout": (
+        lambda dtype, seed: attention_inputs(dtype, seed, dropout_p=0.3, variants=True),
         run_attention,
     ),
     "attention_noncausal_long_rows": (

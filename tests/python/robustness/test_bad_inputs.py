@@ -50,9 +50,20 @@ def _randn(*shape, dtype=torch.float32):
     return torch.randn(*shape, dtype=dtype)
 
 
-def _attention_args() -> Dict[str, Any]:
-    B, H, L, S, D, Dv = 2, 3, 4, 6, 5, 7
+def _variant_args(heads: int) -> Dict[str, Any]:
+    """The four variant arguments every attention op ends with, all in use: a sliding window,
+    a softcap, (H,) ALiBi slopes and (H,) sinks of the inputs' dtype."""
     return dict(
+        window_size=(3, 2),
+        softcap=5.0,
+        alibi_slopes=torch.rand(heads) * 0.5,
+        sinks=_randn(heads),
+    )
+
+
+def _attention_args(average: Optional[bool] = None) -> Dict[str, Any]:
+    B, H, L, S, D, Dv = 2, 3, 4, 6, 5, 7
+    args = dict(
         query=_randn(B, H, L, D),
         key=_randn(B, H, S, D),
         value=_randn(B, H, S, Dv),
@@ -62,10 +73,13 @@ def _attention_args() -> Dict[str, Any]:
         scale=None,
         key_padding_mask=torch.rand(B, S) < 0.8,
     )
+    if average is not None:
+        args["average_attn_weights"] = average
+    return dict(**args, **_variant_args(H))
 
 
 def _attention_with_weights_args() -> Dict[str, Any]:
-    return dict(**_attention_args(), average_attn_weights=True)
+    return _attention_args(average=True)
 
 
 def _attention_forward_args() -> Dict[str, Any]:
@@ -82,6 +96,7 @@ def _attention_forward_args() -> Dict[str, Any]:
         need_weights=True,
         rng_state=torch.tensor([123, 4], dtype=torch.long),
         average_attn_weights=False,
+        **_variant_args(3),
     )
 
 
@@ -105,6 +120,7 @@ def _attention_backward_args() -> Dict[str, Any]:
         rng_state=a["rng_state"],
         attn_mask_requires_grad=True,
         key_padding_mask_requires_grad=False,
+        **{name: a[name] for name in _VARIANT_NAMES},
     )
 
 
@@ -132,13 +148,15 @@ def _attention_varlen_args() -> Dict[str, Any]:
         dropout_p=0.25,
         is_causal=False,
         scale=None,
+        **_variant_args(4),
     )
 
 
 def _attention_varlen_forward_args() -> Dict[str, Any]:
     a = _attention_varlen_args()
+    variants = {name: a.pop(name) for name in _VARIANT_NAMES}
     a.update(scale=0.5, rng_state=torch.tensor([123, 4], dtype=torch.long))
-    return a
+    return dict(**a, **variants)
 
 
 def _attention_varlen_backward_args() -> Dict[str, Any]:
@@ -160,6 +178,7 @@ def _attention_varlen_backward_args() -> Dict[str, Any]:
         is_causal=True,
         scale=0.5,
         rng_state=a["rng_state"],
+        **{name: a[name] for name in _VARIANT_NAMES},
     )
 
 
@@ -219,6 +238,7 @@ def _kv_cache_args() -> Dict[str, Any]:
         attn_mask=_randn(B, H, L, S_max),  # full size, so size + 1 cannot broadcast
         is_causal=True,
         scale=None,
+        **_variant_args(H),
     )
 
 
@@ -258,6 +278,8 @@ class TensorArg:
     partners: Sequence[str] = ()
     # Other dtypes that are valid (the module promotes float masks as torch's does).
     valid_dtypes: Sequence[torch.dtype] = ()
+    # False for a tensor that may not require grad (alibi_slopes): the "grad" mode leaves it be.
+    differentiable: bool = True
 
 
 @dataclass
@@ -282,6 +304,18 @@ BAD_SCALE = ScalarArg([NAN, INF, -INF, "0.5", 1j])
 BAD_BOOL = ScalarArg(["yes", [True]])
 BAD_HEADS = ScalarArg([0, -1, -2, 3, 5, 16, 2.5, None, "2"])  # E = 8 in the projection cases
 BAD_SIZE = ScalarArg([-1, -(2**40), 2.5, None, "4"])
+# A bound below -1 on either side; not a pair of ints.
+BAD_WINDOW = ScalarArg([(-2, 0), (0, -2), (-5, -5), (1.5, 0), (1, 2, 3), None, "(1, 1)"])
+BAD_SOFTCAP = ScalarArg([-1.0, NAN, INF, -INF, None, "0.5", 1j])
+# (H,) slopes and sinks (the valid ones); (B, H) slopes are valid too (test_variants.py), so no
+# rank mutation can name them wrong by accident: rank+1 gives (1, H) with B = 2.
+_VARIANTS = dict(
+    window_size=BAD_WINDOW,
+    softcap=BAD_SOFTCAP,
+    alibi_slopes=TensorArg(dims=(0,), optional=True, differentiable=False),
+    sinks=TensorArg(dims=(0,), optional=True),
+)
+_VARIANT_NAMES = tuple(_VARIANTS)
 
 _ATTENTION_TENSORS = dict(
     query=TensorArg(dims=(0, 1, 3)),
@@ -314,7 +348,13 @@ OPS: List[OpSpec] = [
     OpSpec(
         "attention",
         _attention_args,
-        dict(**_ATTENTION_TENSORS, dropout_p=BAD_PROBABILITY, is_causal=BAD_BOOL, scale=BAD_SCALE),
+        dict(
+            **_ATTENTION_TENSORS,
+            dropout_p=BAD_PROBABILITY,
+            is_causal=BAD_BOOL,
+            scale=BAD_SCALE,
+            **_VARIANTS,
+        ),
         _ATTENTION_NAMES,
     ),
     OpSpec(
@@ -326,6 +366,7 @@ OPS: List[OpSpec] = [
             is_causal=BAD_BOOL,
             scale=BAD_SCALE,
             average_attn_weights=BAD_BOOL,
+            **_VARIANTS,
         ),
         _ATTENTION_NAMES,
     ),
@@ -340,6 +381,7 @@ OPS: List[OpSpec] = [
             need_weights=BAD_BOOL,
             rng_state=TensorArg(dims=(0,), kind="int64"),
             average_attn_weights=BAD_BOOL,
+            **_VARIANTS,
         ),
         _ATTENTION_NAMES,
     ),
@@ -358,6 +400,7 @@ OPS: List[OpSpec] = [
             rng_state=TensorArg(dims=(0,), kind="int64"),
             attn_mask_requires_grad=BAD_BOOL,
             key_padding_mask_requires_grad=BAD_BOOL,
+            **_VARIANTS,
         ),
         ("attention backward", "qkv_attention::_attention_backward"),
     ),
@@ -384,6 +427,7 @@ OPS: List[OpSpec] = [
             dropout_p=BAD_PROBABILITY,
             is_causal=BAD_BOOL,
             scale=BAD_SCALE,
+            **_VARIANTS,
         ),
         _VARLEN_NAMES,
     ),
@@ -398,6 +442,7 @@ OPS: List[OpSpec] = [
             is_causal=BAD_BOOL,
             scale=BAD_SCALE,
             rng_state=TensorArg(dims=(0,), kind="int64"),
+            **_VARIANTS,
         ),
         _VARLEN_NAMES,
     ),
@@ -415,6 +460,7 @@ OPS: List[OpSpec] = [
             is_causal=BAD_BOOL,
             scale=BAD_SCALE,
             rng_state=TensorArg(dims=(0,), kind="int64"),
+            **_VARIANTS,
         ),
         ("attention_varlen backward", "qkv_attention::_attention_varlen_backward"),
     ),
@@ -487,6 +533,7 @@ OPS: List[OpSpec] = [
             attn_mask=TensorArg(dims=(0, 1, 2, 3), rank="at_most_4", mask=True, optional=True),
             is_causal=BAD_BOOL,
             scale=BAD_SCALE,
+            **_VARIANTS,
         ),
         ("attention_with_kv_cache",),
     ),
@@ -779,7 +826,12 @@ def _op_case_call(case: Case) -> Callable[[], Any]:
         args[case.arg] = mutate(args[case.arg])
     else:
         args[case.arg] = next(v for v in arg.bad if repr(v) == case.mutation)
-    args = {k: _require_grad(v, case.mode) for k, v in args.items()}
+    args = {
+        k: _require_grad(v, case.mode)
+        if not isinstance(spec.args.get(k), TensorArg) or spec.args[k].differentiable
+        else v
+        for k, v in args.items()
+    }
     op = spec.call or getattr(_ops(), case.op)
     return lambda: op(*args.values())
 

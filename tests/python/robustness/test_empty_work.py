@@ -1,4 +1,5 @@
-"""Calls with nothing to compute return at once, whatever the sizes that multiply to nothing.
+"""Calls with nothing to compute return at once, whatever the sizes that multiply to nothing;
+calls with a sliding window do the work of the band of keys it leaves each row, not of all keys.
 
 Before, attention with D = Dv = 0 computed all L*S scores for an empty output (L = S = 2^18:
 16-23 s; torch 0.0 s), and _attention_dropout_mask with S = 0 walked every one of a huge number
@@ -99,6 +100,36 @@ CASES = {
         grads = ops._attention_backward(out, None, q, k, v, out, lse, None, None, 0.0, False,
                                         None, None, False, False)
         assert all(bool((g == 0).all()) for g in grads[:3])
+    """,
+    # A window leaves each row a band of keys: the kernels skip every key block outside it, so
+    # the work is L x (band), not L x S = 2^40 (hours).
+    "attention, window (0, 0), L = S = 2^20: the band only, forward and backward": """
+        q, k, v = (torch.randn(1, 1, 2**20, 1, requires_grad=True) for _ in range(3))
+        sinks = torch.zeros(1, requires_grad=True)
+        out = ops.attention(q, k, v, window_size=(0, 0), sinks=sinks)
+        out.sum().backward()
+        expected = v / (1 + torch.exp(-q * k))  # one key and the sink: p = e^s / (e^0 + e^s)
+        assert torch.allclose(out, expected, atol=1e-5, rtol=1e-5)
+        assert q.grad.shape == q.shape and sinks.grad.shape == (1,)
+    """,
+    "attention, causal window (3, 0) with dropout, L = S = 2^20": """
+        q, k, v = (torch.randn(1, 1, 2**20, 1, requires_grad=True) for _ in range(3))
+        out = ops.attention(q, k, v, None, 0.3, True, window_size=(3, 0))
+        out.sum().backward()
+        assert out.shape == (1, 1, 2**20, 1) and v.grad.shape == v.shape
+    """,
+    "attention_varlen, window (1, 1), one sequence of 2^20": """
+        q, k, v = (torch.randn(2**20, 1, 1, requires_grad=True) for _ in range(3))
+        cu = torch.tensor([0, 2**20])
+        out = ops.attention_varlen(q, k, v, cu, cu, 2**20, 2**20, window_size=(1, 1))
+        out.sum().backward()
+        assert out.shape == (2**20, 1, 1) and k.grad.shape == k.shape
+    """,
+    "attention_with_kv_cache, window (1023, 0) decoding over 2^30 cached keys": """
+        caches = torch.ones(1, 1, 1, 1).expand(2**8, 1, 2**30, 1)  # all valid, never written
+        q = torch.ones(2**8, 1, 1, 1)
+        out = ops.attention_with_kv_cache(q, caches, caches, window_size=(1023, 0))
+        assert out.shape == (2**8, 1, 1, 1) and bool((out == 1).all())
     """,
     "_attention_dropout_mask, S = 0, 2^50 rows": """
         keep = ops._attention_dropout_mask(torch.tensor([1, 2]), 2**20, 2**10, 2**20, 0, 0.5)

@@ -239,6 +239,30 @@ CASES = [
         "torch.tensor([0, 1]), 1, 1, 0.0, False, None, None)",
         "value has size",
     ),
+    # the variant arguments' tensors
+    (
+        "attention: sinks of 2^40 heads",
+        f"ops.attention(huge(1, 1, 4, 2), huge(1, 1, 4, 2), huge(1, 1, 4, 2), sinks=huge({BIG}))",
+        "sinks",
+    ),
+    (
+        "attention: alibi_slopes of 2^40 batch entries",
+        f"ops.attention(huge(1, 1, 4, 2), huge(1, 1, 4, 2), huge(1, 1, 4, 2), "
+        f"alibi_slopes=huge({BIG}, 1))",
+        "alibi_slopes",
+    ),
+    (
+        "attention_with_kv_cache: sinks of a huge length",
+        f"ops.attention_with_kv_cache(huge(1, 1, 1, 2), huge(1, 1, 4, 2), huge(1, 1, 4, 2), "
+        f"sinks=huge({WRAPS}))",
+        "sinks",
+    ),
+    (
+        "attention_varlen: alibi_slopes of a huge head count",
+        "ops.attention_varlen(huge(2, 1, 2), huge(2, 1, 2), huge(2, 1, 2), torch.tensor([0, 2]), "
+        f"torch.tensor([0, 2]), 2, 2, alibi_slopes=huge(1, {BIG}))",
+        "alibi_slopes",
+    ),
     # through the Python API
     (
         "functional.scaled_dot_product_attention",
@@ -331,3 +355,26 @@ def test_large_expanded_operands_within_the_limits_still_compute():
     v = torch.randn(1, 1, 4, 5, dtype=torch.float64)
     out = torch.ops.qkv_attention.attention(q, k, v)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("window", [(2**62, 2**62), (2**63 - 1, 2**63 - 1), (2**63 - 1, 0)])
+def test_window_bounds_past_any_distance_are_open_sides(window):
+    """i + o - left and i + o + right must not overflow for the largest bounds an int64 holds:
+    such a window hides no key (with causal when right is 0), forward, backward and KV cache."""
+    import torch
+    import qkv_attention  # noqa: F401
+
+    ops = torch.ops.qkv_attention
+    open_window = tuple(-1 if w > 0 else 0 for w in window)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=g, dtype=torch.float64) for n in (70, 300, 300))
+    results = {}
+    for w in (window, open_window):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = ops.attention(*leaves, window_size=w, sinks=torch.zeros(2, dtype=torch.float64))
+        grads = torch.autograd.grad(out.sum(), leaves)
+        k_cache, v_cache = k.clone(), v.clone()
+        cached = ops.attention_with_kv_cache(q[:, :, :3], k_cache, v_cache, window_size=w)
+        results[w] = [out, *grads, cached]
+    for a, b in zip(results[window], results[open_window]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
