@@ -11,7 +11,11 @@ each time is the median of the repetitions and the ratio is torch / ours (> 1: o
 The step is memory-bound: each row also gives the bytes of valid K and V our op reads per
 second, against a triad (a = b + s * c over 256 MiB) measured in the same run. The lengths are
 not advanced between repetitions (each repetition rewrites the same entries), so every
-repetition does the same work. Writes benchmarks/results/kv-cache-latest.json.
+repetition does the same work. The quantized rows (int8, float8_e4m3fn, float8_e5m2 caches,
+B8 H32 Hkv8 D128, 4096 valid entries) compare our decode step, write included, with torch's
+SDPA (enable_gqa) over bfloat16 and float32 caches of the same entries, and give the bytes of
+codes and scales read per second against the triad. Writes
+benchmarks/results/kv-cache-latest.json.
 """
 
 import argparse
@@ -81,6 +85,79 @@ def decode_case(name, lengths, H, Hkv, S_max, D, dtype, reps, triad):
     }
 
 
+def quantized_case(cache_dtype, reps, triad, B=8, H=32, Hkv=8, D=128, valid=4096):
+    """A decode step (L = 1, the write included) over a quantized cache of `valid` entries per
+    sequence after the write, against torch's SDPA (enable_gqa) over bfloat16 and float32
+    caches holding the same entries (its write included; all entries valid, so no mask)."""
+    torch.manual_seed(0)
+    S_max = valid
+    k_cache = torch.empty(B, Hkv, S_max, D, dtype=cache_dtype)
+    v_cache = torch.empty(B, Hkv, S_max, D, dtype=cache_dtype)
+    k_scale = torch.empty(B, Hkv, S_max)
+    v_scale = torch.empty(B, Hkv, S_max)
+    keys, values = torch.randn(B, Hkv, S_max, D), torch.randn(B, Hkv, S_max, D)
+    with torch.no_grad():  # the history, quantized by the op's own write
+        torch.ops.qkv_attention.attention_with_kv_cache(
+            torch.randn(B, H, 1, D),
+            k_cache,
+            v_cache,
+            keys[:, :, :-1],
+            values[:, :, :-1],
+            torch.zeros(B, dtype=torch.int64),
+            k_cache_scale=k_scale,
+            v_cache_scale=v_scale,
+        )
+    lengths = torch.full((B,), valid - 1, dtype=torch.int64)
+    q = torch.randn(B, H, 1, D)
+    k_new, v_new = keys[:, :, -1:], values[:, :, -1:]
+    torch_caches = {dt: (keys.to(dt), values.to(dt)) for dt in (torch.bfloat16, torch.float32)}
+
+    def ours():
+        return torch.ops.qkv_attention.attention_with_kv_cache(
+            q,
+            k_cache,
+            v_cache,
+            k_new,
+            v_new,
+            lengths,
+            k_cache_scale=k_scale,
+            v_cache_scale=v_scale,
+        )
+
+    def torch_step(dt):
+        tk, tv = torch_caches[dt]
+        qd, kn, vn = q.to(dt), k_new.to(dt), v_new.to(dt)
+
+        def step():
+            tk[:, :, valid - 1 :] = kn
+            tv[:, :, valid - 1 :] = vn
+            return F.scaled_dot_product_attention(qd, tk, tv, enable_gqa=True)
+
+        return step
+
+    rows = []
+    with torch.no_grad():
+        exact = F.scaled_dot_product_attention(
+            q.double(), keys.double(), values.double(), enable_gqa=True
+        )
+        error = (ours().double() - exact).abs().max().item()
+        read = B * Hkv * valid * (2 * D + 2 * 4)  # codes and scales of K and V
+        for dt in (torch.bfloat16, torch.float32):
+            t_ours, t_torch = interleaved_medians(ours, torch_step(dt), reps)
+            rows.append(
+                {
+                    "case": f"decode B{B} H{H}/{Hkv} D{D} {valid} valid, {str(cache_dtype)[6:]} cache",
+                    "dtype": f"vs torch {str(dt)[6:]}",
+                    "ours_ms": 1e3 * t_ours,
+                    "torch_ms": 1e3 * t_torch,
+                    "ratio": t_torch / t_ours,
+                    "valid_read_share_of_triad": read / t_ours / triad,
+                    "max_abs_error_vs_float64_unquantized": error,
+                }
+            )
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="5 repetitions instead of 30")
@@ -111,6 +188,16 @@ def main():
     for dtype_name in ("float32", "bfloat16"):
         for name, lengths in cases:
             row = decode_case(name, lengths, H, Hkv, S_max, D, DTYPES[dtype_name], reps, triad)
+            rows.append(row)
+            print(
+                f"{row['case']:48s} {row['dtype']:9s} {row['ours_ms']:8.3f} "
+                f"{row['torch_ms']:9.3f} {row['ratio']:6.2f} "
+                f"{row['valid_read_share_of_triad']:10.2f}"
+            )
+    # Quantized caches (int8, float8): the rows and scales read, against torch over bfloat16
+    # and float32 caches of the same entries.
+    for cache_dtype in (torch.int8, torch.float8_e4m3fn, torch.float8_e5m2):
+        for row in quantized_case(cache_dtype, reps, triad):
             rows.append(row)
             print(
                 f"{row['case']:48s} {row['dtype']:9s} {row['ours_ms']:8.3f} "

@@ -6,7 +6,8 @@
 // the user chose for inference (a bfloat16 cache is the usual way to use lower precision here),
 // so the floating inputs (query, key, value, a float attn_mask) are cast to it and the output
 // has it. Bool masks, the int lengths, and everything outside autocast pass as they are;
-// alibi_slopes and sinks in a half type become float32 (cast.h).
+// alibi_slopes and sinks in a half type become float32 (cast.h). Quantized caches (int8,
+// float8) and their scales are never cast: the floating inputs go to the autocast dtype.
 #include <torch/library.h>
 
 #include "autocast/cast.h"
@@ -37,6 +38,16 @@ at::Tensor attention_with_kv_cache_autocast(AttentionProblem p) {
   // A cache of a dtype the op does not compute in: nothing is cast, the checks name it.
   if (is_dense(p.key) && is_supported_dtype(p.key.scalar_type())) {
     const at::ScalarType dtype = p.key.scalar_type();
+    p.query = to_dtype(p.query, dtype);
+    p.new_key = to_dtype(p.new_key, dtype);
+    p.new_value = to_dtype(p.new_value, dtype);
+    p.attn_mask = to_dtype(p.attn_mask, dtype);
+    p.variants.alibi_slopes = cast_per_head(p.variants.alibi_slopes);
+    p.variants.sinks = cast_per_head(p.variants.sinks);
+  } else if (p.quantized_cache()) {
+    // Quantized caches (and their float32 scales) stay as they are; the floating inputs are
+    // cast to the autocast dtype, the new rows quantized from it, the output in it.
+    const at::ScalarType dtype = lower_precision();
     p.query = to_dtype(p.query, dtype);
     p.new_key = to_dtype(p.new_key, dtype);
     p.new_value = to_dtype(p.new_value, dtype);

@@ -29,7 +29,9 @@ const char* first_requiring_grad(const AttentionProblem& p) {
       {"value", p.new_value},
       {"attn_mask", p.attn_mask},
       {"alibi_slopes", p.variants.alibi_slopes},
-      {"sinks", p.variants.sinks}};
+      {"sinks", p.variants.sinks},
+      {"k_cache_scale", p.k_cache_scale},
+      {"v_cache_scale", p.v_cache_scale}};
   for (const auto& [name, tensor] : inputs) {
     if (requires_grad(tensor)) return name;
   }
@@ -55,6 +57,8 @@ at::Tensor attention_with_kv_cache_autograd(AttentionProblem problem) {
   if (given(problem.new_key)) {
     torch::autograd::impl::bump_version(problem.key);
     torch::autograd::impl::bump_version(problem.value);
+    if (given(problem.k_cache_scale)) torch::autograd::impl::bump_version(*problem.k_cache_scale);
+    if (given(problem.v_cache_scale)) torch::autograd::impl::bump_version(*problem.v_cache_scale);
   }
   return output;
 }

@@ -18,6 +18,9 @@
 // A sliding window skips the key blocks outside the band: work in proportion to L x window.
 // Query head h reads key/value head h / (heads / kv_heads) (grouped-query attention; kv_heads
 // equals heads for plain multi-head attention).
+// A KV cache's key and value may be stored quantized (int8, float8 e4m3fn or e5m2) with a float32
+// scale per (batch, head, row): the forward then reads key/value as stored * scale, converting
+// each block of rows as it uses it (QuantizedRows below; the backward takes plain operands only).
 // Accumulation is in AccType<T> (float for bfloat16/float16); with AVX-512 BF16 the bfloat16
 // GEMMs also round P, W and dS to bfloat16 before multiplying, as torch's kernels do.
 // The kernels are compiled once per CPU level and dispatched at run time (cpu/flash/levels.h).
@@ -37,6 +40,9 @@ using AccType = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 enum class MaskKind { kNone, kBool, kAdditive };
 
+// How a key or value operand is stored: as the query's T, or quantized (cpu/kv_quantize.h).
+enum class CacheStorage { kPlain, kInt8, kFloat8E4M3, kFloat8E5M2 };
+
 // Strides of a 4-D operand in elements, (B, H, rows, cols) order.
 struct Strides4 {
   int64_t batch = 0, head = 0, row = 0, col = 0;
@@ -50,6 +56,18 @@ struct MaskOperand {
   const bool* bool_data = nullptr;   // kind == kBool
   const T* additive_data = nullptr;  // kind == kAdditive
   Strides4 strides;
+};
+
+// A quantized key or value operand: element (b, h, row, col) is
+//   stored[b, h, row, col] * scales[b * scale_batch + h * scale_head + row * scale_row],
+// stored read through the operand's Strides4 (in elements of one byte). storage == kPlain: the
+// operand is plain T and nothing here is read.
+struct QuantizedRows {
+  CacheStorage storage = CacheStorage::kPlain;
+  const void* data = nullptr;  // int8_t, c10::Float8_e4m3fn or c10::Float8_e5m2
+  const float* scales = nullptr;
+  int64_t scale_batch = 0, scale_head = 0, scale_row = 0;
+  bool quantized() const { return storage != CacheStorage::kPlain; }
 };
 
 // What forward and backward share: sizes, scale, causality, dropout stream, masks and inputs.
@@ -85,9 +103,12 @@ struct AttentionInputs {
   MaskOperand<T> masks[kMasks];
 
   const T* query = nullptr;  // (B, H, L, D)
-  const T* key = nullptr;    // (B, Hkv, S, D)
-  const T* value = nullptr;  // (B, Hkv, S, Dv)
+  const T* key = nullptr;    // (B, Hkv, S, D); null when quantized_key is set
+  const T* value = nullptr;  // (B, Hkv, S, Dv); null when quantized_value is set
   Strides4 query_strides, key_strides, value_strides;
+  // Quantized key/value (forward only): read instead of key/value, through key_strides and
+  // value_strides.
+  QuantizedRows quantized_key, quantized_value;
 
   // Query heads per key/value head.
   int64_t group_size() const { return kv_heads > 0 ? heads / kv_heads : 1; }

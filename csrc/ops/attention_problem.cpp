@@ -131,8 +131,48 @@ bool known_to_exceed(const c10::SymInt& size, const c10::SymInt& limit) {
   return s.has_value() && l.has_value() && *s > *l;
 }
 
+// A quantized cache (int8 or float8) and its scale: the cache (B, Hkv, S_max, D) of a quantized
+// dtype on query's device, the scale float32 (B, Hkv, S_max) beside it.
+void check_quantized_cache(const AttentionProblem& p, const char* name, const at::Tensor& cache,
+                           const char* layout, const char* scale_name,
+                           const std::optional<at::Tensor>& scale) {
+  const char* op = p.op;
+  check_defined(op, name, cache);
+  TORCH_CHECK_TYPE(is_quantized_cache_dtype(cache.scalar_type()), op, ": ", name,
+                   " must be float64, float32, bfloat16, float16, or a quantized cache's int8, "
+                   "float8_e4m3fn or float8_e5m2, but has dtype ",
+                   cache.scalar_type());
+  TORCH_CHECK(cache.dim() == 4, op, ": ", name, " must be 4-D ", layout, ", but has shape ",
+              cache.sym_sizes());
+  TORCH_CHECK(cache.device() == p.query.device(), op, ": ", name, " is on ", cache.device(),
+              " but query is on ", p.query.device());
+  TORCH_CHECK(given(scale), op, ": ", name, " has the quantized dtype ", cache.scalar_type(),
+              ", so ", scale_name,
+              " (float32 (B, Hkv, S_max), one scale per cached position and head) must be given, "
+              "but is None");
+  const at::Tensor& s = *scale;
+  check_dense(op, scale_name, s);
+  TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, op, ": ", scale_name,
+                   " must be float32, but has dtype ", s.scalar_type());
+  TORCH_CHECK(s.device() == p.query.device(), op, ": ", scale_name, " is on ", s.device(),
+              " but query is on ", p.query.device());
+  TORCH_CHECK(s.dim() == 3 && s.sym_size(0) == cache.sym_size(0) &&
+                  s.sym_size(1) == cache.sym_size(1) && s.sym_size(2) == cache.sym_size(2),
+              op, ": ", scale_name, " must have shape (B, Hkv, S_max) = (", cache.sym_size(0), ", ",
+              cache.sym_size(1), ", ", cache.sym_size(2), "), ", name,
+              "'s first three sizes, but has shape ", s.sym_sizes());
+  check_tensor_elements(op, scale_name, s);
+}
+
 void check_cache_entries(const AttentionProblem& p) {
   const char* op = p.op;
+  // The new entries have the caches' dtype, or query's when the caches are quantized (they
+  // are quantized as they are written).
+  const bool quantized = p.quantized_cache();
+  const at::Tensor& key_reference = quantized ? p.query : p.key;
+  const at::Tensor& value_reference = quantized ? p.query : p.value;
+  const char* key_reference_name = quantized ? "query" : "k_cache";
+  const char* value_reference_name = quantized ? "query" : "v_cache";
   TORCH_CHECK(
       given(p.new_key) == given(p.new_value), op,
       ": key and value must be given together (the new entries of both caches), but ",
@@ -141,9 +181,9 @@ void check_cache_entries(const AttentionProblem& p) {
     const at::Tensor &key = *p.new_key, &value = *p.new_value;
     check_input(op, "key", key, 4, "(B, Hkv, L_new, D)");
     check_input(op, "value", value, 4, "(B, Hkv, L_new, Dv)");
-    // key and value are copied into the caches as they are: no dtype conversion on the way.
-    check_same_dtype_and_device(op, "key", key, "k_cache", p.key);
-    check_same_dtype_and_device(op, "value", value, "v_cache", p.value);
+    // key and value are copied into float caches as they are: no dtype conversion on the way.
+    check_same_dtype_and_device(op, "key", key, key_reference_name, key_reference);
+    check_same_dtype_and_device(op, "value", value, value_reference_name, value_reference);
     check_size(op, "key", key, 0, p.query.sym_size(0), "batch entries", "query");
     check_size(op, "key", key, 1, p.key.sym_size(1), "heads", "k_cache");
     check_size(op, "key", key, 3, p.key.sym_size(3), "features per head", "k_cache");
@@ -260,6 +300,15 @@ void check_problem_sizes(const AttentionProblem& p) {
 
 }  // namespace
 
+bool is_quantized_cache_dtype(at::ScalarType dtype) {
+  return dtype == at::kChar || dtype == at::kFloat8_e4m3fn || dtype == at::kFloat8_e5m2;
+}
+
+bool AttentionProblem::quantized_cache() const {
+  return layout == AttentionLayout::kCache && key.defined() &&
+         is_quantized_cache_dtype(key.scalar_type());
+}
+
 const char* AttentionProblem::key_name() const {
   return layout == AttentionLayout::kCache ? "k_cache" : "key";
 }
@@ -316,7 +365,9 @@ AttentionProblem cache_problem(const char* op, const at::Tensor& query, const at
                                const std::optional<at::Tensor>& value,
                                const std::optional<at::Tensor>& cache_seqlens,
                                const std::optional<at::Tensor>& attn_mask, bool is_causal,
-                               std::optional<double> scale, AttentionVariants variants) {
+                               std::optional<double> scale, AttentionVariants variants,
+                               const std::optional<at::Tensor>& k_cache_scale,
+                               const std::optional<at::Tensor>& v_cache_scale) {
   AttentionProblem p{query,        k_cache, v_cache,   optional_if_given(attn_mask),
                      std::nullopt, 0.0,     is_causal, scale,
                      std::nullopt};
@@ -327,6 +378,8 @@ AttentionProblem cache_problem(const char* op, const at::Tensor& query, const at
   p.new_key = optional_if_given(key);
   p.new_value = optional_if_given(value);
   p.cache_seqlens = optional_if_given(cache_seqlens);
+  p.k_cache_scale = optional_if_given(k_cache_scale);
+  p.v_cache_scale = optional_if_given(v_cache_scale);
   return p;
 }
 
@@ -337,10 +390,28 @@ void check_attention_problem(const AttentionProblem& p) {
   const at::Tensor &query = p.query, &key = p.key, &value = p.value;
   const char *key_name = p.key_name(), *value_name = p.value_name();
   check_input(op, "query", query, axes.rank, names.query);
-  check_input(op, key_name, key, axes.rank, names.key);
-  check_input(op, value_name, value, axes.rank, names.value);
-  check_same_dtype_and_device(op, key_name, key, "query", query);
-  check_same_dtype_and_device(op, value_name, value, "query", query);
+  if (p.quantized_cache() || (p.layout == AttentionLayout::kCache && value.defined() &&
+                              is_quantized_cache_dtype(value.scalar_type()))) {
+    // Quantized caches: both of one quantized dtype, each with its scale.
+    check_defined(op, key_name, key);
+    check_defined(op, value_name, value);
+    TORCH_CHECK_TYPE(value.scalar_type() == key.scalar_type(), op, ": ", value_name, " has dtype ",
+                     value.scalar_type(), " but ", key_name, " has dtype ", key.scalar_type(),
+                     "; quantized caches must share one dtype");
+    check_quantized_cache(p, key_name, key, names.key, "k_cache_scale", p.k_cache_scale);
+    check_quantized_cache(p, value_name, value, names.value, "v_cache_scale", p.v_cache_scale);
+  } else {
+    check_input(op, key_name, key, axes.rank, names.key);
+    check_input(op, value_name, value, axes.rank, names.value);
+    check_same_dtype_and_device(op, key_name, key, "query", query);
+    check_same_dtype_and_device(op, value_name, value, "query", query);
+    for (const auto& [scale_name, scale] : {std::pair{"k_cache_scale", &p.k_cache_scale},
+                                            std::pair{"v_cache_scale", &p.v_cache_scale}}) {
+      TORCH_CHECK(!given(*scale), op, ": ", scale_name, " is given but the caches have dtype ",
+                  key.scalar_type(),
+                  "; scales belong to quantized caches (int8, float8_e4m3fn, float8_e5m2) only");
+    }
+  }
   if (p.layout != AttentionLayout::kPacked) {
     check_size(op, key_name, key, 0, query.sym_size(0), "batch entries", "query");
   }

@@ -82,6 +82,14 @@ struct AttentionProblem {
   // kCache: the new entries written into the caches (B, Hkv, L_new, D / Dv), and each
   // sequence's valid length before the call ((B,) int32/int64; none: all S_max are valid).
   std::optional<at::Tensor> new_key{}, new_value{}, cache_seqlens{};
+  // kCache with quantized caches (int8, float8_e4m3fn, float8_e5m2): their float32 scales
+  // (B, Hkv, S_max), one per cached position and head; a cached element is stored * scale, and
+  // the new entries (query's dtype) are quantized as they are written (cpu/kv_quantize.h).
+  // None for float caches.
+  std::optional<at::Tensor> k_cache_scale{}, v_cache_scale{};
+
+  // kCache: whether k_cache has a quantized dtype.
+  bool quantized_cache() const;
 
   // The names of key and value in messages ("k_cache" for a cache).
   const char* key_name() const;
@@ -110,7 +118,13 @@ AttentionProblem cache_problem(const char* op, const at::Tensor& query, const at
                                const std::optional<at::Tensor>& value,
                                const std::optional<at::Tensor>& cache_seqlens,
                                const std::optional<at::Tensor>& attn_mask, bool is_causal,
-                               std::optional<double> scale, AttentionVariants variants);
+                               std::optional<double> scale, AttentionVariants variants,
+                               const std::optional<at::Tensor>& k_cache_scale = std::nullopt,
+                               const std::optional<at::Tensor>& v_cache_scale = std::nullopt);
+
+// The dtypes a KV cache may be stored in besides the inputs' own: int8, float8_e4m3fn and
+// float8_e5m2, each with a float32 scale per cached position and head.
+bool is_quantized_cache_dtype(at::ScalarType dtype);
 
 // Every rule of the family on the problem's (possibly symbolic) sizes: ranks, dtypes, devices,
 // layouts, sizes that must agree, grouped-query heads, masks, dropout_p, scale, rng_state, the

@@ -163,10 +163,13 @@ at::Tensor attention_with_kv_cache_op(
     const std::optional<at::Tensor>& key, const std::optional<at::Tensor>& value,
     const std::optional<at::Tensor>& cache_seqlens, const std::optional<at::Tensor>& attn_mask,
     bool is_causal, std::optional<double> scale, at::IntArrayRef window_size, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks) {
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks,
+    const std::optional<at::Tensor>& k_cache_scale,
+    const std::optional<at::Tensor>& v_cache_scale) {
   return Body(cache_problem(op_label("attention_with_kv_cache"), query, k_cache, v_cache, key,
                             value, cache_seqlens, attn_mask, is_causal, scale,
-                            variants_of(window_size, softcap, alibi_slopes, sinks)));
+                            variants_of(window_size, softcap, alibi_slopes, sinks), k_cache_scale,
+                            v_cache_scale));
 }
 
 }  // namespace qkv_attention

@@ -17,6 +17,15 @@
 // bottom-right as is_causal (o = n_b + L_new - L): a window (w - 1, 0) with is_causal reads only
 // the last w valid entries for the last query.
 //
+// Quantized caches: k_cache and v_cache of one dtype int8, float8_e4m3fn or float8_e5m2, each
+// with its float32 scale k_cache_scale / v_cache_scale (B, Hkv, S_max), one per cached position
+// and head: a cached element is stored * scale. key and value (query's dtype) are quantized as
+// they are written, per (position, head): s = max|x| / top over the features (top 127 int8,
+// 448 e4m3fn, 57344 e5m2), stored = round-to-nearest-even(x / s) saturated, s = 0 storing zeros;
+// the scales are written at the same positions. Attention dequantizes the cache rows inside
+// the kernel's blocks and accumulates in float32; the output has query's dtype. Float caches
+// take no scales.
+//
 // Inference only: no autograd. Every check, the lengths included, happens before anything is
 // written, so a call that raises leaves the caches as they were.
 #pragma once
@@ -39,7 +48,9 @@ at::Tensor attention_with_kv_cache(const at::Tensor& query, const at::Tensor& k_
                                    std::optional<double> scale = std::nullopt,
                                    at::IntArrayRef window_size = {-1, -1}, double softcap = 0.0,
                                    const std::optional<at::Tensor>& alibi_slopes = std::nullopt,
-                                   const std::optional<at::Tensor>& sinks = std::nullopt);
+                                   const std::optional<at::Tensor>& sinks = std::nullopt,
+                                   const std::optional<at::Tensor>& k_cache_scale = std::nullopt,
+                                   const std::optional<at::Tensor>& v_cache_scale = std::nullopt);
 
 // The same call from a cache problem (ops/attention_signatures.h).
 at::Tensor attention_with_kv_cache_call(const AttentionProblem& problem);

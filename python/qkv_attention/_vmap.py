@@ -278,6 +278,15 @@ def _attention_with_kv_cache_batched(info, in_dims, *args, **kwargs):
             "sample's entries at the same positions: fold the samples into the batch "
             "dimension B instead"
         )
+    # A quantized cache's scales are written beside it: vmapped exactly when the caches are.
+    for name in ("k_cache_scale", "v_cache_scale"):
+        if call.args.get(name) is not None and (call.dim(name) is None) != (k_dim is None):
+            raise RuntimeError(
+                f"qkv_attention.attention_with_kv_cache: vmap: {name} must be vmapped exactly "
+                "when the caches are (one scale tensor per cache); here the caches are "
+                f"{'not ' if k_dim is None else ''}vmapped and {name} is "
+                f"{'not ' if call.dim(name) is None else ''}vmapped"
+            )
     # One call per sample on views of its caches: the op writes through them in place.
     return _per_sample_call(op, info, call)
 

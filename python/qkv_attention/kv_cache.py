@@ -43,8 +43,18 @@ class KVCache:
     use :meth:`reset` per sequence, or pass ``advance`` to :meth:`attend`. The op never
     modifies ``lengths`` itself; :meth:`attend` does, after the op has succeeded.
 
+    A quantized cache (``dtype=torch.int8``, ``torch.float8_e4m3fn`` or ``torch.float8_e5m2``)
+    stores each cached key and value row as codes and a float32 scale per (position, head):
+    ``k_scale`` and ``v_scale`` (batch, kv_heads, max_len), owned here beside ``k`` and ``v``.
+    :meth:`attend` then takes float query/key/value (float32, bfloat16, float16): the new rows
+    are quantized as they are written, and the output has the query's dtype. A cache of
+    ``max_len`` entries takes a quarter of float32's memory (rows and scales: D + 4 bytes per
+    row of D). :meth:`dequantized` gives the cache's values as floats.
+
     Inference only: call it under ``torch.no_grad()`` or ``torch.inference_mode()``.
     """
+
+    QUANTIZED_DTYPES = (torch.int8, torch.float8_e4m3fn, torch.float8_e5m2)
 
     def __init__(
         self,
@@ -70,6 +80,28 @@ class KVCache:
         self.k = torch.empty(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
         self.v = torch.empty(batch, kv_heads, max_len, value_dim, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.int64, device=self.k.device)
+        # The scales of a quantized cache, (batch, kv_heads, max_len) float32; None otherwise.
+        self.k_scale: Optional[Tensor] = None
+        self.v_scale: Optional[Tensor] = None
+        if self.k.dtype in self.QUANTIZED_DTYPES:
+            shape = (batch, kv_heads, max_len)
+            self.k_scale = torch.empty(shape, dtype=torch.float32, device=self.k.device)
+            self.v_scale = torch.empty(shape, dtype=torch.float32, device=self.k.device)
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
+
+    def dequantized(self) -> "tuple[Tensor, Tensor]":
+        """The cached keys and values as float32 (batch, kv_heads, max_len, ·): ``stored *
+        scale`` for a quantized cache, the caches themselves otherwise. Entries past a
+        sequence's length hold whatever the memory held."""
+        if not self.quantized:
+            return self.k, self.v
+        return (
+            self.k.to(torch.float32) * self.k_scale.unsqueeze(-1),
+            self.v.to(torch.float32) * self.v_scale.unsqueeze(-1),
+        )
 
     @property
     def max_len(self) -> int:
@@ -117,6 +149,8 @@ class KVCache:
             softcap,
             alibi_slopes,
             sinks,
+            self.k_scale,
+            self.v_scale,
         )
         step = key.shape[2]
         if advance is None:

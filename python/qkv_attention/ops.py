@@ -306,6 +306,8 @@ def attention_with_kv_cache(
     softcap: float = 0.0,
     alibi_slopes: Optional[Tensor] = None,
     sinks: Optional[Tensor] = None,
+    k_cache_scale: Optional[Tensor] = None,
+    v_cache_scale: Optional[Tensor] = None,
 ) -> Tensor:
     """One inference step against a key/value cache: writes the new keys and values into the
     caches in place, then attends over each sequence's valid prefix.
@@ -329,6 +331,14 @@ def attention_with_kv_cache(
         window_size, softcap, alibi_slopes, sinks: as :func:`attention`, aligned bottom-right
             like is_causal (query i's window is centred on key ``n_b + L_new - L + i``): with
             ``window_size=(w - 1, 0)`` a decoding step reads only the last w valid entries.
+        k_cache_scale, v_cache_scale: for quantized caches (k_cache and v_cache both int8,
+            ``torch.float8_e4m3fn`` or ``torch.float8_e5m2``): float32 (B, Hkv, S_max), one
+            scale per cached position and head, written in place at the new positions. A cached
+            element is ``stored * scale``; key and value (query's dtype) are quantized per
+            (position, head) as they are written: ``s = max|x| / top`` over the features (top
+            127, 448, 57344), ``stored = round-to-nearest-even(x / s)`` (saturating; s = 0
+            stores zeros). Attention dequantizes inside the kernel, accumulates in float32 and
+            returns query's dtype. Float caches take no scales.
 
     Returns:
         (B, H, L, Dv). Sequence b attends to its first ``cache_seqlens[b] + L_new`` entries
@@ -361,4 +371,6 @@ def attention_with_kv_cache(
         softcap,
         alibi_slopes,
         sinks,
+        k_cache_scale,
+        v_cache_scale,
     )

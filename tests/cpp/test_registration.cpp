@@ -158,12 +158,15 @@ TEST_CASE("attention_with_kv_cache declares the caches it writes and nothing els
   const c10::FunctionSchema& schema = op::handle("qkv_attention::attention_with_kv_cache").schema();
   CHECK(argument_names(schema) == Names{"query", "k_cache", "v_cache", "key", "value",
                                         "cache_seqlens", "attn_mask", "is_causal", "scale",
-                                        "window_size", "softcap", "alibi_slopes", "sinks"});
+                                        "window_size", "softcap", "alibi_slopes", "sinks",
+                                        "k_cache_scale", "v_cache_scale"});
   CHECK(schema.is_mutable());
   const auto& args = schema.arguments();
   for (size_t i = 0; i < args.size(); ++i) {
     INFO(args[i].name());
-    const bool written = args[i].name() == "k_cache" || args[i].name() == "v_cache";
+    // The caches, and the scales of quantized caches.
+    const bool written = args[i].name() == "k_cache" || args[i].name() == "v_cache" ||
+                         args[i].name() == "k_cache_scale" || args[i].name() == "v_cache_scale";
     CHECK((args[i].alias_info() != nullptr && args[i].alias_info()->isWrite()) == written);
   }
   for (size_t i = 3; i < 7; ++i) {
@@ -172,6 +175,10 @@ TEST_CASE("attention_with_kv_cache declares the caches it writes and nothing els
   }
   REQUIRE(args[7].default_value().has_value());
   CHECK(args[7].default_value()->toBool() == true);  // bottom-right causal by default
+  for (size_t i = 13; i < 15; ++i) {
+    REQUIRE(args[i].default_value().has_value());
+    CHECK(args[i].default_value()->isNone());
+  }
   REQUIRE(schema.returns().size() == 1);
   CHECK(schema.returns()[0].alias_info() == nullptr);  // a fresh output
 }

@@ -8,6 +8,8 @@
 // the sink term only with attention sinks: it enters once, here. Only the chunks holding keys
 // that some query row may see (causality, the sliding window) are read: a window of W keys over
 // a long cache reads about W keys per row.
+// A quantized cache's chunk is dequantized into the task's scratch as it is read (the same
+// buffers a chunk of another dtype is converted into): no dequantized copy of the cache exists.
 // The chunking depends on the shape only, so results are bitwise the same for any thread count.
 #pragma once
 
@@ -58,11 +60,11 @@ void flash_decode(const AttentionForwardParams<T>& p) {
   const int64_t chunks = last_chunk - first_chunk;
 
   // K read in place when it already is Acc with unit column stride; V too when the level's GEMM
-  // takes a plain row-major B.
+  // takes a plain row-major B. Quantized K and V are dequantized chunk by chunk.
   constexpr bool kSameType = std::is_same_v<T, Acc>;
-  const bool key_in_place = kSameType && p.key_strides.col == 1;
-  const bool value_in_place =
-      kSameType && Ops::kPlainB && p.value_strides.col == 1 && p.value_strides.row >= Dv;
+  const bool key_in_place = kSameType && !p.quantized_key.quantized() && p.key_strides.col == 1;
+  const bool value_in_place = kSameType && Ops::kPlainB && !p.quantized_value.quantized() &&
+                              p.value_strides.col == 1 && p.value_strides.row >= Dv;
 
   const int64_t value_ld = Ops::packed_ld(Dv);
   const int64_t vp_size = Ops::packed_size(Sc, Dv);
@@ -101,20 +103,15 @@ void flash_decode(const AttentionForwardParams<T>& p) {
     // Scores = Q K^T over the chunk as dot products: K is read once, in place when it is
     // already Acc (a transposed copy would cost a strided gather per element).
     const Strides4& ks = p.key_strides;
-    const T* key0 = p.key + b * ks.batch + hkv * ks.head + j0 * ks.row;
     const Acc* key_rows = k_buf;
     int64_t key_ld = D;
     if constexpr (kSameType) {
       if (key_in_place) {
-        key_rows = reinterpret_cast<const Acc*>(key0);
+        key_rows = reinterpret_cast<const Acc*>(p.key + b * ks.batch + hkv * ks.head + j0 * ks.row);
         key_ld = ks.row;
       }
     }
-    if (!key_in_place) {
-      for (int64_t j = 0; j < nk; ++j) {
-        convert_row<Ops>(key0 + j * ks.row, ks.col, D, k_buf + j * D);
-      }
-    }
+    if (!key_in_place) load_rows<Ops>(p.key, p.quantized_key, ks, b, hkv, j0, nk, D, k_buf);
     Ops::dot_scores(M, nk, D, q_buf, key_rows, key_ld, scores, Sc);
 
     // Masked scores, then P = exp(s - m) per row; a row that sees no key of the chunk has l = 0.
@@ -132,19 +129,17 @@ void flash_decode(const AttentionForwardParams<T>& p) {
 
     // Out = P V over the chunk; V read once, in place when the GEMM can take it as it is.
     const Strides4& vs = p.value_strides;
-    const T* value0 = p.value + b * vs.batch + hkv * vs.head + j0 * vs.row;
     const Elem* value_b = nullptr;
     int64_t value_b_ld = value_ld;
     if constexpr (kSameType && Ops::kPlainB) {
       if (value_in_place) {
-        value_b = reinterpret_cast<const Elem*>(value0);
+        value_b =
+            reinterpret_cast<const Elem*>(p.value + b * vs.batch + hkv * vs.head + j0 * vs.row);
         value_b_ld = vs.row;
       }
     }
     if (value_b == nullptr) {
-      for (int64_t j = 0; j < nk; ++j) {
-        convert_row<Ops>(value0 + j * vs.row, vs.col, Dv, v_buf + j * Dv);
-      }
+      load_rows<Ops>(p.value, p.quantized_value, vs, b, hkv, j0, nk, Dv, v_buf);
       if constexpr (Ops::kPlainB) {
         value_b = reinterpret_cast<const Elem*>(v_buf);
         value_b_ld = Dv;

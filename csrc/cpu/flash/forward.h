@@ -13,6 +13,9 @@
 // their rows, so no per-head (B, H, L, S) tensor exists. With grouped-query attention the query
 // heads of a group read the same packed key/value panels.
 //
+// A quantized key or value (a KV cache of int8 or float8) is dequantized block by block into the
+// packed K^T and V panels (dequantize.h).
+//
 // Few queries against many keys take the split-KV path of decode.h instead.
 //
 // Dropout: element n = ((b * H + h) * L + i) * S + j of the Philox stream (cpu/philox.h), the
@@ -62,14 +65,27 @@ void flash_forward(const AttentionForwardParams<T>& p) {
   const int64_t Bq = blocking.queries, Bk = blocking.keys;
   const int64_t query_blocks = ceil_div(L, Bq), key_blocks = ceil_div(S, Bk);
 
-  // K^T and V per key block, as the GEMMs' B operands.
-  LargeBuffer<Acc> key_storage, value_storage;
-  const RowsView<Acc> key_rows = operand_rows<Ops>(p.key, p.key_strides, B, Hkv, S, D, key_storage);
-  const auto key_t = BOperands<Ops>::transposed_blocks(key_rows, B, Hkv, S, D, Bk);
-  key_storage.release();
-  const RowsView<Acc> value_rows =
-      operand_rows<Ops>(p.value, p.value_strides, B, Hkv, S, Dv, value_storage);
-  const auto values = BOperands<Ops>::row_blocks(value_rows, B, Hkv, S, Dv, Bk);
+  // K^T and V per key block, as the GEMMs' B operands (a quantized cache's rows dequantized
+  // block by block into them).
+  auto key_blocks_of = [&] {
+    if (p.quantized_key.quantized()) {
+      return BOperands<Ops>::quantized_blocks(p.quantized_key, p.key_strides, B, Hkv, S, D, Bk,
+                                              /*transposed=*/true);
+    }
+    LargeBuffer<Acc> key_storage;  // released once packed
+    const RowsView<Acc> key_rows =
+        operand_rows<Ops>(p.key, p.key_strides, B, Hkv, S, D, key_storage);
+    return BOperands<Ops>::transposed_blocks(key_rows, B, Hkv, S, D, Bk);
+  };
+  const auto key_t = key_blocks_of();
+  LargeBuffer<Acc> value_storage;  // what the value blocks may view
+  const auto values =
+      p.quantized_value.quantized()
+          ? BOperands<Ops>::quantized_blocks(p.quantized_value, p.value_strides, B, Hkv, S, Dv, Bk,
+                                             /*transposed=*/false)
+          : BOperands<Ops>::row_blocks(
+                operand_rows<Ops>(p.value, p.value_strides, B, Hkv, S, Dv, value_storage), B, Hkv,
+                S, Dv, Bk);
 
   const Acc kept_scale = static_cast<Acc>(kept_scale_of(p.dropout_p));
   const bool dropout = p.dropout_p > 0;

@@ -115,6 +115,9 @@ template <typename T>
 void attention_backward_at(CpuLevel level, const AttentionBackwardParams<T>& params) {
   TORCH_CHECK(level_available(level), "attention: the ", level_name(level),
               " kernels cannot run on this CPU");
+  TORCH_CHECK(!params.quantized_key.quantized() && !params.quantized_value.quantized(),
+              "attention: the backward takes no quantized key or value (only a KV cache's "
+              "forward reads them)");
   switch (level) {
 #if defined(__x86_64__)
     case CpuLevel::kAvx512:

@@ -1,6 +1,7 @@
 // The kernels' view of their inputs: rows of a (B, heads, N, C) operand in the accumulation type
-// (the operand itself when it already is, else converted), and the B operands of the block GEMMs
-// (views, or panels packed the way the level's GEMM wants them).
+// (the operand itself when it already is, else converted, or dequantized from a quantized KV
+// cache), and the B operands of the block GEMMs (views, or panels packed the way the level's
+// GEMM wants them).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -8,9 +9,11 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #include "cpu/attention_kernel.h"
 #include "cpu/flash/blocking.h"
+#include "cpu/flash/dequantize.h"
 #include "cpu/flash/level_namespace.h"
 #include "cpu/large_buffer.h"
 
@@ -56,6 +59,21 @@ const Acc* rows_as_acc(const T* base, const Strides4& st, int64_t b, int64_t h, 
   return scratch;
 }
 
+// Rows row0 .. row0 + count of (b, h) of a key or value operand as Acc, into dst (row stride
+// cols): converted from T, or dequantized when the operand is quantized.
+template <typename Ops, typename T, typename Acc>
+void load_rows(const T* base, const QuantizedRows& quantized, const Strides4& st, int64_t b,
+               int64_t h, int64_t row0, int64_t count, int64_t cols, Acc* dst) {
+  if (quantized.quantized()) {
+    dequantize_rows(quantized, st, b, h, row0, count, cols, dst);
+    return;
+  }
+  const T* first = base + b * st.batch + h * st.head + row0 * st.row;
+  for (int64_t r = 0; r < count; ++r) {
+    convert_row<Ops>(first + r * st.row, st.col, cols, dst + r * cols);
+  }
+}
+
 // The whole (B, heads, N, C) operand as Acc rows: a view of it, or a packed copy in `storage`.
 // (A view needs unit column stride and a row stride of at least C, what BLAS asks of a matrix.)
 template <typename Ops, typename T, typename Acc>
@@ -94,7 +112,7 @@ class BOperands {
       op.plain_ = true;
       return op;
     }
-    op.pack(rows, C, /*transposed=*/false);
+    op.pack(op.view_source(rows), C, /*transposed=*/false);
     return op;
   }
 
@@ -102,7 +120,22 @@ class BOperands {
   static BOperands transposed_blocks(const RowsView<Acc>& rows, int64_t B, int64_t H, int64_t N,
                                      int64_t C, int64_t block) {
     BOperands op(B, H, N, block);
-    op.pack(rows, C, /*transposed=*/true);
+    op.pack(op.view_source(rows), C, /*transposed=*/true);
+    return op;
+  }
+
+  // The blocks (transposed or not, as above) of a quantized (B, H, N, C) operand, packed from
+  // its rows dequantized one block at a time: no dequantized copy of the whole operand exists.
+  static BOperands quantized_blocks(const QuantizedRows& quantized, const Strides4& st, int64_t B,
+                                    int64_t H, int64_t N, int64_t C, int64_t block,
+                                    bool transposed) {
+    BOperands op(B, H, N, block);
+    auto dequantized = [&](int64_t bh, int64_t r0, int64_t count, Acc* buffer, int64_t& ld) {
+      dequantize_rows(quantized, st, bh / H, bh % H, r0, count, C, buffer);
+      ld = C;
+      return static_cast<const Acc*>(buffer);
+    };
+    op.pack(dequantized, C, transposed, /*buffer_rows=*/block);
     return op;
   }
 
@@ -119,21 +152,34 @@ class BOperands {
   BOperands(int64_t B, int64_t H, int64_t N, int64_t block)
       : B_(B), H_(H), N_(N), block_(block), blocks_(ceil_div(N, block)) {}
 
-  void pack(const RowsView<Acc>& rows, int64_t C, bool transposed) {
+  // A view's rows (bh, r0 ..) and their row stride (no buffer needed).
+  auto view_source(const RowsView<Acc>& rows) const {
+    return [&rows, H = H_](int64_t bh, int64_t r0, int64_t, Acc*, int64_t& ld) {
+      ld = rows.ld;
+      return rows.rows(bh / H, bh % H, r0);
+    };
+  }
+
+  // source(bh, r0, count, buffer, ld) gives rows r0 .. r0 + count of (batch*head) bh as Acc and
+  // their row stride ld, using `buffer` (buffer_rows x C per thread) if it needs room.
+  template <class RowSource>
+  void pack(const RowSource& source, int64_t C, bool transposed, int64_t buffer_rows = 0) {
     // Every panel has the layout of a full block; the last one is packed with its true size.
     ld_ = Ops::packed_ld(transposed ? block_ : C);
     panel_ = transposed ? Ops::packed_size(C, block_) : Ops::packed_size(block_, C);
     packed_.assign_zeros(size_t(std::max<int64_t>(B_ * H_ * blocks_ * panel_, 1)));
     at::parallel_for(0, B_ * H_ * blocks_, 1, [&](int64_t begin, int64_t end) {
+      std::vector<Acc> buffer(size_t(buffer_rows * C));
       for (int64_t task = begin; task < end; ++task) {
         const int64_t bh = task / blocks_, blk = task % blocks_;
         const int64_t r0 = blk * block_, count = std::min(block_, N_ - r0);
-        const Acc* src = rows.rows(bh / H_, bh % H_, r0);
+        int64_t ld = 0;
+        const Acc* src = source(bh, r0, count, buffer.data(), ld);
         Elem* dst = packed_.data() + task * panel_;
         if (transposed) {
-          Ops::pack_b(src, 1, rows.ld, C, count, dst, ld_);  // B[c, r] = rows[r, c]
+          Ops::pack_b(src, 1, ld, C, count, dst, ld_);  // B[c, r] = rows[r, c]
         } else {
-          Ops::pack_b(src, rows.ld, 1, count, C, dst, ld_);
+          Ops::pack_b(src, ld, 1, count, C, dst, ld_);
         }
       }
     });

@@ -6,6 +6,7 @@
 
 #include <tuple>
 
+#include "cpu/kv_quantize.h"
 #include "ops/optional_tensor.h"
 
 namespace qkv_attention::cpu::flash {
@@ -93,6 +94,19 @@ void set_packed_inputs(AttentionInputs<T>& p, const AttentionProblem& problem,
   set_operands(p, problem, packed_strides, s.q_begin, s.k_begin, /*by_row=*/true);
 }
 
+// A quantized cache (B, Hkv, S_max, D) and its scales (B, Hkv, S_max) from batch entry b on.
+QuantizedRows quantized_rows(const at::Tensor& cache, const at::Tensor& scales, int64_t b) {
+  QuantizedRows q;
+  q.storage = *quantized_storage_of(cache.scalar_type());
+  // Codes of one byte: element offsets are byte offsets.
+  q.data = static_cast<const uint8_t*>(cache.const_data_ptr()) + b * cache.stride(0);
+  q.scales = scales.const_data_ptr<float>() + b * scales.stride(0);
+  q.scale_batch = scales.stride(0);
+  q.scale_head = scales.stride(1);
+  q.scale_row = scales.stride(2);
+  return q;
+}
+
 // Sequence s of a cache: batch entry s.index, its first s.k_len cached positions.
 template <typename T>
 void set_cache_inputs(AttentionInputs<T>& p, const AttentionProblem& problem,
@@ -103,7 +117,18 @@ void set_cache_inputs(AttentionInputs<T>& p, const AttentionProblem& problem,
     set_mask(p.masks[0], *problem.attn_mask,
              {problem.query.size(0), p.heads, p.q_len, problem.key.size(2)}, s.index);
   }
-  set_operands(p, problem, strides_of, s.index, s.index, /*by_row=*/false);
+  if (!problem.quantized_cache()) {
+    set_operands(p, problem, strides_of, s.index, s.index, /*by_row=*/false);
+    return;
+  }
+  // Quantized caches: the query as above, the caches' codes and scales at batch entry s.index
+  // (key and value stay null).
+  p.query_strides = strides_of(problem.query);
+  p.query = problem.query.const_data_ptr<T>() + s.index * p.query_strides.batch;
+  p.key_strides = strides_of(problem.key);
+  p.value_strides = strides_of(problem.value);
+  p.quantized_key = quantized_rows(problem.key, *problem.k_cache_scale, s.index);
+  p.quantized_value = quantized_rows(problem.value, *problem.v_cache_scale, s.index);
 }
 
 // The variants; (B, H) slopes are read at batch entry `batch_begin` (a sequence's). The

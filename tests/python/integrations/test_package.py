@@ -68,6 +68,8 @@ PUBLIC_SCHEMAS = {
         "softcap",
         "alibi_slopes",
         "sinks",
+        "k_cache_scale",
+        "v_cache_scale",
     ],
     "attention_varlen": [
         "query",

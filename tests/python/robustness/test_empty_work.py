@@ -72,6 +72,25 @@ CASES = {
         out = ops.attention_with_kv_cache(torch.zeros(1, 1, 0, 64), caches, caches)
         assert out.shape == (1, 1, 0, 64)
     """,
+    "attention_with_kv_cache, int8 caches, L = 0 against S_max = 2^18": """
+        caches = torch.zeros(1, 1, 2**18, 64, dtype=torch.int8)
+        scales = torch.zeros(1, 1, 2**18)
+        out = ops.attention_with_kv_cache(
+            torch.zeros(1, 1, 0, 64), caches, caches.clone(), k_cache_scale=scales,
+            v_cache_scale=scales.clone())
+        assert out.shape == (1, 1, 0, 64)
+    """,
+    "attention_with_kv_cache, int8 caches, Dv = 0: the write still done, scales 0": """
+        k_cache = torch.zeros(1, 1, 2**16, 64, dtype=torch.int8)
+        v_cache = torch.zeros(1, 1, 2**16, 0, dtype=torch.int8)
+        k_scale, v_scale = torch.full((1, 1, 2**16), -1.0), torch.full((1, 1, 2**16), -1.0)
+        key = torch.ones(1, 1, 16, 64); value = torch.zeros(1, 1, 16, 0)
+        out = ops.attention_with_kv_cache(torch.zeros(1, 1, 2**16, 64), k_cache, v_cache, key,
+            value, torch.tensor([100]), k_cache_scale=k_scale, v_cache_scale=v_scale)
+        assert out.shape == (1, 1, 2**16, 0)
+        assert k_cache[0, 0, 100:116].eq(127).all() and k_cache[0, 0, 116:].eq(0).all()
+        assert v_scale[0, 0, 100:116].eq(0).all() and v_scale[0, 0, 116:].eq(-1).all()
+    """,
     "_attention_forward, Dv = 0: logsumexp of no computation, backward zeros": """
         q = torch.zeros(1, 2, 2**18, 8); k = torch.zeros(1, 2, 2**18, 8)
         v = torch.zeros(1, 2, 2**18, 0)

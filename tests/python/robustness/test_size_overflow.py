@@ -152,6 +152,14 @@ CASES = [
         "huge(2**20, 1, 2**12, 1))",
         "the attention scores (B, H, L, S_max)",
     ),
+    (
+        "attention_with_kv_cache: int8 caches of length S_max, their scales first",
+        f"ops.attention_with_kv_cache(huge(1, 1, 1, 2), "
+        f"torch.zeros(1, 1, 1, 1, dtype=torch.int8).expand(1, 1, {BIG}, 2), "
+        f"torch.zeros(1, 1, 1, 1, dtype=torch.int8).expand(1, 1, {BIG}, 2), "
+        f"k_cache_scale=huge(1, 1, {BIG}), v_cache_scale=huge(1, 1, {BIG}))",
+        "k_cache_scale has size",
+    ),
     # the projections
     (
         "qkv_projection: in_features wraps",
