@@ -35,23 +35,21 @@ std::optional<at::Tensor> to_dtype(const std::optional<at::Tensor>& t, at::Scala
 
 at::Tensor attention_with_kv_cache_autocast(AttentionProblem p) {
   BelowAutocast below;
-  // A cache of a dtype the op does not compute in: nothing is cast, the checks name it.
+  // The dtype the floating inputs are cast to: a float cache's (it is written as it is); for
+  // quantized caches (kept, with their float32 scales, as they are) the autocast dtype, from
+  // which the new rows are quantized and in which the output comes. A cache of any other dtype:
+  // nothing is cast, the checks name it.
+  std::optional<at::ScalarType> dtype;
   if (is_dense(p.key) && is_supported_dtype(p.key.scalar_type())) {
-    const at::ScalarType dtype = p.key.scalar_type();
-    p.query = to_dtype(p.query, dtype);
-    p.new_key = to_dtype(p.new_key, dtype);
-    p.new_value = to_dtype(p.new_value, dtype);
-    p.attn_mask = to_dtype(p.attn_mask, dtype);
-    p.variants.alibi_slopes = cast_per_head(p.variants.alibi_slopes);
-    p.variants.sinks = cast_per_head(p.variants.sinks);
+    dtype = p.key.scalar_type();
   } else if (p.quantized_cache()) {
-    // Quantized caches (and their float32 scales) stay as they are; the floating inputs are
-    // cast to the autocast dtype, the new rows quantized from it, the output in it.
-    const at::ScalarType dtype = lower_precision();
-    p.query = to_dtype(p.query, dtype);
-    p.new_key = to_dtype(p.new_key, dtype);
-    p.new_value = to_dtype(p.new_value, dtype);
-    p.attn_mask = to_dtype(p.attn_mask, dtype);
+    dtype = lower_precision();
+  }
+  if (dtype.has_value()) {
+    p.query = to_dtype(p.query, *dtype);
+    p.new_key = to_dtype(p.new_key, *dtype);
+    p.new_value = to_dtype(p.new_value, *dtype);
+    p.attn_mask = to_dtype(p.attn_mask, *dtype);
     p.variants.alibi_slopes = cast_per_head(p.variants.alibi_slopes);
     p.variants.sinks = cast_per_head(p.variants.sinks);
   }
