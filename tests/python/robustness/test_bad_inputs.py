@@ -242,6 +242,17 @@ def _kv_cache_args() -> Dict[str, Any]:
     )
 
 
+def _kv_cache_quantized_args() -> Dict[str, Any]:
+    """The KV-cache call with int8 caches and their float32 scales (B, Hkv, S_max)."""
+    args = _kv_cache_args()
+    B, Hkv, S_max, _ = args["k_cache"].shape
+    args["k_cache"] = torch.zeros(args["k_cache"].shape, dtype=torch.int8)
+    args["v_cache"] = torch.zeros(args["v_cache"].shape, dtype=torch.int8)
+    args["k_cache_scale"] = torch.zeros(B, Hkv, S_max)
+    args["v_cache_scale"] = torch.zeros(B, Hkv, S_max)
+    return args
+
+
 def _sdpa_args() -> Dict[str, Any]:
     return dict(
         query=_randn(2, 3, 4, 5),
@@ -537,6 +548,18 @@ OPS: List[OpSpec] = [
         ),
         ("attention_with_kv_cache",),
     ),
+    # The same op with int8 caches: their scales, float32 (B, Hkv, S_max). Optional in the
+    # schema (float caches take none); None with quantized caches is an error of
+    # ops/test_kv_cache_quantized.py's table. The other arguments are the float-cache spec's.
+    OpSpec(
+        "attention_with_kv_cache",
+        _kv_cache_quantized_args,
+        dict(
+            k_cache_scale=TensorArg(dims=(0, 1, 2), optional=True, partners=("v_cache_scale",)),
+            v_cache_scale=TensorArg(dims=(0, 1, 2), optional=True, partners=("k_cache_scale",)),
+        ),
+        ("attention_with_kv_cache",),
+    ),
     OpSpec(
         "functional.sdpa",
         _sdpa_args,
@@ -818,7 +841,7 @@ def _require_grad(value, mode: str):
 
 
 def _op_case_call(case: Case) -> Callable[[], Any]:
-    spec = next(s for s in OPS if s.name == case.op)
+    spec = next(s for s in OPS if s.name == case.op and case.arg in s.args)
     args = spec.make_args()
     arg = spec.args[case.arg]
     if isinstance(arg, TensorArg):
@@ -1066,7 +1089,7 @@ def test_python_wrapper_refuses_none_for_a_required_tensor_with_a_type_error(cas
     import qkv_attention
 
     op_name, arg_name = case.split("/")
-    spec = next(s for s in OPS if s.name == op_name)
+    spec = next(s for s in OPS if s.name == op_name and arg_name in s.args)
     args = spec.make_args()
     args[arg_name] = None
     with pytest.raises(TypeError, match=rf"{op_name}: {arg_name} must be a Tensor, but got None"):
