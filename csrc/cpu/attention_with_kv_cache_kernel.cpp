@@ -138,15 +138,15 @@ at::Tensor attention_with_kv_cache_cpu(AttentionProblem problem) {
         // cost more than the work on a busy machine (measured: B8 H32/8 S4096 int8 decode,
         // 2 threads on a busy machine: 156 ms with a call per sequence, 37 ms in one call).
         for (size_t first = 0, end = 0; first < sequences.size(); first = end) {
-          const SequenceSpan& s = sequences[first];
-          for (end = first + 1; end < sequences.size() && sequences[end].k_len == s.k_len; ++end) {
+          SequenceSpan run = sequences[first];
+          for (end = first + 1; end < sequences.size() && sequences[end].k_len == run.k_len;
+               ++end) {
           }
-          // Sequences first .. end: their (end - first, H, L, Dv) block of the contiguous output.
-          scalar_t* out = output.mutable_data_ptr<scalar_t>() + s.index * H * L * Dv;
-          auto params = flash::set_forward_params<scalar_t>(
-              problem, &s, out, logsumexp.mutable_data_ptr<Acc>() + s.index * H * L);
-          params.batch = int64_t(end - first);
-          attention_forward_kernel(params);
+          run.count = int64_t(end - first);
+          // Sequences first .. end: their (count, H, L, Dv) block of the contiguous output.
+          scalar_t* out = output.mutable_data_ptr<scalar_t>() + run.index * H * L * Dv;
+          attention_forward_kernel(flash::set_forward_params<scalar_t>(
+              problem, &run, out, logsumexp.mutable_data_ptr<Acc>() + run.index * H * L));
         }
       });
   return output;

@@ -163,6 +163,9 @@ struct SequenceSpan {
   int64_t index = 0, q_begin = 0, q_len = 0, k_begin = 0, k_len = 0, causal_offset = 0;
   // kCache: where the new entries go (the valid length before the call) and how many.
   int64_t write_at = 0, write_len = 0;
+  // kCache: how many consecutive sequences from `index`, all of this k_len, the span covers
+  // (set_params reads them as one batch).
+  int64_t count = 1;
 };
 
 // The sequences of a packed or cache problem, their values read (on the CPU) and checked:

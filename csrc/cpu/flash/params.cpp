@@ -107,11 +107,12 @@ QuantizedRows quantized_rows(const at::Tensor& cache, const at::Tensor& scales, 
   return q;
 }
 
-// Sequence s of a cache: batch entry s.index, its first s.k_len cached positions.
+// Sequences s.index .. s.index + s.count of a cache (one valid length): a batch read from batch
+// entry s.index, their first s.k_len cached positions.
 template <typename T>
 void set_cache_inputs(AttentionInputs<T>& p, const AttentionProblem& problem,
                       const SequenceSpan& s) {
-  set_sizes(p, problem, 1, problem.query.size(2), s.k_len);
+  set_sizes(p, problem, s.count, problem.query.size(2), s.k_len);
   if (given(problem.attn_mask)) {
     // (B, H, L, S_max) read at batch entry s.index; only its first k_len columns are read.
     set_mask(p.masks[0], *problem.attn_mask,
