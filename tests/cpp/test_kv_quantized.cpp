@@ -10,7 +10,9 @@
 //     CPU level and for every query dtype, against reference::attention_variants in float64 over
 //     the dequantized cache (stored.float() * scale, torch's own conversions); and its error
 //     against float64 attention over the unquantized rows, within the bounds docs state;
-//   - results bitwise the same for 1, 2 and 3 threads; the backward refuses quantized operands.
+//   - results bitwise the same for 1, 2 and 3 threads; the backward refuses quantized operands;
+//   - the avx512 level's products straight from the codes (cpu/flash/avx512_kv_decode.h) against
+//     float64 products over the dequantized rows, on every tail of rows, keys and columns.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Float8_e4m3fn.h>
@@ -22,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <random>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -29,6 +32,9 @@
 #include "cpu/attention_kernel.h"
 #include "cpu/flash/levels.h"
 #include "cpu/kv_quantize.h"
+#if defined(__x86_64__)
+#include "cpu/flash/avx512_kv_decode.h"
+#endif
 #include "kernel_levels.h"
 #include "reference.h"
 #include "test_support.h"
@@ -509,6 +515,100 @@ TEST_CASE("the backward refuses quantized key or value", "[kv_quantized]") {
   CHECK_THROWS_WITH(flash::attention_backward_at<float>(CpuLevel::kDefault, params),
                     Catch::Contains("no quantized key or value"));
 }
+
+#if defined(__x86_64__)
+TEST_CASE("AVX-512 products over quantized chunks equal float64 products over the dequantized rows",
+          "[kv_quantized][avx512]") {
+  if (!flash::level_available(CpuLevel::kAvx512)) {
+    WARN("no AVX-512 on this CPU: the avx512 level's quantized products are never called here");
+    return;
+  }
+  std::mt19937 gen(11);
+  for (at::ScalarType cache_dtype : kCacheDtypes) {
+    const CacheStorage storage = cache_dtype == at::kChar            ? CacheStorage::kInt8
+                                 : cache_dtype == at::kFloat8_e4m3fn ? CacheStorage::kFloat8E4M3
+                                                                     : CacheStorage::kFloat8E5M2;
+    for (int64_t M : {1, 3, 4, 5, 9}) {
+      for (int64_t n : {1, 15, 16, 17, 40}) {
+        for (int64_t D : {1, 15, 16, 17, 64, 130}) {
+          for (int64_t scale_stride : {1, 3}) {
+            const int64_t row_stride = D + 5;  // rows padded: the codes past D are never read
+            // Random codes, non-finite float8 codes replaced by zero except in row 1, column 0,
+            // which holds the format's NaN (int8 has none): NaN must reach that key's products.
+            std::vector<uint8_t> codes(size_t(n * row_stride));
+            for (auto& c : codes) {
+              c = uint8_t(gen() & 0xff);
+              if (!std::isfinite(code_value(cache_dtype, c))) c = 0;
+            }
+            const bool nan_row = cache_dtype != at::kChar && n > 1;
+            if (nan_row) codes[size_t(row_stride)] = 0x7f;
+            std::vector<float> scales(size_t(n * scale_stride));
+            for (auto& s : scales) s = std::ldexp(float(gen() % 1000 + 1), -int(gen() % 20));
+            std::vector<float> q(size_t(M * D)), p(size_t(M * (n + 2)));
+            for (auto& x : q) x = float(int(gen() % 2001) - 1000) / 1000.0f;
+            for (auto& x : p) x = float(gen() % 1001) / 1000.0f;
+            const flash::QuantizedChunk chunk{storage, codes.data(), row_stride, scales.data(),
+                                              scale_stride};
+            auto value = [&](int64_t j, int64_t d) {
+              return double(code_value(cache_dtype, codes[size_t(j * row_stride + d)]) *
+                            scales[size_t(j * scale_stride)]);
+            };
+            INFO("cache " << cache_dtype << ", M " << M << ", n " << n << ", D " << D
+                          << ", scale stride " << scale_stride);
+            // Float32 sums of D (or n) terms: within (terms + 4) units of 2^-24 of the sum of
+            // magnitudes (one more rounding for the scale).
+            // Scores: q (M x D) against keys (n x D); the output row stride n + 3.
+            std::vector<float> scores(size_t(M * (n + 3)), -7.0f);
+            flash::avx512_quantized_scores(chunk, M, n, D, q.data(), scores.data(), n + 3);
+            for (int64_t r = 0; r < M; ++r) {
+              for (int64_t j = 0; j < n + 3; ++j) {
+                const float got = scores[size_t(r * (n + 3) + j)];
+                if (j >= n) {
+                  REQUIRE(got == -7.0f);  // past the keys: untouched
+                  continue;
+                }
+                double expected = 0, magnitude = 0;
+                for (int64_t d = 0; d < D; ++d) {
+                  expected += double(q[size_t(r * D + d)]) * value(j, d);
+                  magnitude += std::abs(double(q[size_t(r * D + d)]) * value(j, d));
+                }
+                if (nan_row && j == 1) {
+                  REQUIRE(std::isnan(got));
+                } else {
+                  REQUIRE(std::abs(double(got) - expected) <= double(D + 4) * 0x1p-24 * magnitude);
+                }
+              }
+            }
+            // Values: p (M x n, row stride n + 2) times value rows (n x D) into out (M x D).
+            const int64_t ld_out = D + 4;
+            std::vector<float> out(size_t(M * ld_out), -7.0f);
+            flash::avx512_quantized_values(chunk, M, n, D, p.data(), n + 2, out.data(), ld_out);
+            for (int64_t r = 0; r < M; ++r) {
+              for (int64_t d = 0; d < ld_out; ++d) {
+                const float got = out[size_t(r * ld_out + d)];
+                if (d >= D) {
+                  REQUIRE(got == -7.0f);
+                  continue;
+                }
+                double expected = 0, magnitude = 0;
+                for (int64_t j = 0; j < n; ++j) {
+                  expected += double(p[size_t(r * (n + 2) + j)]) * value(j, d);
+                  magnitude += std::abs(double(p[size_t(r * (n + 2) + j)]) * value(j, d));
+                }
+                if (nan_row && d == 0) {
+                  REQUIRE(std::isnan(got));
+                } else {
+                  REQUIRE(std::abs(double(got) - expected) <= double(n + 4) * 0x1p-24 * magnitude);
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+#endif
 
 TEST_CASE("timing: a decoding step over quantized caches against a float32 cache", "[.timing]") {
   // B8 H32 Hkv8 D128, 4096 valid positions, one query (the benchmark shape), kernels

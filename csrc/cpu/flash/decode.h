@@ -9,7 +9,9 @@
 // that some query row may see (causality, the sliding window) are read: a window of W keys over
 // a long cache reads about W keys per row.
 // A quantized cache's chunk is dequantized into the task's scratch as it is read (the same
-// buffers a chunk of another dtype is converted into): no dequantized copy of the cache exists.
+// buffers a chunk of another dtype is converted into), or at the avx512 level multiplied
+// straight from its codes (cpu/flash/avx512_kv_decode.h): no dequantized copy of the cache
+// exists.
 // The chunking depends on the shape only, so results are bitwise the same for any thread count.
 #pragma once
 
@@ -26,6 +28,9 @@
 #include "cpu/flash/row_masks.h"
 #include "cpu/flash/score_terms.h"
 #include "cpu/flash/workspace.h"
+#if defined(CPU_CAPABILITY_AVX512)
+#include "cpu/flash/avx512_kv_decode.h"
+#endif
 
 QKV_FLASH_LEVEL_BEGIN
 
@@ -65,6 +70,15 @@ void flash_decode(const AttentionForwardParams<T>& p) {
   const bool key_in_place = kSameType && !p.quantized_key.quantized() && p.key_strides.col == 1;
   const bool value_in_place = kSameType && Ops::kPlainB && !p.quantized_value.quantized() &&
                               p.value_strides.col == 1 && p.value_strides.row >= Dv;
+#if defined(CPU_CAPABILITY_AVX512)
+  constexpr bool kFromCodes = std::is_same_v<Acc, float>;
+#else
+  constexpr bool kFromCodes = false;
+#endif
+  const bool key_from_codes =
+      kFromCodes && p.quantized_key.quantized() && (p.key_strides.col == 1 || D <= 1);
+  const bool value_from_codes =
+      kFromCodes && p.quantized_value.quantized() && (p.value_strides.col == 1 || Dv <= 1);
 
   const int64_t value_ld = Ops::packed_ld(Dv);
   const int64_t vp_size = Ops::packed_size(Sc, Dv);
@@ -111,8 +125,17 @@ void flash_decode(const AttentionForwardParams<T>& p) {
         key_ld = ks.row;
       }
     }
-    if (!key_in_place) load_rows<Ops>(p.key, p.quantized_key, ks, b, hkv, j0, nk, D, k_buf);
-    Ops::dot_scores(M, nk, D, q_buf, key_rows, key_ld, scores, Sc);
+    if (key_from_codes) {
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (kFromCodes) {
+        avx512_quantized_scores(quantized_chunk(p.quantized_key, ks, b, hkv, j0), M, nk, D, q_buf,
+                                scores, Sc);
+      }
+#endif
+    } else {
+      if (!key_in_place) load_rows<Ops>(p.key, p.quantized_key, ks, b, hkv, j0, nk, D, k_buf);
+      Ops::dot_scores(M, nk, D, q_buf, key_rows, key_ld, scores, Sc);
+    }
 
     // Masked scores, then P = exp(s - m) per row; a row that sees no key of the chunk has l = 0.
     for (int64_t r = 0; r < M; ++r) {
@@ -138,7 +161,14 @@ void flash_decode(const AttentionForwardParams<T>& p) {
         value_b_ld = vs.row;
       }
     }
-    if (value_b == nullptr) {
+    if (value_from_codes) {
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (kFromCodes) {
+        avx512_quantized_values(quantized_chunk(p.quantized_value, vs, b, hkv, j0), M, nk, Dv,
+                                scores, Sc, out, Dv);
+      }
+#endif
+    } else if (value_b == nullptr) {
       load_rows<Ops>(p.value, p.quantized_value, vs, b, hkv, j0, nk, Dv, v_buf);
       if constexpr (Ops::kPlainB) {
         value_b = reinterpret_cast<const Elem*>(v_buf);
@@ -148,7 +178,7 @@ void flash_decode(const AttentionForwardParams<T>& p) {
         value_b = vp;
       }
     }
-    Ops::gemm(M, Dv, nk, scores, Sc, 1, value_b, value_b_ld, out, Dv, false);
+    if (!value_from_codes) Ops::gemm(M, Dv, nk, scores, Sc, 1, value_b, value_b_ld, out, Dv, false);
 
     // The chunk's partial output (normalised by its own sum) and logsumexp.
     for (int64_t r = 0; r < M; ++r) {
