@@ -26,13 +26,17 @@ QKV_INLINE __mmask16 first_lanes(int64_t n) {
   return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1u);
 }
 
-// The codes codes[0, 16) (lanes outside `lanes` neither read nor used: 0) as float32, exactly.
-// int8: sign-extended and converted. float8: widened into the float16 with the same value (up
-// to a power of two), which the F16C conversion turns into float32 exactly, subnormal codes
-// included: e5m2 is the upper byte of a float16 (1, 5, 2 bits); e4m3's 4 exponent and 3
-// mantissa bits, moved into a float16's exponent and mantissa fields, give the code's value
-// times 2^-8 (normal codes: bias 15 instead of 7; subnormal codes: float16's subnormal scale
-// 2^-24 instead of 2^-16), and S.1111.111, its NaN, is set apart.
+// The codes codes[0, 16) (lanes outside `lanes` neither read nor used: 0) as float32, exactly,
+// in units of kUnit<S> (the value is the result times kUnit<S>, a power of two the callers apply
+// once per sum). int8: sign-extended and converted. float8: widened into a float16, which the
+// F16C conversion turns into float32 exactly, subnormals included (it ignores the
+// denormals-are-zero setting): e5m2 is the upper byte of a float16 (1, 5, 2 bits). e4m3's
+// exponent and mantissa bits, shifted into a float16's exponent and mantissa fields, give its
+// value times 2^-8 (bias 15 instead of 7, and float16's subnormals 2^-8 times e4m3's), so
+// kUnit is 2^8; S.1111.111, e4m3's NaN, is set apart.
+template <CacheStorage S>
+constexpr float kUnit = S == CacheStorage::kFloat8E4M3 ? 256.0f : 1.0f;
+
 template <CacheStorage S>
 QKV_INLINE __m512 decode16(const uint8_t* codes, __mmask16 lanes) {
   const __m128i raw = _mm_maskz_loadu_epi8(lanes, codes);
@@ -42,13 +46,14 @@ QKV_INLINE __m512 decode16(const uint8_t* codes, __mmask16 lanes) {
     return _mm512_cvtph_ps(_mm256_slli_epi16(_mm256_cvtepu8_epi16(raw), 8));
   } else {
     static_assert(S == CacheStorage::kFloat8E4M3);
-    const __m256i wide = _mm256_cvtepu8_epi16(raw);
-    const __m256i magnitude = _mm256_and_si256(wide, _mm256_set1_epi16(0x7F));
-    const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(wide, _mm256_set1_epi16(0x80)), 8);
-    const __m256i half = _mm256_or_si256(_mm256_slli_epi16(magnitude, 7), sign);
-    const __m512 value = _mm512_mul_ps(_mm512_cvtph_ps(half), _mm512_set1_ps(256.0f));
-    const __mmask16 nan = _mm256_cmpeq_epi16_mask(magnitude, _mm256_set1_epi16(0x7F));
-    return _mm512_mask_mov_ps(value, nan, _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN()));
+    // Sign-extended to 16 bits and shifted left by 7: the sign lands in bits 15 and 14, the
+    // exponent and mantissa in bits 13..7; bit 14 cleared, that is the float16.
+    const __m256i shifted = _mm256_slli_epi16(_mm256_cvtepi8_epi16(raw), 7);
+    const __m256i half = _mm256_and_si256(shifted, _mm256_set1_epi16(int16_t(0xBFFF)));
+    const __m256i nan_bits = _mm256_set1_epi16(0x3F80);  // exponent and mantissa all ones
+    const __mmask16 nan = _mm256_cmpeq_epi16_mask(_mm256_and_si256(half, nan_bits), nan_bits);
+    return _mm512_mask_mov_ps(_mm512_cvtph_ps(half), nan,
+                              _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN()));
   }
 }
 
@@ -133,8 +138,9 @@ void scores_rows(const QuantizedChunk& keys, int64_t n, int64_t D, const float* 
       scale = _mm512_load_ps(gathered);
     }
     for (int r = 0; r < R; ++r) {
-      _mm512_mask_storeu_ps(scores + r * ld_scores + j0, keys_here,
-                            _mm512_mul_ps(sum_each(partial[r]), scale));
+      __m512 sums = sum_each(partial[r]);
+      if constexpr (kUnit<S> != 1.0f) sums = _mm512_mul_ps(sums, _mm512_set1_ps(kUnit<S>));
+      _mm512_mask_storeu_ps(scores + r * ld_scores + j0, keys_here, _mm512_mul_ps(sums, scale));
     }
   }
 }
@@ -167,7 +173,7 @@ void values_block(const QuantizedChunk& values, int64_t n, int64_t d0, int64_t D
     const float scale = scales[j * scale_stride];
     __m512 weight[R];
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) weight[r] = _mm512_set1_ps(p[r * ld_p + j] * scale);
+    for (int r = 0; r < R; ++r) weight[r] = _mm512_set1_ps(p[r * ld_p + j] * kUnit<S> * scale);
 #pragma GCC unroll 4
     for (int t = 0; t < NV; ++t) {
       const __m512 v = decode16<S>(row + 16 * t, t == NV - 1 ? last : 0xffff);
