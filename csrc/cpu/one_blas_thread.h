@@ -13,20 +13,27 @@
 extern "C" {
 // MKL's thread-local thread count, by value (the C entry point behind mkl_service.h's
 // mkl_set_num_threads_local; the lower-case symbol itself is the Fortran one, by pointer).
-// torch's x86 builds link MKL. Weak: absent from other BLAS builds (OpenBLAS on ARM), where it
-// stays null.
+// torch's x86 builds link MKL. Weak: absent from other BLAS builds, where it stays null.
 int MKL_Set_Num_Threads_Local(int threads) __attribute__((weak));
+// NVPL BLAS (NVIDIA's, which torch's aarch64 wheels link): its thread-local thread count, set
+// the same way (0: follow the global count). Weak likewise: null where NVPL is not loaded.
+int nvpl_blas_set_num_threads_local(int threads) __attribute__((weak));
 }
 
 namespace qkv_attention::cpu {
 
-// MKL (the float32/float64 BLAS calls): its thread-local count. Cheap enough for every block
-// GEMM of the attention kernels.
+// The BLAS calls (float32/float64): the library's thread-local count set to 1. Cheap enough for
+// every block GEMM of the attention kernels. Outside a parallel region (a kernel's single task
+// runs inline) the library would otherwise split a call over torch's thread count.
 class OneBlasThread {
  public:
-  OneBlasThread() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  OneBlasThread() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {
+    if (nvpl_blas_set_num_threads_local) nvpl_blas_set_num_threads_local(1);
+  }
   ~OneBlasThread() {
     if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_);  // 0: the global count
+    // Nothing here sets NVPL's local count otherwise: back to the global one.
+    if (nvpl_blas_set_num_threads_local) nvpl_blas_set_num_threads_local(0);
   }
   OneBlasThread(const OneBlasThread&) = delete;
   OneBlasThread& operator=(const OneBlasThread&) = delete;
