@@ -1,14 +1,18 @@
 // The avx512 level's own GEMMs and dropout bits (cpu/flash/avx512_ops.h), written with AVX-512
-// intrinsics. Built only for x86-64, with the avx512 level's flags; called only after
-// cpu/flash/levels.cpp has checked that the CPU has AVX-512 (and, for the bfloat16 dot product,
-// AVX512_BF16, which the functions that use it name in their own target attribute).
+// intrinsics, and the calls of oneDNN's AMX brgemm. Built only for x86-64, with the avx512
+// level's flags; called only after cpu/flash/levels.cpp has checked that the CPU has AVX-512
+// (and, for the bfloat16 dot product, AVX512_BF16, which the functions that use it name in
+// their own target attribute; for AMX, that oneDNN may use it).
 #include "cpu/flash/avx512_ops.h"
 
+#include <ATen/native/CPUBlas.h>
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstring>
 #include <vector>
+
+#include "cpu/flash/tile_state.h"
 
 // GCC 12's intrinsic headers build their "undefined" vectors from a self-initialised variable;
 // once inlined into the masked loads and stores here, -Wall reports that idiom as
@@ -450,6 +454,118 @@ QKV_AVX512_BF16 void Avx512Bf16Ops::gemm(int64_t M, int64_t N, int64_t K, const 
                                         b + n0 * 2, ldb, c + m0 * ldc + n0, ldc, accumulate, last);
     }
   }
+}
+
+// ---- AMX, through oneDNN's brgemm -----------------------------------------------------------
+
+namespace {
+
+// Transposes a 16 x 16 matrix of 32-bit words held as 16 rows: r[i] lane j becomes r[j] lane i.
+QKV_AVX512_INLINE void transpose_16x16_words(__m512i r[16]) {
+  __m512i t[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {  // pairs of rows interleaved, within each 128-bit lane
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // then quads: a 4 x 4 block transposed in each 128-bit lane
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i) {  // the 128-bit lanes moved into place, in two steps
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_i32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+      t[8 * i + 4 + j] = _mm512_shuffle_i32x4(r[8 * i + j], r[8 * i + 4 + j], 0xdd);
+    }
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88);
+    r[8 + j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0xdd);
+  }
+}
+
+// The A operand as bfloat16 rows, what brgemm takes: A[r, k] at rows[r * ld + k] for k < K, a
+// zero at k = K when K is odd (brgemm multiplies pairs along K). Rows of A contiguous in memory
+// are converted row by row; columns of A contiguous (a transposed source, the backward's W^T
+// and dS^T) are converted as pairs of columns into 16 x 16 blocks of pairs, transposed in
+// registers. Rounded with vcvtneps2bf16 (to nearest even; NaN stays NaN), which flushes
+// denormals to zero as the AMX dot product does with its inputs anyway.
+QKV_AVX512_BF16 const uint16_t* bf16_rows(int64_t M, int64_t K, const float* a, int64_t a_row,
+                                          int64_t a_col, std::vector<uint16_t>& buffer,
+                                          int64_t& ld) {
+  if (a_col == 1) {
+    ld = round_up(K, 16);
+    if (int64_t(buffer.size()) < M * ld) buffer.resize(size_t(M * ld));
+    for (int64_t r = 0; r < M; ++r) {
+      const float* row = a + r * a_row;
+      uint16_t* out = buffer.data() + r * ld;
+      for (int64_t k = 0; k < ld; k += 16) {
+        const __m512 x = _mm512_maskz_loadu_ps(first_lanes(K - k), row + k);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k), (__m256i)_mm512_cvtneps_pbh(x));
+      }
+    }
+    return buffer.data();
+  }
+  const int64_t K2 = (K + 1) / 2;
+  if (a_row == 1) {
+    const int64_t ld_pairs = round_up(K2, 16), rows = round_up(M, 16);
+    ld = 2 * ld_pairs;
+    if (int64_t(buffer.size()) < rows * ld) buffer.resize(size_t(rows * ld));
+    uint32_t* pairs = reinterpret_cast<uint32_t*>(buffer.data());
+    for (int64_t r0 = 0; r0 < M; r0 += 16) {
+      const __mmask16 lanes = first_lanes(M - r0);
+      for (int64_t p0 = 0; p0 < K2; p0 += 16) {
+        // block[j] lane t: the pair (A[r0 + t, 2 (p0 + j)], A[r0 + t, 2 (p0 + j) + 1]).
+        __m512i block[16];
+#pragma GCC unroll 16
+        for (int j = 0; j < 16; ++j) {
+          const int64_t k = 2 * (p0 + j);
+          __m512 first = _mm512_setzero_ps(), second = _mm512_setzero_ps();
+          if (k < K) first = _mm512_maskz_loadu_ps(lanes, a + k * a_col + r0);
+          if (k + 1 < K) second = _mm512_maskz_loadu_ps(lanes, a + (k + 1) * a_col + r0);
+          block[j] = interleave_halves_16((__m512i)_mm512_cvtne2ps_pbh(second, first));
+        }
+        transpose_16x16_words(block);  // block[t]: the pairs p0 .. p0 + 16 of row r0 + t
+#pragma GCC unroll 16
+        for (int t = 0; t < 16; ++t) {
+          _mm512_storeu_si512(pairs + (r0 + t) * ld_pairs + p0, block[t]);
+        }
+      }
+    }
+    return buffer.data();
+  }
+  ld = 2 * K2;  // any other layout, element by element
+  if (int64_t(buffer.size()) < M * ld) buffer.resize(size_t(M * ld));
+  for (int64_t r = 0; r < M; ++r) {
+    for (int64_t k = 0; k < ld; ++k) {
+      buffer[size_t(r * ld + k)] = k < K ? bf16_bits_scalar(a[r * a_row + k * a_col]) : 0;
+    }
+  }
+  return buffer.data();
+}
+
+}  // namespace
+
+QKV_AVX512 void Avx512AmxOps::gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row,
+                                   int64_t a_col, const uint16_t* b, int64_t ldb, float* c,
+                                   int64_t ldc, bool accumulate) {
+  if (M < 16 || K <= 0) {  // under one tile's rows, or an empty sum
+    return Avx512Bf16Ops::gemm(M, N, K, a, a_row, a_col, b, ldb, c, ldc, accumulate);
+  }
+  if (N <= 0) return;
+  thread_local std::vector<uint16_t> a_buffer;
+  int64_t lda = 0;
+  const uint16_t* a_rows = bf16_rows(M, K, a, a_row, a_col, a_buffer, lda);
+  amx_tiles_configured = true;  // from here on until the task pool releases them
+  at::native::cpublas::brgemm(M, N, round_up(K, 2), lda, ldb, ldc, accumulate,
+                              reinterpret_cast<const at::BFloat16*>(a_rows),
+                              reinterpret_cast<const at::BFloat16*>(b), c, /*is_vnni=*/true);
 }
 
 }  // namespace qkv_attention::cpu::flash
