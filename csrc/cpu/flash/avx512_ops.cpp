@@ -568,4 +568,57 @@ QKV_AVX512 void Avx512AmxOps::gemm(int64_t M, int64_t N, int64_t K, const float*
                               reinterpret_cast<const at::BFloat16*>(b), c, /*is_vnni=*/true);
 }
 
+QKV_AVX512 void Avx512AmxOps::pack_b(const uint16_t* src, int64_t src_row, int64_t src_col,
+                                     int64_t K, int64_t N, uint16_t* dst, int64_t ld) {
+  const int64_t K2 = (K + 1) / 2;
+  uint32_t* pairs = reinterpret_cast<uint32_t*>(dst);  // pair (k2, n) at k2 * ld + n
+  if (src_col == 1) {  // rows of B are rows of src: pairs of rows interleaved
+    for (int64_t k2 = 0; k2 < K2; ++k2) {
+      const uint16_t* row0 = src + 2 * k2 * src_row;
+      const bool has_second = 2 * k2 + 1 < K;
+      for (int64_t n = 0; n < ld; n += 16) {
+        const __mmask16 lanes = first_lanes(N - n);
+        const __m512i first = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, row0 + n));
+        const __m512i second =
+            has_second ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, row0 + src_row + n))
+                       : _mm512_setzero_si512();
+        _mm512_storeu_si512(pairs + k2 * ld + n,
+                            _mm512_or_si512(first, _mm512_slli_epi32(second, 16)));
+      }
+    }
+    return;
+  }
+  if (src_row == 1) {
+    // B[k, n] = src[n * src_col + k]: pair k2 of column n is 32-bit word k2 of source row n, so
+    // the panel is the source's words transposed, 16 x 16 at a time (an odd K's last pair ends
+    // in a zero).
+    for (int64_t n0 = 0; n0 < ld; n0 += 16) {
+      for (int64_t p0 = 0; p0 < K2; p0 += 16) {
+        const int64_t elements = std::min<int64_t>(K - 2 * p0, 32);
+        const __mmask32 lanes =
+            elements >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << elements) - 1u);
+        __m512i block[16];
+#pragma GCC unroll 16
+        for (int t = 0; t < 16; ++t) {
+          block[t] = n0 + t < N ? _mm512_maskz_loadu_epi16(lanes, src + (n0 + t) * src_col + 2 * p0)
+                                : _mm512_setzero_si512();
+        }
+        transpose_16x16_words(block);  // block[j]: pair p0 + j of columns n0 .. n0 + 16
+        for (int64_t j = 0; j < std::min<int64_t>(16, K2 - p0); ++j) {
+          _mm512_storeu_si512(pairs + (p0 + j) * ld + n0, block[j]);
+        }
+      }
+    }
+    return;
+  }
+  for (int64_t k2 = 0; k2 < K2; ++k2) {  // any other layout, element by element
+    for (int64_t n = 0; n < ld; ++n) {
+      for (int64_t t = 0; t < 2; ++t) {
+        const int64_t k = 2 * k2 + t;
+        dst[(k2 * ld + n) * 2 + t] = k < K && n < N ? src[k * src_row + n * src_col] : uint16_t(0);
+      }
+    }
+  }
+}
+
 }  // namespace qkv_attention::cpu::flash

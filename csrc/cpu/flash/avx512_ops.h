@@ -59,6 +59,12 @@ struct Avx512Bf16Ops : Avx512Ops {
 struct Avx512AmxOps : Avx512Bf16Ops {
   // 128 x 512 blocks: 48 x 512 was 10% slower (B2 H8 L1024 D64 forward, one thread).
   static constexpr int64_t kForwardQueries = 128;
+  // B operands may also be packed straight from bfloat16 rows (the forward's K^T and V blocks),
+  // with no float copy of the operand in between: the same bits, moved.
+  static constexpr bool kPacksBf16Rows = true;
+  using Avx512Bf16Ops::pack_b;
+  static void pack_b(const uint16_t* src, int64_t src_row, int64_t src_col, int64_t K, int64_t N,
+                     uint16_t* dst, int64_t ld);
   static void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, int64_t a_col,
                    const uint16_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate);
 };

@@ -14,7 +14,8 @@
 // heads of a group read the same packed key/value panels.
 //
 // A quantized key or value (a KV cache of int8 or float8) is dequantized block by block into the
-// packed K^T and V panels (dequantize.h).
+// packed K^T and V panels (dequantize.h); a bfloat16 one is packed straight from its rows where
+// the op set takes them (the AMX set).
 //
 // Few queries against many keys take the split-KV path of decode.h instead.
 //
@@ -72,6 +73,12 @@ void flash_forward(const AttentionForwardParams<T>& p) {
       return BOperands<Ops>::quantized_blocks(p.quantized_key, p.key_strides, B, Hkv, S, D, Bk,
                                               /*transposed=*/true);
     }
+    if constexpr (packs_bf16_rows<Ops, T>()) {
+      if (p.key_strides.col == 1) {
+        return BOperands<Ops>::bf16_blocks(p.key, p.key_strides, B, Hkv, S, D, Bk,
+                                           /*transposed=*/true);
+      }
+    }
     LargeBuffer<Acc> key_storage;  // released once packed
     const RowsView<Acc> key_rows =
         operand_rows<Ops>(p.key, p.key_strides, B, Hkv, S, D, key_storage);
@@ -79,13 +86,22 @@ void flash_forward(const AttentionForwardParams<T>& p) {
   };
   const auto key_t = key_blocks_of();
   LargeBuffer<Acc> value_storage;  // what the value blocks may view
-  const auto values =
-      p.quantized_value.quantized()
-          ? BOperands<Ops>::quantized_blocks(p.quantized_value, p.value_strides, B, Hkv, S, Dv, Bk,
-                                             /*transposed=*/false)
-          : BOperands<Ops>::row_blocks(
-                operand_rows<Ops>(p.value, p.value_strides, B, Hkv, S, Dv, value_storage), B, Hkv,
-                S, Dv, Bk);
+  auto value_blocks_of = [&] {
+    if (p.quantized_value.quantized()) {
+      return BOperands<Ops>::quantized_blocks(p.quantized_value, p.value_strides, B, Hkv, S, Dv, Bk,
+                                              /*transposed=*/false);
+    }
+    if constexpr (packs_bf16_rows<Ops, T>()) {
+      if (p.value_strides.col == 1) {
+        return BOperands<Ops>::bf16_blocks(p.value, p.value_strides, B, Hkv, S, Dv, Bk,
+                                           /*transposed=*/false);
+      }
+    }
+    return BOperands<Ops>::row_blocks(
+        operand_rows<Ops>(p.value, p.value_strides, B, Hkv, S, Dv, value_storage), B, Hkv, S, Dv,
+        Bk);
+  };
+  const auto values = value_blocks_of();
 
   const Acc kept_scale = static_cast<Acc>(kept_scale_of(p.dropout_p));
   const bool dropout = p.dropout_p > 0;
