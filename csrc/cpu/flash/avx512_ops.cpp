@@ -621,4 +621,25 @@ QKV_AVX512 void Avx512AmxOps::pack_b(const uint16_t* src, int64_t src_row, int64
   }
 }
 
+QKV_AVX512 void Avx512AmxOps::gemm_bf16_a(int64_t M, int64_t N, int64_t K, const uint16_t* a,
+                                          int64_t lda, const uint16_t* b, int64_t ldb, float* c,
+                                          int64_t ldc, bool accumulate) {
+  if (M < 16 || K <= 0) {  // as gemm: the vdpbf16ps kernels, from A widened to float (exact)
+    thread_local std::vector<float> wide;
+    if (int64_t(wide.size()) < M * K) wide.resize(size_t(std::max<int64_t>(M * K, 1)));
+    for (int64_t r = 0; r < M; ++r) {
+      for (int64_t k = 0; k < K; ++k) {
+        const uint32_t bits = uint32_t(a[r * lda + k]) << 16;
+        std::memcpy(&wide[size_t(r * K + k)], &bits, sizeof(bits));
+      }
+    }
+    return Avx512Bf16Ops::gemm(M, N, K, wide.data(), K, 1, b, ldb, c, ldc, accumulate);
+  }
+  if (N <= 0) return;
+  amx_tiles_configured = true;
+  at::native::cpublas::brgemm(M, N, round_up(K, 2), lda, ldb, ldc, accumulate,
+                              reinterpret_cast<const at::BFloat16*>(a),
+                              reinterpret_cast<const at::BFloat16*>(b), c, /*is_vnni=*/true);
+}
+
 }  // namespace qkv_attention::cpu::flash

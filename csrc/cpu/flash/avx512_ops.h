@@ -65,6 +65,11 @@ struct Avx512AmxOps : Avx512Bf16Ops {
   using Avx512Bf16Ops::pack_b;
   static void pack_b(const uint16_t* src, int64_t src_row, int64_t src_col, int64_t K, int64_t N,
                      uint16_t* dst, int64_t ld);
+  // gemm with A already bfloat16 bits, A[r, k] = a[r * lda + k], and a zero at k = K when K is
+  // odd (the forward's P, written so by VecElementwise::exp_row_bf16).
+  static constexpr bool kTakesBf16A = true;
+  static void gemm_bf16_a(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t lda,
+                          const uint16_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate);
   static void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, int64_t a_col,
                    const uint16_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate);
 };

@@ -115,8 +115,12 @@ void flash_forward(const AttentionForwardParams<T>& p) {
   // also the rows' scores as Acc (Bq x S) unless they live in the weights output itself (per
   // head and T == Acc); averaged over the heads, also the running sum over the heads (Bq x S).
   constexpr bool kWeightsInPlace = std::is_same_v<T, Acc>;
+  // With an op set that multiplies bfloat16 A operands (the AMX set), the online softmax writes
+  // P as bfloat16 (Bq x Bk more, after the keep bits), which the P V GEMM reads as it is.
+  constexpr bool kBf16Probabilities = requires { Ops::kTakesBf16A; };
   const bool average = p.weights != nullptr && p.average_weights;
-  const int64_t block_size = Bq * Bk + Bq * Dv + Bq * D + 3 * Bq + 2 * Bk + keep_cells<Acc>(Bk);
+  const int64_t block_size = Bq * Bk + Bq * Dv + Bq * D + 3 * Bq + 2 * Bk + keep_cells<Acc>(Bk) +
+                             (kBf16Probabilities ? ceil_div(Bq * Bk, 2) : 0);
   const int64_t weights_cells = p.weights == nullptr ? 0
                                 : average            ? 2 * Bq * S
                                 : kWeightsInPlace    ? 0
@@ -141,6 +145,8 @@ void flash_forward(const AttentionForwardParams<T>& p) {
     Acc* block_max = row_sum + Bq;
     Acc* gathered = block_max + Bq;
     uint64_t* keep = keep_bits_at(gathered + 2 * Bk);
+    // P as bfloat16 (Bq x Bk), with kBf16Probabilities.
+    uint16_t* probs = reinterpret_cast<uint16_t*>(gathered + 2 * Bk + keep_cells<Acc>(Bk));
 
     int64_t ldq = 0;
     const Acc* q = rows_as_acc<Ops>(p.query, p.query_strides, b, h, i0, nq, D, q_buf, ldq);
@@ -226,7 +232,13 @@ void flash_forward(const AttentionForwardParams<T>& p) {
         if (dropout) {
           Ops::keep_bits(dropout_key, uint64_t((bh * L + i0 + r) * S + j0 + c0), width, keep);
         }
-        const Acc sum = Ops::exp_row(scores + r * Bk + c0, width, m_use, dropout ? keep : nullptr);
+        Acc sum;
+        if constexpr (kBf16Probabilities) {
+          sum = Ops::exp_row_bf16(scores + r * Bk + c0, width, m_use, dropout ? keep : nullptr,
+                                  probs + r * Bk);
+        } else {
+          sum = Ops::exp_row(scores + r * Bk + c0, width, m_use, dropout ? keep : nullptr);
+        }
         row_sum[r] = row_sum[r] * alpha + sum;
         row_max[r] = m_new;
         if (alpha != Acc(1)) {
@@ -234,8 +246,13 @@ void flash_forward(const AttentionForwardParams<T>& p) {
           for (int64_t d = 0; d < Dv; ++d) o[d] *= alpha;
         }
       }
-      Ops::gemm(nq, Dv, width, scores + c0, Bk, 1, values.at(kv_bh, kb) + c0 * values.ld(),
-                values.ld(), out_acc, Dv, true);
+      if constexpr (kBf16Probabilities) {
+        Ops::gemm_bf16_a(nq, Dv, width, probs, Bk, values.at(kv_bh, kb) + c0 * values.ld(),
+                         values.ld(), out_acc, Dv, true);
+      } else {
+        Ops::gemm(nq, Dv, width, scores + c0, Bk, 1, values.at(kv_bh, kb) + c0 * values.ld(),
+                  values.ld(), out_acc, Dv, true);
+      }
     }
 
     // out = acc / l (times the dropout scale); logsumexp = m + log(l). A row with l = 0 saw no
