@@ -550,6 +550,36 @@ QKV_AVX512_BF16 const uint16_t* bf16_rows(int64_t M, int64_t K, const float* a, 
   return buffer.data();
 }
 
+// brgemm on A in bfloat16 rows and B in VNNI pairs (K even), on shapes from a bounded set:
+// oneDNN generates a kernel for every new (M, N, K) and torch keeps each one for the rest of the
+// process, per thread, so a sequence length seen for the first time (a decoding step's last
+// chunk, the last block of a new length) would cost a new kernel each time. Each dimension is
+// split into a multiple of its granule and a tail (at most 8 calls, 1 for the full blocks).
+void brgemm_bounded(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t lda,
+                    const uint16_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  // [start, end) of each dimension's two parts: the multiple of the granule, then the tail.
+  const int64_t m_split = M / 16 * 16, n_split = N / 32 * 32, k_split = K / 32 * 32;
+  const int64_t m_parts[3] = {0, m_split, M}, n_parts[3] = {0, n_split, N};
+  const int64_t k_parts[3] = {0, k_split, K};  // even: K is
+  for (int mi = 0; mi < 2; ++mi) {
+    const int64_t m0 = m_parts[mi], rows = m_parts[mi + 1] - m0;
+    if (rows == 0) continue;
+    for (int ni = 0; ni < 2; ++ni) {
+      const int64_t n0 = n_parts[ni], cols = n_parts[ni + 1] - n0;
+      if (cols == 0) continue;
+      for (int ki = 0; ki < 2; ++ki) {
+        const int64_t k0 = k_parts[ki], depth = k_parts[ki + 1] - k0;
+        if (depth == 0) continue;
+        at::native::cpublas::brgemm(
+            rows, cols, depth, lda, ldb, ldc, accumulate || k0 > 0,
+            reinterpret_cast<const at::BFloat16*>(a + m0 * lda + k0),
+            reinterpret_cast<const at::BFloat16*>(b + (k0 / 2 * ldb + n0) * 2), c + m0 * ldc + n0,
+            /*is_vnni=*/true);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 QKV_AVX512 void Avx512AmxOps::gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row,
@@ -563,9 +593,7 @@ QKV_AVX512 void Avx512AmxOps::gemm(int64_t M, int64_t N, int64_t K, const float*
   int64_t lda = 0;
   const uint16_t* a_rows = bf16_rows(M, K, a, a_row, a_col, a_buffer, lda);
   amx_tiles_configured = true;  // from here on until the task pool releases them
-  at::native::cpublas::brgemm(M, N, round_up(K, 2), lda, ldb, ldc, accumulate,
-                              reinterpret_cast<const at::BFloat16*>(a_rows),
-                              reinterpret_cast<const at::BFloat16*>(b), c, /*is_vnni=*/true);
+  brgemm_bounded(M, N, round_up(K, 2), a_rows, lda, b, ldb, c, ldc, accumulate);
 }
 
 QKV_AVX512 void Avx512AmxOps::pack_b(const uint16_t* src, int64_t src_row, int64_t src_col,
@@ -637,9 +665,7 @@ QKV_AVX512 void Avx512AmxOps::gemm_bf16_a(int64_t M, int64_t N, int64_t K, const
   }
   if (N <= 0) return;
   amx_tiles_configured = true;
-  at::native::cpublas::brgemm(M, N, round_up(K, 2), lda, ldb, ldc, accumulate,
-                              reinterpret_cast<const at::BFloat16*>(a),
-                              reinterpret_cast<const at::BFloat16*>(b), c, /*is_vnni=*/true);
+  brgemm_bounded(M, N, round_up(K, 2), a, lda, b, ldb, c, ldc, accumulate);
 }
 
 }  // namespace qkv_attention::cpu::flash

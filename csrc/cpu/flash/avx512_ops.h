@@ -55,7 +55,8 @@ struct Avx512Bf16Ops : Avx512Ops {
 // keeps). A thread that ran one holds the tile state until the task pool releases it
 // (tile_state.h). Fewer than 16 rows of A (a decoding step's queries) go to the vdpbf16ps
 // kernels instead: a tile holds 16 rows. oneDNN generates a kernel for each new GEMM shape, once
-// per thread and process (torch keeps them). Only chosen where levels.h's amx_bf16_usable().
+// per thread and process (torch keeps them), so the calls split their shapes into a bounded set
+// (avx512_ops.cpp). Only chosen where levels.h's amx_bf16_usable().
 struct Avx512AmxOps : Avx512Bf16Ops {
   // 128 x 512 blocks: 48 x 512 was 10% slower (B2 H8 L1024 D64 forward, one thread).
   static constexpr int64_t kForwardQueries = 128;
