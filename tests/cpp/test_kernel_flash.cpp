@@ -5,8 +5,9 @@
 //     inputs: sizes around every block size, masks of each kind (bool, additive, key padding,
 //     broadcast with stride 0, strided), causal with L != S, dropout, grouped-query heads;
 //   - results bitwise identical for 1 and 2 threads at every level;
-//   - the avx512 level's hand-written parts (Avx512Ops::gemm / pack_b / keep_bits and the
-//     bfloat16 dot-product GEMM) against scalar definitions written here;
+//   - the avx512 level's hand-written parts (Avx512Ops::gemm / pack_b / keep_bits, the
+//     bfloat16 dot-product GEMM and the AMX GEMMs and packing) against scalar definitions
+//     written here;
 //   - the scalar keep bits against cpu/philox.h's DropoutStream.
 // The op-level routes (dispatcher, autograd) run at the level torch picked and are tested in
 // test_attention.cpp; this file is where the other levels run on a machine that has a higher one.
@@ -33,6 +34,7 @@
 #include "cpu/philox.h"
 #if defined(__x86_64__)
 #include "cpu/flash/avx512_ops.h"
+#include "cpu/flash/tile_state.h"
 #endif
 #if defined(__aarch64__)
 #include <ATen/cpu/vec/vec.h>
@@ -814,6 +816,86 @@ TEST_CASE("bfloat16 GEMM multiplies the bfloat16-rounded operands exactly",
       }
     }
   }
+}
+
+TEST_CASE("AMX GEMMs multiply the bfloat16-rounded operands exactly; bf16 packing moves the bits",
+          "[flash][gemm][avx512][bf16][amx]") {
+  if (!flash::amx_bf16_usable()) {
+    WARN("no AMX (or oneDNN off) on this CPU: the AMX GEMMs are never called here");
+    return;
+  }
+  using qkv_attention::cpu::flash::Avx512AmxOps;
+  auto bits = [](float x) { return c10::BFloat16(x).x; };
+  uint32_t seed = 500;
+  // M from 16 up runs on AMX tiles (below, the vdpbf16ps kernels); odd K and K past one tile's 32.
+  for (int64_t M : {5, 16, 33, 130}) {
+    for (int64_t N : {3, 16, 70}) {
+      for (int64_t K : {1, 2, 7, 33, 64}) {
+        for (bool from_transposed : {false, true}) {
+          for (bool transposed_a : {false, true}) {
+            const bool accumulate = (M + N + K) % 2 == 0;
+            const auto a = random_floats(size_t(M * K), seed++);
+            const auto b = random_floats(size_t(K * N), seed++);  // B row-major
+            const auto c0 = random_floats(size_t(M * N), seed++);
+            std::vector<float> bt(size_t(N * K));
+            std::vector<uint16_t> b16(size_t(K * N)), bt16(size_t(N * K));
+            for (int64_t k = 0; k < K; ++k) {
+              for (int64_t n = 0; n < N; ++n) {
+                bt[size_t(n * K + k)] = b[size_t(k * N + n)];
+                b16[size_t(k * N + n)] = bt16[size_t(n * K + k)] = bits(b[size_t(k * N + n)]);
+              }
+            }
+            const int64_t ld = Avx512AmxOps::packed_ld(N);
+            const size_t size = size_t(Avx512AmxOps::packed_size(K, N));
+            std::vector<uint16_t> packed(size, 0xffff), from_bits(size, 0xffff);
+            if (from_transposed) {
+              Avx512AmxOps::pack_b(bt.data(), 1, K, K, N, packed.data(), ld);
+              Avx512AmxOps::pack_b(bt16.data(), 1, K, K, N, from_bits.data(), ld);
+            } else {
+              Avx512AmxOps::pack_b(b.data(), N, 1, K, N, packed.data(), ld);
+              Avx512AmxOps::pack_b(b16.data(), N, 1, K, N, from_bits.data(), ld);
+            }
+            INFO("M " << M << ", N " << N << ", K " << K << ", from_transposed " << from_transposed
+                      << ", transposed_a " << transposed_a);
+            REQUIRE(packed == from_bits);
+            // A as float (rows or columns contiguous) and as bfloat16 rows (a zero after odd K).
+            const int64_t a_row = transposed_a ? 1 : K, a_col = transposed_a ? M : 1;
+            const int64_t lda16 = K + 1;
+            std::vector<uint16_t> a16(size_t(M * lda16), 0);
+            for (int64_t r = 0; r < M; ++r) {
+              for (int64_t k = 0; k < K; ++k) {
+                a16[size_t(r * lda16 + k)] = bits(a[size_t(r * a_row + k * a_col)]);
+              }
+            }
+            std::vector<float> c = c0, c16 = c0;
+            Avx512AmxOps::gemm(M, N, K, a.data(), a_row, a_col, packed.data(), ld, c.data(), N,
+                               accumulate);
+            Avx512AmxOps::gemm_bf16_a(M, N, K, a16.data(), lda16, packed.data(), ld, c16.data(), N,
+                                      accumulate);
+            for (int64_t r = 0; r < M; ++r) {
+              for (int64_t n = 0; n < N; ++n) {
+                double expected = accumulate ? double(c0[size_t(r * N + n)]) : 0.0;
+                double magnitude = std::abs(expected);
+                for (int64_t k = 0; k < K; ++k) {
+                  const double term = double(to_bf16(a[size_t(r * a_row + k * a_col)])) *
+                                      double(to_bf16(b[size_t(k * N + n)]));
+                  expected += term;
+                  magnitude += std::abs(term);
+                }
+                // As for the vdpbf16ps GEMM: exact products, float sums.
+                INFO("accumulate " << accumulate << ", element (" << r << ", " << n << ")");
+                const double bound = double(K + 1) * 0x1p-24 * magnitude;
+                REQUIRE(std::abs(double(c[size_t(r * N + n)]) - expected) <= bound);
+                REQUIRE(std::abs(double(c16[size_t(r * N + n)]) - expected) <= bound);
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  flash::release_amx_tiles();  // as the task pool does after its tasks
+  REQUIRE_FALSE(flash::amx_tiles_configured);
 }
 
 #endif  // defined(__x86_64__)

@@ -1,14 +1,18 @@
 // The avx512 level's own GEMMs and dropout bits (cpu/flash/avx512_ops.h), written with AVX-512
-// intrinsics. Built only for x86-64, with the avx512 level's flags; called only after
-// cpu/flash/levels.cpp has checked that the CPU has AVX-512 (and, for the bfloat16 dot product,
-// AVX512_BF16, which the functions that use it name in their own target attribute).
+// intrinsics, and the calls of oneDNN's AMX brgemm. Built only for x86-64, with the avx512
+// level's flags; called only after cpu/flash/levels.cpp has checked that the CPU has AVX-512
+// (and, for the bfloat16 dot product, AVX512_BF16, which the functions that use it name in
+// their own target attribute; for AMX, that oneDNN may use it).
 #include "cpu/flash/avx512_ops.h"
 
+#include <ATen/native/CPUBlas.h>
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstring>
 #include <vector>
+
+#include "cpu/flash/tile_state.h"
 
 // GCC 12's intrinsic headers build their "undefined" vectors from a self-initialised variable;
 // once inlined into the masked loads and stores here, -Wall reports that idiom as
@@ -450,6 +454,218 @@ QKV_AVX512_BF16 void Avx512Bf16Ops::gemm(int64_t M, int64_t N, int64_t K, const 
                                         b + n0 * 2, ldb, c + m0 * ldc + n0, ldc, accumulate, last);
     }
   }
+}
+
+// ---- AMX, through oneDNN's brgemm -----------------------------------------------------------
+
+namespace {
+
+// Transposes a 16 x 16 matrix of 32-bit words held as 16 rows: r[i] lane j becomes r[j] lane i.
+QKV_AVX512_INLINE void transpose_16x16_words(__m512i r[16]) {
+  __m512i t[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {  // pairs of rows interleaved, within each 128-bit lane
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // then quads: a 4 x 4 block transposed in each 128-bit lane
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i) {  // the 128-bit lanes moved into place, in two steps
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_i32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+      t[8 * i + 4 + j] = _mm512_shuffle_i32x4(r[8 * i + j], r[8 * i + 4 + j], 0xdd);
+    }
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88);
+    r[8 + j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0xdd);
+  }
+}
+
+// The A operand as bfloat16 rows, what brgemm takes: A[r, k] at rows[r * ld + k] for k < K, a
+// zero at k = K when K is odd (brgemm multiplies pairs along K). Rows of A contiguous in memory
+// are converted row by row; columns of A contiguous (a transposed source, the backward's W^T
+// and dS^T) are converted as pairs of columns into 16 x 16 blocks of pairs, transposed in
+// registers. Rounded with vcvtneps2bf16 (to nearest even; NaN stays NaN), which flushes
+// denormals to zero as the AMX dot product does with its inputs anyway.
+QKV_AVX512_BF16 const uint16_t* bf16_rows(int64_t M, int64_t K, const float* a, int64_t a_row,
+                                          int64_t a_col, std::vector<uint16_t>& buffer,
+                                          int64_t& ld) {
+  if (a_col == 1) {
+    ld = round_up(K, 16);
+    if (int64_t(buffer.size()) < M * ld) buffer.resize(size_t(M * ld));
+    for (int64_t r = 0; r < M; ++r) {
+      const float* row = a + r * a_row;
+      uint16_t* out = buffer.data() + r * ld;
+      for (int64_t k = 0; k < ld; k += 16) {
+        const __m512 x = _mm512_maskz_loadu_ps(first_lanes(K - k), row + k);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k), (__m256i)_mm512_cvtneps_pbh(x));
+      }
+    }
+    return buffer.data();
+  }
+  const int64_t K2 = (K + 1) / 2;
+  if (a_row == 1) {
+    const int64_t ld_pairs = round_up(K2, 16), rows = round_up(M, 16);
+    ld = 2 * ld_pairs;
+    if (int64_t(buffer.size()) < rows * ld) buffer.resize(size_t(rows * ld));
+    uint32_t* pairs = reinterpret_cast<uint32_t*>(buffer.data());
+    for (int64_t r0 = 0; r0 < M; r0 += 16) {
+      const __mmask16 lanes = first_lanes(M - r0);
+      for (int64_t p0 = 0; p0 < K2; p0 += 16) {
+        // block[j] lane t: the pair (A[r0 + t, 2 (p0 + j)], A[r0 + t, 2 (p0 + j) + 1]).
+        __m512i block[16];
+#pragma GCC unroll 16
+        for (int j = 0; j < 16; ++j) {
+          const int64_t k = 2 * (p0 + j);
+          __m512 first = _mm512_setzero_ps(), second = _mm512_setzero_ps();
+          if (k < K) first = _mm512_maskz_loadu_ps(lanes, a + k * a_col + r0);
+          if (k + 1 < K) second = _mm512_maskz_loadu_ps(lanes, a + (k + 1) * a_col + r0);
+          block[j] = interleave_halves_16((__m512i)_mm512_cvtne2ps_pbh(second, first));
+        }
+        transpose_16x16_words(block);  // block[t]: the pairs p0 .. p0 + 16 of row r0 + t
+#pragma GCC unroll 16
+        for (int t = 0; t < 16; ++t) {
+          _mm512_storeu_si512(pairs + (r0 + t) * ld_pairs + p0, block[t]);
+        }
+      }
+    }
+    return buffer.data();
+  }
+  ld = 2 * K2;  // any other layout, element by element
+  if (int64_t(buffer.size()) < M * ld) buffer.resize(size_t(M * ld));
+  for (int64_t r = 0; r < M; ++r) {
+    for (int64_t k = 0; k < ld; ++k) {
+      buffer[size_t(r * ld + k)] = k < K ? bf16_bits_scalar(a[r * a_row + k * a_col]) : 0;
+    }
+  }
+  return buffer.data();
+}
+
+// brgemm on A in bfloat16 rows and B in VNNI pairs (K even), on shapes from a bounded set:
+// oneDNN generates a kernel for every new (M, N, K) and torch keeps each one for the rest of the
+// process, per thread, so a sequence length seen for the first time (a decoding step's last
+// chunk, the last block of a new length) would cost a new kernel each time. Each dimension is
+// split into a multiple of its granule and a tail (at most 8 calls, 1 for the full blocks).
+void brgemm_bounded(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t lda,
+                    const uint16_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  // [start, end) of each dimension's two parts: the multiple of the granule, then the tail.
+  const int64_t m_split = M / 16 * 16, n_split = N / 32 * 32, k_split = K / 32 * 32;
+  const int64_t m_parts[3] = {0, m_split, M}, n_parts[3] = {0, n_split, N};
+  const int64_t k_parts[3] = {0, k_split, K};  // even: K is
+  for (int mi = 0; mi < 2; ++mi) {
+    const int64_t m0 = m_parts[mi], rows = m_parts[mi + 1] - m0;
+    if (rows == 0) continue;
+    for (int ni = 0; ni < 2; ++ni) {
+      const int64_t n0 = n_parts[ni], cols = n_parts[ni + 1] - n0;
+      if (cols == 0) continue;
+      for (int ki = 0; ki < 2; ++ki) {
+        const int64_t k0 = k_parts[ki], depth = k_parts[ki + 1] - k0;
+        if (depth == 0) continue;
+        at::native::cpublas::brgemm(
+            rows, cols, depth, lda, ldb, ldc, accumulate || k0 > 0,
+            reinterpret_cast<const at::BFloat16*>(a + m0 * lda + k0),
+            reinterpret_cast<const at::BFloat16*>(b + (k0 / 2 * ldb + n0) * 2), c + m0 * ldc + n0,
+            /*is_vnni=*/true);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+QKV_AVX512 void Avx512AmxOps::gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row,
+                                   int64_t a_col, const uint16_t* b, int64_t ldb, float* c,
+                                   int64_t ldc, bool accumulate) {
+  if (M < 16 || K <= 0) {  // under one tile's rows, or an empty sum
+    return Avx512Bf16Ops::gemm(M, N, K, a, a_row, a_col, b, ldb, c, ldc, accumulate);
+  }
+  if (N <= 0) return;
+  thread_local std::vector<uint16_t> a_buffer;
+  int64_t lda = 0;
+  const uint16_t* a_rows = bf16_rows(M, K, a, a_row, a_col, a_buffer, lda);
+  amx_tiles_configured = true;  // from here on until the task pool releases them
+  brgemm_bounded(M, N, round_up(K, 2), a_rows, lda, b, ldb, c, ldc, accumulate);
+}
+
+QKV_AVX512 void Avx512AmxOps::pack_b(const uint16_t* src, int64_t src_row, int64_t src_col,
+                                     int64_t K, int64_t N, uint16_t* dst, int64_t ld) {
+  const int64_t K2 = (K + 1) / 2;
+  uint32_t* pairs = reinterpret_cast<uint32_t*>(dst);  // pair (k2, n) at k2 * ld + n
+  if (src_col == 1) {  // rows of B are rows of src: pairs of rows interleaved
+    for (int64_t k2 = 0; k2 < K2; ++k2) {
+      const uint16_t* row0 = src + 2 * k2 * src_row;
+      const bool has_second = 2 * k2 + 1 < K;
+      for (int64_t n = 0; n < ld; n += 16) {
+        const __mmask16 lanes = first_lanes(N - n);
+        const __m512i first = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, row0 + n));
+        const __m512i second =
+            has_second ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, row0 + src_row + n))
+                       : _mm512_setzero_si512();
+        _mm512_storeu_si512(pairs + k2 * ld + n,
+                            _mm512_or_si512(first, _mm512_slli_epi32(second, 16)));
+      }
+    }
+    return;
+  }
+  if (src_row == 1) {
+    // B[k, n] = src[n * src_col + k]: pair k2 of column n is 32-bit word k2 of source row n, so
+    // the panel is the source's words transposed, 16 x 16 at a time (an odd K's last pair ends
+    // in a zero).
+    for (int64_t n0 = 0; n0 < ld; n0 += 16) {
+      for (int64_t p0 = 0; p0 < K2; p0 += 16) {
+        const int64_t elements = std::min<int64_t>(K - 2 * p0, 32);
+        const __mmask32 lanes =
+            elements >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << elements) - 1u);
+        __m512i block[16];
+#pragma GCC unroll 16
+        for (int t = 0; t < 16; ++t) {
+          block[t] = n0 + t < N ? _mm512_maskz_loadu_epi16(lanes, src + (n0 + t) * src_col + 2 * p0)
+                                : _mm512_setzero_si512();
+        }
+        transpose_16x16_words(block);  // block[j]: pair p0 + j of columns n0 .. n0 + 16
+        for (int64_t j = 0; j < std::min<int64_t>(16, K2 - p0); ++j) {
+          _mm512_storeu_si512(pairs + (p0 + j) * ld + n0, block[j]);
+        }
+      }
+    }
+    return;
+  }
+  for (int64_t k2 = 0; k2 < K2; ++k2) {  // any other layout, element by element
+    for (int64_t n = 0; n < ld; ++n) {
+      for (int64_t t = 0; t < 2; ++t) {
+        const int64_t k = 2 * k2 + t;
+        dst[(k2 * ld + n) * 2 + t] = k < K && n < N ? src[k * src_row + n * src_col] : uint16_t(0);
+      }
+    }
+  }
+}
+
+QKV_AVX512 void Avx512AmxOps::gemm_bf16_a(int64_t M, int64_t N, int64_t K, const uint16_t* a,
+                                          int64_t lda, const uint16_t* b, int64_t ldb, float* c,
+                                          int64_t ldc, bool accumulate) {
+  if (M < 16 || K <= 0) {  // as gemm: the vdpbf16ps kernels, from A widened to float (exact)
+    thread_local std::vector<float> wide;
+    if (int64_t(wide.size()) < M * K) wide.resize(size_t(std::max<int64_t>(M * K, 1)));
+    for (int64_t r = 0; r < M; ++r) {
+      for (int64_t k = 0; k < K; ++k) {
+        const uint32_t bits = uint32_t(a[r * lda + k]) << 16;
+        std::memcpy(&wide[size_t(r * K + k)], &bits, sizeof(bits));
+      }
+    }
+    return Avx512Bf16Ops::gemm(M, N, K, wide.data(), K, 1, b, ldb, c, ldc, accumulate);
+  }
+  if (N <= 0) return;
+  amx_tiles_configured = true;
+  brgemm_bounded(M, N, round_up(K, 2), a, lda, b, ldb, c, ldc, accumulate);
 }
 
 }  // namespace qkv_attention::cpu::flash

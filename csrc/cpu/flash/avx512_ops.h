@@ -1,6 +1,7 @@
 // The avx512 level's hand-written parts (avx512_ops.cpp, x86-64 only): register-tiled GEMM
-// micro-kernels, measured faster than BLAS calls on the kernels' small blocks, the dropout keep
-// bits with Philox on 64-bit lanes, and for bfloat16 GEMMs with the vdpbf16ps dot product.
+// micro-kernels, measured faster than BLAS calls on the backward's small blocks, the dropout keep
+// bits with Philox on 64-bit lanes, and for bfloat16 GEMMs with the vdpbf16ps dot product or,
+// where the CPU has AMX, on AMX tiles through oneDNN's brgemm.
 // Nothing here is called unless cpu/flash/levels.cpp found the instructions on the CPU.
 #pragma once
 
@@ -44,6 +45,32 @@ struct Avx512Bf16Ops : Avx512Ops {
 
   static void pack_b(const float* src, int64_t src_row, int64_t src_col, int64_t K, int64_t N,
                      uint16_t* dst, int64_t ld);
+  static void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, int64_t a_col,
+                   const uint16_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate);
+};
+
+// For bfloat16 on CPUs with AMX: the same packed B operands (VNNI pairs, the layout oneDNN's
+// brgemm takes with is_vnni), multiplied on AMX tiles by at::native::cpublas::brgemm, one
+// single-threaded call per block; A is rounded to bfloat16 rows first (into a buffer each thread
+// keeps). A thread that ran one holds the tile state until the task pool releases it
+// (tile_state.h). Fewer than 16 rows of A (a decoding step's queries) go to the vdpbf16ps
+// kernels instead: a tile holds 16 rows. oneDNN generates a kernel for each new GEMM shape, once
+// per thread and process (torch keeps them), so the calls split their shapes into a bounded set
+// (avx512_ops.cpp). Only chosen where levels.h's amx_bf16_usable().
+struct Avx512AmxOps : Avx512Bf16Ops {
+  // 128 x 512 blocks: 48 x 512 was 10% slower (B2 H8 L1024 D64 forward, one thread).
+  static constexpr int64_t kForwardQueries = 128;
+  // B operands may also be packed straight from bfloat16 rows (the forward's K^T and V blocks),
+  // with no float copy of the operand in between: the same bits, moved.
+  static constexpr bool kPacksBf16Rows = true;
+  using Avx512Bf16Ops::pack_b;
+  static void pack_b(const uint16_t* src, int64_t src_row, int64_t src_col, int64_t K, int64_t N,
+                     uint16_t* dst, int64_t ld);
+  // gemm with A already bfloat16 bits, A[r, k] = a[r * lda + k], and a zero at k = K when K is
+  // odd (the forward's P, written so by VecElementwise::exp_row_bf16).
+  static constexpr bool kTakesBf16A = true;
+  static void gemm_bf16_a(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t lda,
+                          const uint16_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate);
   static void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, int64_t a_col,
                    const uint16_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate);
 };

@@ -21,7 +21,8 @@ struct Blocking {
 // Forward: Ops::kForwardQueries query rows against Ops::kForwardKeys keys. With the AVX-512
 // micro-kernels 48 x 256 (512 for the bf16 dot product): about 48 KiB of scores, so the K^T panel
 // and the scores share L2 and the rows being streamed stay in L1 (measured on Zen 4 against
-// 24..96 x 64..512). Through BLAS, larger blocks (vec_ops.h) amortise each call's overhead.
+// 24..96 x 64..512). Through BLAS and on AMX tiles, larger blocks (128 x 512, vec_ops.h and
+// avx512_ops.h) amortise each call's overhead.
 template <class Ops, typename T>
 Blocking forward_blocking(const AttentionInputs<T>& shape) {
   return Blocking{

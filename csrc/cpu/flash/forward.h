@@ -14,7 +14,8 @@
 // heads of a group read the same packed key/value panels.
 //
 // A quantized key or value (a KV cache of int8 or float8) is dequantized block by block into the
-// packed K^T and V panels (dequantize.h).
+// packed K^T and V panels (dequantize.h); a bfloat16 one is packed straight from its rows where
+// the op set takes them (the AMX set).
 //
 // Few queries against many keys take the split-KV path of decode.h instead.
 //
@@ -72,6 +73,12 @@ void flash_forward(const AttentionForwardParams<T>& p) {
       return BOperands<Ops>::quantized_blocks(p.quantized_key, p.key_strides, B, Hkv, S, D, Bk,
                                               /*transposed=*/true);
     }
+    if constexpr (packs_bf16_rows<Ops, T>()) {
+      if (p.key_strides.col == 1) {
+        return BOperands<Ops>::bf16_blocks(p.key, p.key_strides, B, Hkv, S, D, Bk,
+                                           /*transposed=*/true);
+      }
+    }
     LargeBuffer<Acc> key_storage;  // released once packed
     const RowsView<Acc> key_rows =
         operand_rows<Ops>(p.key, p.key_strides, B, Hkv, S, D, key_storage);
@@ -79,13 +86,22 @@ void flash_forward(const AttentionForwardParams<T>& p) {
   };
   const auto key_t = key_blocks_of();
   LargeBuffer<Acc> value_storage;  // what the value blocks may view
-  const auto values =
-      p.quantized_value.quantized()
-          ? BOperands<Ops>::quantized_blocks(p.quantized_value, p.value_strides, B, Hkv, S, Dv, Bk,
-                                             /*transposed=*/false)
-          : BOperands<Ops>::row_blocks(
-                operand_rows<Ops>(p.value, p.value_strides, B, Hkv, S, Dv, value_storage), B, Hkv,
-                S, Dv, Bk);
+  auto value_blocks_of = [&] {
+    if (p.quantized_value.quantized()) {
+      return BOperands<Ops>::quantized_blocks(p.quantized_value, p.value_strides, B, Hkv, S, Dv, Bk,
+                                              /*transposed=*/false);
+    }
+    if constexpr (packs_bf16_rows<Ops, T>()) {
+      if (p.value_strides.col == 1) {
+        return BOperands<Ops>::bf16_blocks(p.value, p.value_strides, B, Hkv, S, Dv, Bk,
+                                           /*transposed=*/false);
+      }
+    }
+    return BOperands<Ops>::row_blocks(
+        operand_rows<Ops>(p.value, p.value_strides, B, Hkv, S, Dv, value_storage), B, Hkv, S, Dv,
+        Bk);
+  };
+  const auto values = value_blocks_of();
 
   const Acc kept_scale = static_cast<Acc>(kept_scale_of(p.dropout_p));
   const bool dropout = p.dropout_p > 0;
@@ -99,8 +115,12 @@ void flash_forward(const AttentionForwardParams<T>& p) {
   // also the rows' scores as Acc (Bq x S) unless they live in the weights output itself (per
   // head and T == Acc); averaged over the heads, also the running sum over the heads (Bq x S).
   constexpr bool kWeightsInPlace = std::is_same_v<T, Acc>;
+  // With an op set that multiplies bfloat16 A operands (the AMX set), the online softmax writes
+  // P as bfloat16 (Bq x Bk more, after the keep bits), which the P V GEMM reads as it is.
+  constexpr bool kBf16Probabilities = requires { Ops::kTakesBf16A; };
   const bool average = p.weights != nullptr && p.average_weights;
-  const int64_t block_size = Bq * Bk + Bq * Dv + Bq * D + 3 * Bq + 2 * Bk + keep_cells<Acc>(Bk);
+  const int64_t block_size = Bq * Bk + Bq * Dv + Bq * D + 3 * Bq + 2 * Bk + keep_cells<Acc>(Bk) +
+                             (kBf16Probabilities ? ceil_div(Bq * Bk, 2) : 0);
   const int64_t weights_cells = p.weights == nullptr ? 0
                                 : average            ? 2 * Bq * S
                                 : kWeightsInPlace    ? 0
@@ -125,6 +145,8 @@ void flash_forward(const AttentionForwardParams<T>& p) {
     Acc* block_max = row_sum + Bq;
     Acc* gathered = block_max + Bq;
     uint64_t* keep = keep_bits_at(gathered + 2 * Bk);
+    // P as bfloat16 (Bq x Bk), with kBf16Probabilities.
+    uint16_t* probs = reinterpret_cast<uint16_t*>(gathered + 2 * Bk + keep_cells<Acc>(Bk));
 
     int64_t ldq = 0;
     const Acc* q = rows_as_acc<Ops>(p.query, p.query_strides, b, h, i0, nq, D, q_buf, ldq);
@@ -210,7 +232,13 @@ void flash_forward(const AttentionForwardParams<T>& p) {
         if (dropout) {
           Ops::keep_bits(dropout_key, uint64_t((bh * L + i0 + r) * S + j0 + c0), width, keep);
         }
-        const Acc sum = Ops::exp_row(scores + r * Bk + c0, width, m_use, dropout ? keep : nullptr);
+        Acc sum;
+        if constexpr (kBf16Probabilities) {
+          sum = Ops::exp_row_bf16(scores + r * Bk + c0, width, m_use, dropout ? keep : nullptr,
+                                  probs + r * Bk);
+        } else {
+          sum = Ops::exp_row(scores + r * Bk + c0, width, m_use, dropout ? keep : nullptr);
+        }
         row_sum[r] = row_sum[r] * alpha + sum;
         row_max[r] = m_new;
         if (alpha != Acc(1)) {
@@ -218,8 +246,13 @@ void flash_forward(const AttentionForwardParams<T>& p) {
           for (int64_t d = 0; d < Dv; ++d) o[d] *= alpha;
         }
       }
-      Ops::gemm(nq, Dv, width, scores + c0, Bk, 1, values.at(kv_bh, kb) + c0 * values.ld(),
-                values.ld(), out_acc, Dv, true);
+      if constexpr (kBf16Probabilities) {
+        Ops::gemm_bf16_a(nq, Dv, width, probs, Bk, values.at(kv_bh, kb) + c0 * values.ld(),
+                         values.ld(), out_acc, Dv, true);
+      } else {
+        Ops::gemm(nq, Dv, width, scores + c0, Bk, 1, values.at(kv_bh, kb) + c0 * values.ld(),
+                  values.ld(), out_acc, Dv, true);
+      }
     }
 
     // out = acc / l (times the dropout scale); logsumexp = m + log(l). A row with l = 0 saw no

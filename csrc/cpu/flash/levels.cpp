@@ -5,6 +5,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
+#include <ATen/native/CPUBlas.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -59,6 +60,11 @@ bool cpu_has_avx512_bf16() {
     return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
   }();
   return supported;
+}
+
+bool amx_bf16_usable() {
+  // The CPU part is decided once inside ATen; the oneDNN switch is read on each call.
+  return cpu_has_avx512_bf16() && at::native::cpublas::could_pack(at::kBFloat16);
 }
 #endif
 

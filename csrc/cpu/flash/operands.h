@@ -94,6 +94,16 @@ RowsView<Acc> operand_rows(const T* base, const Strides4& st, int64_t B, int64_t
   return RowsView<Acc>{storage.data(), H * N * C, N * C, C};
 }
 
+// Whether op set Ops packs B operands straight from T's rows: bfloat16 rows for the AMX set.
+template <class Ops, typename T>
+constexpr bool packs_bf16_rows() {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return requires { Ops::kPacksBf16Rows; };
+  } else {
+    return false;
+  }
+}
+
 // B operands of the GEMMs, one per (batch*head, block): either views of Acc rows (when the op
 // set takes plain row-major B) or packed copies.
 template <class Ops>
@@ -139,6 +149,21 @@ class BOperands {
     return op;
   }
 
+  // The blocks (transposed or not, as above) of a bfloat16 (B, H, N, C) operand whose columns
+  // are contiguous, packed straight from its rows by an op set that takes them
+  // (packs_bf16_rows below): no float copy of the operand exists.
+  static BOperands bf16_blocks(const c10::BFloat16* base, const Strides4& st, int64_t B, int64_t H,
+                               int64_t N, int64_t C, int64_t block, bool transposed) {
+    BOperands op(B, H, N, block);
+    auto rows = [&](int64_t bh, int64_t r0, int64_t, Acc*, int64_t& ld) {
+      ld = st.row;
+      const c10::BFloat16* first = base + (bh / H) * st.batch + (bh % H) * st.head + r0 * st.row;
+      return reinterpret_cast<const uint16_t*>(first);
+    };
+    op.pack(rows, C, transposed);
+    return op;
+  }
+
   // Block `blk` of (batch*head) bh, and its leading dimension.
   const Elem* at(int64_t bh, int64_t blk) const {
     if constexpr (Ops::kPlainB) {
@@ -174,7 +199,7 @@ class BOperands {
         const int64_t bh = task / blocks_, blk = task % blocks_;
         const int64_t r0 = blk * block_, count = std::min(block_, N_ - r0);
         int64_t ld = 0;
-        const Acc* src = source(bh, r0, count, buffer.data(), ld);
+        const auto* src = source(bh, r0, count, buffer.data(), ld);  // Acc, or bfloat16 bits
         Elem* dst = packed_.data() + task * panel_;
         if (transposed) {
           Ops::pack_b(src, 1, ld, C, count, dst, ld_);  // B[c, r] = rows[r, c]

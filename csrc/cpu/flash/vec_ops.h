@@ -147,8 +147,7 @@ struct VecElementwise {
           scalar_max = s[j + t] > scalar_max ? s[j + t] : scalar_max;
       } else {
         if (count < kWidth) x = Vec::blendv(neg_inf, x, first_lanes(count));
-        // x > row_max is false for NaN, which leaves row_max as it is.
-        row_max = Vec::blendv(row_max, x, x > row_max);
+        row_max = larger(x, row_max);
       }
     }
     __at_align__ Acc lanes[kWidth];
@@ -156,6 +155,21 @@ struct VecElementwise {
     // Comparisons are false for NaN: NaN scores never become the maximum.
     for (int64_t t = 0; t < kWidth; ++t) scalar_max = lanes[t] > scalar_max ? lanes[t] : scalar_max;
     return scalar_max;
+  }
+
+  // x where x > m, else m: a NaN x leaves m as it is (the comparison is false). On x86 one
+  // vmaxps, whose result is its second operand when either is NaN: a blend of a comparison
+  // (what at::vec gives) made prepare_row's running maximum a chain of four dependent
+  // instructions per vector (a quarter of the bfloat16 forward's own time with AMX GEMMs, perf).
+  static Vec larger(const Vec& x, const Vec& m) {
+#if defined(CPU_CAPABILITY_AVX512) && !defined(_MSC_VER)
+    if constexpr (std::is_same_v<Acc, float>) return Vec(_mm512_max_ps(x, m));
+    if constexpr (std::is_same_v<Acc, double>) return Vec(_mm512_max_pd(x, m));
+#elif defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+    if constexpr (std::is_same_v<Acc, float>) return Vec(_mm256_max_ps(x, m));
+    if constexpr (std::is_same_v<Acc, double>) return Vec(_mm256_max_pd(x, m));
+#endif
+    return Vec::blendv(m, x, x > m);
   }
 
   static Vec exp(const Vec& x) {
@@ -197,6 +211,32 @@ struct VecElementwise {
     }
     return at::vec::vec_reduce_all<Acc>([](Vec& a, Vec& b) { return a + b; }, sum);
   }
+
+#if defined(CPU_CAPABILITY_AVX512)
+  // exp_row for the A operand of a bfloat16 GEMM (avx512_ops.h's AMX set): p goes to out[0, n)
+  // as bfloat16 bits (vcvtneps2bf16: to nearest even, NaN kept, denormals to zero as the AMX
+  // dot product takes them anyway), a zero after it when n is odd, instead of back into s, so
+  // that the GEMM reads it as it is with no second pass over the row; the returned sum is
+  // exp_row's, term for term. Only called on CPUs with AMX, which have AVX512_BF16.
+  __attribute__((target("avx512bf16"))) static Acc exp_row_bf16(
+      const Acc* s, int64_t n, Acc m, const uint64_t* keep,
+      uint16_t* out) requires std::is_same_v<Acc, float> {
+    const Vec m_v(m);
+    Vec sum(Acc(0));
+    for (int64_t j = 0; j < n; j += kWidth) {
+      const int64_t count = std::min<int64_t>(kWidth, n - j);
+      Vec p = exp(load(s + j, count) - m_v);
+      if (count < kWidth) p = Vec::blendv(Vec(Acc(0)), p, first_lanes(count));
+      sum = sum + p;
+      if (keep) p = p * keep_factors(keep, j, count);
+      // The zero lanes past count give the odd row's zero pair element.
+      const __mmask16 lanes =
+          count + 1 >= kWidth ? __mmask16(0xffff) : __mmask16((1u << (count + (count & 1))) - 1u);
+      _mm256_mask_storeu_epi16(out + j, lanes, (__m256i)_mm512_cvtneps_pbh(__m512(p)));
+    }
+    return at::vec::vec_reduce_all<Acc>([](Vec& a, Vec& b) { return a + b; }, sum);
+  }
+#endif
 
   // The backward of softmax and dropout for one row: with k_j = keep_j * kept_scale,
   // w = p * k (the weights, for dV; skipped when w is null) and ds = p * (dp * k - delta).

@@ -10,13 +10,15 @@
 
 #include "cpu/flash/blocking.h"
 #include "cpu/flash/level_namespace.h"
+#include "cpu/flash/tile_state.h"
 #include "cpu/large_buffer.h"
 
 QKV_FLASH_LEVEL_BEGIN
 
 // Runs fn(task, slot) for every task in [0, tasks): the threads take tasks one at a time from a
 // shared counter (so uneven tasks, e.g. causal ones, balance), and `slot` < slots() names the
-// running thread's scratch. Which thread runs a task never changes what the task computes.
+// running thread's scratch. Which thread runs a task never changes what the task computes. Each
+// thread releases its AMX tiles (tile_state.h) when it has no task left.
 class TaskPool {
  public:
   explicit TaskPool(int64_t tasks)
@@ -32,6 +34,7 @@ class TaskPool {
       for (int64_t slot = begin; slot < end; ++slot) {
         for (int64_t task = next++; task < tasks_; task = next++) fn(task, slot);
       }
+      release_amx_tiles();  // when this thread's GEMMs ran on AMX tiles
     });
   }
 
