@@ -818,8 +818,9 @@ TEST_CASE("bfloat16 GEMM multiplies the bfloat16-rounded operands exactly",
   }
 }
 
-TEST_CASE("AMX GEMMs multiply the bfloat16-rounded operands exactly; bf16 packing moves the bits",
-          "[flash][gemm][avx512][bf16][amx]") {
+TEST_CASE(
+    "AMX GEMMs multiply the bfloat16-rounded operands exactly and bf16 packing moves the bits",
+    "[flash][gemm][avx512][bf16][amx]") {
   if (!flash::amx_bf16_usable()) {
     WARN("no AMX (or oneDNN off) on this CPU: the AMX GEMMs are never called here");
     return;
