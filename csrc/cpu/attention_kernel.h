@@ -62,12 +62,29 @@ struct MaskOperand {
 //   stored[b, h, row, col] * scales[b * scale_batch + h * scale_head + row * scale_row],
 // stored read through the operand's Strides4 (in elements of one byte). storage == kPlain: the
 // operand is plain T and nothing here is read.
+// Rows row0, row0 + 1, ... of one (b, h) of a quantized operand: row j's codes start at
+// codes + j * row_stride (their column stride is the operand's), its scale is
+// scales[j * scale_stride].
+struct QuantizedChunk {
+  CacheStorage storage = CacheStorage::kPlain;
+  const uint8_t* codes = nullptr;
+  int64_t row_stride = 0;
+  const float* scales = nullptr;
+  int64_t scale_stride = 0;
+};
+
 struct QuantizedRows {
   CacheStorage storage = CacheStorage::kPlain;
   const void* data = nullptr;  // int8_t, c10::Float8_e4m3fn or c10::Float8_e5m2
   const float* scales = nullptr;
   int64_t scale_batch = 0, scale_head = 0, scale_row = 0;
   bool quantized() const { return storage != CacheStorage::kPlain; }
+  // The rows from row0 of (b, h), `st` being the operand's strides.
+  QuantizedChunk rows(const Strides4& st, int64_t b, int64_t h, int64_t row0) const {
+    return QuantizedChunk{
+        storage, static_cast<const uint8_t*>(data) + b * st.batch + h * st.head + row0 * st.row,
+        st.row, scales + b * scale_batch + h * scale_head + row0 * scale_row, scale_row};
+  }
 };
 
 // What forward and backward share: sizes, scale, causality, dropout stream, masks and inputs.

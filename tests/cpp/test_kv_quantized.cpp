@@ -547,8 +547,8 @@ TEST_CASE("AVX-512 products over quantized chunks equal float64 products over th
             std::vector<float> q(size_t(M * D)), p(size_t(M * (n + 2)));
             for (auto& x : q) x = float(int(gen() % 2001) - 1000) / 1000.0f;
             for (auto& x : p) x = float(gen() % 1001) / 1000.0f;
-            const flash::QuantizedChunk chunk{storage, codes.data(), row_stride, scales.data(),
-                                              scale_stride};
+            const cpu::QuantizedChunk chunk{storage, codes.data(), row_stride, scales.data(),
+                                            scale_stride};
             auto value = [&](int64_t j, int64_t d) {
               return double(code_value(cache_dtype, codes[size_t(j * row_stride + d)]) *
                             scales[size_t(j * scale_stride)]);

@@ -19,25 +19,8 @@
 
 namespace qkv_attention::cpu::flash {
 
-// One key or value operand of a chunk: rows j < n of `cols` codes each, codes + j * row_stride
-// (unit column stride), with their scales at scales[j * scale_stride].
-struct QuantizedChunk {
-  CacheStorage storage = CacheStorage::kPlain;
-  const uint8_t* codes = nullptr;
-  int64_t row_stride = 0;
-  const float* scales = nullptr;
-  int64_t scale_stride = 0;
-};
-
-// Rows row0 .. of (b, h) of a quantized operand with unit column stride, as a chunk.
-inline QuantizedChunk quantized_chunk(const QuantizedRows& q, const Strides4& st, int64_t b,
-                                      int64_t h, int64_t row0) {
-  return QuantizedChunk{
-      q.storage, static_cast<const uint8_t*>(q.data) + b * st.batch + h * st.head + row0 * st.row,
-      st.row, q.scales + b * q.scale_batch + h * q.scale_head + row0 * q.scale_row, q.scale_row};
-}
-
 // scores[r * ld_scores + j] = q_r . value_j for r < M, j < n; q is M x D, rows contiguous.
+// The chunks (QuantizedRows::rows) here have unit column stride.
 void avx512_quantized_scores(const QuantizedChunk& keys, int64_t M, int64_t n, int64_t D,
                              const float* q, float* scores, int64_t ld_scores);
 

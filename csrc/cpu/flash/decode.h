@@ -128,8 +128,7 @@ void flash_decode(const AttentionForwardParams<T>& p) {
     if (key_from_codes) {
 #if defined(CPU_CAPABILITY_AVX512)
       if constexpr (kFromCodes) {
-        avx512_quantized_scores(quantized_chunk(p.quantized_key, ks, b, hkv, j0), M, nk, D, q_buf,
-                                scores, Sc);
+        avx512_quantized_scores(p.quantized_key.rows(ks, b, hkv, j0), M, nk, D, q_buf, scores, Sc);
       }
 #endif
     } else {
@@ -164,8 +163,8 @@ void flash_decode(const AttentionForwardParams<T>& p) {
     if (value_from_codes) {
 #if defined(CPU_CAPABILITY_AVX512)
       if constexpr (kFromCodes) {
-        avx512_quantized_values(quantized_chunk(p.quantized_value, vs, b, hkv, j0), M, nk, Dv,
-                                scores, Sc, out, Dv);
+        avx512_quantized_values(p.quantized_value.rows(vs, b, hkv, j0), M, nk, Dv, scores, Sc, out,
+                                Dv);
       }
 #endif
     } else if (value_b == nullptr) {

@@ -75,9 +75,8 @@ constexpr int64_t kPrefetchRows = 16;
 template <typename Acc>
 void dequantize_rows(const QuantizedRows& q, const Strides4& st, int64_t b, int64_t h, int64_t row0,
                      int64_t count, int64_t cols, Acc* dst) {
-  const uint8_t* first =
-      static_cast<const uint8_t*>(q.data) + b * st.batch + h * st.head + row0 * st.row;
-  const float* scales = q.scales + b * q.scale_batch + h * q.scale_head + row0 * q.scale_row;
+  const QuantizedChunk rows = q.rows(st, b, h, row0);
+  const uint8_t* first = rows.codes;
   for (int64_t r = 0; r < count; ++r) {
     // The codes 16 rows ahead asked for early: the reads are short runs (a chunk of rows) the
     // hardware prefetchers barely warm up to, and the conversion leaves the loads little to
@@ -86,7 +85,7 @@ void dequantize_rows(const QuantizedRows& q, const Strides4& st, int64_t b, int6
       const uint8_t* ahead = first + (r + kPrefetchRows) * st.row;
       for (int64_t c = 0; c < cols; c += 64) __builtin_prefetch(ahead + c, 0, 3);
     }
-    dequantize_row(q.storage, first + r * st.row, st.col, cols, scales[r * q.scale_row],
+    dequantize_row(q.storage, first + r * st.row, st.col, cols, rows.scales[r * rows.scale_stride],
                    dst + r * cols);
   }
 }
